@@ -1,0 +1,9 @@
+//! vipshare's deterministic core. Nothing in this crate does I/O or reads a clock,
+//! so the controller and the simulator (`vipshare-sim`) run the very same code.
+//!
+//! - [`storage`]: the raft log in memory over a crash-safe [`storage::Durable`] backend.
+//! - [`replica`]: one controller's raft `RawNode` and its Ready loop, sans-IO.
+//! - [`command`]: the log entries the state machine understands.
+//! - [`state`]: the replicated state machine (settings, members, bucket owners).
+
+pub mod storage;
