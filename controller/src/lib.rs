@@ -1,1 +1,114 @@
-//! placeholder
+//! The vipshare controller: one member of the 3- or 5-controller raft group that
+//! owns cluster settings, membership and the bucket map.
+//!
+//! Layout, from the wire inwards:
+//! - [`service`]: the gRPC services (raft transport, admin API, agent API), each
+//!   authorising calls from the peer certificate.
+//! - [`node`]: the task that owns the raft replica (`vipshare_core::replica`) and
+//!   runs its Ready loop; everything else talks to it through a `NodeHandle`.
+//! - [`transport`]: per-peer queues and senders for outgoing raft messages.
+//! - [`storage`]: the durable raft log on redb.
+//! - [`config`], [`metrics`], [`raftlog`]: configuration, Prometheus, and raft's logs.
+//!
+//! The pure parts (state machine, assignment policy, the replica itself) live in
+//! `vipshare-core`, so the simulator runs exactly the same code.
+
+pub mod config;
+pub mod metrics;
+pub mod node;
+pub mod raftlog;
+pub mod service;
+pub mod storage;
+pub mod transport;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use vipshare_core::replica::{Replica, ReplicaConfig};
+use vipshare_core::state::ClusterState;
+use vipshare_core::storage::{bootstrap_snapshot, RaftStorage};
+use vipshare_proto::v1::admin_api_server::AdminApiServer;
+use vipshare_proto::v1::agent_api_server::AgentApiServer;
+use vipshare_proto::v1::raft_transport_server::RaftTransportServer;
+use vipshare_proto::MAX_MESSAGE_BYTES;
+
+use crate::config::ControllerConfig;
+use crate::node::Node;
+use crate::storage::{DiskLog, StoreIdentity};
+use crate::transport::Transport;
+
+/// Runs a controller until `shutdown` turns true: opens (or bootstraps) the data
+/// directory, starts the node task and serves the three gRPC services over mTLS.
+pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let files = cfg.tls_files();
+    let server_tls = vipshare_proto::tls::server_config(&files).context("TLS server setup")?;
+    let client_tls = vipshare_proto::tls::client_config(&files).context("TLS client setup")?;
+
+    let id = StoreIdentity {
+        cluster: cfg.cluster.clone(),
+        node_id: cfg.id,
+    };
+    let (disk, recovered) = DiskLog::open(&cfg.data_dir, &id)?;
+    let fresh = disk.is_fresh();
+    let mut storage = RaftStorage::new(disk, recovered);
+    let seed_peers: BTreeMap<u64, String> =
+        cfg.peers.iter().map(|p| (p.id, p.address.clone())).collect();
+    if fresh && !cfg.join {
+        let voters: Vec<u64> = seed_peers.keys().copied().collect();
+        let founding: Vec<(u64, String)> = seed_peers.clone().into_iter().collect();
+        let snap = bootstrap_snapshot(&voters, ClusterState::bootstrap(&founding).encode());
+        storage.install_snapshot(&snap)?;
+        storage.sync()?;
+        tracing::info!(id = cfg.id, ?voters, "bootstrapped a new raft group");
+    }
+
+    let mut rc = ReplicaConfig::new(cfg.id);
+    rc.election_tick = cfg.raft.election_ticks;
+    rc.heartbeat_tick = cfg.raft.heartbeat_ticks;
+    rc.snapshot_interval = cfg.raft.snapshot_interval;
+    let replica = Replica::new(rc, storage, &raftlog::logger(cfg.id))?;
+    let (node, handle) = Node::new(
+        replica,
+        |h| Transport::new(cfg.id, cfg.cluster.clone(), client_tls, h, cfg.raft.peer_queue),
+        Duration::from_millis(cfg.raft.tick_ms),
+        seed_peers,
+    );
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    tracing::info!(id = cfg.id, listen = %cfg.listen, "controller serving");
+    let incoming = vipshare_proto::tls::serve_incoming(listener, server_tls, cfg.cluster.clone());
+
+    let raft = RaftTransportServer::new(service::raft::RaftService {
+        id: cfg.id,
+        cluster: cfg.cluster.clone(),
+        node: handle.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = AdminApiServer::new(service::admin::AdminService {
+        node: handle.clone(),
+    })
+    .max_decoding_message_size(1024 * 1024);
+    let agent = AgentApiServer::new(service::agent::AgentService {
+        node: handle.clone(),
+    })
+    .max_decoding_message_size(64 * 1024);
+
+    let mut stop_server = shutdown.clone();
+    let server = tonic::transport::Server::builder()
+        .layer(service::RefusalLog)
+        .add_service(raft)
+        .add_service(admin)
+        .add_service(agent)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop_server.wait_for(|s| *s).await;
+        });
+    let node_task = tokio::spawn(node.run(shutdown));
+    server.await.context("gRPC server")?;
+    node_task.await.context("node task panicked")??;
+    tracing::info!("controller stopped");
+    Ok(())
+}

@@ -1,1 +1,51 @@
-fn main() {}
+//! `vipshare-controller --config controller.toml`
+
+use clap::Parser;
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+use vipshare_controller::config::ControllerConfig;
+
+#[derive(Parser)]
+#[command(name = "vipshare-controller", version, about = "vipshare controller (raft member)")]
+struct Args {
+    /// Path to controller.toml.
+    #[arg(long)]
+    config: std::path::PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,raft=warn")),
+        )
+        .init();
+    let args = Args::parse();
+    let cfg = ControllerConfig::load(&args.config)?;
+    if let Some(addr) = cfg.metrics_listen {
+        vipshare_controller::metrics::install(addr)
+            .map_err(|e| anyhow::anyhow!("metrics listener on {addr}: {e}"))?;
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    vipshare_controller::run(cfg, stop_rx).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -5,5 +5,12 @@
 //! - [`replica`]: one controller's raft `RawNode` and its Ready loop, sans-IO.
 //! - [`command`]: the log entries the state machine understands.
 //! - [`state`]: the replicated state machine (settings, members, bucket owners).
+//! - [`bucket`]: bucket functions (nftables jhash, low bits), bit-exact with the kernel.
+//! - [`policy`]: the assignment policy (which member should own each bucket), pure.
 
 pub mod storage;
+pub mod bucket;
+pub mod policy;
+pub mod command;
+pub mod replica;
+pub mod state;

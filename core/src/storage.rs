@@ -226,8 +226,10 @@ where
 /// voters, and an empty state machine. Starting above index 0 means a controller
 /// added later always catches up by snapshot, so it learns the configuration.
 pub fn bootstrap_snapshot(voters: &[u64], state: Vec<u8>) -> Snapshot {
-    let mut snap = Snapshot::default();
-    snap.data = state.into();
+    let mut snap = Snapshot {
+        data: state.into(),
+        ..Default::default()
+    };
     let meta = snap.mut_metadata();
     meta.index = 1;
     meta.term = 1;

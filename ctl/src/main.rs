@@ -1,12 +1,22 @@
 //! `vipsharectl`: certificates and cluster operations.
 
+mod bench;
 mod certs;
+mod client;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use serde_json::json;
+use vipshare_proto::v1::{self as pb, mutate_request::Op};
+use vipshare_proto::PROTOCOL_VERSION;
+
+use client::{explain, Admin, Connection};
 
 #[derive(Parser)]
 #[command(name = "vipsharectl", version, about = "Operate a vipshare cluster")]
 struct Cli {
+    #[command(flatten)]
+    conn: Connection,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -16,11 +26,340 @@ enum Cmd {
     /// Create the cluster CA and issue certificates.
     #[command(subcommand)]
     Certs(certs::CertsCmd),
+    /// Leader, term and the health of every controller.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Members with state, weight and bucket counts.
+    Members {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The bucket map.
+    Buckets {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cluster-wide settings.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    #[command(subcommand)]
+    Vip(VipCmd),
+    #[command(subcommand)]
+    Member(MemberCmd),
+    /// Stop giving new flows to a member; its buckets move away, connections kept.
+    Drain { name: String },
+    Undrain { name: String },
+    /// Set a member's weight (1-1000).
+    Weight { name: String, weight: u32 },
+    /// Remove a member.
+    Remove { name: String },
+    /// Add or remove controllers (raft voters) at run time.
+    #[command(subcommand)]
+    Controller(ControllerCmd),
+    /// Commit-latency benchmark: no-op proposals against the leader.
+    Bench(bench::BenchArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.cmd {
-        Cmd::Certs(c) => certs::run(c),
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Initialise settings once: VIPs, bucket count and function.
+    Init {
+        #[arg(long = "vip", required = true)]
+        vips: Vec<String>,
+        #[arg(long, default_value_t = 256)]
+        buckets: u32,
+        /// jhash (nftables-compatible) or lowbits (FreeBSD ipfw masks).
+        #[arg(long, default_value = "jhash")]
+        bucket_fn: String,
+        /// address, network24 or address_port.
+        #[arg(long, default_value = "address")]
+        affinity: String,
+        /// jhash seed; the same on every host.
+        #[arg(long, default_value_t = 0x5649_5053)]
+        seed: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum VipCmd {
+    Add {
+        address: String,
+        #[arg(long, default_value_t = 0)]
+        prefix: u32,
+        /// Multicast MAC answered in ARP; derived from the address when omitted.
+        #[arg(long, default_value = "")]
+        mac: String,
+    },
+    Remove {
+        address: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum MemberCmd {
+    Add {
+        name: String,
+        #[arg(long, default_value_t = 100)]
+        weight: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum ControllerCmd {
+    Add {
+        #[arg(long)]
+        id: u64,
+        /// host:port the new controller listens on.
+        #[arg(long)]
+        address: String,
+    },
+    Remove {
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+fn vip(address: String, prefix: u32, mac: String) -> pb::Vip {
+    pb::Vip {
+        address,
+        prefix_len: prefix,
+        mac,
     }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("vipsharectl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let op = match cli.cmd {
+        Cmd::Certs(c) => return certs::run(c),
+        Cmd::Status { json } => return status(&Admin::new(&cli.conn)?, json).await,
+        Cmd::Members { json } => return members(&Admin::new(&cli.conn)?, json).await,
+        Cmd::Buckets { json } => return buckets(&Admin::new(&cli.conn)?, json).await,
+        Cmd::Bench(args) => return bench::run(&Admin::new(&cli.conn)?, args).await,
+        Cmd::Cluster(ClusterCmd::Init {
+            vips,
+            buckets,
+            bucket_fn,
+            affinity,
+            seed,
+        }) => Op::InitCluster(pb::InitCluster {
+            settings: Some(pb::ClusterSettings {
+                vips: vips
+                    .into_iter()
+                    .map(|v| vip(v, 0, String::new()))
+                    .collect(),
+                bucket_count: buckets,
+                bucket_function: bucket_fn,
+                affinity,
+                seed,
+            }),
+        }),
+        Cmd::Vip(VipCmd::Add {
+            address,
+            prefix,
+            mac,
+        }) => Op::AddVip(pb::AddVip {
+            vip: Some(vip(address, prefix, mac)),
+        }),
+        Cmd::Vip(VipCmd::Remove { address }) => Op::RemoveVip(pb::RemoveVip { address }),
+        Cmd::Member(MemberCmd::Add { name, weight }) => {
+            Op::AddMember(pb::AddMember { name, weight })
+        }
+        Cmd::Drain { name } => Op::Drain(pb::Drain { name }),
+        Cmd::Undrain { name } => Op::Undrain(pb::Undrain { name }),
+        Cmd::Weight { name, weight } => Op::SetWeight(pb::SetWeight { name, weight }),
+        Cmd::Remove { name } => Op::RemoveMember(pb::RemoveMember { name }),
+        Cmd::Controller(ControllerCmd::Add { id, address }) => {
+            Op::AddController(pb::AddController { id, address })
+        }
+        Cmd::Controller(ControllerCmd::Remove { id }) => {
+            Op::RemoveController(pb::RemoveController { id })
+        }
+    };
+    let admin = Admin::new(&cli.conn)?;
+    let reply = mutate(&admin, op).await?;
+    println!("ok: applied at index {}", reply.index);
+    Ok(())
+}
+
+pub async fn mutate(admin: &Admin, op: Op) -> anyhow::Result<pb::MutateReply> {
+    admin
+        .on_leader(|mut c| {
+            let op = op.clone();
+            async move {
+                c.mutate(pb::MutateRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    op: Some(op),
+                })
+                .await
+            }
+        })
+        .await
+}
+
+async fn status(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
+    // The authoritative picture, through a linearizable read on any controller.
+    let (address, mut client) = admin.any().await?;
+    let main = client
+        .status(pb::StatusRequest {
+            protocol_version: PROTOCOL_VERSION,
+            local: false,
+        })
+        .await
+        .map_err(|s| explain(s, &address))?
+        .into_inner();
+    // Each controller's own view, for health.
+    let mut rows = Vec::new();
+    for c in &main.controllers {
+        let local = match admin.connect_to(&c.address).await {
+            Ok(mut cl) => cl
+                .status(pb::StatusRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    local: true,
+                })
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| s.message().to_string()),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        rows.push((c.clone(), local));
+    }
+    if as_json {
+        let controllers: Vec<_> = rows
+            .iter()
+            .map(|(c, l)| match l {
+                Ok(s) => json!({"id": c.id, "address": c.address, "raft_role": c.role,
+                    "reachable": true, "role": s.role, "term": s.term, "leader_id": s.leader_id,
+                    "commit_index": s.commit_index, "applied_index": s.applied_index}),
+                Err(e) => json!({"id": c.id, "address": c.address, "raft_role": c.role,
+                    "reachable": false, "error": e}),
+            })
+            .collect();
+        let out = json!({
+            "leader_id": main.leader_id,
+            "term": main.term,
+            "commit_index": main.commit_index,
+            "applied_index": main.applied_index,
+            "initialized": main.initialized,
+            "members": main.members,
+            "unowned_buckets": main.unowned_buckets,
+            "settings": main.settings.as_ref().map(|s| json!({
+                "vips": s.vips.iter().map(|v| json!({"address": v.address, "prefix_len": v.prefix_len, "mac": v.mac})).collect::<Vec<_>>(),
+                "bucket_count": s.bucket_count, "bucket_function": s.bucket_function,
+                "affinity": s.affinity, "seed": s.seed})),
+            "controllers": controllers,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).context("json")?);
+        return Ok(());
+    }
+    println!(
+        "leader {}  term {}  commit {}  applied {}",
+        main.leader_id, main.term, main.commit_index, main.applied_index
+    );
+    if let Some(s) = &main.settings {
+        let vips: Vec<_> = s.vips.iter().map(|v| v.address.as_str()).collect();
+        println!(
+            "VIPs {}  buckets {} ({}, {}, seed {:#x})  members {}  unowned {}",
+            vips.join(","),
+            s.bucket_count,
+            s.bucket_function,
+            s.affinity,
+            s.seed,
+            main.members,
+            main.unowned_buckets
+        );
+    } else {
+        println!("cluster not initialised: run `vipsharectl cluster init --vip ADDR`");
+    }
+    println!("{:<4} {:<22} {:<8} {:<14} {:>6} {:>9} {:>9}", "ID", "ADDRESS", "VOTER", "ROLE", "TERM", "COMMIT", "APPLIED");
+    for (c, l) in rows {
+        match l {
+            Ok(s) => println!(
+                "{:<4} {:<22} {:<8} {:<14} {:>6} {:>9} {:>9}",
+                c.id, c.address, c.role, s.role, s.term, s.commit_index, s.applied_index
+            ),
+            Err(e) => println!("{:<4} {:<22} {:<8} unreachable: {e}", c.id, c.address, c.role),
+        }
+    }
+    Ok(())
+}
+
+async fn members(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
+    let (address, mut client) = admin.any().await?;
+    let r = client
+        .members(pb::ReadRequest {
+            protocol_version: PROTOCOL_VERSION,
+            local: false,
+        })
+        .await
+        .map_err(|s| explain(s, &address))?
+        .into_inner();
+    if as_json {
+        let rows: Vec<_> = r
+            .members
+            .iter()
+            .map(|m| json!({"name": m.name, "weight": m.weight, "state": m.state,
+                "epoch": m.epoch, "buckets": m.buckets, "penalty": m.penalty}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&json!({"members": rows}))?);
+        return Ok(());
+    }
+    println!("{:<20} {:<10} {:>6} {:>8} {:>6} {:>8}", "MEMBER", "STATE", "WEIGHT", "BUCKETS", "EPOCH", "PENALTY");
+    for m in r.members {
+        println!(
+            "{:<20} {:<10} {:>6} {:>8} {:>6} {:>8.1}",
+            m.name, m.state, m.weight, m.buckets, m.epoch, m.penalty
+        );
+    }
+    Ok(())
+}
+
+async fn buckets(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
+    let (address, mut client) = admin.any().await?;
+    let r = client
+        .buckets(pb::ReadRequest {
+            protocol_version: PROTOCOL_VERSION,
+            local: false,
+        })
+        .await
+        .map_err(|s| explain(s, &address))?
+        .into_inner();
+    if as_json {
+        let rows: Vec<_> = r
+            .buckets
+            .iter()
+            .map(|b| json!({"bucket": b.bucket, "owner": b.owner, "epoch": b.epoch}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&json!({"buckets": rows}))?);
+        return Ok(());
+    }
+    // One character per bucket, 64 per line: a letter per owner, '.' for unowned.
+    let mut owners: Vec<&str> = r.buckets.iter().map(|b| b.owner.as_str()).filter(|o| !o.is_empty()).collect();
+    owners.sort_unstable();
+    owners.dedup();
+    let letter = |o: &str| {
+        owners
+            .iter()
+            .position(|x| *x == o)
+            .map_or('.', |i| (b'A' + (i % 26) as u8) as char)
+    };
+    for chunk in r.buckets.chunks(64) {
+        let first = chunk.first().map_or(0, |b| b.bucket);
+        let line: String = chunk.iter().map(|b| letter(&b.owner)).collect();
+        println!("{first:>5} {line}");
+    }
+    for (i, o) in owners.iter().enumerate() {
+        let n = r.buckets.iter().filter(|b| b.owner == *o).count();
+        println!("  {} = {o} ({n})", (b'A' + (i % 26) as u8) as char);
+    }
+    Ok(())
 }

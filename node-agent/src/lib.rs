@@ -1,1 +1,22 @@
-//! placeholder
+//! vipshare node agent: holds this host's bucket lease and programs the kernel.
+//!
+//! Every host of a cluster holds the same shared address (VIP). ARP answers with
+//! a multicast MAC, so every host receives every packet, and each host accepts a
+//! NEW flow only when it owns the bucket of the flow's source address. The agent
+//! learns which buckets it owns (and for how long: the lease) from the
+//! controllers and turns that into kernel state.
+//!
+//! # Layout
+//! - [`dataplane`]: the [`dataplane::DataPlane`] trait every kernel backend
+//!   implements, and the types it takes ([`dataplane::Desired`]: VIPs, bucket
+//!   function, owned buckets, remaining lease).
+//! - [`dataplane::freebsd`]: the FreeBSD backend (CARP-INIT shared alias,
+//!   published multicast ARP entry, IGMP membership, ipfw mask rules swapped
+//!   atomically, and a watchdog process that withdraws the rules when the lease
+//!   runs out, since ipfw rules cannot expire by themselves).
+//!
+//! Backends split into a pure planner (desired state in, list of steps out,
+//! covered by golden tests) and one executor, the only code that touches the
+//! operating system. A Linux nftables backend plugs into the same trait.
+
+pub mod dataplane;

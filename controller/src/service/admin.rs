@@ -1,0 +1,352 @@
+//! Admin API: reads for admins and the read-only role, mutations for admins only.
+//! Reads are linearizable (ReadIndex) unless the caller asks for `local`.
+//! A mutation sent to a follower fails with `unavailable` and the leader's address
+//! in the `vipshare-leader` metadata, so clients retry there.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use vipshare_core::command::Command;
+use vipshare_core::replica::ControllerChange;
+use vipshare_core::state::{MemberState, Settings, Vip};
+use vipshare_proto::pki::Role;
+use vipshare_proto::v1::admin_api_server::AdminApi;
+use vipshare_proto::v1::mutate_request::Op;
+use vipshare_proto::v1::{self as pb};
+use vipshare_proto::{check_version, PROTOCOL_VERSION};
+
+use super::{authorize, node_status};
+use crate::node::{NodeHandle, NodeView};
+
+const SERVICE: &str = "admin";
+const READERS: &[Role] = &[Role::Admin, Role::Reader];
+
+pub struct AdminService {
+    pub node: NodeHandle,
+}
+
+impl AdminService {
+    async fn view(&self, local: bool) -> Result<Arc<NodeView>, Status> {
+        if local {
+            return Ok(self.node.view());
+        }
+        self.node.read().await.map_err(|e| {
+            let v = self.node.view();
+            node_status(e, v.leader_address())
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl AdminApi for AdminService {
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        authorize(&req, SERVICE, READERS)?;
+        check_version(req.get_ref().protocol_version)?;
+        let v = self.view(req.get_ref().local).await?;
+        let s = &v.state;
+        let controllers = s
+            .controllers
+            .iter()
+            .map(|(&id, address)| pb::ControllerInfo {
+                id,
+                address: address.clone(),
+                role: if v.learners.contains(&id) {
+                    "learner"
+                } else {
+                    "voter"
+                }
+                .into(),
+            })
+            .collect();
+        Ok(Response::new(pb::StatusReply {
+            protocol_version: PROTOCOL_VERSION,
+            id: v.id,
+            leader_id: v.role.leader,
+            term: v.role.term,
+            role: role_name(v.role.role).into(),
+            commit_index: v.commit,
+            applied_index: v.applied,
+            controllers,
+            settings: s.settings.as_ref().map(settings_to_pb),
+            initialized: s.initialized(),
+            members: s.members.len() as u32,
+            unowned_buckets: s.unowned() as u32,
+        }))
+    }
+
+    async fn members(
+        &self,
+        req: Request<pb::ReadRequest>,
+    ) -> Result<Response<pb::MembersReply>, Status> {
+        authorize(&req, SERVICE, READERS)?;
+        check_version(req.get_ref().protocol_version)?;
+        let v = self.view(req.get_ref().local).await?;
+        let s = &v.state;
+        let members = s
+            .members
+            .iter()
+            .map(|(name, m)| pb::MemberInfo {
+                name: name.clone(),
+                weight: m.weight,
+                state: match m.state {
+                    MemberState::Active => "active",
+                    MemberState::Draining => "draining",
+                }
+                .into(),
+                epoch: m.epoch,
+                buckets: s.owned_by(name).count() as u32,
+                penalty: 0.0,
+            })
+            .collect();
+        Ok(Response::new(pb::MembersReply {
+            protocol_version: PROTOCOL_VERSION,
+            members,
+            applied_index: v.applied,
+        }))
+    }
+
+    async fn buckets(
+        &self,
+        req: Request<pb::ReadRequest>,
+    ) -> Result<Response<pb::BucketsReply>, Status> {
+        authorize(&req, SERVICE, READERS)?;
+        check_version(req.get_ref().protocol_version)?;
+        let v = self.view(req.get_ref().local).await?;
+        let buckets = (0u32..)
+            .zip(&v.state.buckets)
+            .map(|(bucket, b)| pb::BucketInfo {
+                bucket,
+                owner: b.owner.clone().unwrap_or_default(),
+                epoch: b.epoch,
+            })
+            .collect();
+        Ok(Response::new(pb::BucketsReply {
+            protocol_version: PROTOCOL_VERSION,
+            buckets,
+            applied_index: v.applied,
+        }))
+    }
+
+    async fn mutate(
+        &self,
+        req: Request<pb::MutateRequest>,
+    ) -> Result<Response<pb::MutateReply>, Status> {
+        let who = authorize(&req, SERVICE, &[Role::Admin])?;
+        let req = req.into_inner();
+        check_version(req.protocol_version)?;
+        let op = req
+            .op
+            .ok_or_else(|| Status::invalid_argument("mutation without an operation"))?;
+        tracing::info!(admin = %who.to_uri(), ?op, "mutation requested");
+        let result = match to_action(op)? {
+            Action::Command(cmd) => self.node.propose(cmd).await,
+            Action::Controllers(change) => self.node.change_controllers(change).await,
+        };
+        let v = self.node.view();
+        let index = result.map_err(|e| node_status(e, v.leader_address()))?;
+        Ok(Response::new(pb::MutateReply {
+            protocol_version: PROTOCOL_VERSION,
+            index,
+            leader_id: v.role.leader,
+        }))
+    }
+}
+
+enum Action {
+    Command(Command),
+    Controllers(ControllerChange),
+}
+
+#[allow(clippy::result_large_err)]
+fn to_action(op: Op) -> Result<Action, Status> {
+    let cmd = match op {
+        Op::InitCluster(i) => Command::InitCluster {
+            settings: settings_from_pb(
+                i.settings
+                    .ok_or_else(|| Status::invalid_argument("init_cluster needs settings"))?,
+            )?,
+        },
+        Op::AddVip(a) => Command::AddVip {
+            vip: vip_from_pb(a.vip.ok_or_else(|| Status::invalid_argument("add_vip needs a vip"))?)?,
+        },
+        Op::RemoveVip(r) => Command::RemoveVip { address: r.address },
+        Op::AddMember(a) => Command::AddMember {
+            name: member_name(a.name)?,
+            weight: a.weight,
+        },
+        Op::RemoveMember(r) => Command::RemoveMember { name: r.name },
+        Op::SetWeight(w) => Command::SetWeight {
+            name: w.name,
+            weight: w.weight,
+        },
+        Op::Drain(d) => Command::Drain { name: d.name },
+        Op::Undrain(u) => Command::Undrain { name: u.name },
+        Op::Noop(n) => Command::Noop { payload: n.payload },
+        Op::AddController(a) => {
+            if a.id == 0 || a.address.is_empty() {
+                return Err(Status::invalid_argument(
+                    "add_controller needs an id > 0 and an address",
+                ));
+            }
+            return Ok(Action::Controllers(ControllerChange::Add {
+                id: a.id,
+                address: a.address,
+            }));
+        }
+        Op::RemoveController(r) => {
+            return Ok(Action::Controllers(ControllerChange::Remove { id: r.id }))
+        }
+    };
+    Ok(Action::Command(cmd))
+}
+
+#[allow(clippy::result_large_err)]
+fn member_name(name: String) -> Result<String, Status> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(name)
+    } else {
+        Err(Status::invalid_argument(format!(
+            "member name {name:?} must be 1-63 characters of a-z, 0-9, '-', '_' or '.'"
+        )))
+    }
+}
+
+#[allow(clippy::result_large_err)]
+fn vip_from_pb(v: pb::Vip) -> Result<Vip, Status> {
+    let addr: std::net::IpAddr = v
+        .address
+        .parse()
+        .map_err(|_| Status::invalid_argument(format!("VIP {:?} is not an IP address", v.address)))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix_len = if v.prefix_len == 0 { max } else { v.prefix_len };
+    if prefix_len > max {
+        return Err(Status::invalid_argument(format!(
+            "prefix length {prefix_len} too long for {addr}"
+        )));
+    }
+    let mac = if v.mac.is_empty() {
+        default_mac(&addr)
+    } else {
+        v.mac.to_ascii_lowercase()
+    };
+    let octets: Vec<_> = mac.split(':').collect();
+    let multicast = octets.len() == 6
+        && octets.iter().all(|o| o.len() == 2 && u8::from_str_radix(o, 16).is_ok())
+        && u8::from_str_radix(octets[0], 16).is_ok_and(|b| b & 1 == 1);
+    if !multicast {
+        return Err(Status::invalid_argument(format!(
+            "MAC {mac:?} must be a multicast MAC like 01:00:5e:7f:00:0a"
+        )));
+    }
+    Ok(Vip {
+        address: addr.to_string(),
+        prefix_len: prefix_len as u8,
+        mac,
+    })
+}
+
+/// 01:00:5e plus the low 23 bits of the address, the mapping of an IPv4 multicast
+/// group, so IGMP snooping switches can be told about it.
+fn default_mac(addr: &std::net::IpAddr) -> String {
+    let b = match addr {
+        std::net::IpAddr::V4(a) => a.octets(),
+        std::net::IpAddr::V6(a) => {
+            let o = a.octets();
+            [o[12], o[13], o[14], o[15]]
+        }
+    };
+    format!("01:00:5e:{:02x}:{:02x}:{:02x}", b[1] & 0x7f, b[2], b[3])
+}
+
+#[allow(clippy::result_large_err)]
+fn settings_from_pb(s: pb::ClusterSettings) -> Result<Settings, Status> {
+    let bucket_fn = if s.bucket_function.is_empty() {
+        "jhash"
+    } else {
+        &s.bucket_function
+    };
+    let affinity = if s.affinity.is_empty() {
+        "address"
+    } else {
+        &s.affinity
+    };
+    Ok(Settings {
+        vips: s
+            .vips
+            .into_iter()
+            .map(vip_from_pb)
+            .collect::<Result<_, _>>()?,
+        bucket_count: if s.bucket_count == 0 { 256 } else { s.bucket_count },
+        bucket_fn: bucket_fn
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("bucket_function: {e}")))?,
+        affinity: affinity
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("affinity: {e}")))?,
+        seed: s.seed,
+    })
+}
+
+pub fn settings_to_pb(s: &Settings) -> pb::ClusterSettings {
+    pb::ClusterSettings {
+        vips: s
+            .vips
+            .iter()
+            .map(|v| pb::Vip {
+                address: v.address.clone(),
+                prefix_len: u32::from(v.prefix_len),
+                mac: v.mac.clone(),
+            })
+            .collect(),
+        bucket_count: s.bucket_count,
+        bucket_function: s.bucket_fn.to_string(),
+        affinity: s.affinity.to_string(),
+        seed: s.seed,
+    }
+}
+
+fn role_name(r: raft::StateRole) -> &'static str {
+    match r {
+        raft::StateRole::Leader => "leader",
+        raft::StateRole::Follower => "follower",
+        raft::StateRole::Candidate => "candidate",
+        raft::StateRole::PreCandidate => "pre_candidate",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vip_validation_names_the_problem() {
+        let v = |a: &str, mac: &str| {
+            vip_from_pb(pb::Vip {
+                address: a.into(),
+                prefix_len: 0,
+                mac: mac.into(),
+            })
+        };
+        assert_eq!(v("192.0.2.10", "").unwrap().mac, "01:00:5e:00:02:0a");
+        assert!(v("192.0.2.300", "").unwrap_err().message().contains("192.0.2.300"));
+        assert!(v("192.0.2.10", "00:11:22:33:44:55")
+            .unwrap_err()
+            .message()
+            .contains("multicast"));
+    }
+
+    #[test]
+    fn member_names_are_restricted() {
+        assert!(member_name("web-1".into()).is_ok());
+        assert!(member_name("a/b".into()).is_err());
+        assert!(member_name(String::new()).is_err());
+    }
+}

@@ -1,0 +1,146 @@
+//! Agent API. An agent may speak only for the member named in its certificate.
+//!
+//! Heartbeats are answered by every controller from its own applied state; the
+//! assignment stream sends the member's owned buckets whenever they change.
+//! (Quorum leases and fencing build on these two calls; see controller/docs/leases.md.)
+
+use std::pin::Pin;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+use vipshare_proto::pki::Role;
+use vipshare_proto::v1::agent_api_server::AgentApi;
+use vipshare_proto::v1::{self as pb};
+use vipshare_proto::{check_version, PROTOCOL_VERSION};
+
+use super::admin::settings_to_pb;
+use super::{authorize, refuse};
+use crate::node::{NodeHandle, NodeView};
+
+const SERVICE: &str = "agent";
+
+pub struct AgentService {
+    pub node: NodeHandle,
+}
+
+#[allow(clippy::result_large_err)]
+fn own_member<T>(req: &Request<T>, member: &str) -> Result<(), Status> {
+    let who = authorize(req, SERVICE, &[Role::Agent])?;
+    if who.name != member {
+        return Err(refuse(
+            SERVICE,
+            "impersonation",
+            format!(
+                "certificate {} may not act for member {member:?}",
+                who.to_uri()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn assignment(v: &NodeView, member: &str) -> pb::Assignment {
+    let s = &v.state;
+    pb::Assignment {
+        protocol_version: PROTOCOL_VERSION,
+        member: member.to_string(),
+        member_epoch: s.members.get(member).map_or(0, |m| m.epoch),
+        applied_index: v.applied,
+        settings: s.settings.as_ref().map(settings_to_pb),
+        owned: (0u32..)
+            .zip(&s.buckets)
+            .filter(|(_, b)| b.owner.as_deref() == Some(member))
+            .map(|(bucket, b)| pb::BucketGrant {
+                bucket,
+                epoch: b.epoch,
+            })
+            .collect(),
+        release: vec![],
+    }
+}
+
+type AssignmentStream = Pin<Box<dyn Stream<Item = Result<pb::Assignment, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentApi for AgentService {
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        own_member(&req, &req.get_ref().member)?;
+        let hb = req.into_inner();
+        check_version(hb.protocol_version)?;
+        let v = self.node.view();
+        let member = v.state.members.get(&hb.member);
+        let (acked, reason) = match member {
+            None => (false, "unknown member".to_string()),
+            Some(m) if hb.member_epoch != 0 && hb.member_epoch != m.epoch => (
+                false,
+                format!("member epoch {} is not current ({})", hb.member_epoch, m.epoch),
+            ),
+            Some(_) => (true, String::new()),
+        };
+        Ok(Response::new(pb::HeartbeatReply {
+            protocol_version: PROTOCOL_VERSION,
+            controller_id: v.id,
+            round: hb.round,
+            acked,
+            reason,
+            leader_id: v.role.leader,
+            member_epoch: member.map_or(0, |m| m.epoch),
+        }))
+    }
+
+    type WatchAssignmentsStream = AssignmentStream;
+
+    async fn watch_assignments(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
+        own_member(&req, &req.get_ref().member)?;
+        let w = req.into_inner();
+        check_version(w.protocol_version)?;
+        let mut views = self.node.subscribe();
+        let member = w.member;
+        let stream = async_stream(move |tx| async move {
+            let mut last: Option<pb::Assignment> = None;
+            loop {
+                let a = assignment(&views.borrow_and_update(), &member);
+                let changed = last.as_ref().is_none_or(|l| {
+                    l.owned != a.owned || l.settings != a.settings || l.member_epoch != a.member_epoch
+                });
+                if changed {
+                    if tx.send(Ok(a.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(a);
+                }
+                if views.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn released(
+        &self,
+        req: Request<pb::ReleasedRequest>,
+    ) -> Result<Response<pb::ReleasedReply>, Status> {
+        own_member(&req, &req.get_ref().member)?;
+        Err(Status::unimplemented(
+            "planned releases arrive with bucket leases (issue: bucket ownership)",
+        ))
+    }
+}
+
+/// A stream fed by a task through a small channel; the task stops when the client goes.
+fn async_stream<F, Fut>(f: F) -> AssignmentStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::Assignment, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

@@ -1,0 +1,515 @@
+//! One controller's raft replica, sans-IO: a raft `RawNode`, the state machine it
+//! feeds, and the Ready loop between them.
+//!
+//! The runtime (the controller's node task, or the simulator) does all I/O:
+//! it calls [`Replica::tick`], [`Replica::step`] and the `propose_*` methods, then
+//! [`Replica::handle_ready`], and sends the messages that returns. The Ready loop
+//! keeps raft's rules:
+//!
+//! 1. a snapshot from the leader, new entries and the hard state are written and
+//!    synced to the [`Durable`] backend *before* any message leaves (so a vote or
+//!    an acknowledged entry is never forgotten by a crash);
+//! 2. committed entries are applied in log order, exactly once per incarnation;
+//! 3. once enough entries are applied, the state is snapshotted and the log compacted.
+
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType,
+    Message, MessageType, Snapshot,
+};
+use raft::{Config, RawNode, ReadOnlyOption, SnapshotStatus, StateRole, Storage};
+use raft_proto::ConfChangeI;
+
+use crate::command::{Command, ControllerAddress, ProposalId};
+use crate::state::{ApplyError, ClusterState};
+use crate::storage::{Durable, DurableError, RaftStorage};
+
+/// Raft timing and log-size settings of one replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub id: u64,
+    /// Ticks without a leader before a pre-vote starts. The election timeout is
+    /// exactly this many ticks; randomisation comes from the runtime's tick phase
+    /// (`max_election_tick = election_tick + 1`), so a simulator seed decides it.
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    /// Snapshot and compact once this many entries were applied since the last snapshot.
+    pub snapshot_interval: u64,
+    pub max_size_per_msg: u64,
+    pub max_inflight_msgs: usize,
+}
+
+impl ReplicaConfig {
+    pub fn new(id: u64) -> Self {
+        ReplicaConfig {
+            id,
+            election_tick: 10,
+            heartbeat_tick: 2,
+            snapshot_interval: 1000,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+        }
+    }
+
+    fn raft_config(&self, applied: u64) -> Config {
+        Config {
+            id: self.id,
+            election_tick: self.election_tick,
+            heartbeat_tick: self.heartbeat_tick,
+            min_election_tick: self.election_tick,
+            max_election_tick: self.election_tick + 1,
+            applied,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: self.max_size_per_msg,
+            max_inflight_msgs: self.max_inflight_msgs,
+            read_only_option: ReadOnlyOption::Safe,
+            ..Default::default()
+        }
+    }
+}
+
+/// Deliberate bugs, for showing that the simulator catches them. Never set in production.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// Send messages without syncing the writes they depend on.
+    pub skip_sync: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("storage: {0}")]
+    Storage(#[from] DurableError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("snapshot at index {index} has an undecodable state: {reason}")]
+    BadSnapshot { index: u64, reason: String },
+}
+
+/// Why a proposal was not accepted into the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    #[error("not the leader (leader is {leader:?})")]
+    NotLeader { leader: Option<u64> },
+    #[error("a configuration change is already in progress")]
+    ConfChangeInProgress,
+    #[error("invalid configuration change: {0}")]
+    InvalidConfChange(String),
+}
+
+/// What happened to one committed entry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Raft's own empty entry (a new leader's first entry).
+    Empty,
+    Applied(Result<(), ApplyError>),
+    /// A configuration change took effect; the new voters and learners.
+    ConfChanged(Result<ConfState, String>),
+    /// Raft replaced the proposal by an empty entry (e.g. a second concurrent
+    /// configuration change).
+    Dropped,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppliedEntry {
+    pub index: u64,
+    pub term: u64,
+    pub proposal: Option<ProposalId>,
+    pub outcome: Outcome,
+}
+
+/// Role, term and leader as last reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoleState {
+    pub role: StateRole,
+    pub term: u64,
+    /// 0 when unknown.
+    pub leader: u64,
+}
+
+/// Everything one Ready round produced, for the runtime to act on.
+#[derive(Debug, Default)]
+pub struct ReadyOutput {
+    /// Safe to send now: everything they depend on is durable.
+    pub messages: Vec<Message>,
+    pub applied: Vec<AppliedEntry>,
+    /// Contexts of ReadIndex requests whose index is now applied.
+    pub reads: Vec<Vec<u8>>,
+    /// Set when role, term or leader changed during this round.
+    pub role_changed: Option<RoleState>,
+    /// A snapshot replaced the state machine.
+    pub snapshot_installed: bool,
+    /// This round compacted the log into a snapshot at this index.
+    pub compacted_to: Option<u64>,
+}
+
+pub struct Replica<D: Durable> {
+    raw: RawNode<RaftStorage<D>>,
+    state: ClusterState,
+    conf_state: ConfState,
+    cfg: ReplicaConfig,
+    pending_reads: Vec<(u64, Vec<u8>)>,
+    last_role: RoleState,
+    faults: Faults,
+}
+
+impl<D: Durable> Replica<D> {
+    /// Starts from whatever `storage` holds: the newest snapshot plus the log after it.
+    /// Committed entries after the snapshot are re-applied by the Ready loop.
+    pub fn new(
+        cfg: ReplicaConfig,
+        storage: RaftStorage<D>,
+        logger: &slog::Logger,
+    ) -> Result<Self, ReplicaError> {
+        let snap = storage.latest_snapshot().clone();
+        let meta = snap.get_metadata();
+        let state = decode_state(&snap)?;
+        let conf_state = meta.get_conf_state().clone();
+        let raw = RawNode::new(&cfg.raft_config(meta.index), storage, logger)?;
+        let last_role = role_of(&raw);
+        Ok(Replica {
+            raw,
+            state,
+            conf_state,
+            cfg,
+            pending_reads: Vec::new(),
+            last_role,
+            faults: Faults::default(),
+        })
+    }
+
+    pub fn set_faults(&mut self, faults: Faults) {
+        self.faults = faults;
+    }
+
+    pub fn id(&self) -> u64 {
+        self.cfg.id
+    }
+
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    pub fn role(&self) -> RoleState {
+        role_of(&self.raw)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.state.applied
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.raw.raft.raft_log.last_index()
+    }
+
+    /// Voters and learners as of the last applied configuration change.
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    pub fn storage(&self) -> &RaftStorage<D> {
+        self.raw.store()
+    }
+
+    pub fn storage_mut(&mut self) -> &mut RaftStorage<D> {
+        self.raw.mut_store()
+    }
+
+    /// Log entries in `[low, high)` that are still in the log (for invariant checks).
+    pub fn entries(&self, low: u64, high: u64) -> Vec<Entry> {
+        let s = self.raw.store();
+        s.entries(low, high, None, raft::GetEntriesContext::empty(false))
+            .unwrap_or_default()
+    }
+
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    pub fn campaign(&mut self) -> Result<(), ReplicaError> {
+        Ok(self.raw.campaign()?)
+    }
+
+    /// Feed a message from a peer. Messages from unknown peers or of local types are
+    /// dropped: a misbehaving peer must not stop this replica.
+    pub fn step(&mut self, m: Message) -> Result<(), raft::Error> {
+        if raft::raw_node::is_local_msg(m.get_msg_type()) {
+            return Err(raft::Error::StepLocalMsg);
+        }
+        self.raw.step(m)
+    }
+
+    pub fn report_unreachable(&mut self, peer: u64) {
+        self.raw.report_unreachable(peer);
+    }
+
+    pub fn report_snapshot(&mut self, peer: u64, delivered: bool) {
+        let status = if delivered {
+            SnapshotStatus::Finish
+        } else {
+            SnapshotStatus::Failure
+        };
+        self.raw.report_snapshot(peer, status);
+    }
+
+    fn not_leader(&self) -> ProposeError {
+        let leader = self.raw.raft.leader_id;
+        ProposeError::NotLeader {
+            leader: (leader != 0).then_some(leader),
+        }
+    }
+
+    pub fn propose(&mut self, id: ProposalId, cmd: &Command) -> Result<(), ProposeError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        self.raw
+            .propose(id.to_bytes(), cmd.encode())
+            .map_err(|_| self.not_leader())
+    }
+
+    /// Add a controller as a voter (its address is recorded in the state) or remove one.
+    pub fn propose_controller_change(
+        &mut self,
+        id: ProposalId,
+        change: ControllerChange,
+    ) -> Result<(), ProposeError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        if self.raw.raft.has_pending_conf() || !self.conf_state.voters_outgoing.is_empty() {
+            return Err(ProposeError::ConfChangeInProgress);
+        }
+        let mut cc = ConfChangeV2::default();
+        let mut single = ConfChangeSingle::default();
+        match &change {
+            ControllerChange::Add { id, address } => {
+                single.set_change_type(ConfChangeType::AddNode);
+                single.node_id = *id;
+                let ctx = ControllerAddress {
+                    id: *id,
+                    address: address.clone(),
+                };
+                cc.set_context(serde_json::to_vec(&ctx).unwrap_or_default().into());
+            }
+            ControllerChange::Remove { id } => {
+                single.set_change_type(ConfChangeType::RemoveNode);
+                single.node_id = *id;
+                if !self.conf_state.voters.contains(id) && !self.conf_state.learners.contains(id)
+                {
+                    return Err(ProposeError::InvalidConfChange(format!(
+                        "controller {id} is not a member"
+                    )));
+                }
+                if self.conf_state.voters == [*id] {
+                    return Err(ProposeError::InvalidConfChange(
+                        "cannot remove the last voter".into(),
+                    ));
+                }
+            }
+        }
+        cc.mut_changes().push(single);
+        self.raw
+            .propose_conf_change(id.to_bytes(), cc)
+            .map_err(|e| match e {
+                raft::Error::ProposalDropped => self.not_leader(),
+                other => ProposeError::InvalidConfChange(other.to_string()),
+            })
+    }
+
+    /// Start a linearizable read; `ctx` comes back in [`ReadyOutput::reads`] once the
+    /// state reflects every write committed before the request.
+    pub fn read_index(&mut self, ctx: Vec<u8>) {
+        self.raw.read_index(ctx);
+    }
+
+    /// Runs one Ready round. See the module docs for the order of operations.
+    pub fn handle_ready(&mut self) -> Result<ReadyOutput, ReplicaError> {
+        let mut out = ReadyOutput::default();
+        if self.raw.has_ready() {
+            self.ready_round(&mut out)?;
+        }
+        let now = role_of(&self.raw);
+        if now != self.last_role {
+            self.last_role = now;
+            out.role_changed = Some(now);
+            if now.role != StateRole::Leader && now.role != StateRole::Follower {
+                // Reads waiting on an old leader's ReadIndex are answered by nobody.
+                self.pending_reads.clear();
+            }
+        }
+        Ok(out)
+    }
+
+    fn ready_round(&mut self, out: &mut ReadyOutput) -> Result<(), ReplicaError> {
+        let mut rd = self.raw.ready();
+        let mut messages = rd.take_messages();
+
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            self.state = decode_state(&snap)?;
+            self.conf_state = snap.get_metadata().get_conf_state().clone();
+            self.raw.mut_store().install_snapshot(&snap)?;
+            out.snapshot_installed = true;
+        }
+        self.raw.mut_store().append(rd.entries())?;
+        if let Some(hs) = rd.hs() {
+            self.raw.mut_store().set_hard_state(hs)?;
+        }
+        if !self.faults.skip_sync {
+            self.raw.mut_store().sync()?;
+        }
+        messages.extend(rd.take_persisted_messages());
+        self.pending_reads.extend(
+            rd.take_read_states()
+                .into_iter()
+                .map(|rs| (rs.index, rs.request_ctx)),
+        );
+        let committed = rd.take_committed_entries();
+        self.apply(committed, out)?;
+
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit);
+        }
+        messages.extend(light.take_messages());
+        let committed = light.take_committed_entries();
+        self.apply(committed, out)?;
+        self.raw.advance_apply();
+
+        self.maybe_compact(out)?;
+        let applied = self.state.applied;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_reads)
+            .into_iter()
+            .partition(|(index, _)| *index <= applied);
+        self.pending_reads = waiting;
+        out.reads.extend(ready.into_iter().map(|(_, ctx)| ctx));
+        out.messages = messages;
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>, out: &mut ReadyOutput) -> Result<(), ReplicaError> {
+        for e in entries {
+            if e.index <= self.state.applied {
+                continue;
+            }
+            let proposal = ProposalId::from_bytes(&e.context);
+            let outcome = match e.get_entry_type() {
+                EntryType::EntryNormal if e.data.is_empty() => match proposal {
+                    Some(_) => Outcome::Dropped,
+                    None => Outcome::Empty,
+                },
+                EntryType::EntryNormal => Outcome::Applied(
+                    Command::decode(&e.data)
+                        .map_err(|err| ApplyError::Undecodable(err.to_string()))
+                        .and_then(|cmd| self.state.apply(cmd)),
+                ),
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&e.data).map(ConfChangeI::into_v2);
+                    Outcome::ConfChanged(self.apply_conf_change(cc))
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc = ConfChangeV2::parse_from_bytes(&e.data);
+                    Outcome::ConfChanged(self.apply_conf_change(cc))
+                }
+            };
+            self.state.applied = e.index;
+            out.applied.push(AppliedEntry {
+                index: e.index,
+                term: e.term,
+                proposal,
+                outcome,
+            });
+        }
+        Ok(())
+    }
+
+    fn apply_conf_change(
+        &mut self,
+        cc: Result<ConfChangeV2, protobuf::ProtobufError>,
+    ) -> Result<ConfState, String> {
+        let cc = cc.map_err(|e| format!("undecodable configuration change: {e}"))?;
+        let cs = self.raw.apply_conf_change(&cc).map_err(|e| e.to_string())?;
+        let addr: Option<ControllerAddress> = serde_json::from_slice(cc.get_context()).ok();
+        for ch in cc.get_changes() {
+            match ch.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    if let Some(a) = addr.as_ref().filter(|a| a.id == ch.node_id) {
+                        self.state.controllers.insert(a.id, a.address.clone());
+                    }
+                }
+                ConfChangeType::RemoveNode => {
+                    self.state.controllers.remove(&ch.node_id);
+                }
+            }
+        }
+        self.conf_state = cs.clone();
+        Ok(cs)
+    }
+
+    fn maybe_compact(&mut self, out: &mut ReadyOutput) -> Result<(), ReplicaError> {
+        let applied = self.state.applied;
+        let snap_index = self.raw.store().latest_snapshot().get_metadata().index;
+        if applied < snap_index + self.cfg.snapshot_interval {
+            return Ok(());
+        }
+        let term = self.raw.store().term(applied)?;
+        let mut snap = Snapshot {
+            data: self.state.encode().into(),
+            ..Default::default()
+        };
+        let meta = snap.mut_metadata();
+        meta.index = applied;
+        meta.term = term;
+        *meta.mut_conf_state() = self.conf_state.clone();
+        let store = self.raw.mut_store();
+        store.compact(&snap)?;
+        store.sync()?;
+        out.compacted_to = Some(applied);
+        Ok(())
+    }
+}
+
+/// A change of the controller set, proposed as a raft `ConfChangeV2`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControllerChange {
+    Add { id: u64, address: String },
+    Remove { id: u64 },
+}
+
+fn role_of<D: Durable>(raw: &RawNode<RaftStorage<D>>) -> RoleState {
+    RoleState {
+        role: raw.raft.state,
+        term: raw.raft.term,
+        leader: raw.raft.leader_id,
+    }
+}
+
+fn decode_state(snap: &Snapshot) -> Result<ClusterState, ReplicaError> {
+    let index = snap.get_metadata().index;
+    if snap.data.is_empty() {
+        return Ok(ClusterState {
+            applied: index,
+            ..Default::default()
+        });
+    }
+    let mut state = ClusterState::decode(&snap.data).map_err(|e| ReplicaError::BadSnapshot {
+        index,
+        reason: e.to_string(),
+    })?;
+    state.applied = index;
+    Ok(state)
+}
+
+/// True for messages that carry a snapshot, which the runtime must report on.
+pub fn is_snapshot(m: &Message) -> bool {
+    m.get_msg_type() == MessageType::MsgSnapshot
+}

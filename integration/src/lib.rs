@@ -1,0 +1,319 @@
+//! Test harness: real `vipshare-controller` processes on loopback addresses with
+//! real certificates, driven over real mTLS gRPC, killed with real SIGKILL.
+//!
+//! Binaries come from the workspace target directory; build them first
+//! (`cargo build --workspace --bins`, which `scripts/test.sh` does).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use tonic::transport::Channel;
+use vipshare_proto::pki::{self, Role};
+use vipshare_proto::tls::{self, TlsFiles};
+use vipshare_proto::v1::admin_api_client::AdminApiClient;
+use vipshare_proto::v1::{self as pb, mutate_request::Op};
+use vipshare_proto::PROTOCOL_VERSION;
+
+/// Path of a workspace binary, honouring CARGO_TARGET_DIR.
+pub fn bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let profile = std::env::var("VIPSHARE_PROFILE").unwrap_or_else(|_| "debug".into());
+    let p = target.join(profile).join(name);
+    assert!(
+        p.exists(),
+        "{} not built; run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// Poll `f` every 50 ms until it returns `Some`, or fail after `timeout` with `what`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub struct ControllerProc {
+    pub id: u64,
+    pub address: String,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl ControllerProc {
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A cluster of controllers on `127.X.Y.id:7001`, with its own CA and data.
+pub struct Lab {
+    pub root: tempfile::TempDir,
+    pub certs: PathBuf,
+    pub cluster: String,
+    ip_base: String,
+    pub controllers: BTreeMap<u64, ControllerProc>,
+    admin_tls: Arc<rustls::ClientConfig>,
+}
+
+impl Lab {
+    /// Creates the CA and certificates for controllers `1..=max_id`, an admin,
+    /// a reader and an agent. `ip_base` like "127.1.1" keeps parallel tests apart.
+    pub fn new(ip_base: &str, max_id: u64) -> anyhow::Result<Self> {
+        let root = tempfile::tempdir()?;
+        let certs = root.path().join("certs");
+        let cluster = "lab".to_string();
+        pki::init_ca(&certs, &cluster, 30)?;
+        for id in 1..=max_id {
+            let ip = format!("{ip_base}.{id}").parse()?;
+            pki::issue(&certs, Role::Controller, &id.to_string(), &[ip], &[], 30)?;
+        }
+        pki::issue(&certs, Role::Admin, "admin", &[], &[], 30)?;
+        pki::issue(&certs, Role::Reader, "viewer", &[], &[], 30)?;
+        pki::issue(&certs, Role::Agent, "h1", &[], &[], 30)?;
+        let admin_tls = tls::client_config(&TlsFiles::in_dir(&certs, Role::Admin, "admin"))?;
+        Ok(Lab {
+            root,
+            certs,
+            cluster,
+            ip_base: ip_base.to_string(),
+            controllers: BTreeMap::new(),
+            admin_tls,
+        })
+    }
+
+    pub fn address(&self, id: u64) -> String {
+        format!("{}.{id}:7001", self.ip_base)
+    }
+
+    /// Write the config of controller `id`. `founders` are the initial voters;
+    /// `join` starts it empty, to be added with `controller add`.
+    pub fn configure(&mut self, id: u64, founders: &[u64], join: bool) -> anyhow::Result<()> {
+        let dir = self.root.path().join(format!("c{id}"));
+        std::fs::create_dir_all(&dir)?;
+        let data_dir = dir.join("data");
+        let config = dir.join("controller.toml");
+        let files = TlsFiles::in_dir(&self.certs, Role::Controller, &id.to_string());
+        let mut text = format!(
+            "id = {id}\ncluster = \"{}\"\nlisten = \"{}\"\ndata_dir = \"{}\"\njoin = {join}\n\
+             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             [raft]\ntick_ms = 100\nelection_ticks = 10\nheartbeat_ticks = 2\nsnapshot_interval = 50\n",
+            self.cluster,
+            self.address(id),
+            data_dir.display(),
+            files.ca.display(),
+            files.cert.display(),
+            files.key.display(),
+        );
+        for f in founders {
+            text.push_str(&format!(
+                "[[peers]]\nid = {f}\naddress = \"{}\"\n",
+                self.address(*f)
+            ));
+        }
+        std::fs::write(&config, text)?;
+        self.controllers.insert(
+            id,
+            ControllerProc {
+                id,
+                address: self.address(id),
+                data_dir,
+                config,
+                log: dir.join("controller.log"),
+                child: None,
+            },
+        );
+        Ok(())
+    }
+
+    pub fn start(&mut self, id: u64) -> anyhow::Result<()> {
+        let exe = bin("vipshare-controller");
+        let c = self
+            .controllers
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("controller {id} not configured"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&c.log)?;
+        let child = Command::new(exe)
+            .arg("--config")
+            .arg(&c.config)
+            .env("RUST_LOG", "info,raft=info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning vipshare-controller")?;
+        c.child = Some(child);
+        Ok(())
+    }
+
+    /// Configure and start founding controllers `1..=n`.
+    pub fn start_founders(&mut self, n: u64) -> anyhow::Result<()> {
+        let founders: Vec<u64> = (1..=n).collect();
+        for &id in &founders {
+            self.configure(id, &founders, false)?;
+            self.start(id)?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        let c = self
+            .controllers
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("no controller {id}"))?;
+        if let Some(mut child) = c.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn stop(&mut self, id: u64) -> anyhow::Result<std::process::ExitStatus> {
+        let c = self
+            .controllers
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("no controller {id}"))?;
+        let mut child = c.child.take().ok_or_else(|| anyhow!("{id} not running"))?;
+        // SAFETY: signalling a child process we own by pid.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        Ok(child.wait()?)
+    }
+
+    pub async fn client(&self, id: u64) -> anyhow::Result<AdminApiClient<Channel>> {
+        let ch =
+            tls::connect_once(&format!("https://{}", self.address(id)), self.admin_tls.clone())
+                .await?;
+        Ok(AdminApiClient::new(ch))
+    }
+
+    /// Controller `id`'s own view (no ReadIndex round), or None if it doesn't answer.
+    pub async fn local_status(&self, id: u64) -> Option<pb::StatusReply> {
+        let mut c = self.client(id).await.ok()?;
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            c.status(pb::StatusRequest {
+                protocol_version: PROTOCOL_VERSION,
+                local: true,
+            }),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        Some(r.into_inner())
+    }
+
+    /// The leader id once all running controllers agree on one.
+    pub async fn wait_leader(&self, timeout: Duration) -> anyhow::Result<u64> {
+        wait_for(timeout, "a leader every running controller agrees on", || async {
+            let mut leader = None;
+            for (id, c) in &self.controllers {
+                if !c.is_running() {
+                    continue;
+                }
+                let s = self.local_status(*id).await?;
+                if s.leader_id == 0 || leader.is_some_and(|l| l != s.leader_id) {
+                    return None;
+                }
+                leader = Some(s.leader_id);
+            }
+            leader
+        })
+        .await
+    }
+
+    /// Send a mutation to the current leader (following redirects); returns the index.
+    pub async fn mutate(&self, op: Op) -> anyhow::Result<u64> {
+        let mut last = anyhow!("no controller running");
+        for (id, c) in self.controllers.iter().filter(|(_, c)| c.is_running()) {
+            let Ok(mut client) = self.client(*id).await else {
+                continue;
+            };
+            match client
+                .mutate(pb::MutateRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    op: Some(op.clone()),
+                })
+                .await
+            {
+                Ok(r) => return Ok(r.into_inner().index),
+                Err(s) => last = anyhow!("controller {} ({}): {}", id, c.address, s.message()),
+            }
+        }
+        Err(last)
+    }
+
+    pub async fn noop(&self, payload: &[u8]) -> anyhow::Result<u64> {
+        self.mutate(Op::Noop(pb::Noop {
+            payload: payload.to_vec(),
+        }))
+        .await
+    }
+
+    /// Run vipsharectl against this lab as the admin.
+    pub fn ctl(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let controllers: Vec<String> = self
+            .controllers
+            .values()
+            .filter(|c| c.is_running())
+            .map(|c| c.address.clone())
+            .collect();
+        Ok(Command::new(bin("vipsharectl"))
+            .arg("--controllers")
+            .arg(controllers.join(","))
+            .arg("--tls-dir")
+            .arg(&self.certs)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in self.controllers.values_mut() {
+            if let Some(mut child) = c.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            for c in self.controllers.values() {
+                eprintln!("---- controller {} log ----\n{}", c.id, c.log_text());
+            }
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The replicated controller as a user runs it: separate processes, real mTLS on
+//! 127.0.0.x, SIGKILL, restarts, and controllers added and removed at run time.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vipshare_integration::{wait_for, Lab};
+use vipshare_proto::v1::{self as pb, mutate_request::Op};
+use vipshare_proto::PROTOCOL_VERSION;
+
+const ELECTION: Duration = Duration::from_secs(15);
+
+async fn members(lab: &Lab, id: u64) -> Option<Vec<String>> {
+    let mut c = lab.client(id).await.ok()?;
+    let r = c
+        .members(pb::ReadRequest {
+            protocol_version: PROTOCOL_VERSION,
+            local: true,
+        })
+        .await
+        .ok()?;
+    Some(r.into_inner().members.into_iter().map(|m| m.name).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_failover_restart_and_membership_changes() -> anyhow::Result<()> {
+    let mut lab = Lab::new("127.0.10", 5)?;
+    lab.start_founders(3)?;
+    let leader = lab.wait_leader(ELECTION).await?;
+
+    // The leader is visible in `vipsharectl status --json`.
+    let out = lab.ctl(&["status", "--json"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(status["leader_id"], leader);
+    assert_eq!(status["controllers"].as_array().map(Vec::len), Some(3));
+
+    let out = lab.ctl(&["cluster", "init", "--vip", "192.0.2.10", "--buckets", "64"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for i in 0..60 {
+        lab.mutate(Op::AddMember(pb::AddMember {
+            name: format!("h{i}"),
+            weight: 100,
+        }))
+        .await?;
+    }
+
+    // SIGKILL the leader; a new one must commit within 3 s.
+    lab.kill(leader)?;
+    let killed_at = Instant::now();
+    let index = wait_for(Duration::from_secs(10), "a commit after the leader died", || async {
+        lab.noop(b"after-failover").await.ok()
+    })
+    .await?;
+    let failover = killed_at.elapsed();
+    println!("leader {leader} killed; first commit by a new leader after {failover:?}");
+    assert!(failover < Duration::from_secs(3), "failover took {failover:?}");
+
+    // The killed controller restarts and catches up with nothing lost.
+    lab.start(leader)?;
+    let expected = members(&lab, lab.wait_leader(ELECTION).await?).await;
+    wait_for(Duration::from_secs(10), "the restarted controller to catch up", || async {
+        let s = lab.local_status(leader).await?;
+        (s.applied_index >= index && members(&lab, leader).await == expected).then_some(())
+    })
+    .await?;
+    assert_eq!(expected.as_ref().map(Vec::len), Some(60));
+
+    // Proposals keep succeeding while a 4th controller joins and one is removed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let proposer = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let leader_now = lab.wait_leader(ELECTION).await?;
+        let mut client = lab.client(leader_now).await?;
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = client
+                    .mutate(pb::MutateRequest {
+                        protocol_version: PROTOCOL_VERSION,
+                        op: Some(Op::Noop(pb::Noop { payload: vec![1] })),
+                    })
+                    .await;
+                match r {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    let founders = [1, 2, 3];
+    lab.configure(4, &founders, true)?;
+    lab.start(4)?;
+    let add = lab.ctl(&["controller", "add", "--id", "4", "--address", &lab.address(4)])?;
+    assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
+    let target = lab.noop(b"after-add").await?;
+    wait_for(Duration::from_secs(15), "controller 4 to catch up", || async {
+        let s = lab.local_status(4).await?;
+        (s.applied_index >= target && s.controllers.len() == 4).then_some(())
+    })
+    .await?;
+    let leader_now = lab.wait_leader(ELECTION).await?;
+    let victim = founders.into_iter().find(|&id| id != leader_now).unwrap_or(1);
+    let rm = lab.ctl(&["controller", "remove", "--id", &victim.to_string()])?;
+    assert!(rm.status.success(), "{}", String::from_utf8_lossy(&rm.stderr));
+    lab.kill(victim)?;
+    let after = lab.noop(b"after-remove").await?;
+    stop.store(true, Ordering::Relaxed);
+    proposer.await?;
+    println!(
+        "during add/remove: {} proposals ok, {} failed",
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
+    assert!(ok.load(Ordering::Relaxed) > 0);
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "proposals failed during reconfiguration");
+    let s = lab
+        .local_status(4)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("controller 4 silent"))?;
+    assert_eq!(s.controllers.len(), 3, "{:?}", s.controllers);
+    assert!(!s.controllers.iter().any(|c| c.id == victim));
+    wait_for(Duration::from_secs(10), "controller 4 to apply the last write", || async {
+        (lab.local_status(4).await?.applied_index >= after).then_some(())
+    })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,528 @@
+//! Pure plan generation for the FreeBSD backend: from what is installed and
+//! what is desired to the list of steps the executor runs.
+//!
+//! # Kernel layout (rule numbers relative to `rule_base`, R)
+//! ```text
+//! set base    R+0    skipto R+1000 tcp from any to VIPS in established
+//! set owned   R+100+i skipto R+1000 ip from V_i:M_i to VIPS in   (one per mask)
+//! set base    R+900  deny ip from any to VIPS in
+//!             R+1000 and up: the administrator's own rules
+//! ```
+//! Established TCP (ACK or RST set) always goes on to the host's stack, which
+//! answers it only when it holds the connection (segments of other hosts'
+//! connections arrive in link-layer multicast frames, for which FreeBSD never
+//! sends a RST). Every other packet to a VIP (a SYN, UDP, ICMP) is accepted
+//! only from owned buckets and denied otherwise. vipshare's rules never
+//! `allow`: they skip to R+1000, so the administrator's policy still applies.
+//!
+//! Each of the two sets is replaced atomically: the new rules are built in a
+//! disabled staging set and exchanged with `ipfw set swap`. Withdrawing (and
+//! the lease watchdog) is one atomic `ipfw set disable <owned>`, which leaves
+//! the base set's deny in force.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use super::masks::{compress, Cube};
+use super::FreeBsdConfig;
+use crate::dataplane::{
+    format_mac, igmp_group_for_mac, Affinity, BucketFn, DataPlaneError, Desired, VipConfig,
+};
+
+/// Offset of the owned-bucket rules from `rule_base`.
+pub const OWNED_OFFSET: u32 = 100;
+/// Offset of the final deny rule from `rule_base`.
+pub const DENY_OFFSET: u32 = 900;
+/// Offset of the skipto target (first rule after vipshare's block).
+pub const END_OFFSET: u32 = 1000;
+/// Most owned-mask rules that fit between `OWNED_OFFSET` and `DENY_OFFSET`.
+pub const MAX_OWNED_RULES: usize = (DENY_OFFSET - OWNED_OFFSET) as usize;
+
+/// One thing for the executor to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Run a command; unless `may_fail`, a non-zero exit fails the plan.
+    Run { argv: Vec<String>, may_fail: bool },
+    /// Join `group` on the interface holding `via` (keeps a socket open).
+    JoinGroup {
+        group: Ipv4Addr,
+        via: Ipv4Addr,
+        interface: String,
+    },
+    /// Leave `group` (closes that socket).
+    LeaveGroup {
+        group: Ipv4Addr,
+        via: Ipv4Addr,
+        interface: String,
+    },
+    /// Tell the watchdog to withdraw the owned rules `stop_after` from the
+    /// start of this apply unless re-armed first.
+    ArmWatchdog { stop_after: Duration },
+    /// Nothing to withdraw any more.
+    DisarmWatchdog,
+}
+
+impl Step {
+    fn run<S: Into<String>>(argv: impl IntoIterator<Item = S>) -> Step {
+        Step::Run {
+            argv: argv.into_iter().map(Into::into).collect(),
+            may_fail: false,
+        }
+    }
+
+    fn run_may_fail<S: Into<String>>(argv: impl IntoIterator<Item = S>) -> Step {
+        Step::Run {
+            argv: argv.into_iter().map(Into::into).collect(),
+            may_fail: true,
+        }
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Run { argv, may_fail } => {
+                write!(f, "{} {}", if *may_fail { "run?" } else { "run " }, argv.join(" "))
+            }
+            Step::JoinGroup {
+                group,
+                via,
+                interface,
+            } => write!(f, "igmp join {group} via {via} on {interface}"),
+            Step::LeaveGroup {
+                group,
+                via,
+                interface,
+            } => write!(f, "igmp leave {group} via {via} on {interface}"),
+            Step::ArmWatchdog { stop_after } => {
+                write!(f, "watchdog arm {}ms", stop_after.as_millis())
+            }
+            Step::DisarmWatchdog => f.write_str("watchdog disarm"),
+        }
+    }
+}
+
+/// What the planner believes is in the kernel after a successful plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Installed {
+    /// VIPs configured (sorted by address).
+    pub vips: Vec<VipConfig>,
+    /// Source matches of the owned rules, as `(value, mask)` over the address.
+    pub owned_matches: Vec<(u32, u32)>,
+    /// Whether the owned set is enabled (false after a withdraw).
+    pub owned_enabled: bool,
+}
+
+/// A plan and the state it leads to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub next: Installed,
+    /// Whether anything but the watchdog deadline changes.
+    pub changed: bool,
+    /// When the kernel stops accepting new flows (from the start of apply);
+    /// `None` when nothing is accepted.
+    pub stop_after: Option<Duration>,
+}
+
+impl Plan {
+    /// One step per line, for logs and golden files.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for s in &self.steps {
+            out.push_str(&s.to_string());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// The `(value, mask)` source matches (over the 32-bit address) that accept
+/// exactly the owned buckets.
+pub fn owned_matches(
+    cfg: &FreeBsdConfig,
+    desired: &Desired,
+) -> Result<Vec<(u32, u32)>, DataPlaneError> {
+    match desired.bucket_fn {
+        BucketFn::Lowbits => {}
+        BucketFn::Jhash if cfg.ipfw_jhash => {
+            return Err(DataPlaneError::Unsupported(
+                "ipfw_jhash is set, but the ipfw source-hash option has no kernel patch yet \
+                 (see kernel-patches/README.md); use the lowbits bucket function"
+                    .into(),
+            ))
+        }
+        BucketFn::Jhash => {
+            return Err(DataPlaneError::Unsupported(
+                "stock ipfw cannot compute jhash buckets; use the lowbits bucket function".into(),
+            ))
+        }
+    }
+    let shift = match desired.affinity {
+        Affinity::Address => 0,
+        Affinity::Network24 => 8,
+        Affinity::AddressPort => {
+            return Err(DataPlaneError::Unsupported(
+                "address_port affinity cannot be expressed with ipfw masks".into(),
+            ))
+        }
+    };
+    let cubes: Vec<Cube> = compress(&desired.owned, desired.bucket_count);
+    if cubes.len() > MAX_OWNED_RULES {
+        return Err(DataPlaneError::Unsupported(format!(
+            "the owned buckets need {} ipfw mask rules, more than the {MAX_OWNED_RULES} \
+             vipshare reserves; assign buckets in aligned blocks",
+            cubes.len()
+        )));
+    }
+    Ok(cubes
+        .into_iter()
+        .map(|c| (c.value << shift, c.mask << shift))
+        .collect())
+}
+
+fn ipfw(cfg: &FreeBsdConfig, args: &[String]) -> Vec<String> {
+    let mut v = vec![cfg.ipfw.clone(), "-q".to_string()];
+    v.extend(args.iter().cloned());
+    v
+}
+
+fn vip_list(vips: &[VipConfig]) -> String {
+    let parts: Vec<String> = vips.iter().map(|v| v.addr.to_string()).collect();
+    parts.join(",")
+}
+
+fn src_match((value, mask): (u32, u32)) -> String {
+    if mask == 0 {
+        "any".to_string()
+    } else {
+        format!("{}:{}", Ipv4Addr::from(value), Ipv4Addr::from(mask))
+    }
+}
+
+/// Steps that replace the base set with rules for `vips`.
+fn base_swap(cfg: &FreeBsdConfig, vips: &[VipConfig]) -> Vec<Step> {
+    let r = cfg.rule_base;
+    let stage = cfg.base_staging_set.to_string();
+    let mut steps = vec![Step::run_may_fail(ipfw(
+        cfg,
+        &["delete".into(), "set".into(), stage.clone()],
+    ))];
+    if !vips.is_empty() {
+        let to = vip_list(vips);
+        let end = (r + END_OFFSET).to_string();
+        steps.push(Step::run(ipfw(
+            cfg,
+            &[
+                "add", &r.to_string(), "set", &stage, "skipto", &end, "tcp", "from", "any", "to",
+                &to, "in", "established",
+            ]
+            .map(String::from),
+        )));
+        steps.push(Step::run(ipfw(
+            cfg,
+            &[
+                "add",
+                &(r + DENY_OFFSET).to_string(),
+                "set",
+                &stage,
+                "deny",
+                "ip",
+                "from",
+                "any",
+                "to",
+                &to,
+                "in",
+            ]
+            .map(String::from),
+        )));
+    }
+    steps.push(Step::run(ipfw(
+        cfg,
+        &["set".into(), "swap".into(), stage.clone(), cfg.base_set.to_string()],
+    )));
+    steps.push(Step::run_may_fail(ipfw(
+        cfg,
+        &["delete".into(), "set".into(), stage],
+    )));
+    steps
+}
+
+/// Steps that replace the owned set with `matches` for `vips` and enable it.
+fn owned_swap(cfg: &FreeBsdConfig, vips: &[VipConfig], matches: &[(u32, u32)]) -> Vec<Step> {
+    let r = cfg.rule_base;
+    let stage = cfg.owned_staging_set.to_string();
+    let mut steps = vec![Step::run_may_fail(ipfw(
+        cfg,
+        &["delete".into(), "set".into(), stage.clone()],
+    ))];
+    if !vips.is_empty() {
+        let to = vip_list(vips);
+        let end = (r + END_OFFSET).to_string();
+        for (i, &m) in matches.iter().enumerate() {
+            steps.push(Step::run(ipfw(
+                cfg,
+                &[
+                    "add",
+                    &(r + OWNED_OFFSET + i as u32).to_string(),
+                    "set",
+                    &stage,
+                    "skipto",
+                    &end,
+                    "ip",
+                    "from",
+                    &src_match(m),
+                    "to",
+                    &to,
+                    "in",
+                ]
+                .map(String::from),
+            )));
+        }
+    }
+    steps.push(Step::run(ipfw(
+        cfg,
+        &["set".into(), "swap".into(), stage.clone(), cfg.owned_set.to_string()],
+    )));
+    steps.push(Step::run(ipfw(
+        cfg,
+        &["set".into(), "enable".into(), cfg.owned_set.to_string()],
+    )));
+    steps.push(Step::run_may_fail(ipfw(
+        cfg,
+        &["delete".into(), "set".into(), stage],
+    )));
+    steps
+}
+
+fn add_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
+    let vhid = cfg.carp_vhid.to_string();
+    let mut steps = vec![
+        // Creates the vhid if needed; CARP stays in INIT (net.inet.carp.allow=0),
+        // which keeps the address out of conflict defence and gratuitous ARP.
+        Step::run([
+            cfg.ifconfig.as_str(),
+            &vip.interface,
+            "vhid",
+            &vhid,
+            "advskew",
+            "254",
+        ]),
+        Step::run([
+            cfg.ifconfig.as_str(),
+            &vip.interface,
+            "inet",
+            &format!("{}/{}", vip.addr, vip.prefix_len),
+            "alias",
+            "vhid",
+            &vhid,
+        ]),
+        Step::run([
+            cfg.arp.as_str(),
+            "-S",
+            &vip.addr.to_string(),
+            &format_mac(&vip.mac),
+            "pub",
+        ]),
+    ];
+    if let Some(group) = igmp_group_for_mac(&vip.mac) {
+        steps.push(Step::JoinGroup {
+            group,
+            via: vip.addr,
+            interface: vip.interface.clone(),
+        });
+    }
+    steps
+}
+
+fn remove_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if let Some(group) = igmp_group_for_mac(&vip.mac) {
+        steps.push(Step::LeaveGroup {
+            group,
+            via: vip.addr,
+            interface: vip.interface.clone(),
+        });
+    }
+    steps.push(Step::run_may_fail([
+        cfg.arp.as_str(),
+        "-d",
+        &vip.addr.to_string(),
+    ]));
+    steps.push(Step::run([
+        cfg.ifconfig.as_str(),
+        &vip.interface,
+        "inet",
+        &vip.addr.to_string(),
+        "-alias",
+    ]));
+    steps
+}
+
+/// Steps run once per agent start (or after a failed apply): kernel settings
+/// vipshare relies on, staging sets disabled and empty.
+fn initialize(cfg: &FreeBsdConfig) -> Vec<Step> {
+    let mut steps = vec![
+        Step::run([cfg.sysctl.as_str(), "net.inet.carp.allow=0"]),
+        Step::run([cfg.sysctl.as_str(), "net.inet.tcp.accept_l2mcast=1"]),
+    ];
+    for set in [cfg.owned_staging_set, cfg.base_staging_set] {
+        steps.push(Step::run(ipfw(
+            cfg,
+            &["set".into(), "disable".into(), set.to_string()],
+        )));
+    }
+    steps
+}
+
+/// Plans an apply. `installed` is `None` on start-up and after a failure: the
+/// plan then rebuilds everything (each step is idempotent).
+pub fn plan_apply(
+    cfg: &FreeBsdConfig,
+    installed: Option<&Installed>,
+    desired: &Desired,
+) -> Result<Plan, DataPlaneError> {
+    desired.validate()?;
+    cfg.validate()?;
+    for vip in &desired.vips {
+        if igmp_group_for_mac(&vip.mac).is_none() {
+            return Err(DataPlaneError::Unsupported(format!(
+                "VIP {}: MAC {} has no IPv4 multicast group mapping to it, so FreeBSD \
+                 cannot be told to receive it; use a MAC in 01:00:5e:00:00:00-01:00:5e:7f:ff:ff",
+                vip.addr,
+                format_mac(&vip.mac)
+            )));
+        }
+    }
+    let mut vips = desired.vips.clone();
+    vips.sort();
+    let stop_after = desired.lease_remaining.saturating_sub(cfg.stop_margin);
+    let accepting = !stop_after.is_zero() && !vips.is_empty() && !desired.owned.is_empty();
+    let matches = if accepting {
+        owned_matches(cfg, desired)?
+    } else {
+        // Still reject what cannot be expressed, so a config error shows at once.
+        owned_matches(cfg, desired)?;
+        Vec::new()
+    };
+
+    let fresh = installed.is_none();
+    let empty = Installed::default();
+    let old = installed.unwrap_or(&empty);
+    let mut steps = Vec::new();
+    if fresh {
+        steps.extend(initialize(cfg));
+    }
+    if accepting {
+        // First, so the deadline covers everything the plan installs.
+        steps.push(Step::ArmWatchdog { stop_after });
+    }
+
+    let old_addrs: BTreeSet<Ipv4Addr> = old.vips.iter().map(|v| v.addr).collect();
+    let new_addrs: BTreeSet<Ipv4Addr> = vips.iter().map(|v| v.addr).collect();
+    let added: Vec<&VipConfig> = vips.iter().filter(|v| !old_addrs.contains(&v.addr)).collect();
+    let removed: Vec<&VipConfig> = old
+        .vips
+        .iter()
+        .filter(|v| !new_addrs.contains(&v.addr))
+        .collect();
+    // Same address, other interface/MAC/prefix: reconfigured in place.
+    let modified: Vec<(&VipConfig, &VipConfig)> = old
+        .vips
+        .iter()
+        .filter_map(|o| vips.iter().find(|n| n.addr == o.addr && *n != o).map(|n| (o, n)))
+        .collect();
+    let mut union: Vec<VipConfig> = vips.clone();
+    union.extend(removed.iter().map(|v| (*v).clone()));
+    union.sort();
+
+    // Deny for new VIPs before they exist, so no window accepts everything.
+    if fresh || !added.is_empty() {
+        steps.extend(base_swap(cfg, &union));
+    }
+    for (o, n) in &modified {
+        steps.extend(remove_vip(cfg, o));
+        steps.extend(add_vip(cfg, n));
+    }
+    for vip in &added {
+        steps.extend(add_vip(cfg, vip));
+    }
+    let swap_owned = fresh || old.vips != vips || old.owned_matches != matches;
+    if swap_owned {
+        steps.extend(owned_swap(cfg, &vips, &matches));
+    }
+    for vip in &removed {
+        steps.extend(remove_vip(cfg, vip));
+    }
+    if !removed.is_empty() {
+        steps.extend(base_swap(cfg, &vips));
+    }
+    let changed = steps
+        .iter()
+        .any(|s| !matches!(s, Step::ArmWatchdog { .. } | Step::DisarmWatchdog));
+    if accepting && !swap_owned {
+        // Renewal: the watchdog may have disabled the owned set when an earlier
+        // lease ran out; this lease is fresh, so switch it back on (a no-op
+        // otherwise). Comes after the arm, so the new deadline covers it.
+        steps.push(Step::run(ipfw(
+            cfg,
+            &["set".into(), "enable".into(), cfg.owned_set.to_string()],
+        )));
+    }
+    let had_ownership = old.owned_enabled && !old.owned_matches.is_empty();
+    if !accepting && (fresh || had_ownership) {
+        steps.push(Step::DisarmWatchdog);
+    }
+    Ok(Plan {
+        steps,
+        next: Installed {
+            vips,
+            owned_matches: matches,
+            owned_enabled: swap_owned || old.owned_enabled || accepting,
+        },
+        changed,
+        stop_after: accepting.then_some(stop_after),
+    })
+}
+
+/// The command that withdraws all ownership at once: disabling the owned set
+/// (one atomic sockopt). Also what the watchdog runs when the lease expires.
+pub fn withdraw_argv(cfg: &FreeBsdConfig) -> Vec<String> {
+    ipfw(
+        cfg,
+        &["set".into(), "disable".into(), cfg.owned_set.to_string()],
+    )
+}
+
+/// Plans a withdraw: stop accepting new flows now, keep VIPs and the deny.
+pub fn plan_withdraw(cfg: &FreeBsdConfig, installed: Option<&Installed>) -> Plan {
+    let mut steps = vec![
+        Step::Run {
+            argv: withdraw_argv(cfg),
+            may_fail: false,
+        },
+        Step::run_may_fail(ipfw(
+            cfg,
+            &["delete".into(), "set".into(), cfg.owned_set.to_string()],
+        )),
+        Step::DisarmWatchdog,
+    ];
+    if installed.is_none() {
+        // Nothing known to be installed; still make sure nothing is accepted.
+        steps.truncate(1);
+        steps.push(Step::DisarmWatchdog);
+    }
+    let vips = installed.map(|i| i.vips.clone()).unwrap_or_default();
+    Plan {
+        steps,
+        next: Installed {
+            vips,
+            owned_matches: Vec::new(),
+            owned_enabled: false,
+        },
+        changed: true,
+        stop_after: None,
+    }
+}

@@ -1,0 +1,268 @@
+//! The kernel data plane: what every backend (FreeBSD ipfw today, Linux
+//! nftables later) is asked to make true, and the trait it implements.
+//!
+//! # Contract
+//! [`DataPlane::apply`] makes the kernel accept NEW flows to the VIPs exactly for
+//! the source addresses whose bucket is in [`Desired::owned`], and only until the
+//! lease runs out: [`Desired::lease_remaining`] is measured by the caller on its
+//! monotonic clock just before the call, and the backend must arrange that the
+//! kernel stops accepting new flows no later than that, even if the agent
+//! process freezes or dies right after `apply` returns. How well a backend can
+//! keep that promise is reported in [`ApplyReport::lease_enforcement`].
+//!
+//! Established flows are never cut: a host keeps the flows it accepted when it
+//! loses their bucket, and never picks up another host's established flow.
+//!
+//! `apply` is called on every lease renewal (every heartbeat), so a backend must
+//! make the unchanged case cheap (renew the deadline, touch nothing else).
+//!
+//! [`DataPlane::withdraw`] stops accepting new flows now (planned release,
+//! shutdown); the VIP itself stays configured so established flows survive.
+//!
+//! # Planner and executor
+//! Backends turn a [`Desired`] into a plan (a list of steps) with pure code and
+//! hand the plan to one executor, the only code that touches the OS. Golden
+//! tests pin the plans.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+pub use vipshare_core::bucket::{Affinity, BucketFn};
+
+pub mod freebsd;
+
+/// One shared address as this host must configure it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VipConfig {
+    /// The shared IPv4 address.
+    pub addr: Ipv4Addr,
+    /// Prefix length of the alias (normally 32: the host's own address covers
+    /// the subnet).
+    pub prefix_len: u8,
+    /// The cluster's multicast MAC that ARP publishes for `addr`.
+    pub mac: [u8; 6],
+    /// Interface carrying the VIP (e.g. `vtnet0`, `eth0`).
+    pub interface: String,
+}
+
+/// Everything the data plane must make true. Built by the agent from the
+/// controllers' assignment and its lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    /// The VIPs of the cluster (all share one bucket map).
+    pub vips: Vec<VipConfig>,
+    /// Number of buckets B (a power of two).
+    pub bucket_count: u32,
+    /// How a source address maps to a bucket.
+    pub bucket_fn: BucketFn,
+    /// Which part of the source address is the key (see
+    /// [`vipshare_core::bucket::Affinity`]).
+    pub affinity: Affinity,
+    /// jhash seed (ignored by lowbits).
+    pub seed: u32,
+    /// Buckets this host owns (each `< bucket_count`).
+    pub owned: BTreeSet<u32>,
+    /// Time left on the lease, measured on the agent's monotonic clock just
+    /// before `apply`. Zero means "no lease": accept no new flows.
+    pub lease_remaining: Duration,
+}
+
+impl Desired {
+    /// Checks what every backend relies on: a valid bucket configuration, owned
+    /// buckets in range, sane VIP entries without duplicates.
+    pub fn validate(&self) -> Result<(), DataPlaneError> {
+        vipshare_core::bucket::validate(self.bucket_fn, self.affinity, self.bucket_count)
+            .map_err(|e| DataPlaneError::InvalidDesired(e.to_string()))?;
+        if let Some(&b) = self.owned.iter().next_back() {
+            if b >= self.bucket_count {
+                return Err(DataPlaneError::InvalidDesired(format!(
+                    "owned bucket {b} is not below the bucket count {}",
+                    self.bucket_count
+                )));
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for vip in &self.vips {
+            if vip.prefix_len == 0 || vip.prefix_len > 32 {
+                return Err(DataPlaneError::InvalidDesired(format!(
+                    "VIP {}: prefix length {} is not in 1..=32",
+                    vip.addr, vip.prefix_len
+                )));
+            }
+            if vip.interface.is_empty()
+                || !vip
+                    .interface
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-')
+            {
+                return Err(DataPlaneError::InvalidDesired(format!(
+                    "VIP {}: bad interface name {:?}",
+                    vip.addr, vip.interface
+                )));
+            }
+            if vip.mac[0] & 1 == 0 {
+                return Err(DataPlaneError::InvalidDesired(format!(
+                    "VIP {}: MAC {} is not a multicast MAC",
+                    vip.addr,
+                    format_mac(&vip.mac)
+                )));
+            }
+            if !seen.insert(vip.addr) {
+                return Err(DataPlaneError::InvalidDesired(format!(
+                    "VIP {} is listed twice",
+                    vip.addr
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How the backend makes the kernel stop accepting new flows at the end of the
+/// lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseEnforcement {
+    /// The kernel itself expires the ownership (nftables set elements with a
+    /// timeout): holds even if the agent freezes or dies.
+    KernelTimeout,
+    /// A separate watchdog process withdraws the rules (FreeBSD ipfw has no rule
+    /// timeouts): holds if the agent freezes or dies, but not if the watchdog
+    /// itself is frozen (whole-host stall, swap storm).
+    Watchdog,
+}
+
+/// What an `apply` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// The backend's [`DataPlane::name`].
+    pub backend: &'static str,
+    /// Whether anything besides the lease deadline changed in the kernel.
+    pub changed: bool,
+    /// Number of plan steps executed.
+    pub steps: usize,
+    /// Kernel filter rules now matching owned buckets (masks for ipfw, set
+    /// elements for nftables).
+    pub owned_rules: usize,
+    /// When (from the start of `apply`) the kernel stops accepting new flows
+    /// unless renewed; `None` when nothing is accepted.
+    pub stop_after: Option<Duration>,
+    /// How that deadline is enforced.
+    pub lease_enforcement: LeaseEnforcement,
+}
+
+/// Data plane failures.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    /// The desired state is malformed.
+    #[error("invalid desired state: {0}")]
+    InvalidDesired(String),
+    /// The desired state is valid but this backend (as configured) cannot do it.
+    #[error("not supported by this data plane: {0}")]
+    Unsupported(String),
+    /// A command failed; the kernel state is unknown until the next full apply.
+    #[error("`{command}` failed: {detail}")]
+    Command { command: String, detail: String },
+    /// An OS call failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A kernel data plane. Implementations keep what they installed so that
+/// `apply` only changes what differs.
+pub trait DataPlane {
+    /// Makes the kernel match `desired` (see the module docs for the contract).
+    fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DataPlaneError>;
+    /// Stops accepting new flows now; established flows and the VIPs stay.
+    fn withdraw(&mut self) -> Result<(), DataPlaneError>;
+    /// Short backend name for logs and metrics, e.g. `"freebsd-ipfw"`.
+    fn name(&self) -> &'static str;
+}
+
+/// `01:00:5e:0a:0b:0c` form.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    let parts: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+    parts.join(":")
+}
+
+/// The IPv4 multicast group whose Ethernet mapping (RFC 1112) is `mac`, taken in
+/// the administratively scoped 239/8 range; `None` when `mac` is not in
+/// `01:00:5e:00:00:00`-`01:00:5e:7f:ff:ff`. Joining that group makes the NIC
+/// accept frames to `mac` and tells IGMP-snooping switches to forward them.
+pub fn igmp_group_for_mac(mac: &[u8; 6]) -> Option<Ipv4Addr> {
+    if mac[0] == 0x01 && mac[1] == 0x00 && mac[2] == 0x5e && mac[3] & 0x80 == 0 {
+        Some(Ipv4Addr::new(239, mac[3], mac[4], mac[5]))
+    } else {
+        None
+    }
+}
+
+impl fmt::Display for VipConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{} on {} mac {}",
+            self.addr,
+            self.prefix_len,
+            self.interface,
+            format_mac(&self.mac)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired() -> Desired {
+        Desired {
+            vips: vec![VipConfig {
+                addr: Ipv4Addr::new(192, 0, 2, 10),
+                prefix_len: 32,
+                mac: [0x01, 0x00, 0x5e, 0x0a, 0x0b, 0x0c],
+                interface: "vtnet0".into(),
+            }],
+            bucket_count: 256,
+            bucket_fn: BucketFn::Lowbits,
+            affinity: Affinity::Address,
+            seed: 0,
+            owned: (0..8).collect(),
+            lease_remaining: Duration::from_millis(500),
+        }
+    }
+
+    #[test]
+    fn validate_accepts_good_and_rejects_bad() {
+        assert!(desired().validate().is_ok());
+        let mut d = desired();
+        d.owned.insert(256);
+        assert!(d.validate().is_err());
+        let mut d = desired();
+        d.bucket_count = 100;
+        assert!(d.validate().is_err());
+        let mut d = desired();
+        d.vips[0].mac = [0x02, 0, 0, 0, 0, 1];
+        assert!(d.validate().is_err());
+        let mut d = desired();
+        d.vips[0].interface = "em0; rm -rf /".into();
+        assert!(d.validate().is_err());
+        let mut d = desired();
+        d.vips.push(d.vips[0].clone());
+        assert!(d.validate().is_err());
+    }
+
+    #[test]
+    fn group_for_mac() {
+        assert_eq!(
+            igmp_group_for_mac(&[0x01, 0x00, 0x5e, 0x0a, 0x0b, 0x0c]),
+            Some(Ipv4Addr::new(239, 10, 11, 12))
+        );
+        assert_eq!(igmp_group_for_mac(&[0x01, 0x00, 0x5e, 0x80, 0, 1]), None);
+        assert_eq!(igmp_group_for_mac(&[0x03, 0xbf, 0, 0, 0, 1]), None);
+    }
+}

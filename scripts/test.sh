@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The one command that runs every vipshare test: `sudo scripts/test.sh`.
+# Installs what the tests need, checks formatting and lints, builds, runs the unit,
+# property, kernel (network namespace) and multi-process tests, then the simulator.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+  echo "test.sh: the data-plane tests need root (network namespaces, nftables): run sudo $0" >&2
+  exit 1
+fi
+scripts/install-deps.sh
+
+step() { printf '\n==> %s\n' "$*"; }
+SECONDS=0
+step "format";  cargo fmt --all -- --check
+step "lint";    cargo clippy --workspace --all-targets --locked -- -D warnings
+step "build";   cargo build --workspace --bins --locked
+step "test";    cargo test --workspace --locked -- --test-threads=2
+step "simulator: 500 seeds"
+cargo run --release --locked -p vipshare-sim -- --seeds 500
+step "shell scripts"
+mapfile -t scripts < <(git ls-files '*.sh' 'deploy/freebsd/rc.d/*')
+shellcheck "${scripts[@]}"
+step "all tests passed in ${SECONDS}s"

@@ -1,0 +1,153 @@
+//! The fault schedule ("nemesis"), generated up front from the seed.
+//!
+//! The plan fixes *when* each fault happens, what kind it is and how long it lasts.
+//! *Whom* it hits is resolved when it fires ([`Target`]), from the world as it is
+//! then (the current leader, a random follower...), still with the seeded RNG, so a
+//! run is fully determined by its seed.
+//!
+//! Guard rails applied when a fault fires (see `world.rs`): a crash that would take
+//! down a majority of the voters only goes ahead when the plan says
+//! `allow_quorum_loss` (about one crash in eight, and then only briefly); the
+//! controller set stays between 3 and `nodes + 2` voters.
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::network::NetProfile;
+
+/// Who a fault hits, resolved when it fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The current leader (a random node if there is none).
+    Leader,
+    /// A random node that is not the leader.
+    Follower,
+    /// Any node.
+    Any,
+}
+
+/// Direction of an asymmetric partition around one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The node hears nobody, but everybody hears it.
+    Deaf,
+    /// Nobody hears the node, but it hears everybody.
+    Mute,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Power loss: the process dies, unsynced writes are lost; restarts after `down_ms`.
+    Crash {
+        target: Target,
+        down_ms: u64,
+        allow_quorum_loss: bool,
+    },
+    /// The next fsync fails: the node dies in the middle of a Ready round, leaving a
+    /// torn write; restarts after `down_ms`.
+    FsyncFailure { target: Target, down_ms: u64 },
+    /// The process freezes (GC pause, VM migration): no ticks, no messages in or out.
+    Pause { target: Target, pause_ms: u64 },
+    /// One node cut off from everyone, both ways.
+    Isolate { target: Target, duration_ms: u64 },
+    /// One node cut off in one direction only.
+    OneWay {
+        target: Target,
+        direction: Direction,
+        duration_ms: u64,
+    },
+    /// The nodes split into two random groups (possibly neither with a majority).
+    Split { duration_ms: u64 },
+    /// A random pair of nodes where the first can reach the second but not back.
+    OneWayPair { duration_ms: u64 },
+    /// The network turns lossy / slow / reordering for a while.
+    Network {
+        profile: NetProfile,
+        duration_ms: u64,
+    },
+    /// A new controller (fresh id, empty disk) joins through a configuration change.
+    AddController,
+    /// A controller leaves through a configuration change, then is stopped.
+    RemoveController { target: Target },
+}
+
+/// The whole schedule: faults in time order.
+#[derive(Debug, Clone)]
+pub struct FaultPlan {
+    pub faults: Vec<(u64, Fault)>,
+}
+
+impl FaultPlan {
+    /// Faults between 500 ms and `duration_ms`, one every `mean_gap_ms` on average.
+    pub fn generate(rng: &mut ChaCha8Rng, duration_ms: u64, mean_gap_ms: u64) -> Self {
+        let mut faults = Vec::new();
+        let mut t = 500 + rng.gen_range(0..mean_gap_ms);
+        while t < duration_ms {
+            faults.push((t, random_fault(rng)));
+            t += rng.gen_range(mean_gap_ms / 4..mean_gap_ms * 7 / 4);
+        }
+        FaultPlan { faults }
+    }
+}
+
+fn target(rng: &mut ChaCha8Rng) -> Target {
+    match rng.gen_range(0..5) {
+        0 | 1 => Target::Leader,
+        2 => Target::Follower,
+        _ => Target::Any,
+    }
+}
+
+fn random_fault(rng: &mut ChaCha8Rng) -> Fault {
+    // Weights: crash 22, fsync 6, pause 7, isolate 12, one-way 10, split 8,
+    // one-way pair 5, network 14, add 8, remove 8.
+    let roll = rng.gen_range(0..100);
+    match roll {
+        0..=21 => {
+            let allow_quorum_loss = rng.gen_ratio(1, 8);
+            let down_ms = if allow_quorum_loss {
+                rng.gen_range(300..2500)
+            } else {
+                rng.gen_range(200..8000)
+            };
+            Fault::Crash {
+                target: target(rng),
+                down_ms,
+                allow_quorum_loss,
+            }
+        }
+        22..=27 => Fault::FsyncFailure {
+            target: target(rng),
+            down_ms: rng.gen_range(200..5000),
+        },
+        28..=34 => Fault::Pause {
+            target: target(rng),
+            pause_ms: rng.gen_range(200..3000),
+        },
+        35..=46 => Fault::Isolate {
+            target: target(rng),
+            duration_ms: rng.gen_range(500..6000),
+        },
+        47..=56 => Fault::OneWay {
+            target: target(rng),
+            direction: if rng.gen_bool(0.5) {
+                Direction::Deaf
+            } else {
+                Direction::Mute
+            },
+            duration_ms: rng.gen_range(500..6000),
+        },
+        57..=64 => Fault::Split {
+            duration_ms: rng.gen_range(500..5000),
+        },
+        65..=69 => Fault::OneWayPair {
+            duration_ms: rng.gen_range(500..6000),
+        },
+        70..=83 => Fault::Network {
+            profile: NetProfile::random(rng),
+            duration_ms: rng.gen_range(1000..8000),
+        },
+        84..=91 => Fault::AddController,
+        _ => Fault::RemoveController { target: target(rng) },
+    }
+}
