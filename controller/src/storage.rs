@@ -47,8 +47,8 @@ use std::time::Instant;
 
 use raft::eraftpb::{Entry, HardState, Snapshot, SnapshotMetadata};
 use redb::{
-    Builder, Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase,
-    ReadableTable, TableDefinition, TableError,
+    Builder, Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase, ReadableTable,
+    TableDefinition, TableError,
 };
 use vipshare_core::storage::{Durable, DurableError, Recovered};
 
@@ -301,7 +301,11 @@ impl DiskLog {
         }
     }
 
-    fn encode<M: protobuf::Message>(&self, what: &'static str, m: &M) -> Result<Vec<u8>, StorageError> {
+    fn encode<M: protobuf::Message>(
+        &self,
+        what: &'static str,
+        m: &M,
+    ) -> Result<Vec<u8>, StorageError> {
         m.write_to_bytes().map_err(|e| StorageError::Encode {
             path: self.path.clone(),
             what,
@@ -377,8 +381,8 @@ impl DiskLog {
                         snapshot
                             .insert(SNAP_DATA, data.as_slice())
                             .map_err(|e| write(e.into()))?;
-                        bytes += (SNAP_META.len() + meta.len() + SNAP_DATA.len() + data.len())
-                            as u64;
+                        bytes +=
+                            (SNAP_META.len() + meta.len() + SNAP_DATA.len() + data.len()) as u64;
                         if *compact {
                             let index = snap.get_metadata().index;
                             entries
@@ -405,10 +409,7 @@ impl Durable for DiskLog {
         let mut records = Vec::with_capacity(entries.len());
         for e in entries {
             let payload = self.encode("entry", e)?;
-            records.push((
-                e.index,
-                seal(T_ENTRIES, &e.index.to_be_bytes(), &payload),
-            ));
+            records.push((e.index, seal(T_ENTRIES, &e.index.to_be_bytes(), &payload)));
         }
         self.pending.push(Op::Append {
             first: head.index,
@@ -668,15 +669,22 @@ fn load(txn: &ReadTransaction, path: &Path, id: &StoreIdentity) -> Result<Recove
     let read_err = |table: &'static str| move |e: redb::StorageError| damaged(table, e.into());
 
     // meta
-    let meta = txn
-        .open_table(META)
-        .map_err(|e| open_err(T_META, e))?;
+    let meta = txn.open_table(META).map_err(|e| open_err(T_META, e))?;
     let meta_get = |key: &str| -> Result<Vec<u8>, StorageError> {
-        let guard = meta.get(key).map_err(read_err(T_META))?.ok_or_else(|| StorageError::MissingMeta {
-            path: path.to_path_buf(),
-            what: format!("`{key}` in table `meta`"),
-        })?;
-        let payload = unseal(path, T_META, key.as_bytes(), &format!("{key:?}"), guard.value())?;
+        let guard =
+            meta.get(key)
+                .map_err(read_err(T_META))?
+                .ok_or_else(|| StorageError::MissingMeta {
+                    path: path.to_path_buf(),
+                    what: format!("`{key}` in table `meta`"),
+                })?;
+        let payload = unseal(
+            path,
+            T_META,
+            key.as_bytes(),
+            &format!("{key:?}"),
+            guard.value(),
+        )?;
         Ok(payload.to_vec())
     };
     let version = meta_get(META_FORMAT)?;
@@ -960,7 +968,7 @@ fn contain<T>(
                 .unwrap_or_else(|| "unknown panic".to_string());
             Err(StorageError::Corrupt {
                 path: path.to_path_buf(),
-                detail: format!("redb panicked while {what}: {message}"),
+                detail: format!("redb panicked while {what}: {}", message.replace('\n', " ")),
             })
         }
     }
@@ -1061,6 +1069,13 @@ mod tests {
     }
 
     #[test]
+    fn disk_log_can_move_to_another_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<DiskLog>();
+        assert_send::<RaftStorage<DiskLog>>();
+    }
+
+    #[test]
     fn fresh_open_then_reopen_returns_what_was_synced() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("data");
@@ -1085,7 +1100,10 @@ mod tests {
         assert!(!log.is_fresh());
         assert_eq!(rec.hard_state, hs);
         assert_eq!(rec.snapshot, snap);
-        assert_eq!(rec.snapshot.get_metadata().get_conf_state().voters, vec![1, 2, 3]);
+        assert_eq!(
+            rec.snapshot.get_metadata().get_conf_state().voters,
+            vec![1, 2, 3]
+        );
         assert_eq!(&rec.snapshot.data[..], b"initial state");
         assert_eq!(rec.entries, ents);
 
@@ -1097,7 +1115,10 @@ mod tests {
         drop(log);
         let (_, rec) = open(&dir);
         assert_eq!(rec.snapshot, big);
-        assert_eq!(rec.snapshot.get_metadata().get_conf_state().learners, vec![4]);
+        assert_eq!(
+            rec.snapshot.get_metadata().get_conf_state().learners,
+            vec![4]
+        );
         assert!(rec.entries.is_empty());
     }
 
@@ -1108,7 +1129,8 @@ mod tests {
         let (mut log, _) = open(tmp.path());
         log.append(&entries(6..=8, 3)).unwrap();
         log.set_hard_state(&hard_state(3, 2, 7)).unwrap();
-        log.compact(&snapshot(4, 2, &[1, 2, 3], &[], b"later")).unwrap();
+        log.compact(&snapshot(4, 2, &[1, 2, 3], &[], b"later"))
+            .unwrap();
         assert_eq!(log.pending_ops(), 3);
         drop(log);
         let (_, rec) = open(tmp.path());
@@ -1127,7 +1149,11 @@ mod tests {
         for _ in 0..3 {
             log.sync().unwrap();
         }
-        assert_eq!(fs::read(&path).unwrap(), before, "an empty sync wrote to the file");
+        assert_eq!(
+            fs::read(&path).unwrap(),
+            before,
+            "an empty sync wrote to the file"
+        );
     }
 
     #[test]
@@ -1201,7 +1227,9 @@ mod tests {
         storage.append(&entries(2..=6, 2)).unwrap();
         storage.set_hard_state(&hard_state(2, 1, 6)).unwrap();
         storage.sync().unwrap();
-        storage.compact(&snapshot(4, 2, &[1, 2, 3], &[], b"s4")).unwrap();
+        storage
+            .compact(&snapshot(4, 2, &[1, 2, 3], &[], b"s4"))
+            .unwrap();
         storage.sync().unwrap();
         drop(storage);
         let (log, rec) = open(tmp.path());
@@ -1244,9 +1272,22 @@ mod tests {
             node_id: 2,
         };
         let err = open_err(tmp.path(), &other);
-        assert!(matches!(err, StorageError::ForeignNode { found: 1, expected: 2, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                StorageError::ForeignNode {
+                    found: 1,
+                    expected: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let msg = DurableError::from(err).to_string();
-        assert!(msg.contains(&tmp.path().join(DB_FILE).display().to_string()), "{msg}");
+        assert!(
+            msg.contains(&tmp.path().join(DB_FILE).display().to_string()),
+            "{msg}"
+        );
         assert!(msg.contains("node id"), "{msg}");
     }
 
@@ -1266,7 +1307,10 @@ mod tests {
         fs::write(&path, &garbage).unwrap();
         let err = open_err(tmp.path(), &id());
         assert!(matches!(err, StorageError::NotADatabase { .. }), "{err}");
-        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
         assert_eq!(fs::read(&path).unwrap(), garbage);
     }
 
@@ -1291,8 +1335,15 @@ mod tests {
             ),
             "{err}"
         );
-        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
-        assert_eq!(fs::read(&path).unwrap(), before, "the refused file was modified");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+        assert_eq!(
+            fs::read(&path).unwrap(),
+            before,
+            "the refused file was modified"
+        );
         // Refusing again gives the same answer: nothing was reset.
         let again = open_err(tmp.path(), &id());
         assert_eq!(again.to_string(), err.to_string());
@@ -1326,9 +1377,16 @@ mod tests {
             "{err}"
         );
         let msg = err.to_string();
-        assert!(msg.contains("CRC mismatch in table `entries` key 6"), "{msg}");
+        assert!(
+            msg.contains("CRC mismatch in table `entries` key 6"),
+            "{msg}"
+        );
         assert!(msg.contains(&path.display().to_string()), "{msg}");
-        assert_eq!(fs::read(&path).unwrap(), bytes, "the refused file was modified");
+        assert_eq!(
+            fs::read(&path).unwrap(),
+            bytes,
+            "the refused file was modified"
+        );
     }
 
     #[test]
@@ -1358,7 +1416,10 @@ mod tests {
         });
         let err = open_err(tmp.path(), &id());
         assert!(matches!(err, StorageError::Inconsistent { .. }), "{err}");
-        assert!(err.to_string().contains("expected index 3, found 4"), "{err}");
+        assert!(
+            err.to_string().contains("expected index 3, found 4"),
+            "{err}"
+        );
 
         let tmp = tempfile::tempdir().unwrap();
         synced_store(tmp.path());
@@ -1368,7 +1429,10 @@ mod tests {
         });
         let err = open_err(tmp.path(), &id());
         assert!(matches!(err, StorageError::Inconsistent { .. }), "{err}");
-        assert!(err.to_string().contains("snapshot ends at index 1"), "{err}");
+        assert!(
+            err.to_string().contains("snapshot ends at index 1"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1385,7 +1449,10 @@ mod tests {
         });
         let err = open_err(tmp.path(), &id());
         assert!(matches!(err, StorageError::UnknownFormat { .. }), "{err}");
-        assert!(err.to_string().contains("unknown format version 99"), "{err}");
+        assert!(
+            err.to_string().contains("unknown format version 99"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1405,7 +1472,10 @@ mod tests {
         fs::write(tmp.path().join("notes.txt"), b"not a raft log").unwrap();
         fs::create_dir(tmp.path().join("certs")).unwrap();
         let err = open_err(tmp.path(), &id());
-        assert!(matches!(err, StorageError::ForeignDirectory { .. }), "{err}");
+        assert!(
+            matches!(err, StorageError::ForeignDirectory { .. }),
+            "{err}"
+        );
         let msg = err.to_string();
         assert!(msg.contains("notes.txt") && msg.contains("certs"), "{msg}");
         assert!(msg.contains(&tmp.path().display().to_string()), "{msg}");
@@ -1433,7 +1503,10 @@ mod tests {
         assert!(matches!(err, StorageError::Locked { .. }), "{err}");
         let msg = err.to_string();
         assert!(msg.contains("already in use"), "{msg}");
-        assert!(msg.contains(&tmp.path().join(DB_FILE).display().to_string()), "{msg}");
+        assert!(
+            msg.contains(&tmp.path().join(DB_FILE).display().to_string()),
+            "{msg}"
+        );
         drop(first);
         open(tmp.path());
     }
@@ -1448,7 +1521,8 @@ mod tests {
             return;
         };
         let (mut log, _) = open(Path::new(&dir));
-        log.install_snapshot(&bootstrap_snapshot(&[1], b"s".to_vec())).unwrap();
+        log.install_snapshot(&bootstrap_snapshot(&[1], b"s".to_vec()))
+            .unwrap();
         log.append(&entries(2..=4, 1)).unwrap();
         log.set_hard_state(&hard_state(1, 1, 3)).unwrap();
         log.sync().unwrap();
@@ -1485,7 +1559,9 @@ mod tests {
         assert_eq!(rec.hard_state, hard_state(1, 1, 3));
         drop(log);
         // And it was closed cleanly this time.
-        assert!(Builder::new().open_read_only(tmp.path().join(DB_FILE)).is_ok());
+        assert!(Builder::new()
+            .open_read_only(tmp.path().join(DB_FILE))
+            .is_ok());
     }
 
     /// Damages one random byte (or zeroes one random 4 KiB page) of a store, many times: every
@@ -1592,7 +1668,8 @@ mod tests {
             }
             samples.sort_by(f64::total_cmp);
             let mean = samples.iter().sum::<f64>() / samples.len() as f64;
-            let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+            let pct =
+                |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
             println!(
                 "sync of one 200-byte entry, 500 syncs, two-phase commit {two_phase}: \
                  mean {mean:.3} ms, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms (dir {})",

@@ -149,6 +149,11 @@ impl SimDisk {
         self.fail_next_sync = true;
     }
 
+    /// Cancel an armed [`SimDisk::fail_next_sync`].
+    pub fn disarm(&mut self) {
+        self.fail_next_sync = false;
+    }
+
     /// Lowest index appended since the last call (for the log-matching checker).
     pub fn take_dirty_from(&mut self) -> Option<u64> {
         self.dirty_from.take()

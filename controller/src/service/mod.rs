@@ -111,6 +111,7 @@ where
                 .map(tonic::Code::from);
             if let Some(
                 code @ (tonic::Code::ResourceExhausted
+                | tonic::Code::OutOfRange
                 | tonic::Code::InvalidArgument
                 | tonic::Code::Unimplemented
                 | tonic::Code::Internal

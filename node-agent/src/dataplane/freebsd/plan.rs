@@ -84,7 +84,12 @@ impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Step::Run { argv, may_fail } => {
-                write!(f, "{} {}", if *may_fail { "run?" } else { "run " }, argv.join(" "))
+                write!(
+                    f,
+                    "{} {}",
+                    if *may_fail { "run?" } else { "run " },
+                    argv.join(" ")
+                )
             }
             Step::JoinGroup {
                 group,
@@ -216,8 +221,19 @@ fn base_swap(cfg: &FreeBsdConfig, vips: &[VipConfig]) -> Vec<Step> {
         steps.push(Step::run(ipfw(
             cfg,
             &[
-                "add", &r.to_string(), "set", &stage, "skipto", &end, "tcp", "from", "any", "to",
-                &to, "in", "established",
+                "add",
+                &r.to_string(),
+                "set",
+                &stage,
+                "skipto",
+                &end,
+                "tcp",
+                "from",
+                "any",
+                "to",
+                &to,
+                "in",
+                "established",
             ]
             .map(String::from),
         )));
@@ -241,7 +257,12 @@ fn base_swap(cfg: &FreeBsdConfig, vips: &[VipConfig]) -> Vec<Step> {
     }
     steps.push(Step::run(ipfw(
         cfg,
-        &["set".into(), "swap".into(), stage.clone(), cfg.base_set.to_string()],
+        &[
+            "set".into(),
+            "swap".into(),
+            stage.clone(),
+            cfg.base_set.to_string(),
+        ],
     )));
     steps.push(Step::run_may_fail(ipfw(
         cfg,
@@ -284,7 +305,12 @@ fn owned_swap(cfg: &FreeBsdConfig, vips: &[VipConfig], matches: &[(u32, u32)]) -
     }
     steps.push(Step::run(ipfw(
         cfg,
-        &["set".into(), "swap".into(), stage.clone(), cfg.owned_set.to_string()],
+        &[
+            "set".into(),
+            "swap".into(),
+            stage.clone(),
+            cfg.owned_set.to_string(),
+        ],
     )));
     steps.push(Step::run(ipfw(
         cfg,
@@ -422,7 +448,10 @@ pub fn plan_apply(
 
     let old_addrs: BTreeSet<Ipv4Addr> = old.vips.iter().map(|v| v.addr).collect();
     let new_addrs: BTreeSet<Ipv4Addr> = vips.iter().map(|v| v.addr).collect();
-    let added: Vec<&VipConfig> = vips.iter().filter(|v| !old_addrs.contains(&v.addr)).collect();
+    let added: Vec<&VipConfig> = vips
+        .iter()
+        .filter(|v| !old_addrs.contains(&v.addr))
+        .collect();
     let removed: Vec<&VipConfig> = old
         .vips
         .iter()
@@ -432,7 +461,11 @@ pub fn plan_apply(
     let modified: Vec<(&VipConfig, &VipConfig)> = old
         .vips
         .iter()
-        .filter_map(|o| vips.iter().find(|n| n.addr == o.addr && *n != o).map(|n| (o, n)))
+        .filter_map(|o| {
+            vips.iter()
+                .find(|n| n.addr == o.addr && *n != o)
+                .map(|n| (o, n))
+        })
         .collect();
     let mut union: Vec<VipConfig> = vips.clone();
     union.extend(removed.iter().map(|v| (*v).clone()));

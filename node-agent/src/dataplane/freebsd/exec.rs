@@ -1,0 +1,120 @@
+//! The executor: the only code of the FreeBSD backend that touches the OS.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::process::Command;
+use std::time::Instant;
+
+use super::plan::Step;
+use super::watchdog::WatchdogLink;
+use crate::dataplane::DataPlaneError;
+
+/// Runs plan steps. `started` is when the apply began: deadlines in steps are
+/// relative to it.
+pub trait Executor {
+    fn execute(&mut self, step: &Step, started: Instant) -> Result<(), DataPlaneError>;
+}
+
+/// Runs commands with `std::process::Command`, holds one UDP socket per joined
+/// multicast group (membership lasts while the socket is open: if the agent
+/// dies, the host leaves the group, and switches stop sending it the VIP's
+/// frames), and forwards watchdog steps to a [`WatchdogLink`].
+pub struct OsExecutor<W: WatchdogLink> {
+    groups: HashMap<(Ipv4Addr, Ipv4Addr, String), UdpSocket>,
+    watchdog: W,
+}
+
+impl<W: WatchdogLink> OsExecutor<W> {
+    pub fn new(watchdog: W) -> Self {
+        OsExecutor {
+            groups: HashMap::new(),
+            watchdog,
+        }
+    }
+}
+
+fn run_command(argv: &[String], may_fail: bool) -> Result<(), DataPlaneError> {
+    let (program, args) = argv.split_first().ok_or_else(|| DataPlaneError::Command {
+        command: String::new(),
+        detail: "empty command".into(),
+    })?;
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| DataPlaneError::Io {
+            context: format!("running {program}"),
+            source,
+        })?;
+    if output.status.success() || may_fail {
+        Ok(())
+    } else {
+        Err(DataPlaneError::Command {
+            command: argv.join(" "),
+            detail: format!(
+                "{}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        })
+    }
+}
+
+impl<W: WatchdogLink> Executor for OsExecutor<W> {
+    fn execute(&mut self, step: &Step, started: Instant) -> Result<(), DataPlaneError> {
+        match step {
+            Step::Run { argv, may_fail } => run_command(argv, *may_fail),
+            Step::JoinGroup {
+                group,
+                via,
+                interface,
+            } => {
+                let key = (*group, *via, interface.clone());
+                if self.groups.contains_key(&key) {
+                    return Ok(());
+                }
+                let io = |context: String| move |source| DataPlaneError::Io { context, source };
+                let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+                    .map_err(io("binding a socket for IGMP membership".into()))?;
+                sock.join_multicast_v4(group, via)
+                    .map_err(io(format!("joining {group} via {via} on {interface}")))?;
+                self.groups.insert(key, sock);
+                Ok(())
+            }
+            Step::LeaveGroup {
+                group,
+                via,
+                interface,
+            } => {
+                // Closing the socket leaves the group.
+                self.groups.remove(&(*group, *via, interface.clone()));
+                Ok(())
+            }
+            Step::ArmWatchdog { stop_after } => self
+                .watchdog
+                .arm(stop_after.saturating_sub(started.elapsed())),
+            Step::DisarmWatchdog => self.watchdog.disarm(),
+        }
+    }
+}
+
+/// An executor that only records the steps (tests, dry runs).
+#[derive(Debug, Default)]
+pub struct RecordingExecutor {
+    pub steps: Vec<Step>,
+    /// Fail the step with this index (0-based over all steps ever executed).
+    pub fail_at: Option<usize>,
+}
+
+impl Executor for RecordingExecutor {
+    fn execute(&mut self, step: &Step, _started: Instant) -> Result<(), DataPlaneError> {
+        let index = self.steps.len();
+        self.steps.push(step.clone());
+        if self.fail_at == Some(index) {
+            return Err(DataPlaneError::Command {
+                command: step.to_string(),
+                detail: "injected failure".into(),
+            });
+        }
+        Ok(())
+    }
+}

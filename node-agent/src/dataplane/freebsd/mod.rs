@@ -1,0 +1,195 @@
+//! FreeBSD data plane: ipfw mask rules over low-bits buckets, the VIP as a
+//! CARP-INIT alias, a published multicast ARP entry, IGMP membership, and a
+//! watchdog process for the lease.
+//!
+//! # Per VIP
+//! - `ifconfig IF vhid N advskew 254` and `ifconfig IF inet VIP/32 alias vhid N`
+//!   with `net.inet.carp.allow=0`: CARP stays in INIT, so the address is local
+//!   (in the address hash: IP delivers to it) but exempt from ARP conflict
+//!   defence and gratuitous ARP, and no permanent ARP entry with the card's MAC
+//!   is installed (see kernel-patches/README.md for why this recipe replaces a
+//!   new address flag).
+//! - `arp -S VIP MCAST_MAC pub`: ARP requests for the VIP are answered with the
+//!   cluster's multicast MAC.
+//! - membership of the 239/8 group that maps to the MAC (a socket held by the
+//!   executor), so the NIC's filter and IGMP-snooping switches pass the frames.
+//! - a kernel with kernel-patches/0001 and `net.inet.tcp.accept_l2mcast=1`, or
+//!   TCP drops every SYN that arrived in a multicast frame.
+//!
+//! # Buckets
+//! Only [`BucketFn::Lowbits`](crate::dataplane::BucketFn) (ipfw matches
+//! `addr:mask`, [`masks`]); the rule layout is described in [`plan`].
+//!
+//! # Lease enforcement (the limit, next to Linux)
+//! Linux writes the owned buckets as nftables set elements with a `timeout`, so
+//! the kernel itself stops accepting new flows when the lease ends, even if the
+//! agent is frozen or killed. ipfw rules have no timeout. Here a separate
+//! watchdog process ([`watchdog`]) is armed on every apply and runs
+//! `ipfw set disable <owned set>` (one atomic operation) at the deadline unless
+//! re-armed. That covers a frozen or dead agent; it does not cover a stall of
+//! the whole host (the watchdog freezes too) or a killed watchdog, and the
+//! watchdog's own scheduling latency counts against `stop_margin`.
+//! [`DataPlane::apply`] reports this as [`LeaseEnforcement::Watchdog`].
+
+pub mod exec;
+pub mod masks;
+pub mod plan;
+pub mod watchdog;
+
+use std::time::{Duration, Instant};
+
+use crate::dataplane::{ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnforcement};
+pub use exec::{Executor, OsExecutor};
+pub use plan::{plan_apply, plan_withdraw, Installed, Plan, Step};
+
+/// Settings of the FreeBSD backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreeBsdConfig {
+    /// First ipfw rule number vipshare uses; it uses `rule_base..rule_base+1000`
+    /// and skips to `rule_base + 1000`, where the administrator's rules go on.
+    pub rule_base: u32,
+    /// ipfw set holding the owned-bucket rules (enabled).
+    pub owned_set: u8,
+    /// Disabled ipfw set where new owned rules are built before the swap.
+    pub owned_staging_set: u8,
+    /// ipfw set holding the established-skip and deny rules (enabled).
+    pub base_set: u8,
+    /// Disabled ipfw set where new base rules are built before the swap.
+    pub base_staging_set: u8,
+    /// CARP vhid the VIP aliases are attached to (kept in INIT).
+    pub carp_vhid: u8,
+    /// Whether the kernel has an ipfw source-jhash option. No such patch exists
+    /// yet, so `true` only changes the error message for jhash.
+    pub ipfw_jhash: bool,
+    /// How much earlier than the lease end the watchdog withdraws (the `delta`
+    /// of leases.md: watchdog wake-up latency plus the ipfw call).
+    pub stop_margin: Duration,
+    /// Paths of the tools (absolute on a real host).
+    pub ipfw: String,
+    pub ifconfig: String,
+    pub arp: String,
+    pub sysctl: String,
+}
+
+impl Default for FreeBsdConfig {
+    fn default() -> Self {
+        FreeBsdConfig {
+            rule_base: 10000,
+            owned_set: 3,
+            owned_staging_set: 4,
+            base_set: 5,
+            base_staging_set: 6,
+            carp_vhid: 200,
+            ipfw_jhash: false,
+            stop_margin: Duration::from_millis(50),
+            ipfw: "/sbin/ipfw".into(),
+            ifconfig: "/sbin/ifconfig".into(),
+            arp: "/usr/sbin/arp".into(),
+            sysctl: "/sbin/sysctl".into(),
+        }
+    }
+}
+
+impl FreeBsdConfig {
+    /// Checks rule numbers and sets.
+    pub fn validate(&self) -> Result<(), DataPlaneError> {
+        let bad = |m: String| Err(DataPlaneError::InvalidDesired(m));
+        if self.rule_base == 0 || self.rule_base + plan::END_OFFSET > 65534 {
+            return bad(format!(
+                "rule_base {} leaves no room below ipfw's default rule 65535",
+                self.rule_base
+            ));
+        }
+        let sets = [
+            self.owned_set,
+            self.owned_staging_set,
+            self.base_set,
+            self.base_staging_set,
+        ];
+        for (i, s) in sets.iter().enumerate() {
+            if *s > 30 {
+                return bad(format!("ipfw set {s} is not in 0..=30"));
+            }
+            if sets[..i].contains(s) {
+                return bad(format!("ipfw set {s} is used twice"));
+            }
+        }
+        if self.carp_vhid == 0 {
+            return bad("carp_vhid must be in 1..=255".into());
+        }
+        Ok(())
+    }
+}
+
+/// The FreeBSD backend: plans with [`plan`] and runs plans with one
+/// [`Executor`].
+pub struct FreeBsdDataPlane<E: Executor> {
+    cfg: FreeBsdConfig,
+    exec: E,
+    installed: Option<Installed>,
+}
+
+impl<E: Executor> FreeBsdDataPlane<E> {
+    pub fn new(cfg: FreeBsdConfig, exec: E) -> Self {
+        FreeBsdDataPlane {
+            cfg,
+            exec,
+            installed: None,
+        }
+    }
+
+    pub fn config(&self) -> &FreeBsdConfig {
+        &self.cfg
+    }
+
+    /// What the backend believes is installed (`None` until the first
+    /// successful apply and after a failure).
+    pub fn installed(&self) -> Option<&Installed> {
+        self.installed.as_ref()
+    }
+
+    pub fn executor(&self) -> &E {
+        &self.exec
+    }
+
+    fn run(&mut self, plan: &Plan, started: Instant) -> Result<(), DataPlaneError> {
+        for step in &plan.steps {
+            if let Err(e) = self.exec.execute(step, started) {
+                // Unknown kernel state: the next apply rebuilds everything.
+                self.installed = None;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<E: Executor> DataPlane for FreeBsdDataPlane<E> {
+    fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DataPlaneError> {
+        let started = Instant::now();
+        let plan = plan_apply(&self.cfg, self.installed.as_ref(), desired)?;
+        self.run(&plan, started)?;
+        let report = ApplyReport {
+            backend: self.name(),
+            changed: plan.changed,
+            steps: plan.steps.len(),
+            owned_rules: plan.next.owned_matches.len(),
+            stop_after: plan.stop_after,
+            lease_enforcement: LeaseEnforcement::Watchdog,
+        };
+        self.installed = Some(plan.next);
+        Ok(report)
+    }
+
+    fn withdraw(&mut self) -> Result<(), DataPlaneError> {
+        let plan = plan_withdraw(&self.cfg, self.installed.as_ref());
+        let known = self.installed.is_some();
+        self.run(&plan, Instant::now())?;
+        self.installed = known.then_some(plan.next);
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "freebsd-ipfw"
+    }
+}

@@ -1,0 +1,261 @@
+//! Golden tests of the FreeBSD backend's plans for assignment changes.
+//!
+//! Each scenario renders the plans of a sequence of applies (one step per
+//! line) and compares them with `tests/golden/<name>.txt`. To accept changed
+//! plans after review: `UPDATE_GOLDEN=1 cargo test -p vipshare-agent --test
+//! freebsd_plans`, then read the diff.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vipshare_agent::dataplane::freebsd::exec::RecordingExecutor;
+use vipshare_agent::dataplane::freebsd::plan::{owned_matches, plan_apply, plan_withdraw};
+use vipshare_agent::dataplane::freebsd::{FreeBsdConfig, FreeBsdDataPlane, Installed, Step};
+use vipshare_agent::dataplane::{
+    Affinity, BucketFn, DataPlane, DataPlaneError, Desired, LeaseEnforcement, VipConfig,
+};
+use vipshare_core::bucket::bucket_of;
+
+fn vip(last: u8, mac_last: u8) -> VipConfig {
+    VipConfig {
+        addr: Ipv4Addr::new(192, 0, 2, last),
+        prefix_len: 32,
+        mac: [0x01, 0x00, 0x5e, 0x56, 0x53, mac_last],
+        interface: "vtnet0".into(),
+    }
+}
+
+fn desired(owned: impl IntoIterator<Item = u32>) -> Desired {
+    Desired {
+        vips: vec![vip(10, 1)],
+        bucket_count: 256,
+        bucket_fn: BucketFn::Lowbits,
+        affinity: Affinity::Address,
+        seed: 0,
+        owned: owned.into_iter().collect(),
+        lease_remaining: Duration::from_millis(500),
+    }
+}
+
+fn cfg() -> FreeBsdConfig {
+    FreeBsdConfig {
+        ipfw: "ipfw".into(),
+        ifconfig: "ifconfig".into(),
+        arp: "arp".into(),
+        sysctl: "sysctl".into(),
+        ..FreeBsdConfig::default()
+    }
+}
+
+/// Plans `steps` in order from a fresh agent and renders all of them.
+fn render(steps: &[(&str, Desired)]) -> String {
+    let cfg = cfg();
+    let mut installed: Option<Installed> = None;
+    let mut out = String::new();
+    for (title, d) in steps {
+        let plan = plan_apply(&cfg, installed.as_ref(), d).expect("plan");
+        out.push_str(&format!(
+            "# {title} (changed: {}, stop after: {:?})\n",
+            plan.changed, plan.stop_after
+        ));
+        out.push_str(&plan.render());
+        out.push('\n');
+        installed = Some(plan.next);
+    }
+    out
+}
+
+fn golden(name: &str, actual: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("{name}.txt"));
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).expect("write golden");
+        return;
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1)", path.display()));
+    if expected != actual {
+        panic!(
+            "plan differs from {}:\n--- expected\n{expected}\n--- actual\n{actual}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn golden_start_renew_and_reassign() {
+    let out = render(&[
+        ("start: own the aligned block 64..128", desired(64..128)),
+        ("renew: same assignment", desired(64..128)),
+        ("reassign: every 4th bucket", desired((0..256).step_by(4))),
+        (
+            "gain a block: every 4th plus 128..192",
+            desired((0..256).step_by(4).chain(128..192)),
+        ),
+        ("lose everything", desired([])),
+        ("own again: 0..85", desired(0..85)),
+    ]);
+    golden("start_renew_reassign", &out);
+}
+
+#[test]
+fn golden_vip_changes() {
+    let mut two = desired(0..128);
+    two.vips.push(vip(11, 2));
+    let mut moved = two.clone();
+    moved.vips[1].interface = "vtnet1".into();
+    let out = render(&[
+        ("start with one VIP", desired(0..128)),
+        ("add a second VIP", two.clone()),
+        ("move the second VIP to another interface", moved),
+        ("drop the first VIP", {
+            let mut d = two.clone();
+            d.vips.remove(0);
+            d
+        }),
+    ]);
+    golden("vip_changes", &out);
+}
+
+#[test]
+fn golden_lease_expiry_and_withdraw() {
+    let cfg = cfg();
+    let mut out = String::new();
+    let p1 = plan_apply(&cfg, None, &desired(0..64)).unwrap();
+    out.push_str("# start\n");
+    out.push_str(&p1.render());
+    let mut expired = desired(0..64);
+    expired.lease_remaining = Duration::from_millis(40); // below the 50 ms margin
+    let p2 = plan_apply(&cfg, Some(&p1.next), &expired).unwrap();
+    out.push_str("\n# lease nearly gone: accept nothing\n");
+    out.push_str(&p2.render());
+    let p3 = plan_apply(&cfg, Some(&p2.next), &desired(0..64)).unwrap();
+    out.push_str("\n# fresh lease again\n");
+    out.push_str(&p3.render());
+    let w = plan_withdraw(&cfg, Some(&p3.next));
+    out.push_str("\n# withdraw\n");
+    out.push_str(&w.render());
+    let p4 = plan_apply(&cfg, Some(&w.next), &desired(0..64)).unwrap();
+    out.push_str("\n# apply after withdraw\n");
+    out.push_str(&p4.render());
+    golden("lease_and_withdraw", &out);
+}
+
+#[test]
+fn golden_wide_buckets_and_network24() {
+    let mut wide = desired(512..768);
+    wide.bucket_count = 1024;
+    let mut net24 = desired((0..256).step_by(2));
+    net24.affinity = Affinity::Network24;
+    let cfg = cfg();
+    let mut out = String::from("# 1024 buckets, own 512..768\n");
+    out.push_str(&plan_apply(&cfg, None, &wide).unwrap().render());
+    out.push_str("\n# network24 affinity, even /24s\n");
+    out.push_str(&plan_apply(&cfg, None, &net24).unwrap().render());
+    golden("wide_and_network24", &out);
+}
+
+/// The rules' matches accept exactly the addresses whose bucket (by the core's
+/// model) is owned.
+#[test]
+fn matches_agree_with_core_bucket_model() {
+    let cfg = cfg();
+    for (affinity, count, owned) in [
+        (
+            Affinity::Address,
+            256u32,
+            (0..256).filter(|b| b % 3 == 1).collect::<BTreeSet<u32>>(),
+        ),
+        (Affinity::Address, 1024, (100..700).collect()),
+        (Affinity::Network24, 64, (0..64).step_by(5).collect()),
+    ] {
+        let mut d = desired([]);
+        d.affinity = affinity;
+        d.bucket_count = count;
+        d.owned = owned;
+        let m = owned_matches(&cfg, &d).unwrap();
+        let mut x: u32 = 0x1234_5678;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let addr = Ipv4Addr::from(x);
+            let bucket =
+                bucket_of(BucketFn::Lowbits, affinity, count, 0, addr.into(), None).unwrap();
+            let hit = m.iter().any(|&(v, mask)| x & mask == v);
+            assert_eq!(hit, d.owned.contains(&bucket), "{addr} bucket {bucket}");
+        }
+    }
+}
+
+#[test]
+fn rejects_what_ipfw_cannot_do() {
+    let cfg = cfg();
+    let mut jhash = desired(0..8);
+    jhash.bucket_fn = BucketFn::Jhash;
+    assert!(matches!(
+        plan_apply(&cfg, None, &jhash),
+        Err(DataPlaneError::Unsupported(_))
+    ));
+    let with_flag = FreeBsdConfig {
+        ipfw_jhash: true,
+        ..cfg.clone()
+    };
+    let err = plan_apply(&with_flag, None, &jhash)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("kernel patch"), "{err}");
+    let mut odd_mac = desired(0..8);
+    odd_mac.vips[0].mac = [0x03, 0xbf, 0, 0, 0, 1];
+    assert!(matches!(
+        plan_apply(&cfg, None, &odd_mac),
+        Err(DataPlaneError::Unsupported(_))
+    ));
+    let bad_sets = FreeBsdConfig {
+        owned_staging_set: 3,
+        ..cfg.clone()
+    };
+    assert!(plan_apply(&bad_sets, None, &desired(0..8)).is_err());
+}
+
+#[test]
+fn dataplane_runs_plans_and_recovers_from_failure() {
+    let mut dp = FreeBsdDataPlane::new(cfg(), RecordingExecutor::default());
+    assert_eq!(dp.name(), "freebsd-ipfw");
+    let r = dp.apply(&desired(64..128)).unwrap();
+    assert!(r.changed);
+    assert_eq!(r.owned_rules, 1);
+    assert_eq!(r.lease_enforcement, LeaseEnforcement::Watchdog);
+    assert_eq!(r.stop_after, Some(Duration::from_millis(450)));
+    let first = dp.executor().steps.len();
+    // Renewal: arm + re-enable only.
+    let r = dp.apply(&desired(64..128)).unwrap();
+    assert!(!r.changed);
+    assert_eq!(dp.executor().steps.len() - first, 2);
+    assert!(matches!(
+        dp.executor().steps[first],
+        Step::ArmWatchdog { .. }
+    ));
+
+    // A failing step leaves the state unknown; the next apply starts over.
+    let mut dp = FreeBsdDataPlane::new(
+        cfg(),
+        RecordingExecutor {
+            fail_at: Some(6),
+            ..Default::default()
+        },
+    );
+    assert!(dp.apply(&desired(0..8)).is_err());
+    assert!(dp.installed().is_none());
+    let before = dp.executor().steps.len();
+    dp.apply(&desired(0..8)).unwrap();
+    let replay = &dp.executor().steps[before..];
+    assert!(replay.iter().any(
+        |s| matches!(s, Step::Run { argv, .. } if argv.join(" ") == "sysctl net.inet.carp.allow=0")
+    ));
+    dp.withdraw().unwrap();
+    assert!(!dp.installed().unwrap().owned_enabled);
+}

@@ -1,0 +1,46 @@
+//! `vipshare-sim`: a deterministic simulator for vipshare's controllers.
+//!
+//! It runs N controller replicas — the real [`vipshare_core::replica::Replica`] and
+//! state machine, unmodified — on one thread, against a simulated disk and a
+//! simulated network, in virtual time, all from one `u64` seed. The same seed
+//! always produces the same run, byte for byte: every random choice comes from one
+//! ChaCha8 stream (the fault plan from a second stream of the same seed), every
+//! collection the simulator iterates is ordered, and no wall clock is read. Raft's
+//! own election randomness is neutralised by the replica's configuration
+//! (`max_election_tick = election_tick + 1`); elections are decided by the tick
+//! phases the simulator draws.
+//!
+//! # Model
+//!
+//! - **Clock and ticks** ([`world`]): virtual milliseconds. Each node ticks every
+//!   `tick_ms` (±3%, a slightly fast or slow clock), starting at a random phase,
+//!   redrawn at every restart.
+//! - **Disk** ([`disk`]): writes are pending until `sync`; a crash keeps a random
+//!   ordered prefix of the pending writes; a disk can be made to fail its next
+//!   fsync, which crashes the node mid-Ready-round.
+//! - **Network** ([`network`]): per-message delay, loss, duplication and
+//!   reordering from a profile that faults change; directed link blocks model
+//!   symmetric and asymmetric partitions. Dropped snapshots are reported to the
+//!   leader (`report_snapshot`), blocked links as unreachable.
+//! - **Faults** ([`faults`]): a schedule drawn from the seed — crashes and
+//!   restarts, fsync failures, process pauses, isolations, one-way and split
+//!   partitions, network degradation, controllers added (empty disk, catching up
+//!   by snapshot) and removed. Most of the time at most a minority is down;
+//!   sometimes quorum is lost briefly.
+//! - **Clients** ([`workload`]): random commands proposed to whichever node is
+//!   leader, each tracked by its `ProposalId` until applied or dropped.
+//! - **Invariants** ([`invariants`]): checked after every step; see that module.
+//! - **Liveness**: at the end every fault is healed and every crashed node
+//!   restarted; within a bound, every voter must have applied the same last
+//!   index and a fresh proposal must have committed.
+//!
+//! A run is [`world::run_seed`]; the CLI (`vipshare-sim --seeds 500`) runs many.
+
+pub mod disk;
+pub mod faults;
+pub mod invariants;
+pub mod network;
+pub mod workload;
+pub mod world;
+
+pub use world::{run_seed, Failure, FailureKind, RunReport, SimConfig, Stats, World};
