@@ -457,8 +457,15 @@ impl<D: Durable> Replica<D> {
 
     fn maybe_compact(&mut self, out: &mut ReadyOutput) -> Result<(), ReplicaError> {
         let applied = self.state.applied;
-        let snap_index = self.raw.store().latest_snapshot().get_metadata().index;
-        if applied < snap_index + self.cfg.snapshot_interval {
+        let snap_meta = self.raw.store().latest_snapshot().get_metadata();
+        let snap_index = snap_meta.index;
+        // Raft refuses a snapshot whose configuration does not include the receiver,
+        // so a controller added after the newest snapshot could not catch up until
+        // the next one: snapshot as soon as the configuration changed.
+        let conf_changed = !same_members(snap_meta.get_conf_state(), &self.conf_state);
+        if applied <= snap_index
+            || (applied < snap_index + self.cfg.snapshot_interval && !conf_changed)
+        {
             return Ok(());
         }
         let term = self.raw.store().term(applied)?;
@@ -491,6 +498,19 @@ fn role_of<D: Durable>(raw: &RawNode<RaftStorage<D>>) -> RoleState {
         term: raw.raft.term,
         leader: raw.raft.leader_id,
     }
+}
+
+/// Same voters and learners, whatever their order (raft keeps them in hash sets).
+fn same_members(a: &ConfState, b: &ConfState) -> bool {
+    let sorted = |v: &[u64]| {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v
+    };
+    sorted(&a.voters) == sorted(&b.voters)
+        && sorted(&a.learners) == sorted(&b.learners)
+        && sorted(&a.voters_outgoing) == sorted(&b.voters_outgoing)
+        && sorted(&a.learners_next) == sorted(&b.learners_next)
 }
 
 fn decode_state(snap: &Snapshot) -> Result<ClusterState, ReplicaError> {

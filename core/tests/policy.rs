@@ -555,8 +555,8 @@ fn forced_extra_move_on_loss_is_the_minimum() {
     let out = run(&before, &without);
     assert_eq!(out.moves.len(), 1);
     assert_eq!(out.moves[0].to.as_deref(), Some("a"));
-    // d (share 0.75, owns 1) is more over-loaded than b (share 0.25, owns 1)?
-    // No: b is: 1 - 0.25 > 1 - 0.75, so b gives up its bucket.
+    // New shares: a 1, b 0.25, d 0.75. b is the most over-loaded (1 - 0.25 is
+    // more than 1 - 0.75), so b gives up its bucket.
     assert_eq!(out.moves[0].from.as_deref(), Some("b"));
 }
 

@@ -14,7 +14,8 @@
 //! | monotonic apply | a node's applied index never goes backwards within an incarnation ([`Checker::observe_state`]) |
 //! | identical state | nodes at the same applied index have byte-identical state machines (encoding and configuration); a snapshot equals the state at its index ([`Checker::observe_state`], [`Checker::observe_snapshot`]) |
 //! | committed entries survive | the newest applied entry is held (log or snapshot; on disk for a crashed node) by enough voters that every quorum of the newest configuration includes one ([`Checker::check_committed_held`]) |
-//! | durable promises | after a crash, the disk still has every term the node sent a message in and every vote it granted ([`Checker::check_recovered`]) |
+//! | linearizable reads | a ReadIndex read is served from a state that includes every entry applied anywhere before the read started ([`Checker::observe_read_served`]) |
+//! | durable promises | after a crash, the disk still has every term the node sent a message in, every vote it granted, and (within the same term) every log position it acknowledged ([`Checker::check_recovered`]) |
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -146,6 +147,9 @@ struct Promise {
     max_term: u64,
     /// The newest granted vote: (term, candidate).
     vote: Option<(u64, u64)>,
+    /// The newest acknowledged log position: (term, index). Within one term a
+    /// follower's log never shrinks below what it acknowledged to that term's leader.
+    ack: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -170,6 +174,8 @@ pub struct Checker {
     promises: BTreeMap<u64, Promise>,
     conf_index: u64,
     voters: Vec<u64>,
+    /// Outstanding reads: context -> newest index applied anywhere when it started.
+    reads: BTreeMap<Vec<u8>, u64>,
 }
 
 impl Checker {
@@ -442,6 +448,41 @@ impl Checker {
         }
     }
 
+    /// A client starts a linearizable read with this context.
+    pub fn observe_read_started(&mut self, ctx: Vec<u8>) {
+        let (tip, _) = self.committed_tip();
+        self.reads.insert(ctx, tip);
+    }
+
+    /// A node served the read `ctx` from a state at `applied`.
+    pub fn observe_read_served(
+        &mut self,
+        node: u64,
+        ctx: &[u8],
+        applied: u64,
+    ) -> Result<(), Violation> {
+        let Some(&floor) = self.reads.get(ctx) else {
+            return Ok(());
+        };
+        if applied < floor {
+            return violation(
+                "linearizable reads",
+                node,
+                Some(applied),
+                format!(
+                    "n{node} served read {:?} at applied index {applied}, but index {floor} had been applied before the read started",
+                    String::from_utf8_lossy(ctx)
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads not served (yet).
+    pub fn reads_outstanding(&self) -> usize {
+        self.reads.len()
+    }
+
     /// A message a node handed to the network: what it promises to remember.
     pub fn observe_sent(&mut self, node: u64, m: &Message) {
         let p = self.promises.entry(node).or_default();
@@ -454,12 +495,24 @@ impl Checker {
                     p.vote = Some((m.term, m.to));
                 }
             }
+            MessageType::MsgAppendResponse => {
+                p.max_term = p.max_term.max(m.term);
+                if !m.reject && p.ack.is_none_or(|a| a < (m.term, m.index)) {
+                    p.ack = Some((m.term, m.index));
+                }
+            }
             _ => p.max_term = p.max_term.max(m.term),
         }
     }
 
-    /// After a crash: the disk must still hold what the node promised.
-    pub fn check_recovered(&self, node: u64, hs: &HardState) -> Result<(), Violation> {
+    /// After a crash: the disk (hard state, last log index) must still hold what
+    /// the node promised.
+    pub fn check_recovered(
+        &self,
+        node: u64,
+        hs: &HardState,
+        last_index: u64,
+    ) -> Result<(), Violation> {
         let Some(p) = self.promises.get(&node) else {
             return Ok(());
         };
@@ -483,6 +536,18 @@ impl Checker {
                     format!(
                         "n{node} granted its term-{term} vote to n{cand} but its disk recovers a vote for n{}",
                         hs.vote
+                    ),
+                );
+            }
+        }
+        if let Some((term, index)) = p.ack {
+            if hs.term == term && last_index < index {
+                return violation(
+                    "durable promises",
+                    node,
+                    Some(index),
+                    format!(
+                        "n{node} acknowledged log entries up to {index} in term {term} but its disk recovers only up to {last_index}"
                     ),
                 );
             }

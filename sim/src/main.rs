@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Parser, ValueEnum};
 use vipshare_sim::{run_seed, RunReport, SimConfig};
 
@@ -37,6 +38,10 @@ struct Args {
     /// Turn on a deliberately injected bug.
     #[arg(long, value_enum)]
     bug: Option<Bug>,
+    /// Don't check crashed disks against what the node promised (terms, votes,
+    /// acknowledged entries): report only violations clients could observe.
+    #[arg(long)]
+    no_promise_check: bool,
     /// Founding controllers.
     #[arg(long, default_value_t = 3, value_parser = clap::builder::PossibleValuesParser::new(["3", "5"]).map(|s| s.parse::<usize>().unwrap_or(3)))]
     nodes: usize,
@@ -60,6 +65,7 @@ fn config(args: &Args, seed: u64) -> SimConfig {
     cfg.duration_ms = args.duration_ms;
     cfg.liveness_ms = args.liveness_ms;
     cfg.skip_sync = args.bug == Some(Bug::SkipSync);
+    cfg.check_promises = !args.no_promise_check;
     cfg
 }
 

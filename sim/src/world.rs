@@ -49,6 +49,10 @@ pub struct SimConfig {
     pub fault_gap_ms: u64,
     /// The deliberately injected bug: replicas send before syncing.
     pub skip_sync: bool,
+    /// Check a crashed node's disk against what it promised others (terms, votes,
+    /// acknowledged entries). Turning it off leaves only the violations a client
+    /// could observe, to see how a durability bug surfaces.
+    pub check_promises: bool,
     /// Print the event trace to stdout.
     pub print_trace: bool,
     /// Hash the event trace (see [`RunReport::trace_hash`]).
@@ -65,6 +69,7 @@ impl SimConfig {
             tick_ms: 100,
             fault_gap_ms: 800,
             skip_sync: false,
+            check_promises: true,
             print_trace: false,
             hash_trace: false,
         }
@@ -106,6 +111,8 @@ pub struct Stats {
     pub pauses: u64,
     pub proposals: u64,
     pub proposals_refused: u64,
+    pub reads: u64,
+    pub reads_served: u64,
     pub proposals_applied: u64,
     pub proposals_dropped: u64,
     /// Accepted by a leader but never applied (lost with a leader's log tail).
@@ -263,6 +270,7 @@ pub struct World {
     probe: Option<(ProposalId, u64)>,
     /// Nodes to stop once the current step is done (removed from the cluster).
     to_stop: Vec<u64>,
+    started: bool,
     trace: Trace,
     stats: Stats,
 }
@@ -398,20 +406,17 @@ impl World {
             phase: Phase::Faults,
             probe: None,
             to_stop: Vec::new(),
+            started: false,
             trace,
             stats: Stats::default(),
             cfg,
         };
-        let rc = &w.replica_cfg;
+        let rc = w.replica_cfg.clone();
+        let (seed, nodes, skip) = (w.cfg.seed, w.cfg.nodes, w.cfg.skip_sync);
         w.trace(None, || {
             format!(
-                "seed {} nodes={} snapshot_interval={} max_size_per_msg={} max_inflight={} skip_sync={}",
-                w.cfg.seed,
-                w.cfg.nodes,
-                rc.snapshot_interval,
-                rc.max_size_per_msg,
-                rc.max_inflight_msgs,
-                w.cfg.skip_sync
+                "seed {seed} nodes={nodes} snapshot_interval={} max_size_per_msg={} max_inflight={} skip_sync={skip}",
+                rc.snapshot_interval, rc.max_size_per_msg, rc.max_inflight_msgs,
             )
         });
         for &id in &ids {
@@ -496,17 +501,20 @@ impl World {
 
     /// Runs to the end: `Ok` once the cluster proved live after the faults.
     pub fn run(&mut self) -> Result<Stats, Failure> {
-        let ids: Vec<u64> = self.nodes.keys().copied().collect();
-        for id in ids {
-            self.start_node(id)?;
-            self.check_committed_held()?;
-        }
         self.run_until(u64::MAX)?;
         Ok(self.stats.clone())
     }
 
     /// Runs events up to virtual time `until` (or the end of the run).
     pub fn run_until(&mut self, until: u64) -> Result<(), Failure> {
+        if !self.started {
+            self.started = true;
+            let ids: Vec<u64> = self.nodes.keys().copied().collect();
+            for id in ids {
+                self.start_node(id)?;
+                self.check_committed_held()?;
+            }
+        }
         while self.phase != Phase::Done {
             match self.queue.peek() {
                 Some(Reverse(q)) if q.time <= until => {}
@@ -668,6 +676,7 @@ impl World {
         self.stats.crashes += 1;
         self.stats.lost_writes += (pending - keep) as u64;
         let hs = disk.durable().hard_state.clone();
+        let last = disk.durable().last_index();
         node.slot = Slot::Down(disk);
         node.paused_until = 0;
         self.trace(Some(id), || {
@@ -676,9 +685,12 @@ impl World {
                 hs.term, hs.vote, hs.commit
             )
         });
+        if !self.cfg.check_promises {
+            return Ok(());
+        }
         let (seed, now) = (self.cfg.seed, self.now);
         self.checker
-            .check_recovered(id, &hs)
+            .check_recovered(id, &hs, last)
             .map_err(|v| safety(now, seed, v))
     }
 
@@ -751,6 +763,23 @@ impl World {
         }
         for a in &out.applied {
             self.on_applied(id, a)?;
+        }
+        if !out.reads.is_empty() {
+            let applied = self
+                .nodes
+                .get(&id)
+                .and_then(Node::replica)
+                .map_or(0, |r| r.applied_index());
+            for ctx in &out.reads {
+                self.stats.reads_served += 1;
+                self.trace(Some(id), || {
+                    format!("serves read {:?} at applied {applied}", String::from_utf8_lossy(ctx))
+                });
+                let (seed, now) = (self.cfg.seed, self.now);
+                self.checker
+                    .observe_read_served(id, ctx, applied)
+                    .map_err(|v| safety(now, seed, v))?;
+            }
         }
         if let Some(i) = out.compacted_to {
             self.stats.compactions += 1;
@@ -994,11 +1023,37 @@ impl World {
         }
         let next = self.now + self.rng.gen_range(5..=60);
         self.schedule(next, Event::Client);
+        if self.rng.gen_ratio(1, 5) {
+            return self.client_read();
+        }
         let Some(target) = self.client_target() else {
             return Ok(());
         };
         let cmd = self.workload.next_command(&mut self.rng, self.initialised);
         self.propose(target, cmd)
+    }
+
+    /// A linearizable read at a random running node (followers forward it).
+    fn client_read(&mut self) -> Result<(), Failure> {
+        let running: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.is_up() && n.paused_until <= self.now)
+            .map(|(&id, _)| id)
+            .collect();
+        let Some(&target) = running.choose(&mut self.rng) else {
+            return Ok(());
+        };
+        self.stats.reads += 1;
+        let ctx = format!("read-{}", self.stats.reads).into_bytes();
+        self.checker.observe_read_started(ctx.clone());
+        self.trace(Some(target), || {
+            format!("client reads {:?}", String::from_utf8_lossy(&ctx))
+        });
+        if let Some(r) = self.nodes.get_mut(&target).and_then(Node::replica_mut) {
+            r.read_index(ctx);
+        }
+        self.process(target)
     }
 
     fn propose(&mut self, target: u64, cmd: Command) -> Result<(), Failure> {
