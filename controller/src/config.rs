@@ -122,11 +122,17 @@ impl ControllerConfig {
             return Err(bad("id", "must be greater than 0".into()));
         }
         if self.cluster.is_empty() || self.cluster.contains('/') {
-            return Err(bad("cluster", "must be a non-empty name without '/'".into()));
+            return Err(bad(
+                "cluster",
+                "must be a non-empty name without '/'".into(),
+            ));
         }
         let r = &self.raft;
         if r.tick_ms == 0 || r.tick_ms > 10_000 {
-            return Err(bad("raft.tick_ms", format!("{} is not in 1..=10000", r.tick_ms)));
+            return Err(bad(
+                "raft.tick_ms",
+                format!("{} is not in 1..=10000", r.tick_ms),
+            ));
         }
         if r.heartbeat_ticks == 0 || r.election_ticks <= r.heartbeat_ticks {
             return Err(bad(
@@ -147,7 +153,10 @@ impl ControllerConfig {
             if !self.peers.iter().any(|p| p.id == self.id) {
                 return Err(bad(
                     "peers",
-                    format!("must list this controller (id {}) unless join = true", self.id),
+                    format!(
+                        "must list this controller (id {}) unless join = true",
+                        self.id
+                    ),
                 ));
             }
             let mut ids: Vec<u64> = self.peers.iter().map(|p| p.id).collect();
@@ -218,12 +227,17 @@ address = "127.0.0.1:7001"
     #[test]
     fn unknown_key_is_named() {
         let e = err(&format!("{GOOD}\n[raft]\ntick_msec = 5\n"));
-        assert!(e.contains("controller.toml") && e.contains("tick_msec"), "{e}");
+        assert!(
+            e.contains("controller.toml") && e.contains("tick_msec"),
+            "{e}"
+        );
     }
 
     #[test]
     fn impossible_timing_is_named() {
-        let e = err(&format!("{GOOD}\n[raft]\nelection_ticks = 2\nheartbeat_ticks = 2\n"));
+        let e = err(&format!(
+            "{GOOD}\n[raft]\nelection_ticks = 2\nheartbeat_ticks = 2\n"
+        ));
         assert!(e.contains("raft.election_ticks"), "{e}");
     }
 

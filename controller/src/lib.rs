@@ -14,8 +14,10 @@
 //! `vipshare-core`, so the simulator runs exactly the same code.
 
 pub mod config;
+pub mod leases;
 pub mod metrics;
 pub mod node;
+pub mod ownership;
 pub mod raftlog;
 pub mod service;
 pub mod storage;
@@ -53,8 +55,11 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
     let (disk, recovered) = DiskLog::open(&cfg.data_dir, &id)?;
     let fresh = disk.is_fresh();
     let mut storage = RaftStorage::new(disk, recovered);
-    let seed_peers: BTreeMap<u64, String> =
-        cfg.peers.iter().map(|p| (p.id, p.address.clone())).collect();
+    let seed_peers: BTreeMap<u64, String> = cfg
+        .peers
+        .iter()
+        .map(|p| (p.id, p.address.clone()))
+        .collect();
     if fresh && !cfg.join {
         let voters: Vec<u64> = seed_peers.keys().copied().collect();
         let founding: Vec<(u64, String)> = seed_peers.clone().into_iter().collect();
@@ -71,10 +76,29 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
     let replica = Replica::new(rc, storage, &raftlog::logger(cfg.id))?;
     let (node, handle) = Node::new(
         replica,
-        |h| Transport::new(cfg.id, cfg.cluster.clone(), client_tls, h, cfg.raft.peer_queue),
+        |h| {
+            Transport::new(
+                cfg.id,
+                cfg.cluster.clone(),
+                client_tls.clone(),
+                h,
+                cfg.raft.peer_queue,
+            )
+        },
         Duration::from_millis(cfg.raft.tick_ms),
         seed_peers,
     );
+
+    let leases = std::sync::Arc::new(leases::Leases::open(&cfg.data_dir)?);
+    let (released_tx, released_rx) = tokio::sync::mpsc::channel(4096);
+    let ownership = ownership::Ownership {
+        me: cfg.id,
+        cluster: cfg.cluster.clone(),
+        node: handle.clone(),
+        leases: leases.clone(),
+        tls: client_tls.clone(),
+        released: released_rx,
+    };
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -86,14 +110,18 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
         id: cfg.id,
         cluster: cfg.cluster.clone(),
         node: handle.clone(),
+        leases: leases.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let admin = AdminApiServer::new(service::admin::AdminService {
         node: handle.clone(),
+        leases: leases.clone(),
     })
     .max_decoding_message_size(1024 * 1024);
     let agent = AgentApiServer::new(service::agent::AgentService {
         node: handle.clone(),
+        leases,
+        released: released_tx,
     })
     .max_decoding_message_size(64 * 1024);
 
@@ -106,9 +134,11 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_server.wait_for(|s| *s).await;
         });
+    let ownership_task = tokio::spawn(ownership.run(shutdown.clone()));
     let node_task = tokio::spawn(node.run(shutdown));
     server.await.context("gRPC server")?;
     node_task.await.context("node task panicked")??;
+    ownership_task.await.context("ownership task panicked")?;
     tracing::info!("controller stopped");
     Ok(())
 }

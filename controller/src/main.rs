@@ -6,7 +6,11 @@ use tracing_subscriber::EnvFilter;
 use vipshare_controller::config::ControllerConfig;
 
 #[derive(Parser)]
-#[command(name = "vipshare-controller", version, about = "vipshare controller (raft member)")]
+#[command(
+    name = "vipshare-controller",
+    version,
+    about = "vipshare controller (raft member)"
+)]
 struct Args {
     /// Path to controller.toml.
     #[arg(long)]

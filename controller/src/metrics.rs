@@ -34,8 +34,16 @@ pub fn record_view(v: &NodeView) {
         let on = if v.role.role == role { 1.0 } else { 0.0 };
         gauge!("vipshare_raft_role", "role" => name).set(on);
     }
-    gauge!("vipshare_members").set(v.state.members.len() as f64);
-    gauge!("vipshare_buckets_unowned").set(v.state.unowned() as f64);
+    let s = &v.state;
+    gauge!("vipshare_members").set(s.members.len() as f64);
+    gauge!("vipshare_buckets_unowned").set(s.unowned() as f64);
+    gauge!("vipshare_members_suppressed")
+        .set(s.members.values().filter(|m| m.suppressed).count() as f64);
+    gauge!("vipshare_members_down").set(s.members.values().filter(|m| m.down).count() as f64);
+    for name in s.members.keys() {
+        gauge!("vipshare_buckets_owned", "member" => name.clone())
+            .set(s.owned_by(name).count() as f64);
+    }
 }
 
 pub fn record_proposal(ok: bool, latency: Duration) {
@@ -56,4 +64,30 @@ pub fn raft_messages_dropped(peer: u64, n: u64) {
 
 pub fn rpc_rejected(service: &'static str, reason: &'static str) {
     counter!("vipshare_rpc_rejected_total", "service" => service, "reason" => reason).increment(1);
+}
+
+pub fn ownership_step(kind: &'static str, moved: usize) {
+    counter!("vipshare_ownership_commands_total", "kind" => kind).increment(1);
+    if moved > 0 {
+        counter!("vipshare_bucket_moves_total", "reason" => kind).increment(moved as u64);
+    }
+}
+
+pub fn fencing_round(agreed: bool) {
+    let result = if agreed { "agreed" } else { "refused" };
+    counter!("vipshare_fencing_rounds_total", "result" => result).increment(1);
+}
+
+/// A member was fenced `silent_ms` after this leader last acked it.
+pub fn fenced(silent_ms: u64) {
+    counter!("vipshare_lease_expiries_total").increment(1);
+    histogram!("vipshare_fence_after_last_heartbeat_seconds").record(silent_ms as f64 / 1e3);
+}
+
+pub fn heartbeat(acked: bool) {
+    if acked {
+        counter!("vipshare_lease_grants_total").increment(1);
+    } else {
+        counter!("vipshare_heartbeats_refused_total").increment(1);
+    }
 }

@@ -72,11 +72,22 @@ type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
 
 pub enum NodeMsg {
     Raft(Box<Message>),
-    Propose { cmd: Command, reply: Reply<u64> },
-    ChangeControllers { change: ControllerChange, reply: Reply<u64> },
-    Read { reply: Reply<Arc<NodeView>> },
+    Propose {
+        cmd: Command,
+        reply: Reply<u64>,
+    },
+    ChangeControllers {
+        change: ControllerChange,
+        reply: Reply<u64>,
+    },
+    Read {
+        reply: Reply<Arc<NodeView>>,
+    },
     Unreachable(u64),
-    SnapshotStatus { peer: u64, delivered: bool },
+    SnapshotStatus {
+        peer: u64,
+        delivered: bool,
+    },
 }
 
 #[derive(Clone)]
@@ -176,7 +187,11 @@ impl<D: Durable> Node<D> {
 
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ReplicaError> {
         let known = &self.replica.state().controllers;
-        let peers = if known.is_empty() { &self.seed_peers } else { known };
+        let peers = if known.is_empty() {
+            &self.seed_peers
+        } else {
+            known
+        };
         self.transport.update_peers(peers);
         let mut ticker = tokio::time::interval(self.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -263,7 +278,8 @@ impl<D: Durable> Node<D> {
             self.transport.send(out.messages);
         }
         let controllers_before = self.view.borrow().state.controllers.clone();
-        let changed = !out.applied.is_empty() || out.role_changed.is_some() || out.snapshot_installed;
+        let changed =
+            !out.applied.is_empty() || out.role_changed.is_some() || out.snapshot_installed;
         if changed {
             let view = Arc::new(make_view(&self.replica));
             crate::metrics::record_view(&view);
@@ -280,7 +296,9 @@ impl<D: Durable> Node<D> {
                 continue;
             };
             let result = match a.outcome {
-                Outcome::Applied(Ok(())) | Outcome::ConfChanged(Ok(_)) | Outcome::Empty => Ok(a.index),
+                Outcome::Applied(Ok(())) | Outcome::ConfChanged(Ok(_)) | Outcome::Empty => {
+                    Ok(a.index)
+                }
                 Outcome::Applied(Err(e)) => Err(NodeError::Rejected(e.to_string())),
                 Outcome::ConfChanged(Err(e)) => Err(NodeError::Rejected(e)),
                 Outcome::Dropped => Err(NodeError::Rejected(

@@ -95,7 +95,10 @@ impl Transport {
         for m in msgs {
             let to = m.to;
             let snapshot = is_snapshot(&m);
-            let queued = self.peers.get(&to).is_some_and(|p| p.tx.try_send(m).is_ok());
+            let queued = self
+                .peers
+                .get(&to)
+                .is_some_and(|p| p.tx.try_send(m).is_ok());
             if !queued {
                 crate::metrics::raft_messages_dropped(to, 1);
                 if snapshot {

@@ -41,18 +41,71 @@ pub struct OwnerChange {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Command {
-    InitCluster { settings: Settings },
-    AddVip { vip: Vip },
-    RemoveVip { address: String },
-    AddMember { name: String, weight: u32 },
-    RemoveMember { name: String },
-    SetWeight { name: String, weight: u32 },
-    Drain { name: String },
-    Undrain { name: String },
-    /// Ownership changes, proposed by the leader once it is safe to make them.
-    SetOwners { changes: Vec<OwnerChange> },
+    InitCluster {
+        settings: Settings,
+    },
+    AddVip {
+        vip: Vip,
+    },
+    RemoveVip {
+        address: String,
+    },
+    AddMember {
+        name: String,
+        weight: u32,
+    },
+    RemoveMember {
+        name: String,
+    },
+    SetWeight {
+        name: String,
+        weight: u32,
+    },
+    Drain {
+        name: String,
+    },
+    Undrain {
+        name: String,
+    },
+    /// Give unowned buckets to members. Refused for a bucket that has an owner:
+    /// owned buckets move only by `Release` + `Transfer`, or by `FenceMember`.
+    SetOwners {
+        changes: Vec<OwnerChange>,
+    },
+    /// A majority of controllers agreed that `name`'s lease at `epoch` has ended:
+    /// mark it down, bump its epoch and free its buckets. `at_ms` (leader wall
+    /// clock) stamps the damping penalty.
+    FenceMember {
+        name: String,
+        epoch: u64,
+        at_ms: u64,
+    },
+    /// A fenced member heartbeats steadily again and may get buckets.
+    Readmit {
+        name: String,
+        epoch: u64,
+    },
+    /// Ask `name` to withdraw these buckets from its kernel and confirm.
+    Release {
+        name: String,
+        buckets: Vec<u32>,
+    },
+    /// `from` confirmed it withdrew these buckets (at these epochs): hand them over.
+    Transfer {
+        from: String,
+        to: Option<String>,
+        buckets: Vec<(u32, u64)>,
+    },
+    /// Controllers stop acking `name` at `epoch`, so it can be fenced although it
+    /// still heartbeats (a member that never confirms a release).
+    Evict {
+        name: String,
+        epoch: u64,
+    },
     /// Changes nothing; used to measure commit latency and to test the log.
-    Noop { payload: Vec<u8> },
+    Noop {
+        payload: Vec<u8>,
+    },
 }
 
 impl Command {

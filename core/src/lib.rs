@@ -5,12 +5,18 @@
 //! - [`replica`]: one controller's raft `RawNode` and its Ready loop, sans-IO.
 //! - [`command`]: the log entries the state machine understands.
 //! - [`state`]: the replicated state machine (settings, members, bucket owners).
+//! - [`lease`]: quorum-lease arithmetic for agents and controllers.
+//! - [`damping`]: flap-damping penalties.
+//! - [`ownership`]: the leader's planner: fencing, re-admission, bucket moves.
 //! - [`bucket`]: bucket functions (nftables jhash, low bits), bit-exact with the kernel.
 //! - [`policy`]: the assignment policy (which member should own each bucket), pure.
 
-pub mod storage;
 pub mod bucket;
-pub mod policy;
 pub mod command;
+pub mod damping;
+pub mod lease;
+pub mod ownership;
+pub mod policy;
 pub mod replica;
 pub mod state;
+pub mod storage;

@@ -303,8 +303,7 @@ impl<D: Durable> Replica<D> {
             ControllerChange::Remove { id } => {
                 single.set_change_type(ConfChangeType::RemoveNode);
                 single.node_id = *id;
-                if !self.conf_state.voters.contains(id) && !self.conf_state.learners.contains(id)
-                {
+                if !self.conf_state.voters.contains(id) && !self.conf_state.learners.contains(id) {
                     return Err(ProposeError::InvalidConfChange(format!(
                         "controller {id} is not a member"
                     )));

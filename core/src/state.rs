@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::bucket::{validate_bucket_count, Affinity, BucketFn};
+use crate::bucket::{validate, Affinity, BucketFn};
 use crate::command::{Command, OwnerChange};
+use crate::damping::{Damping, Penalty};
+use crate::lease::LeaseTiming;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vip {
@@ -24,6 +26,10 @@ pub struct Settings {
     pub bucket_fn: BucketFn,
     pub affinity: Affinity,
     pub seed: u32,
+    #[serde(default)]
+    pub lease: LeaseTiming,
+    #[serde(default)]
+    pub damping: Damping,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,9 +43,41 @@ pub enum MemberState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub weight: u32,
+    /// What the operator asked for.
     pub state: MemberState,
-    /// Bumped whenever the member is fenced or re-admitted (see leases).
+    /// Bumped whenever the member is fenced; heartbeats must carry the current one.
     pub epoch: u64,
+    /// Fenced (its lease ended) and not yet re-admitted: holds and gets no buckets.
+    #[serde(default)]
+    pub down: bool,
+    /// Down because of repeated lease losses: re-admitted only once the penalty
+    /// decayed below `damping.reuse`.
+    #[serde(default)]
+    pub suppressed: bool,
+    /// Controllers refuse its heartbeats at `epoch` (see `Command::Evict`).
+    #[serde(default)]
+    pub evicted: bool,
+    #[serde(default)]
+    pub penalty: Penalty,
+}
+
+impl Member {
+    fn new(weight: u32) -> Self {
+        Member {
+            weight,
+            state: MemberState::Active,
+            epoch: 1,
+            down: false,
+            suppressed: false,
+            evicted: false,
+            penalty: Penalty::default(),
+        }
+    }
+
+    /// May receive buckets (also needs a live lease, which the leader checks).
+    pub fn assignable(&self) -> bool {
+        self.state == MemberState::Active && !self.down
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +87,18 @@ pub struct Bucket {
     pub epoch: u64,
     /// The member that last owned this bucket, so a returning member gets it back.
     pub home: Option<String>,
+    /// The owner was asked to withdraw it and has not confirmed yet.
+    #[serde(default)]
+    pub releasing: bool,
+}
+
+impl crate::policy::BucketSlot for Bucket {
+    fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
+    }
+    fn home(&self) -> Option<&str> {
+        self.home.as_deref()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +134,20 @@ pub enum ApplyError {
     BadWeight(u32),
     #[error("bucket {bucket} out of range (bucket count {count})")]
     BadBucket { bucket: u32, count: u32 },
+    #[error("bucket {bucket} is owned by {owner}; owned buckets move by release or fencing")]
+    BucketOwned { bucket: u32, owner: String },
+    #[error("member {name} is at epoch {current}, not {epoch}")]
+    StaleEpoch {
+        name: String,
+        epoch: u64,
+        current: u64,
+    },
+    #[error(
+        "member {name} still owns {buckets} buckets; drain it first (vipsharectl drain {name})"
+    )]
+    StillOwns { name: String, buckets: usize },
+    #[error("member {0} is down; it cannot get buckets")]
+    MemberDown(String),
     #[error("undecodable command: {0}")]
     Undecodable(String),
 }
@@ -126,8 +190,16 @@ impl ClusterState {
                 if self.initialized() {
                     return Err(ApplyError::AlreadyInitialized);
                 }
-                validate_bucket_count(settings.bucket_count)
+                validate(settings.bucket_fn, settings.affinity, settings.bucket_count)
                     .map_err(|e| ApplyError::InvalidSettings(e.to_string()))?;
+                settings
+                    .lease
+                    .validate()
+                    .map_err(ApplyError::InvalidSettings)?;
+                settings
+                    .damping
+                    .validate()
+                    .map_err(ApplyError::InvalidSettings)?;
                 self.buckets = vec![Bucket::default(); settings.bucket_count as usize];
                 self.settings = Some(settings);
                 Ok(())
@@ -155,27 +227,22 @@ impl ClusterState {
                 if self.members.contains_key(&name) {
                     return Err(ApplyError::MemberExists(name));
                 }
-                self.members.insert(
-                    name,
-                    Member {
-                        weight,
-                        state: MemberState::Active,
-                        epoch: 1,
-                    },
-                );
+                self.members.insert(name, Member::new(weight));
                 Ok(())
             }
             Command::RemoveMember { name } => {
                 self.member_mut(&name)?;
+                let buckets = self.owned_by(&name).count();
+                if buckets > 0 {
+                    return Err(ApplyError::StillOwns { name, buckets });
+                }
                 self.members.remove(&name);
-                let freed: Vec<OwnerChange> = self
-                    .owned_by(&name)
-                    .map(|bucket| OwnerChange {
-                        bucket,
-                        owner: None,
-                    })
-                    .collect();
-                self.set_owners(freed)
+                for b in &mut self.buckets {
+                    if b.home.as_deref() == Some(name.as_str()) {
+                        b.home = None;
+                    }
+                }
+                Ok(())
             }
             Command::SetWeight { name, weight } => {
                 check_weight(weight)?;
@@ -191,8 +258,90 @@ impl ClusterState {
                 Ok(())
             }
             Command::SetOwners { changes } => self.set_owners(changes),
+            Command::FenceMember { name, epoch, at_ms } => {
+                let damping = self
+                    .settings
+                    .as_ref()
+                    .map(|s| s.damping)
+                    .unwrap_or_default();
+                let m = self.member_at(&name, epoch)?;
+                m.down = true;
+                m.evicted = false;
+                m.epoch += 1;
+                m.penalty = damping.add_loss(m.penalty, at_ms);
+                m.suppressed = damping.current(m.penalty, at_ms) > damping.suppress;
+                for b in &mut self.buckets {
+                    if b.owner.as_deref() == Some(name.as_str()) {
+                        b.owner = None;
+                        b.releasing = false;
+                        b.epoch += 1;
+                    }
+                }
+                Ok(())
+            }
+            Command::Readmit { name, epoch } => {
+                let m = self.member_at(&name, epoch)?;
+                m.down = false;
+                m.suppressed = false;
+                Ok(())
+            }
+            Command::Evict { name, epoch } => {
+                self.member_at(&name, epoch)?.evicted = true;
+                Ok(())
+            }
+            Command::Release { name, buckets } => {
+                self.member_mut(&name)?;
+                for bucket in buckets {
+                    let b = self.bucket_mut(bucket)?;
+                    if b.owner.as_deref() == Some(name.as_str()) {
+                        b.releasing = true;
+                    }
+                }
+                Ok(())
+            }
+            Command::Transfer { from, to, buckets } => {
+                if let Some(to) = &to {
+                    if !self.member_mut(to)?.assignable() {
+                        return Err(ApplyError::MemberDown(to.clone()));
+                    }
+                }
+                for (bucket, epoch) in buckets {
+                    let b = self.bucket_mut(bucket)?;
+                    // Stale confirmations (another epoch, no longer releasing) are
+                    // skipped: the bucket moved on some other way.
+                    if b.owner.as_deref() == Some(from.as_str()) && b.releasing && b.epoch == epoch
+                    {
+                        b.owner = to.clone();
+                        b.releasing = false;
+                        b.epoch += 1;
+                        if b.home.is_none() {
+                            b.home = to.clone();
+                        }
+                    }
+                }
+                Ok(())
+            }
             Command::Noop { .. } => Ok(()),
         }
+    }
+
+    fn member_at(&mut self, name: &str, epoch: u64) -> Result<&mut Member, ApplyError> {
+        let m = self.member_mut(name)?;
+        if m.epoch != epoch {
+            return Err(ApplyError::StaleEpoch {
+                name: name.to_string(),
+                epoch,
+                current: m.epoch,
+            });
+        }
+        Ok(m)
+    }
+
+    fn bucket_mut(&mut self, bucket: u32) -> Result<&mut Bucket, ApplyError> {
+        let count = self.buckets.len() as u32;
+        self.buckets
+            .get_mut(bucket as usize)
+            .ok_or(ApplyError::BadBucket { bucket, count })
     }
 
     fn settings_mut(&mut self) -> Result<&mut Settings, ApplyError> {
@@ -205,19 +354,31 @@ impl ClusterState {
             .ok_or_else(|| ApplyError::NoSuchMember(name.to_string()))
     }
 
-    /// All-or-nothing: a batch with one bad change changes nothing.
+    /// All-or-nothing: a batch with one bad change changes nothing. Only unowned
+    /// buckets can be given out this way, and only to members that may hold them.
     fn set_owners(&mut self, changes: Vec<OwnerChange>) -> Result<(), ApplyError> {
         let count = self.buckets.len() as u32;
         for c in &changes {
-            if c.bucket >= count {
-                return Err(ApplyError::BadBucket {
+            let b = self
+                .buckets
+                .get(c.bucket as usize)
+                .ok_or(ApplyError::BadBucket {
                     bucket: c.bucket,
                     count,
+                })?;
+            if let Some(owner) = b.owner.as_ref().filter(|o| Some(*o) != c.owner.as_ref()) {
+                return Err(ApplyError::BucketOwned {
+                    bucket: c.bucket,
+                    owner: owner.clone(),
                 });
             }
             if let Some(o) = &c.owner {
-                if !self.members.contains_key(o) {
-                    return Err(ApplyError::NoSuchMember(o.clone()));
+                let m = self
+                    .members
+                    .get(o)
+                    .ok_or_else(|| ApplyError::NoSuchMember(o.clone()))?;
+                if !m.assignable() {
+                    return Err(ApplyError::MemberDown(o.clone()));
                 }
             }
         }
@@ -225,7 +386,7 @@ impl ClusterState {
             let b = &mut self.buckets[c.bucket as usize];
             if b.owner != c.owner {
                 b.epoch += 1;
-                if c.owner.is_some() {
+                if b.home.is_none() {
                     b.home = c.owner.clone();
                 }
                 b.owner = c.owner;
@@ -254,6 +415,8 @@ mod tests {
             bucket_fn: BucketFn::Jhash,
             affinity: Affinity::Address,
             seed: 7,
+            lease: LeaseTiming::default(),
+            damping: Damping::default(),
         }
     }
 
@@ -300,17 +463,18 @@ mod tests {
     }
 
     #[test]
-    fn ownership_changes_bump_epochs_and_are_all_or_nothing() {
+    fn only_unowned_buckets_are_given_out_and_batches_are_all_or_nothing() {
         let mut s = cluster();
         s.apply(Command::SetOwners {
             changes: vec![own(0, Some("a")), own(1, Some("b"))],
         })
         .unwrap();
         assert_eq!(s.buckets[0].epoch, 1);
+        assert_eq!(s.buckets[0].home.as_deref(), Some("a"));
         let before = s.clone();
         assert_eq!(
             s.apply(Command::SetOwners {
-                changes: vec![own(0, Some("b")), own(9, Some("a"))]
+                changes: vec![own(2, Some("b")), own(9, Some("a"))]
             }),
             Err(ApplyError::BadBucket {
                 bucket: 9,
@@ -318,29 +482,92 @@ mod tests {
             })
         );
         assert_eq!(s, before);
+        assert_eq!(
+            s.apply(Command::SetOwners {
+                changes: vec![own(0, Some("b"))]
+            }),
+            Err(ApplyError::BucketOwned {
+                bucket: 0,
+                owner: "a".into()
+            })
+        );
         // Re-asserting the current owner is not a change.
         s.apply(Command::SetOwners {
             changes: vec![own(0, Some("a"))],
         })
         .unwrap();
-        assert_eq!(s.buckets[0].epoch, 1);
+        assert_eq!(s, before);
     }
 
     #[test]
-    fn removing_a_member_frees_its_buckets_but_keeps_home() {
+    fn fencing_frees_buckets_bumps_epochs_and_keeps_home() {
         let mut s = cluster();
         s.apply(Command::SetOwners {
             changes: vec![own(2, Some("a"))],
         })
         .unwrap();
-        s.apply(Command::RemoveMember { name: "a".into() }).unwrap();
+        assert_eq!(
+            s.apply(Command::RemoveMember { name: "a".into() }),
+            Err(ApplyError::StillOwns {
+                name: "a".into(),
+                buckets: 1
+            })
+        );
+        let fence = |epoch| Command::FenceMember {
+            name: "a".into(),
+            epoch,
+            at_ms: 0,
+        };
+        assert!(matches!(
+            s.apply(fence(7)),
+            Err(ApplyError::StaleEpoch { .. })
+        ));
+        s.apply(fence(1)).unwrap();
         assert_eq!(s.buckets[2].owner, None);
         assert_eq!(s.buckets[2].epoch, 2);
         assert_eq!(s.buckets[2].home.as_deref(), Some("a"));
+        let a = &s.members["a"];
+        assert!(a.down && a.epoch == 2 && a.penalty.value > 0);
         assert_eq!(
-            s.apply(Command::Drain { name: "a".into() }),
-            Err(ApplyError::NoSuchMember("a".into()))
+            s.apply(Command::SetOwners {
+                changes: vec![own(2, Some("a"))]
+            }),
+            Err(ApplyError::MemberDown("a".into()))
         );
+        s.apply(Command::RemoveMember { name: "a".into() }).unwrap();
+        assert_eq!(s.buckets[2].home, None);
+    }
+
+    #[test]
+    fn transfer_needs_a_confirmed_release_at_the_current_epoch() {
+        let mut s = cluster();
+        s.apply(Command::SetOwners {
+            changes: vec![own(3, Some("a"))],
+        })
+        .unwrap();
+        let transfer = |epoch| Command::Transfer {
+            from: "a".into(),
+            to: Some("b".into()),
+            buckets: vec![(3, epoch)],
+        };
+        s.apply(transfer(1)).unwrap();
+        assert_eq!(
+            s.buckets[3].owner.as_deref(),
+            Some("a"),
+            "not releasing yet"
+        );
+        s.apply(Command::Release {
+            name: "a".into(),
+            buckets: vec![3],
+        })
+        .unwrap();
+        assert!(s.buckets[3].releasing);
+        s.apply(transfer(0)).unwrap();
+        assert_eq!(s.buckets[3].owner.as_deref(), Some("a"), "stale epoch");
+        s.apply(transfer(1)).unwrap();
+        assert_eq!(s.buckets[3].owner.as_deref(), Some("b"));
+        assert_eq!(s.buckets[3].epoch, 2);
+        assert!(!s.buckets[3].releasing);
     }
 
     #[test]

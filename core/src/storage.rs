@@ -91,9 +91,7 @@ impl<D: Durable> RaftStorage<D> {
     }
 
     fn last(&self) -> u64 {
-        self.entries
-            .last()
-            .map_or(self.snap_index(), |e| e.index)
+        self.entries.last().map_or(self.snap_index(), |e| e.index)
     }
 
     pub fn append(&mut self, ents: &[Entry]) -> Result<(), DurableError> {

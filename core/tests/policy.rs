@@ -635,3 +635,34 @@ fn unknown_owners_lose_their_buckets() {
     assert_eq!(out.counts()["m01"], 2);
     assert_eq!(out.moves.len(), 2);
 }
+
+#[test]
+fn large_cluster_loss_join_and_weight_change() {
+    let ms: Vec<Member> = (0..256)
+        .map(|i| Member::new(format!("m{i:03}"), 1 + (i % 4) as u32, true))
+        .collect();
+    let empty = vec![BucketState::default(); 4096];
+    let stable: Vec<BucketState> = run(&empty, &ms)
+        .owners
+        .iter()
+        .map(|o| BucketState::settled(o.as_deref()))
+        .collect();
+    // Loss: only the lost member's buckets move.
+    let mut lost = ms.clone();
+    lost[85].eligible = false;
+    let out = run(&stable, &lost);
+    assert!(out.moves.iter().all(|m| m.from.as_deref() == Some("m085")));
+    // And back: the same buckets return.
+    let back = run(&out.as_table(&stable), &ms);
+    assert!(back.moves.iter().all(|m| m.to.as_deref() == Some("m085")
+        && stable[m.bucket as usize].home.as_deref() == Some("m085")));
+    // Join and weight change: everything goes to the changed member.
+    let mut joined = ms.clone();
+    joined.push(Member::new("m-new", 2, true));
+    let out = run(&stable, &joined);
+    assert!(out.moves.iter().all(|m| m.to.as_deref() == Some("m-new")));
+    let mut heavier = ms.clone();
+    heavier[128].weight *= 2;
+    let out = run(&stable, &heavier);
+    assert!(out.moves.iter().all(|m| m.to.as_deref() == Some("m128")));
+}

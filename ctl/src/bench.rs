@@ -66,7 +66,11 @@ pub async fn run(admin: &Admin, args: BenchArgs) -> anyhow::Result<()> {
     }
     let mut all: Vec<Duration> = Vec::new();
     for t in tasks {
-        all.extend(t.await.context("bench task")?.map_err(|s| explain(s, &leader))?);
+        all.extend(
+            t.await
+                .context("bench task")?
+                .map_err(|s| explain(s, &leader))?,
+        );
     }
     let elapsed = started.elapsed();
     all.sort_unstable();

@@ -12,13 +12,23 @@ use vipshare_proto::v1::admin_api_client::AdminApiClient;
 #[derive(Debug, Clone, clap::Args)]
 pub struct Connection {
     /// Controller addresses, host:port, comma separated.
-    #[arg(long, env = "VIPSHARE_CONTROLLERS", value_delimiter = ',', global = true)]
+    #[arg(
+        long,
+        env = "VIPSHARE_CONTROLLERS",
+        value_delimiter = ',',
+        global = true
+    )]
     pub controllers: Vec<String>,
     /// Directory with ca.crt and this user's certificate and key.
     #[arg(long, env = "VIPSHARE_TLS_DIR", global = true)]
     pub tls_dir: Option<PathBuf>,
     /// File stem of the certificate in --tls-dir (ROLE-NAME), e.g. admin-alice.
-    #[arg(long, env = "VIPSHARE_USER", default_value = "admin-admin", global = true)]
+    #[arg(
+        long,
+        env = "VIPSHARE_USER",
+        default_value = "admin-admin",
+        global = true
+    )]
     pub user: String,
 }
 
@@ -35,7 +45,9 @@ impl Admin {
             anyhow!("no certificates: pass --tls-dir DIR (or set VIPSHARE_TLS_DIR) holding ca.crt and {}.crt/.key", c.user)
         })?;
         if c.controllers.is_empty() {
-            bail!("no controllers: pass --controllers HOST:PORT[,...] (or set VIPSHARE_CONTROLLERS)");
+            bail!(
+                "no controllers: pass --controllers HOST:PORT[,...] (or set VIPSHARE_CONTROLLERS)"
+            );
         }
         let files = TlsFiles {
             ca: dir.join("ca.crt"),
@@ -106,10 +118,14 @@ impl Admin {
 
 pub fn explain(s: tonic::Status, address: &str) -> anyhow::Error {
     let hint = match s.code() {
-        tonic::Code::PermissionDenied => " (your certificate's role may not do this; mutations need an admin certificate)",
+        tonic::Code::PermissionDenied => {
+            " (your certificate's role may not do this; mutations need an admin certificate)"
+        }
         tonic::Code::Unauthenticated => " (the controller did not accept your certificate)",
         tonic::Code::FailedPrecondition => "",
-        tonic::Code::DeadlineExceeded => " (no quorum? check `vipsharectl status` on every controller)",
+        tonic::Code::DeadlineExceeded => {
+            " (no quorum? check `vipsharectl status` on every controller)"
+        }
         _ => "",
     };
     anyhow!("controller {address}: {}{hint}", s.message())

@@ -41,6 +41,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Which bucket a client address falls in, and who owns it.
+    Which {
+        address: std::net::IpAddr,
+        /// Source port (affinity address_port only).
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Cluster-wide settings.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -49,12 +58,21 @@ enum Cmd {
     #[command(subcommand)]
     Member(MemberCmd),
     /// Stop giving new flows to a member; its buckets move away, connections kept.
-    Drain { name: String },
-    Undrain { name: String },
+    Drain {
+        name: String,
+    },
+    Undrain {
+        name: String,
+    },
     /// Set a member's weight (1-1000).
-    Weight { name: String, weight: u32 },
+    Weight {
+        name: String,
+        weight: u32,
+    },
     /// Remove a member.
-    Remove { name: String },
+    Remove {
+        name: String,
+    },
     /// Add or remove controllers (raft voters) at run time.
     #[command(subcommand)]
     Controller(ControllerCmd),
@@ -79,6 +97,12 @@ enum ClusterCmd {
         /// jhash seed; the same on every host.
         #[arg(long, default_value_t = 0x5649_5053)]
         seed: u32,
+        /// Agents heartbeat every controller this often.
+        #[arg(long)]
+        heartbeat_ms: Option<u64>,
+        /// Lease length; host failover takes about this plus 25%.
+        #[arg(long)]
+        lease_ms: Option<u64>,
     },
 }
 
@@ -121,6 +145,17 @@ enum ControllerCmd {
     },
 }
 
+fn lease_timing(heartbeat_ms: Option<u64>, lease_ms: Option<u64>) -> pb::LeaseTiming {
+    let d = vipshare_core::lease::LeaseTiming::default();
+    pb::LeaseTiming {
+        heartbeat_ms: heartbeat_ms.unwrap_or(d.heartbeat_ms),
+        lease_ms: lease_ms.unwrap_or(d.lease_ms),
+        kernel_delay_ms: d.kernel_delay_ms,
+        clock_rate_ppm: d.clock_rate_ppm,
+        margin_ms: d.margin_ms,
+    }
+}
+
 fn vip(address: String, prefix: u32, mac: String) -> pb::Vip {
     pb::Vip {
         address,
@@ -144,6 +179,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Status { json } => return status(&Admin::new(&cli.conn)?, json).await,
         Cmd::Members { json } => return members(&Admin::new(&cli.conn)?, json).await,
         Cmd::Buckets { json } => return buckets(&Admin::new(&cli.conn)?, json).await,
+        Cmd::Which {
+            address,
+            port,
+            json,
+        } => return which(&Admin::new(&cli.conn)?, address, port, json).await,
         Cmd::Bench(args) => return bench::run(&Admin::new(&cli.conn)?, args).await,
         Cmd::Cluster(ClusterCmd::Init {
             vips,
@@ -151,16 +191,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bucket_fn,
             affinity,
             seed,
+            heartbeat_ms,
+            lease_ms,
         }) => Op::InitCluster(pb::InitCluster {
             settings: Some(pb::ClusterSettings {
-                vips: vips
-                    .into_iter()
-                    .map(|v| vip(v, 0, String::new()))
-                    .collect(),
+                vips: vips.into_iter().map(|v| vip(v, 0, String::new())).collect(),
                 bucket_count: buckets,
                 bucket_function: bucket_fn,
                 affinity,
                 seed,
+                lease: Some(lease_timing(heartbeat_ms, lease_ms)),
+                damping: None,
             }),
         }),
         Cmd::Vip(VipCmd::Add {
@@ -280,14 +321,20 @@ async fn status(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
     } else {
         println!("cluster not initialised: run `vipsharectl cluster init --vip ADDR`");
     }
-    println!("{:<4} {:<22} {:<8} {:<14} {:>6} {:>9} {:>9}", "ID", "ADDRESS", "VOTER", "ROLE", "TERM", "COMMIT", "APPLIED");
+    println!(
+        "{:<4} {:<22} {:<8} {:<14} {:>6} {:>9} {:>9}",
+        "ID", "ADDRESS", "VOTER", "ROLE", "TERM", "COMMIT", "APPLIED"
+    );
     for (c, l) in rows {
         match l {
             Ok(s) => println!(
                 "{:<4} {:<22} {:<8} {:<14} {:>6} {:>9} {:>9}",
                 c.id, c.address, c.role, s.role, s.term, s.commit_index, s.applied_index
             ),
-            Err(e) => println!("{:<4} {:<22} {:<8} unreachable: {e}", c.id, c.address, c.role),
+            Err(e) => println!(
+                "{:<4} {:<22} {:<8} unreachable: {e}",
+                c.id, c.address, c.role
+            ),
         }
     }
     Ok(())
@@ -307,17 +354,31 @@ async fn members(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
         let rows: Vec<_> = r
             .members
             .iter()
-            .map(|m| json!({"name": m.name, "weight": m.weight, "state": m.state,
-                "epoch": m.epoch, "buckets": m.buckets, "penalty": m.penalty}))
+            .map(|m| {
+                json!({"name": m.name, "weight": m.weight, "state": m.state,
+                "epoch": m.epoch, "buckets": m.buckets, "penalty": m.penalty,
+                "returns_in_ms": m.returns_in_ms, "last_ack_ms_ago": m.last_ack_ms_ago})
+            })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&json!({"members": rows}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"members": rows}))?
+        );
         return Ok(());
     }
-    println!("{:<20} {:<10} {:>6} {:>8} {:>6} {:>8}", "MEMBER", "STATE", "WEIGHT", "BUCKETS", "EPOCH", "PENALTY");
+    println!(
+        "{:<20} {:<10} {:>6} {:>8} {:>6} {:>8} {:>10}  RETURNS IN",
+        "MEMBER", "STATE", "WEIGHT", "BUCKETS", "EPOCH", "PENALTY", "LAST ACK"
+    );
     for m in r.members {
+        let returns = if m.returns_in_ms > 0 {
+            format!("{:.0} s", m.returns_in_ms as f64 / 1e3)
+        } else {
+            "-".into()
+        };
         println!(
-            "{:<20} {:<10} {:>6} {:>8} {:>6} {:>8.1}",
-            m.name, m.state, m.weight, m.buckets, m.epoch, m.penalty
+            "{:<20} {:<10} {:>6} {:>8} {:>6} {:>8.0} {:>8} ms  {returns}",
+            m.name, m.state, m.weight, m.buckets, m.epoch, m.penalty, m.last_ack_ms_ago
         );
     }
     Ok(())
@@ -339,11 +400,19 @@ async fn buckets(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
             .iter()
             .map(|b| json!({"bucket": b.bucket, "owner": b.owner, "epoch": b.epoch}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&json!({"buckets": rows}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"buckets": rows}))?
+        );
         return Ok(());
     }
     // One character per bucket, 64 per line: a letter per owner, '.' for unowned.
-    let mut owners: Vec<&str> = r.buckets.iter().map(|b| b.owner.as_str()).filter(|o| !o.is_empty()).collect();
+    let mut owners: Vec<&str> = r
+        .buckets
+        .iter()
+        .map(|b| b.owner.as_str())
+        .filter(|o| !o.is_empty())
+        .collect();
     owners.sort_unstable();
     owners.dedup();
     let letter = |o: &str| {
@@ -360,6 +429,65 @@ async fn buckets(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
     for (i, o) in owners.iter().enumerate() {
         let n = r.buckets.iter().filter(|b| b.owner == *o).count();
         println!("  {} = {o} ({n})", (b'A' + (i % 26) as u8) as char);
+    }
+    Ok(())
+}
+
+async fn which(
+    admin: &Admin,
+    address: std::net::IpAddr,
+    port: Option<u16>,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let (ctl, mut client) = admin.any().await?;
+    let st = client
+        .status(pb::StatusRequest {
+            protocol_version: PROTOCOL_VERSION,
+            local: false,
+        })
+        .await
+        .map_err(|s| explain(s, &ctl))?
+        .into_inner();
+    let s = st
+        .settings
+        .context("cluster not initialised: run `vipsharectl cluster init --vip ADDR`")?;
+    let bucket = vipshare_core::bucket::bucket_of(
+        s.bucket_function.parse()?,
+        s.affinity.parse()?,
+        s.bucket_count,
+        s.seed,
+        address,
+        port,
+    )?;
+    let map = client
+        .buckets(pb::ReadRequest {
+            protocol_version: PROTOCOL_VERSION,
+            local: false,
+        })
+        .await
+        .map_err(|s| explain(s, &ctl))?
+        .into_inner();
+    let b = map
+        .buckets
+        .iter()
+        .find(|b| b.bucket == bucket)
+        .context("bucket missing from the map")?;
+    if as_json {
+        println!(
+            "{}",
+            json!({"address": address.to_string(), "port": port, "bucket": bucket,
+                "owner": b.owner, "epoch": b.epoch})
+        );
+    } else {
+        let owner = if b.owner.is_empty() {
+            "(unowned)"
+        } else {
+            &b.owner
+        };
+        println!(
+            "{address} -> bucket {bucket} -> {owner} (epoch {})",
+            b.epoch
+        );
     }
     Ok(())
 }

@@ -214,9 +214,11 @@ impl Lab {
     }
 
     pub async fn client(&self, id: u64) -> anyhow::Result<AdminApiClient<Channel>> {
-        let ch =
-            tls::connect_once(&format!("https://{}", self.address(id)), self.admin_tls.clone())
-                .await?;
+        let ch = tls::connect_once(
+            &format!("https://{}", self.address(id)),
+            self.admin_tls.clone(),
+        )
+        .await?;
         Ok(AdminApiClient::new(ch))
     }
 
@@ -238,20 +240,24 @@ impl Lab {
 
     /// The leader id once all running controllers agree on one.
     pub async fn wait_leader(&self, timeout: Duration) -> anyhow::Result<u64> {
-        wait_for(timeout, "a leader every running controller agrees on", || async {
-            let mut leader = None;
-            for (id, c) in &self.controllers {
-                if !c.is_running() {
-                    continue;
+        wait_for(
+            timeout,
+            "a leader every running controller agrees on",
+            || async {
+                let mut leader = None;
+                for (id, c) in &self.controllers {
+                    if !c.is_running() {
+                        continue;
+                    }
+                    let s = self.local_status(*id).await?;
+                    if s.leader_id == 0 || leader.is_some_and(|l| l != s.leader_id) {
+                        return None;
+                    }
+                    leader = Some(s.leader_id);
                 }
-                let s = self.local_status(*id).await?;
-                if s.leader_id == 0 || leader.is_some_and(|l| l != s.leader_id) {
-                    return None;
-                }
-                leader = Some(s.leader_id);
-            }
-            leader
-        })
+                leader
+            },
+        )
         .await
     }
 

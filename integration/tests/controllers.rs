@@ -31,13 +31,21 @@ async fn leader_failover_restart_and_membership_changes() -> anyhow::Result<()> 
 
     // The leader is visible in `vipsharectl status --json`.
     let out = lab.ctl(&["status", "--json"])?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(status["leader_id"], leader);
     assert_eq!(status["controllers"].as_array().map(Vec::len), Some(3));
 
     let out = lab.ctl(&["cluster", "init", "--vip", "192.0.2.10", "--buckets", "64"])?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for i in 0..60 {
         lab.mutate(Op::AddMember(pb::AddMember {
             name: format!("h{i}"),
@@ -49,21 +57,30 @@ async fn leader_failover_restart_and_membership_changes() -> anyhow::Result<()> 
     // SIGKILL the leader; a new one must commit within 3 s.
     lab.kill(leader)?;
     let killed_at = Instant::now();
-    let index = wait_for(Duration::from_secs(10), "a commit after the leader died", || async {
-        lab.noop(b"after-failover").await.ok()
-    })
+    let index = wait_for(
+        Duration::from_secs(10),
+        "a commit after the leader died",
+        || async { lab.noop(b"after-failover").await.ok() },
+    )
     .await?;
     let failover = killed_at.elapsed();
     println!("leader {leader} killed; first commit by a new leader after {failover:?}");
-    assert!(failover < Duration::from_secs(3), "failover took {failover:?}");
+    assert!(
+        failover < Duration::from_secs(3),
+        "failover took {failover:?}"
+    );
 
     // The killed controller restarts and catches up with nothing lost.
     lab.start(leader)?;
     let expected = members(&lab, lab.wait_leader(ELECTION).await?).await;
-    wait_for(Duration::from_secs(10), "the restarted controller to catch up", || async {
-        let s = lab.local_status(leader).await?;
-        (s.applied_index >= index && members(&lab, leader).await == expected).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "the restarted controller to catch up",
+        || async {
+            let s = lab.local_status(leader).await?;
+            (s.applied_index >= index && members(&lab, leader).await == expected).then_some(())
+        },
+    )
     .await?;
     assert_eq!(expected.as_ref().map(Vec::len), Some(60));
 
@@ -93,18 +110,40 @@ async fn leader_failover_restart_and_membership_changes() -> anyhow::Result<()> 
     let founders = [1, 2, 3];
     lab.configure(4, &founders, true)?;
     lab.start(4)?;
-    let add = lab.ctl(&["controller", "add", "--id", "4", "--address", &lab.address(4)])?;
-    assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
+    let add = lab.ctl(&[
+        "controller",
+        "add",
+        "--id",
+        "4",
+        "--address",
+        &lab.address(4),
+    ])?;
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
     let target = lab.noop(b"after-add").await?;
-    wait_for(Duration::from_secs(15), "controller 4 to catch up", || async {
-        let s = lab.local_status(4).await?;
-        (s.applied_index >= target && s.controllers.len() == 4).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(15),
+        "controller 4 to catch up",
+        || async {
+            let s = lab.local_status(4).await?;
+            (s.applied_index >= target && s.controllers.len() == 4).then_some(())
+        },
+    )
     .await?;
     let leader_now = lab.wait_leader(ELECTION).await?;
-    let victim = founders.into_iter().find(|&id| id != leader_now).unwrap_or(1);
+    let victim = founders
+        .into_iter()
+        .find(|&id| id != leader_now)
+        .unwrap_or(1);
     let rm = lab.ctl(&["controller", "remove", "--id", &victim.to_string()])?;
-    assert!(rm.status.success(), "{}", String::from_utf8_lossy(&rm.stderr));
+    assert!(
+        rm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
     lab.kill(victim)?;
     let after = lab.noop(b"after-remove").await?;
     stop.store(true, Ordering::Relaxed);
@@ -115,16 +154,22 @@ async fn leader_failover_restart_and_membership_changes() -> anyhow::Result<()> 
         failed.load(Ordering::Relaxed)
     );
     assert!(ok.load(Ordering::Relaxed) > 0);
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "proposals failed during reconfiguration");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "proposals failed during reconfiguration"
+    );
     let s = lab
         .local_status(4)
         .await
         .ok_or_else(|| anyhow::anyhow!("controller 4 silent"))?;
     assert_eq!(s.controllers.len(), 3, "{:?}", s.controllers);
     assert!(!s.controllers.iter().any(|c| c.id == victim));
-    wait_for(Duration::from_secs(10), "controller 4 to apply the last write", || async {
-        (lab.local_status(4).await?.applied_index >= after).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "controller 4 to apply the last write",
+        || async { (lab.local_status(4).await?.applied_index >= after).then_some(()) },
+    )
     .await?;
     Ok(())
 }

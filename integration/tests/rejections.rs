@@ -17,9 +17,16 @@ use vipshare_proto::PROTOCOL_VERSION;
 
 /// Wait until controller 1's log mentions `needle` (logging is asynchronous to the reply).
 async fn logged(lab: &Lab, needle: &str) -> anyhow::Result<()> {
-    wait_for(Duration::from_secs(5), &format!("log line {needle:?}"), || async {
-        lab.controllers[&1].log_text().contains(needle).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(5),
+        &format!("log line {needle:?}"),
+        || async {
+            lab.controllers[&1]
+                .log_text()
+                .contains(needle)
+                .then_some(())
+        },
+    )
     .await
 }
 
@@ -32,7 +39,10 @@ fn status_req() -> pb::StatusRequest {
 
 async fn status_with(lab: &Lab, cfg: Arc<rustls::ClientConfig>) -> anyhow::Result<pb::StatusReply> {
     let ch = tls::connect_once(&format!("https://{}", lab.address(1)), cfg).await?;
-    Ok(AdminApiClient::new(ch).status(status_req()).await?.into_inner())
+    Ok(AdminApiClient::new(ch)
+        .status(status_req())
+        .await?
+        .into_inner())
 }
 
 fn raft_batch(from: u64) -> pb::RaftBatch {
@@ -55,25 +65,30 @@ async fn hostile_clients_are_refused_logged_and_change_nothing() -> anyhow::Resu
     let mut lab = Lab::new("127.0.20", 3)?;
     lab.start_founders(3)?;
     lab.wait_leader(Duration::from_secs(15)).await?;
-    let init = lab.mutate(Op::InitCluster(pb::InitCluster {
-        settings: Some(pb::ClusterSettings {
-            vips: vec![],
-            bucket_count: 16,
-            ..Default::default()
-        }),
-    }))
-    .await?;
+    let init = lab
+        .mutate(Op::InitCluster(pb::InitCluster {
+            settings: Some(pb::ClusterSettings {
+                vips: vec![],
+                bucket_count: 16,
+                ..Default::default()
+            }),
+        }))
+        .await?;
     // Every controller has applied the init before the hostile traffic starts.
-    let before = wait_for(Duration::from_secs(10), "all controllers to apply init", || async {
-        let mut applied = Vec::new();
-        for id in 1..=3 {
-            applied.push(lab.local_status(id).await?);
-        }
-        applied
-            .iter()
-            .all(|s| s.applied_index >= init && s.applied_index == applied[0].applied_index)
-            .then(|| applied.swap_remove(0))
-    })
+    let before = wait_for(
+        Duration::from_secs(10),
+        "all controllers to apply init",
+        || async {
+            let mut applied = Vec::new();
+            for id in 1..=3 {
+                applied.push(lab.local_status(id).await?);
+            }
+            applied
+                .iter()
+                .all(|s| s.applied_index >= init && s.applied_index == applied[0].applied_index)
+                .then(|| applied.swap_remove(0))
+        },
+    )
     .await?;
     let ca = lab.certs.join("ca.crt");
 
@@ -98,7 +113,9 @@ async fn hostile_clients_are_refused_logged_and_change_nothing() -> anyhow::Resu
     pki::issue(&foreign, Role::Admin, "mallory", &[], &[], 30)?;
     let mut files = TlsFiles::in_dir(&foreign, Role::Admin, "mallory");
     files.ca = ca.clone();
-    assert!(status_with(&lab, tls::client_config(&files)?).await.is_err());
+    assert!(status_with(&lab, tls::client_config(&files)?)
+        .await
+        .is_err());
     logged(&lab, "unknown_ca").await?;
 
     // 3. An agent certificate sending raft traffic.
@@ -123,10 +140,14 @@ async fn hostile_clients_are_refused_logged_and_change_nothing() -> anyhow::Resu
 
     // 4. Garbage bytes on the port.
     let mut s = tokio::net::TcpStream::connect(lab.address(1)).await?;
-    s.write_all(&[0x17, 0x42, 0x99, 0x00, 0xff, 0x13, 0x37, 0x00, 0x01, 0x02]).await?;
+    s.write_all(&[0x17, 0x42, 0x99, 0x00, 0xff, 0x13, 0x37, 0x00, 0x01, 0x02])
+        .await?;
     let mut buf = [0u8; 64];
     let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await??;
-    assert!(n == 0 || buf[0] == 0x15, "server answered garbage with data");
+    assert!(
+        n == 0 || buf[0] == 0x15,
+        "server answered garbage with data"
+    );
     logged(&lab, "not_tls").await?;
 
     // 5. Plaintext HTTP/2.

@@ -54,7 +54,9 @@ impl DiskImage {
         if index < snap || index > self.last_index() {
             return None;
         }
-        self.entries.get((index - snap - 1) as usize).map(|e| e.term)
+        self.entries
+            .get((index - snap - 1) as usize)
+            .map(|e| e.term)
     }
 
     fn apply(&mut self, op: Op) {
@@ -211,10 +213,11 @@ mod tests {
     use super::*;
 
     fn ent(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e
+        Entry {
+            index,
+            term,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -223,8 +226,10 @@ mod tests {
         d.append(&[ent(1, 1), ent(2, 1)]).unwrap();
         d.sync().unwrap();
         d.append(&[ent(3, 1)]).unwrap();
-        let mut hs = HardState::default();
-        hs.term = 2;
+        let hs = HardState {
+            term: 2,
+            ..Default::default()
+        };
         d.set_hard_state(&hs).unwrap();
         d.crash(1);
         let r = d.recover();

@@ -148,6 +148,8 @@ fn random_fault(rng: &mut ChaCha8Rng) -> Fault {
             duration_ms: rng.gen_range(1000..8000),
         },
         84..=91 => Fault::AddController,
-        _ => Fault::RemoveController { target: target(rng) },
+        _ => Fault::RemoveController {
+            target: target(rng),
+        },
     }
 }

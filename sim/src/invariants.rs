@@ -248,7 +248,9 @@ impl Checker {
             }
         }
         // Newest entry first applied while every term seen was below this one.
-        let k = self.commit_tips.partition_point(|(bound, _, _)| *bound < role.term);
+        let k = self
+            .commit_tips
+            .partition_point(|(bound, _, _)| *bound < role.term);
         if let Some(&(_, index, term)) = k.checked_sub(1).and_then(|k| self.commit_tips.get(k)) {
             if !holds(index, term) {
                 return violation(
@@ -371,7 +373,10 @@ impl Checker {
                         "state machine safety",
                         node,
                         Some(e.index),
-                        format!("proposal {id:?} applied at index {} and at index {i}", e.index),
+                        format!(
+                            "proposal {id:?} applied at index {} and at index {i}",
+                            e.index
+                        ),
                     )
                 }
                 Some(_) => {}
@@ -557,11 +562,7 @@ impl Checker {
 
     /// `holders` voters (of [`Checker::voters`]) hold the newest committed entry: it
     /// must be enough that every quorum includes one of them.
-    pub fn check_committed_held(
-        &self,
-        holders: &[u64],
-        missing: &[u64],
-    ) -> Result<(), Violation> {
+    pub fn check_committed_held(&self, holders: &[u64], missing: &[u64]) -> Result<(), Violation> {
         let n = holders.len() + missing.len();
         if 2 * holders.len() >= n {
             return Ok(());
@@ -604,14 +605,14 @@ mod tests {
     #[test]
     fn divergent_logs_are_caught() {
         let mut c = Checker::new(1, 1, &[1, 2, 3], 0);
-        let e = |index, term, data: &'static [u8]| {
-            let mut e = Entry::default();
-            e.index = index;
-            e.term = term;
-            e.data = data.into();
-            e
+        let e = |index, term, data: &'static [u8]| Entry {
+            index,
+            term,
+            data: data.into(),
+            ..Default::default()
         };
-        c.observe_log(1, Some(1), &[e(2, 2, b"a"), e(3, 2, b"b")]).unwrap();
+        c.observe_log(1, Some(1), &[e(2, 2, b"a"), e(3, 2, b"b")])
+            .unwrap();
         c.observe_log(2, Some(1), &[e(2, 2, b"a")]).unwrap();
         assert!(c.observe_log(3, Some(1), &[e(2, 2, b"x")]).is_err());
         assert!(c.observe_log(3, Some(7), &[e(2, 2, b"a")]).is_err());

@@ -21,7 +21,10 @@ enum Bug {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "vipshare-sim", about = "Deterministic simulator of vipshare's controllers")]
+#[command(
+    name = "vipshare-sim",
+    about = "Deterministic simulator of vipshare's controllers"
+)]
 struct Args {
     /// Run this many seeds, from --start.
     #[arg(long, default_value_t = 100, conflicts_with = "seed")]
@@ -46,7 +49,7 @@ struct Args {
     #[arg(long, default_value_t = 3, value_parser = clap::builder::PossibleValuesParser::new(["3", "5"]).map(|s| s.parse::<usize>().unwrap_or(3)))]
     nodes: usize,
     /// Virtual time with faults, in ms.
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, default_value_t = 60_000)]
     duration_ms: u64,
     /// Virtual time allowed to recover after the faults, in ms.
     #[arg(long, default_value_t = 10_000)]
@@ -142,7 +145,11 @@ fn main() -> ExitCode {
             println!("{}", line(r));
         }
     }
-    println!("{} passed, {} failed", reports.len() - failed.len(), failed.len());
+    println!(
+        "{} passed, {} failed",
+        reports.len() - failed.len(),
+        failed.len()
+    );
     if !failed.is_empty() {
         let list: Vec<String> = failed.iter().map(u64::to_string).collect();
         println!("failing seeds: {}", list.join(" "));

@@ -97,6 +97,22 @@ impl NetProfile {
     }
 }
 
+impl std::fmt::Display for NetProfile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (delay {}-{}ms, {:.0}% spikes to {}ms, {:.1}% loss, {:.1}% duplicates)",
+            self.name,
+            self.min_delay_ms,
+            self.max_delay_ms,
+            self.spike * 100.0,
+            self.spike_max_ms,
+            self.loss * 100.0,
+            self.duplicate * 100.0
+        )
+    }
+}
+
 /// What the network does with one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {

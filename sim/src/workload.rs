@@ -18,15 +18,19 @@ pub struct Workload {
 
 impl Workload {
     pub fn init_command(&self) -> Command {
-        Command::InitCluster {
-            settings: Settings {
-                vips: vec![vip(0)],
-                bucket_count: BUCKETS,
-                bucket_fn: BucketFn::Jhash,
-                affinity: Affinity::Address,
-                seed: 0x5eed,
-            },
-        }
+        // Built from JSON so that settings fields with serde defaults (added as the
+        // state machine grows) take their defaults.
+        let settings = serde_json::json!({
+            "vips": [vip(0)],
+            "bucket_count": BUCKETS,
+            "bucket_fn": BucketFn::Jhash,
+            "affinity": Affinity::Address,
+            "seed": 0x5eed,
+        });
+        let settings: Settings = serde_json::from_value(settings).unwrap_or_else(|e| {
+            panic!("workload: Settings no longer decode ({e}); update workload.rs")
+        });
+        Command::InitCluster { settings }
     }
 
     /// A random command; `initialised` says whether InitCluster has been applied.

@@ -14,11 +14,11 @@
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap};
 
+use raft::eraftpb::{Message, MessageType, Snapshot};
+use raft::{StateRole, Storage};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use raft::eraftpb::{Message, MessageType, Snapshot};
-use raft::{StateRole, Storage};
 use vipshare_core::command::{Command, ProposalId};
 use vipshare_core::replica::{
     is_snapshot, AppliedEntry, ControllerChange, Faults, Outcome, ReadyOutput, Replica,
@@ -64,10 +64,10 @@ impl SimConfig {
         SimConfig {
             seed,
             nodes: 3,
-            duration_ms: 30_000,
+            duration_ms: 60_000,
             liveness_ms: 10_000,
             tick_ms: 100,
-            fault_gap_ms: 800,
+            fault_gap_ms: 700,
             skip_sync: false,
             check_promises: true,
             print_trace: false,
@@ -235,9 +235,7 @@ impl Node {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Faults,
-    Liveness {
-        deadline: u64,
-    },
+    Liveness { deadline: u64 },
     Done,
 }
 
@@ -264,7 +262,7 @@ pub struct World {
     next_id: u64,
     next_proposal: u64,
     /// Proposals accepted by a leader and not yet applied anywhere: the command's name.
-    pending: BTreeMap<ProposalId, &'static str>,
+    pending: BTreeMap<ProposalId, String>,
     initialised: bool,
     phase: Phase,
     probe: Option<(ProposalId, u64)>,
@@ -346,19 +344,13 @@ fn describe_outcome(o: &Outcome) -> String {
     invariants::outcome_key(o)
 }
 
-fn command_name(c: &Command) -> &'static str {
-    match c {
-        Command::InitCluster { .. } => "init_cluster",
-        Command::AddVip { .. } => "add_vip",
-        Command::RemoveVip { .. } => "remove_vip",
-        Command::AddMember { .. } => "add_member",
-        Command::RemoveMember { .. } => "remove_member",
-        Command::SetWeight { .. } => "set_weight",
-        Command::Drain { .. } => "drain",
-        Command::Undrain { .. } => "undrain",
-        Command::SetOwners { .. } => "set_owners",
-        Command::Noop { .. } => "noop",
-    }
+/// The command's variant name (its Debug form up to the fields).
+fn command_name(c: &Command) -> String {
+    let full = format!("{c:?}");
+    full.split([' ', '{', '('])
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 impl World {
@@ -568,7 +560,11 @@ impl World {
                 Ok(())
             }
             Event::Resume { node } => {
-                if self.nodes.get(&node).is_some_and(|n| n.paused_until == self.now) {
+                if self
+                    .nodes
+                    .get(&node)
+                    .is_some_and(|n| n.paused_until == self.now)
+                {
                     self.trace(Some(node), || "resumes".into());
                 }
                 Ok(())
@@ -627,6 +623,9 @@ impl World {
         let Some(node) = self.nodes.get_mut(&id) else {
             return Ok(());
         };
+        if !matches!(node.slot, Slot::Down(_)) {
+            return Ok(());
+        }
         let Slot::Down(disk) = std::mem::replace(&mut node.slot, Slot::Gone) else {
             return Ok(());
         };
@@ -665,6 +664,9 @@ impl World {
         let Some(node) = self.nodes.get_mut(&id) else {
             return Ok(());
         };
+        if !node.is_up() {
+            return Ok(());
+        }
         let Slot::Up(mut replica) = std::mem::replace(&mut node.slot, Slot::Gone) else {
             return Ok(());
         };
@@ -705,13 +707,20 @@ impl World {
     }
 
     fn is_paused(&self, id: u64) -> bool {
-        self.nodes.get(&id).is_some_and(|n| n.paused_until > self.now)
+        self.nodes
+            .get(&id)
+            .is_some_and(|n| n.paused_until > self.now)
     }
 
     /// Runs Ready rounds on `id` until it has nothing more to do, routes what it
     /// sends, and checks the invariants that concern it.
     fn process(&mut self, id: u64) -> Result<(), Failure> {
-        for _ in 0..64 {
+        for round in 0.. {
+            if round == 64 {
+                return Err(self.internal(format!(
+                    "n{id} still has work after {round} Ready rounds in one step"
+                )));
+            }
             let Some(r) = self.nodes.get_mut(&id).and_then(Node::replica_mut) else {
                 break;
             };
@@ -773,7 +782,10 @@ impl World {
             for ctx in &out.reads {
                 self.stats.reads_served += 1;
                 self.trace(Some(id), || {
-                    format!("serves read {:?} at applied {applied}", String::from_utf8_lossy(ctx))
+                    format!(
+                        "serves read {:?} at applied {applied}",
+                        String::from_utf8_lossy(ctx)
+                    )
                 });
                 let (seed, now) = (self.cfg.seed, self.now);
                 self.checker
@@ -783,7 +795,9 @@ impl World {
         }
         if let Some(i) = out.compacted_to {
             self.stats.compactions += 1;
-            self.trace(Some(id), || format!("compacted the log into a snapshot at {i}"));
+            self.trace(Some(id), || {
+                format!("compacted the log into a snapshot at {i}")
+            });
         }
         self.send(id, out.messages);
         Ok(())
@@ -849,7 +863,10 @@ impl World {
             match route {
                 Route::Blocked => {
                     self.stats.messages_dropped += 1;
-                    self.trace(Some(from), || format!("send {} BLOCKED", describe(&m)));
+                    let why = if alive { "partitioned" } else { "peer down" };
+                    self.trace(Some(from), || {
+                        format!("send {} BLOCKED ({why})", describe(&m))
+                    });
                     unreachable.push((to, snapshot));
                 }
                 Route::Lost => {
@@ -925,7 +942,11 @@ impl World {
                 format!(
                     "drop {} ({})",
                     describe(&msg),
-                    if up { "partitioned in flight" } else { "node down" }
+                    if up {
+                        "partitioned in flight"
+                    } else {
+                        "node down"
+                    }
                 )
             });
             let sender = self
@@ -1069,13 +1090,17 @@ impl World {
         match r.propose(id, &cmd) {
             Ok(()) => {
                 self.stats.proposals += 1;
-                self.pending.insert(id, name);
-                self.trace(Some(target), || format!("client proposes n{target}#{} {name}", id.seq));
+                self.pending.insert(id, name.clone());
+                self.trace(Some(target), || {
+                    format!("client proposes n{target}#{} {name}", id.seq)
+                });
                 self.process(target)
             }
             Err(e) => {
                 self.stats.proposals_refused += 1;
-                self.trace(Some(target), || format!("client proposal {name} refused: {e}"));
+                self.trace(Some(target), || {
+                    format!("client proposal {name} refused: {e}")
+                });
                 Ok(())
             }
         }
@@ -1129,7 +1154,9 @@ impl World {
     fn partition(&mut self, links: Vec<(u64, u64)>, duration: u64, what: String) {
         let id = self.net.partition(links);
         self.stats.partitions += 1;
-        self.trace(None, || format!("FAULT partition {id}: {what} for {duration}ms"));
+        self.trace(None, || {
+            format!("FAULT partition {id}: {what} for {duration}ms")
+        });
         self.schedule(self.now + duration, Event::Heal { partition: id });
     }
 
@@ -1246,7 +1273,7 @@ impl World {
             } => {
                 self.net_epoch += 1;
                 self.trace(None, || {
-                    format!("FAULT network turns {profile:?} for {duration_ms}ms")
+                    format!("FAULT network turns {profile} for {duration_ms}ms")
                 });
                 self.net.set_profile(profile);
                 let epoch = self.net_epoch;
@@ -1288,7 +1315,9 @@ impl World {
             Ok(()) => {
                 self.next_id += 1;
                 self.stats.controllers_added += 1;
-                self.trace(Some(leader), || format!("FAULT proposes adding controller n{new}"));
+                self.trace(Some(leader), || {
+                    format!("FAULT proposes adding controller n{new}")
+                });
                 self.nodes.insert(
                     new,
                     Node {
@@ -1379,7 +1408,11 @@ impl World {
                     r.storage_mut().durable_mut().disarm();
                 }
             }
-            if self.nodes.get(&id).is_some_and(|n| matches!(n.slot, Slot::Down(_))) {
+            if self
+                .nodes
+                .get(&id)
+                .is_some_and(|n| matches!(n.slot, Slot::Down(_)))
+            {
                 self.start_node(id)?;
             }
         }

@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use vipshare_core::command::Command;
+use vipshare_core::damping::Damping;
+use vipshare_core::lease::LeaseTiming;
 use vipshare_core::replica::ControllerChange;
 use vipshare_core::state::{MemberState, Settings, Vip};
 use vipshare_proto::pki::Role;
@@ -23,6 +25,7 @@ const READERS: &[Role] = &[Role::Admin, Role::Reader];
 
 pub struct AdminService {
     pub node: NodeHandle,
+    pub leases: std::sync::Arc<crate::leases::Leases>,
 }
 
 impl AdminService {
@@ -85,20 +88,38 @@ impl AdminApi for AdminService {
         check_version(req.get_ref().protocol_version)?;
         let v = self.view(req.get_ref().local).await?;
         let s = &v.state;
+        let damping = s.settings.as_ref().map(|x| x.damping).unwrap_or_default();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let members = s
             .members
             .iter()
             .map(|(name, m)| pb::MemberInfo {
                 name: name.clone(),
                 weight: m.weight,
-                state: match m.state {
-                    MemberState::Active => "active",
-                    MemberState::Draining => "draining",
+                state: if m.suppressed {
+                    "suppressed"
+                } else if m.down {
+                    "down"
+                } else if m.evicted {
+                    "evicted"
+                } else {
+                    match m.state {
+                        MemberState::Active => "active",
+                        MemberState::Draining => "draining",
+                    }
                 }
                 .into(),
                 epoch: m.epoch,
                 buckets: s.owned_by(name).count() as u32,
-                penalty: 0.0,
+                penalty: f64::from(damping.current(m.penalty, wall)),
+                returns_in_ms: if m.suppressed {
+                    damping.time_to_reuse(m.penalty, wall)
+                } else {
+                    0
+                },
+                last_ack_ms_ago: self.leases.since_ack(name),
             })
             .collect();
         Ok(Response::new(pb::MembersReply {
@@ -170,7 +191,10 @@ fn to_action(op: Op) -> Result<Action, Status> {
             )?,
         },
         Op::AddVip(a) => Command::AddVip {
-            vip: vip_from_pb(a.vip.ok_or_else(|| Status::invalid_argument("add_vip needs a vip"))?)?,
+            vip: vip_from_pb(
+                a.vip
+                    .ok_or_else(|| Status::invalid_argument("add_vip needs a vip"))?,
+            )?,
         },
         Op::RemoveVip(r) => Command::RemoveVip { address: r.address },
         Op::AddMember(a) => Command::AddMember {
@@ -221,10 +245,9 @@ fn member_name(name: String) -> Result<String, Status> {
 
 #[allow(clippy::result_large_err)]
 fn vip_from_pb(v: pb::Vip) -> Result<Vip, Status> {
-    let addr: std::net::IpAddr = v
-        .address
-        .parse()
-        .map_err(|_| Status::invalid_argument(format!("VIP {:?} is not an IP address", v.address)))?;
+    let addr: std::net::IpAddr = v.address.parse().map_err(|_| {
+        Status::invalid_argument(format!("VIP {:?} is not an IP address", v.address))
+    })?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let prefix_len = if v.prefix_len == 0 { max } else { v.prefix_len };
     if prefix_len > max {
@@ -239,7 +262,9 @@ fn vip_from_pb(v: pb::Vip) -> Result<Vip, Status> {
     };
     let octets: Vec<_> = mac.split(':').collect();
     let multicast = octets.len() == 6
-        && octets.iter().all(|o| o.len() == 2 && u8::from_str_radix(o, 16).is_ok())
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && u8::from_str_radix(o, 16).is_ok())
         && u8::from_str_radix(octets[0], 16).is_ok_and(|b| b & 1 == 1);
     if !multicast {
         return Err(Status::invalid_argument(format!(
@@ -284,7 +309,11 @@ fn settings_from_pb(s: pb::ClusterSettings) -> Result<Settings, Status> {
             .into_iter()
             .map(vip_from_pb)
             .collect::<Result<_, _>>()?,
-        bucket_count: if s.bucket_count == 0 { 256 } else { s.bucket_count },
+        bucket_count: if s.bucket_count == 0 {
+            256
+        } else {
+            s.bucket_count
+        },
         bucket_fn: bucket_fn
             .parse()
             .map_err(|e| Status::invalid_argument(format!("bucket_function: {e}")))?,
@@ -292,6 +321,21 @@ fn settings_from_pb(s: pb::ClusterSettings) -> Result<Settings, Status> {
             .parse()
             .map_err(|e| Status::invalid_argument(format!("affinity: {e}")))?,
         seed: s.seed,
+        lease: s.lease.map_or_else(LeaseTiming::default, |l| LeaseTiming {
+            heartbeat_ms: l.heartbeat_ms,
+            lease_ms: l.lease_ms,
+            kernel_delay_ms: l.kernel_delay_ms,
+            clock_rate_ppm: l.clock_rate_ppm,
+            margin_ms: l.margin_ms,
+        }),
+        damping: s.damping.map_or_else(Damping::default, |d| Damping {
+            penalty_per_loss: d.penalty_per_loss,
+            half_life_ms: d.half_life_ms,
+            suppress: d.suppress,
+            reuse: d.reuse,
+            min_stable_ms: d.min_stable_ms,
+            cap: d.cap,
+        }),
     })
 }
 
@@ -310,6 +354,21 @@ pub fn settings_to_pb(s: &Settings) -> pb::ClusterSettings {
         bucket_function: s.bucket_fn.to_string(),
         affinity: s.affinity.to_string(),
         seed: s.seed,
+        lease: Some(pb::LeaseTiming {
+            heartbeat_ms: s.lease.heartbeat_ms,
+            lease_ms: s.lease.lease_ms,
+            kernel_delay_ms: s.lease.kernel_delay_ms,
+            clock_rate_ppm: s.lease.clock_rate_ppm,
+            margin_ms: s.lease.margin_ms,
+        }),
+        damping: Some(pb::Damping {
+            penalty_per_loss: s.damping.penalty_per_loss,
+            half_life_ms: s.damping.half_life_ms,
+            suppress: s.damping.suppress,
+            reuse: s.damping.reuse,
+            min_stable_ms: s.damping.min_stable_ms,
+            cap: s.damping.cap,
+        }),
     }
 }
 
@@ -336,7 +395,10 @@ mod tests {
             })
         };
         assert_eq!(v("192.0.2.10", "").unwrap().mac, "01:00:5e:00:02:0a");
-        assert!(v("192.0.2.300", "").unwrap_err().message().contains("192.0.2.300"));
+        assert!(v("192.0.2.300", "")
+            .unwrap_err()
+            .message()
+            .contains("192.0.2.300"));
         assert!(v("192.0.2.10", "00:11:22:33:44:55")
             .unwrap_err()
             .message()

@@ -21,6 +21,8 @@ const SERVICE: &str = "agent";
 
 pub struct AgentService {
     pub node: NodeHandle,
+    pub leases: std::sync::Arc<crate::leases::Leases>,
+    pub released: tokio::sync::mpsc::Sender<crate::ownership::Released>,
 }
 
 #[allow(clippy::result_large_err)]
@@ -47,16 +49,34 @@ fn assignment(v: &NodeView, member: &str) -> pb::Assignment {
         member_epoch: s.members.get(member).map_or(0, |m| m.epoch),
         applied_index: v.applied,
         settings: s.settings.as_ref().map(settings_to_pb),
-        owned: (0u32..)
-            .zip(&s.buckets)
-            .filter(|(_, b)| b.owner.as_deref() == Some(member))
-            .map(|(bucket, b)| pb::BucketGrant {
-                bucket,
-                epoch: b.epoch,
+        owned: grants(v, member, false),
+        release: grants(v, member, true),
+        controllers: s
+            .controllers
+            .iter()
+            .map(|(&id, address)| pb::ControllerInfo {
+                id,
+                address: address.clone(),
+                role: if v.voters.contains(&id) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .into(),
             })
             .collect(),
-        release: vec![],
     }
+}
+
+fn grants(v: &NodeView, member: &str, releasing: bool) -> Vec<pb::BucketGrant> {
+    (0u32..)
+        .zip(&v.state.buckets)
+        .filter(|(_, b)| b.owner.as_deref() == Some(member) && b.releasing == releasing)
+        .map(|(bucket, b)| pb::BucketGrant {
+            bucket,
+            epoch: b.epoch,
+        })
+        .collect()
 }
 
 type AssignmentStream = Pin<Box<dyn Stream<Item = Result<pb::Assignment, Status>> + Send>>;
@@ -72,13 +92,19 @@ impl AgentApi for AgentService {
         check_version(hb.protocol_version)?;
         let v = self.node.view();
         let member = v.state.members.get(&hb.member);
-        let (acked, reason) = match member {
-            None => (false, "unknown member".to_string()),
-            Some(m) if hb.member_epoch != 0 && hb.member_epoch != m.epoch => (
-                false,
-                format!("member epoch {} is not current ({})", hb.member_epoch, m.epoch),
-            ),
-            Some(_) => (true, String::new()),
+        let verdict = match member {
+            Some(m) if m.evicted && m.epoch == hb.member_epoch => {
+                Err(format!("evicted at epoch {}", m.epoch))
+            }
+            _ => self
+                .leases
+                .heartbeat(&hb.member, hb.member_epoch, member.map(|m| m.epoch))
+                .map_err(|r| r.to_string()),
+        };
+        crate::metrics::heartbeat(verdict.is_ok());
+        let (acked, reason) = match verdict {
+            Ok(()) => (true, String::new()),
+            Err(r) => (false, r),
         };
         Ok(Response::new(pb::HeartbeatReply {
             protocol_version: PROTOCOL_VERSION,
@@ -107,7 +133,11 @@ impl AgentApi for AgentService {
             loop {
                 let a = assignment(&views.borrow_and_update(), &member);
                 let changed = last.as_ref().is_none_or(|l| {
-                    l.owned != a.owned || l.settings != a.settings || l.member_epoch != a.member_epoch
+                    l.owned != a.owned
+                        || l.release != a.release
+                        || l.settings != a.settings
+                        || l.member_epoch != a.member_epoch
+                        || l.controllers != a.controllers
                 });
                 if changed {
                     if tx.send(Ok(a.clone())).await.is_err() {
@@ -128,9 +158,36 @@ impl AgentApi for AgentService {
         req: Request<pb::ReleasedRequest>,
     ) -> Result<Response<pb::ReleasedReply>, Status> {
         own_member(&req, &req.get_ref().member)?;
-        Err(Status::unimplemented(
-            "planned releases arrive with bucket leases (issue: bucket ownership)",
-        ))
+        let r = req.into_inner();
+        check_version(r.protocol_version)?;
+        for g in r.buckets {
+            // Only the leader acts on these; a full queue drops (the agent repeats).
+            let _ = self.released.try_send(crate::ownership::Released {
+                member: r.member.clone(),
+                bucket: g.bucket,
+                epoch: g.epoch,
+            });
+        }
+        Ok(Response::new(pb::ReleasedReply {
+            protocol_version: PROTOCOL_VERSION,
+        }))
+    }
+
+    async fn drain_self(
+        &self,
+        req: Request<pb::DrainSelfRequest>,
+    ) -> Result<Response<pb::DrainSelfReply>, Status> {
+        own_member(&req, &req.get_ref().member)?;
+        let r = req.into_inner();
+        check_version(r.protocol_version)?;
+        let drain = vipshare_core::command::Command::Drain { name: r.member };
+        if let Err(e) = self.node.propose(drain).await {
+            let v = self.node.view();
+            return Err(super::node_status(e, v.leader_address()));
+        }
+        Ok(Response::new(pb::DrainSelfReply {
+            protocol_version: PROTOCOL_VERSION,
+        }))
     }
 }
 

@@ -6,7 +6,7 @@ use raft::eraftpb::Message;
 use tonic::{Request, Response, Status};
 use vipshare_proto::pki::Role;
 use vipshare_proto::v1::raft_transport_server::RaftTransport;
-use vipshare_proto::v1::{RaftAck, RaftBatch};
+use vipshare_proto::v1::{FenceReply, FenceRequest, RaftAck, RaftBatch};
 use vipshare_proto::{check_version, PROTOCOL_VERSION};
 
 use super::{authorize, refuse};
@@ -18,6 +18,7 @@ pub struct RaftService {
     pub id: u64,
     pub cluster: String,
     pub node: NodeHandle,
+    pub leases: std::sync::Arc<crate::leases::Leases>,
 }
 
 #[tonic::async_trait]
@@ -53,7 +54,10 @@ impl RaftTransport for RaftService {
                 refuse(
                     SERVICE,
                     "malformed",
-                    format!("message {i} from controller {} does not decode: {e}", batch.from),
+                    format!(
+                        "message {i} from controller {} does not decode: {e}",
+                        batch.from
+                    ),
                 )
             })?;
             if m.from != batch.from || m.to != self.id {
@@ -73,6 +77,33 @@ impl RaftTransport for RaftService {
         Ok(Response::new(RaftAck {
             protocol_version: PROTOCOL_VERSION,
             accepted,
+        }))
+    }
+
+    async fn fence(&self, req: Request<FenceRequest>) -> Result<Response<FenceReply>, Status> {
+        let identity = authorize(&req, SERVICE, &[Role::Controller])?;
+        let f = req.into_inner();
+        check_version(f.protocol_version)?;
+        if identity.controller_id() != Some(f.from) || f.cluster != self.cluster {
+            return Err(refuse(
+                SERVICE,
+                "id_mismatch",
+                format!(
+                    "{} may not ask to fence as controller {}",
+                    identity.to_uri(),
+                    f.from
+                ),
+            ));
+        }
+        let outcome = self
+            .leases
+            .fence(&f.member, f.epoch)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(FenceReply {
+            protocol_version: PROTOCOL_VERSION,
+            controller_id: self.id,
+            agreed: outcome.is_none(),
+            retry_after_ms: outcome.unwrap_or(0),
         }))
     }
 }

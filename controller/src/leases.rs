@@ -1,0 +1,122 @@
+//! This controller's lease promises ([`vipshare_core::lease::Promises`]) behind a
+//! lock, on a monotonic clock, with fence marks persisted before they are granted.
+//!
+//! A plain mutex is enough here: the hot path is one map update per heartbeat
+//! (members x 10 per second), and keeping the pure `Promises` type lets the
+//! simulator run exactly this logic.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use vipshare_core::lease::{LeaseTiming, Promises, Refusal};
+
+pub struct Leases {
+    started: Instant,
+    promises: Mutex<Promises>,
+    fence_file: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("{}: {reason}", file.display())]
+    FenceFile { file: PathBuf, reason: String },
+}
+
+impl Leases {
+    /// Loads the fence marks from `data_dir/fences.json` (refusing a corrupt one).
+    pub fn open(data_dir: &Path) -> Result<Self, LeaseError> {
+        let fence_file = data_dir.join("fences.json");
+        let fenced: BTreeMap<String, u64> = match std::fs::read(&fence_file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| LeaseError::FenceFile {
+                file: fence_file.clone(),
+                reason: format!("corrupt: {e}; it records which members this controller fenced and must not be discarded"),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => {
+                return Err(LeaseError::FenceFile {
+                    file: fence_file,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        Ok(Leases {
+            started: Instant::now(),
+            promises: Mutex::new(Promises::new(LeaseTiming::default(), 0, fenced)),
+            fence_file,
+        })
+    }
+
+    /// Milliseconds on this controller's monotonic clock.
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Promises> {
+        // A panic while holding the lock leaves the promises consistent (every
+        // method updates one map entry), so a poisoned lock is still usable.
+        self.promises.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_timing(&self, timing: LeaseTiming) {
+        let mut p = self.lock();
+        if p.timing() != timing {
+            p.set_timing(timing);
+        }
+    }
+
+    pub fn heartbeat(&self, member: &str, epoch: u64, current: Option<u64>) -> Result<(), Refusal> {
+        let now = self.now_ms();
+        self.lock().heartbeat(now, member, epoch, current)
+    }
+
+    /// Milliseconds since this controller last acked `member`.
+    pub fn since_ack(&self, member: &str) -> u64 {
+        let now = self.now_ms();
+        now.saturating_sub(self.lock().last_ack(member))
+    }
+
+    /// Agree to fence if the promise ran out, persisting the mark first.
+    /// Returns `Ok(None)` on agreement, `Ok(Some(wait_ms))` when not yet.
+    pub fn fence(&self, member: &str, epoch: u64) -> Result<Option<u64>, LeaseError> {
+        let now = self.now_ms();
+        let mut p = self.lock();
+        let mut trial = p.clone();
+        if !trial.fence(now, member, epoch) {
+            let lc = p.timing().controller_promise_ms();
+            return Ok(Some((p.last_ack(member) + lc).saturating_sub(now)));
+        }
+        self.persist(trial.fenced())?;
+        *p = trial;
+        Ok(None)
+    }
+
+    pub fn with<T>(&self, f: impl FnOnce(&Promises) -> T) -> T {
+        f(&self.lock())
+    }
+
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.lock().retain(keep);
+    }
+
+    fn persist(&self, fenced: &BTreeMap<String, u64>) -> Result<(), LeaseError> {
+        let err = |reason: String| LeaseError::FenceFile {
+            file: self.fence_file.clone(),
+            reason,
+        };
+        let tmp = self.fence_file.with_extension("json.tmp");
+        let bytes = serde_json::to_vec(fenced).map_err(|e| err(e.to_string()))?;
+        let mut f = std::fs::File::create(&tmp).map_err(|e| err(e.to_string()))?;
+        f.write_all(&bytes).map_err(|e| err(e.to_string()))?;
+        f.sync_all().map_err(|e| err(e.to_string()))?;
+        std::fs::rename(&tmp, &self.fence_file).map_err(|e| err(e.to_string()))?;
+        if let Some(dir) = self.fence_file.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| err(e.to_string()))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,211 @@
+//! Runs the ownership planner (`vipshare_core::ownership`) while this controller is
+//! the leader: every half heartbeat interval it plans, runs fence rounds against
+//! every voter, and proposes the resulting commands. Nothing here decides; it only
+//! carries out what the planner chose.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use raft::StateRole;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+use vipshare_core::command::Command;
+use vipshare_core::lease::majority;
+use vipshare_core::ownership::{Action, Planner, PlannerConfig};
+use vipshare_proto::v1::raft_transport_client::RaftTransportClient;
+use vipshare_proto::v1::FenceRequest;
+use vipshare_proto::PROTOCOL_VERSION;
+
+use crate::leases::Leases;
+use crate::node::NodeHandle;
+
+/// A member's confirmation that it withdrew a bucket, from the agent API.
+#[derive(Debug, Clone)]
+pub struct Released {
+    pub member: String,
+    pub bucket: u32,
+    pub epoch: u64,
+}
+
+pub struct Ownership {
+    pub me: u64,
+    pub cluster: String,
+    pub node: NodeHandle,
+    pub leases: Arc<Leases>,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub released: mpsc::Receiver<Released>,
+}
+
+type Peers = BTreeMap<u64, (String, RaftTransportClient<Channel>)>;
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Ownership {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut planner = Planner::new(PlannerConfig::default());
+        let mut peers: Peers = BTreeMap::new();
+        let mut leading = false;
+        loop {
+            let view = self.node.view();
+            let timing = view
+                .state
+                .settings
+                .as_ref()
+                .map(|s| s.lease)
+                .unwrap_or_default();
+            self.leases.set_timing(timing);
+            let pause = Duration::from_millis((timing.heartbeat_ms / 2).max(10));
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                Some(r) = self.released.recv() => {
+                    if leading {
+                        planner.released(&r.member, r.bucket, r.epoch);
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+            let view = self.node.view();
+            if view.role.role != StateRole::Leader {
+                if leading {
+                    planner.reset();
+                    leading = false;
+                }
+                continue;
+            }
+            leading = true;
+            let state = &view.state;
+            self.leases.retain(|m| state.members.contains_key(m));
+            self.refresh_peers(&mut peers, &view.state.controllers);
+            let now = self.leases.now_ms();
+            let wall = wall_ms();
+            let actions = self.leases.with(|p| planner.plan(now, wall, state, p));
+            for action in actions {
+                match action {
+                    Action::Propose(cmd) => self.propose(cmd),
+                    Action::Fence { member, epoch } => {
+                        let voters = view.voters.clone();
+                        self.fence_round(&peers, voters, member, epoch, wall);
+                    }
+                }
+            }
+        }
+    }
+
+    fn refresh_peers(&self, peers: &mut Peers, controllers: &BTreeMap<u64, String>) {
+        peers.retain(|id, (addr, _)| controllers.get(id) == Some(addr));
+        for (&id, addr) in controllers {
+            if id == self.me || peers.contains_key(&id) {
+                continue;
+            }
+            match vipshare_proto::tls::channel(&format!("https://{addr}"), self.tls.clone()) {
+                Ok(ch) => {
+                    peers.insert(id, (addr.clone(), RaftTransportClient::new(ch)));
+                }
+                Err(e) => tracing::warn!(peer = id, %addr, error = %e, "no channel for fencing"),
+            }
+        }
+    }
+
+    fn propose(&self, cmd: Command) {
+        let node = self.node.clone();
+        let kind = command_kind(&cmd);
+        let moved = moved_buckets(&cmd);
+        tokio::spawn(async move {
+            match node.propose(cmd).await {
+                Ok(_) => crate::metrics::ownership_step(kind, moved),
+                Err(e) => tracing::debug!(kind, error = %e, "ownership proposal failed"),
+            }
+        });
+    }
+
+    /// Ask every voter (this controller included) to fence; on a majority of
+    /// agreements, propose the fence.
+    fn fence_round(&self, peers: &Peers, voters: Vec<u64>, member: String, epoch: u64, wall: u64) {
+        let need = majority(voters.len());
+        let me = self.me;
+        let leases = self.leases.clone();
+        let node = self.node.clone();
+        let cluster = self.cluster.clone();
+        let clients: Vec<_> = voters
+            .iter()
+            .filter(|&&v| v != me)
+            .filter_map(|v| peers.get(v).map(|(_, c)| (*v, c.clone())))
+            .collect();
+        tokio::spawn(async move {
+            let mut agreed = 0usize;
+            match leases.fence(&member, epoch) {
+                Ok(None) => agreed += 1,
+                Ok(Some(_)) => {}
+                Err(e) => tracing::error!(error = %e, "cannot persist fence mark"),
+            }
+            let asks = clients.into_iter().map(|(id, mut c)| {
+                let req = FenceRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    cluster: cluster.clone(),
+                    from: me,
+                    member: member.clone(),
+                    epoch,
+                };
+                async move {
+                    let r = tokio::time::timeout(Duration::from_secs(1), c.fence(req)).await;
+                    match r {
+                        Ok(Ok(reply)) => reply.into_inner().agreed,
+                        other => {
+                            tracing::debug!(peer = id, ?other, "fence request failed");
+                            false
+                        }
+                    }
+                }
+            });
+            agreed += futures::future::join_all(asks)
+                .await
+                .into_iter()
+                .filter(|a| *a)
+                .count();
+            let ok = agreed >= need;
+            crate::metrics::fencing_round(ok);
+            if !ok {
+                tracing::info!(%member, epoch, agreed, need, "fence not agreed yet (member still acked by others)");
+                return;
+            }
+            let silent_for = leases.since_ack(&member);
+            let cmd = Command::FenceMember {
+                name: member.clone(),
+                epoch,
+                at_ms: wall,
+            };
+            match node.propose(cmd).await {
+                Ok(_) => {
+                    tracing::warn!(%member, epoch, silent_ms = silent_for, "member fenced: lease ended, buckets freed");
+                    crate::metrics::fenced(silent_for);
+                }
+                Err(e) => tracing::info!(%member, error = %e, "fence proposal failed"),
+            }
+        });
+    }
+}
+
+fn command_kind(cmd: &Command) -> &'static str {
+    match cmd {
+        Command::SetOwners { .. } => "assign",
+        Command::Transfer { .. } => "transfer",
+        Command::Release { .. } => "release",
+        Command::Readmit { .. } => "readmit",
+        Command::Evict { .. } => "evict",
+        Command::FenceMember { .. } => "fence",
+        _ => "other",
+    }
+}
+
+fn moved_buckets(cmd: &Command) -> usize {
+    match cmd {
+        Command::SetOwners { changes } => changes.len(),
+        Command::Transfer { buckets, .. } => buckets.len(),
+        _ => 0,
+    }
+}

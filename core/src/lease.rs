@@ -1,0 +1,414 @@
+//! Quorum leases: the arithmetic that keeps two hosts from accepting new flows for
+//! the same bucket. Proof sketch in `controller/docs/leases.md`.
+//!
+//! An agent heartbeats every controller each `heartbeat_ms`, noting its own
+//! monotonic send time `t_s`. Once a majority of controllers acked that round, its
+//! lease runs to `t_s + lease_ms` *on the agent's clock*, and the agent writes its
+//! buckets into the kernel with that deadline ([`AgentLease`]).
+//!
+//! A controller that acked at its local time `t_r` promises not to help fence that
+//! member before `t_r + L_c` ([`Promises`]). The leader moves a silent member's
+//! buckets only after a majority agreed to fence it; some controller is in both
+//! majorities, so by then the member's last lease has ended in real time.
+//!
+//! All times are milliseconds of the caller's monotonic clock; nothing here reads one.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// Lease timing, a replicated cluster setting so agents and controllers agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LeaseTiming {
+    /// H: an agent heartbeats every controller this often.
+    pub heartbeat_ms: u64,
+    /// L: a lease lasts this long on the agent's clock from the round's send time.
+    pub lease_ms: u64,
+    /// delta: worst time from the agent deciding to the kernel enforcing it.
+    pub kernel_delay_ms: u64,
+    /// rho: bound on clock-rate error between any two hosts, parts per million.
+    pub clock_rate_ppm: u64,
+    /// m: extra safety margin.
+    pub margin_ms: u64,
+}
+
+impl Default for LeaseTiming {
+    fn default() -> Self {
+        LeaseTiming {
+            heartbeat_ms: 100,
+            lease_ms: 500,
+            kernel_delay_ms: 50,
+            clock_rate_ppm: 10_000,
+            margin_ms: 50,
+        }
+    }
+}
+
+impl LeaseTiming {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heartbeat_ms == 0 {
+            return Err("heartbeat_ms must be greater than 0".into());
+        }
+        if self.lease_ms < 2 * self.heartbeat_ms {
+            return Err(format!(
+                "lease_ms ({}) must be at least twice heartbeat_ms ({}) so one lost heartbeat does not drop the lease",
+                self.lease_ms, self.heartbeat_ms
+            ));
+        }
+        if self.kernel_delay_ms >= self.lease_ms {
+            return Err(format!(
+                "kernel_delay_ms ({}) must be shorter than lease_ms ({})",
+                self.kernel_delay_ms, self.lease_ms
+            ));
+        }
+        if self.clock_rate_ppm >= 100_000 {
+            return Err(format!(
+                "clock_rate_ppm {} is 10% or more; clocks that bad cannot hold leases",
+                self.clock_rate_ppm
+            ));
+        }
+        if self.lease_ms > 600_000 {
+            return Err("lease_ms above 10 minutes makes failover meaningless".into());
+        }
+        Ok(())
+    }
+
+    /// L_c >= (1 + rho) * (L / (1 - rho) + delta) + m, rounded up: how long after its
+    /// last ack a controller refuses to help fence a member.
+    pub fn controller_promise_ms(&self) -> u64 {
+        let rho = self.clock_rate_ppm as f64 / 1e6;
+        let worst_lease = self.lease_ms as f64 / (1.0 - rho) + self.kernel_delay_ms as f64;
+        ((1.0 + rho) * worst_lease).ceil() as u64 + self.margin_ms
+    }
+
+    /// Kernel timeout to install now for a lease that runs to `expiry` (agent
+    /// clock): the deadline minus `delta`, so that installing it late still ends the
+    /// lease in time. `None` when nothing is left.
+    pub fn kernel_timeout_ms(&self, now: u64, expiry: u64) -> Option<u64> {
+        expiry
+            .checked_sub(now)
+            .and_then(|left| left.checked_sub(self.kernel_delay_ms))
+            .filter(|&t| t > 0)
+    }
+}
+
+/// Majority of `n` voters.
+pub fn majority(n: usize) -> usize {
+    n / 2 + 1
+}
+
+/// A controller's side of the lease protocol: when it acked whom, and whom it
+/// agreed to fence. Not replicated: each controller's promises are its own.
+#[derive(Debug, Clone)]
+pub struct Promises {
+    timing: LeaseTiming,
+    /// Start time of this controller: it treats everyone as acked then, because a
+    /// restarted controller does not remember what it promised before.
+    started: u64,
+    last_ack: BTreeMap<String, u64>,
+    /// Highest epoch per member this controller agreed to fence. Must survive
+    /// restarts (the controller persists it), or a restarted controller could ack
+    /// a fenced epoch again.
+    fenced: BTreeMap<String, u64>,
+}
+
+/// Why a heartbeat was not acked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    UnknownMember,
+    StaleEpoch { current: u64 },
+    Fenced { epoch: u64 },
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::UnknownMember => write!(f, "unknown member"),
+            Refusal::StaleEpoch { current } => write!(f, "member epoch is now {current}"),
+            Refusal::Fenced { epoch } => write!(f, "epoch {epoch} is fenced"),
+        }
+    }
+}
+
+impl Promises {
+    pub fn new(timing: LeaseTiming, now: u64, fenced: BTreeMap<String, u64>) -> Self {
+        Promises {
+            timing,
+            started: now,
+            last_ack: BTreeMap::new(),
+            fenced,
+        }
+    }
+
+    pub fn set_timing(&mut self, timing: LeaseTiming) {
+        // A longer promise applies at once; a shorter one can only make fencing
+        // wait longer than needed until old acks age out, never shorter.
+        self.timing = timing;
+    }
+
+    pub fn timing(&self) -> LeaseTiming {
+        self.timing
+    }
+
+    /// Decide on a heartbeat from `member` claiming `epoch`, given the member's
+    /// current epoch in this controller's applied state (None if unknown).
+    pub fn heartbeat(
+        &mut self,
+        now: u64,
+        member: &str,
+        epoch: u64,
+        current: Option<u64>,
+    ) -> Result<(), Refusal> {
+        let current = current.ok_or(Refusal::UnknownMember)?;
+        if let Some(&f) = self.fenced.get(member) {
+            if epoch <= f {
+                return Err(Refusal::Fenced { epoch });
+            }
+        }
+        if epoch != current {
+            return Err(Refusal::StaleEpoch { current });
+        }
+        let t = self.last_ack.entry(member.to_string()).or_insert(now);
+        *t = (*t).max(now);
+        Ok(())
+    }
+
+    /// When this controller last acked `member` (its start time if never since).
+    pub fn last_ack(&self, member: &str) -> u64 {
+        self.last_ack
+            .get(member)
+            .copied()
+            .unwrap_or(0)
+            .max(self.started)
+    }
+
+    /// Whether the leader may count this controller towards fencing `member` now.
+    pub fn may_fence(&self, now: u64, member: &str) -> bool {
+        now >= self.last_ack(member) + self.timing.controller_promise_ms()
+    }
+
+    /// Agree to fence `member` at `epoch` if the promise has run out. On `true` the
+    /// caller must persist [`Promises::fenced`] before answering.
+    pub fn fence(&mut self, now: u64, member: &str, epoch: u64) -> bool {
+        if !self.may_fence(now, member) {
+            return false;
+        }
+        let f = self.fenced.entry(member.to_string()).or_insert(epoch);
+        *f = (*f).max(epoch);
+        true
+    }
+
+    pub fn fenced(&self) -> &BTreeMap<String, u64> {
+        &self.fenced
+    }
+
+    /// Forget members that are gone from the replicated state.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.last_ack.retain(|m, _| keep(m));
+        self.fenced.retain(|m, _| keep(m));
+    }
+}
+
+/// An agent's side: heartbeat rounds in flight and the lease they earned.
+#[derive(Debug, Clone)]
+pub struct AgentLease {
+    timing: LeaseTiming,
+    voters: BTreeSet<u64>,
+    next_round: u64,
+    rounds: BTreeMap<u64, Round>,
+    expiry: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Round {
+    sent: u64,
+    acks: BTreeSet<u64>,
+}
+
+impl AgentLease {
+    pub fn new(timing: LeaseTiming, voters: BTreeSet<u64>) -> Self {
+        AgentLease {
+            timing,
+            voters,
+            next_round: 1,
+            rounds: BTreeMap::new(),
+            expiry: None,
+        }
+    }
+
+    pub fn timing(&self) -> LeaseTiming {
+        self.timing
+    }
+
+    pub fn set_timing(&mut self, timing: LeaseTiming) {
+        self.timing = timing;
+    }
+
+    /// The controllers whose acks count (the current raft voters).
+    pub fn set_voters(&mut self, voters: BTreeSet<u64>) {
+        if voters != self.voters {
+            // Acks gathered under another voter set prove nothing now.
+            self.rounds.clear();
+            self.voters = voters;
+        }
+    }
+
+    /// Start a round: call just before sending it to every controller.
+    pub fn start_round(&mut self, now: u64) -> u64 {
+        let r = self.next_round;
+        self.next_round += 1;
+        self.rounds.insert(
+            r,
+            Round {
+                sent: now,
+                acks: BTreeSet::new(),
+            },
+        );
+        // Rounds older than a lease can no longer extend it.
+        let horizon = now.saturating_sub(self.timing.lease_ms);
+        self.rounds.retain(|_, rd| rd.sent >= horizon);
+        r
+    }
+
+    /// Record an ack of `round` from `controller`. Returns the new expiry when this
+    /// ack completed a majority that extends the lease.
+    pub fn ack(&mut self, round: u64, controller: u64) -> Option<u64> {
+        if !self.voters.contains(&controller) {
+            return None;
+        }
+        let need = majority(self.voters.len());
+        let rd = self.rounds.get_mut(&round)?;
+        if !rd.acks.insert(controller) || rd.acks.len() != need {
+            return None;
+        }
+        let expiry = rd.sent + self.timing.lease_ms;
+        if self.expiry.is_some_and(|e| e >= expiry) {
+            return None;
+        }
+        self.expiry = Some(expiry);
+        Some(expiry)
+    }
+
+    /// Drop the lease at once (the agent was fenced or is shutting down).
+    pub fn revoke(&mut self) {
+        self.expiry = None;
+        self.rounds.clear();
+    }
+
+    pub fn expiry(&self) -> Option<u64> {
+        self.expiry
+    }
+
+    pub fn valid(&self, now: u64) -> bool {
+        self.expiry.is_some_and(|e| now < e)
+    }
+
+    /// Kernel timeout for the owned buckets if installed now.
+    pub fn kernel_timeout_ms(&self, now: u64) -> Option<u64> {
+        self.timing.kernel_timeout_ms(now, self.expiry?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_promise_covers_the_worst_lease() {
+        let t = LeaseTiming::default();
+        assert!(t.validate().is_ok());
+        let lc = t.controller_promise_ms();
+        // (1.01) * (500 / 0.99 + 50) + 50 = 610.6..
+        assert_eq!(lc, 611);
+        // The promise in real time, on a fast controller clock, still outlasts the
+        // lease in real time on a slow agent clock plus the kernel delay.
+        let rho = t.clock_rate_ppm as f64 / 1e6;
+        assert!(
+            lc as f64 / (1.0 + rho) > t.lease_ms as f64 / (1.0 - rho) + t.kernel_delay_ms as f64
+        );
+    }
+
+    #[test]
+    fn impossible_timings_are_refused() {
+        let bad = |f: fn(&mut LeaseTiming)| {
+            let mut t = LeaseTiming::default();
+            f(&mut t);
+            t.validate().is_err()
+        };
+        assert!(bad(|t| t.lease_ms = 150));
+        assert!(bad(|t| t.kernel_delay_ms = 600));
+        assert!(bad(|t| t.clock_rate_ppm = 200_000));
+        assert!(bad(|t| t.heartbeat_ms = 0));
+    }
+
+    #[test]
+    fn lease_needs_a_majority_of_voters_and_counts_from_send_time() {
+        let mut a = AgentLease::new(LeaseTiming::default(), [1, 2, 3].into());
+        let r = a.start_round(1000);
+        assert_eq!(a.ack(r, 1), None);
+        assert_eq!(a.ack(r, 1), None, "duplicate ack counts once");
+        assert_eq!(a.ack(r, 9), None, "non-voter");
+        assert_eq!(a.ack(r, 2), Some(1500));
+        assert_eq!(a.ack(r, 3), None, "majority already reached");
+        assert!(a.valid(1499) && !a.valid(1500));
+        assert_eq!(a.kernel_timeout_ms(1100), Some(350));
+        assert_eq!(a.kernel_timeout_ms(1460), None);
+        // An older round completing late never shortens or re-extends the lease.
+        let old = a.start_round(1100);
+        let newer = a.start_round(1200);
+        assert_eq!(a.ack(newer, 1), None);
+        assert_eq!(a.ack(newer, 3), Some(1700));
+        assert_eq!(a.ack(old, 1), None);
+        assert_eq!(a.ack(old, 2), None);
+        assert_eq!(a.expiry(), Some(1700));
+    }
+
+    #[test]
+    fn changing_voters_discards_gathered_acks() {
+        let mut a = AgentLease::new(LeaseTiming::default(), [1, 2, 3].into());
+        let r = a.start_round(0);
+        a.ack(r, 1);
+        a.set_voters([1, 2, 3, 4].into());
+        assert_eq!(a.ack(r, 2), None, "round was discarded");
+    }
+
+    #[test]
+    fn controller_fences_only_after_its_promise_and_then_refuses_that_epoch() {
+        let t = LeaseTiming::default();
+        let lc = t.controller_promise_ms();
+        let mut p = Promises::new(t, 0, BTreeMap::new());
+        assert!(
+            !p.fence(lc - 1, "x", 1),
+            "a fresh controller promised everyone"
+        );
+        assert!(p.heartbeat(100, "x", 1, Some(1)).is_ok());
+        assert!(!p.fence(100 + lc - 1, "x", 1));
+        assert!(p.fence(100 + lc, "x", 1));
+        assert_eq!(
+            p.heartbeat(100 + lc + 1, "x", 1, Some(1)),
+            Err(Refusal::Fenced { epoch: 1 })
+        );
+        // The re-admitted member at a newer epoch is acked again.
+        assert!(p.heartbeat(100 + lc + 2, "x", 2, Some(2)).is_ok());
+        assert_eq!(p.heartbeat(0, "y", 1, None), Err(Refusal::UnknownMember));
+        assert_eq!(
+            p.heartbeat(0, "x", 3, Some(2)),
+            Err(Refusal::StaleEpoch { current: 2 })
+        );
+    }
+
+    #[test]
+    fn fence_marks_survive_a_restart_when_persisted() {
+        let t = LeaseTiming::default();
+        let mut p = Promises::new(t, 0, BTreeMap::new());
+        assert!(p.fence(t.controller_promise_ms(), "x", 4));
+        let restarted = Promises::new(t, 5000, p.fenced().clone());
+        let mut r = restarted;
+        assert_eq!(
+            r.heartbeat(5001, "x", 4, Some(4)),
+            Err(Refusal::Fenced { epoch: 4 })
+        );
+        assert!(!r.may_fence(5001, "y"), "restart renews every promise");
+    }
+}

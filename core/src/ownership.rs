@@ -1,0 +1,468 @@
+//! The leader's ownership planner: from the replicated state, this controller's
+//! lease promises and the clock, decide what to do next. It only *decides*
+//! ([`Action`]s); the runtime (controller or simulator) sends the fence requests
+//! and proposes the commands.
+//!
+//! The path from "heartbeat missed" to "bucket served elsewhere":
+//! 1. the member's last ack on this leader is older than `L_c` -> [`Action::Fence`];
+//! 2. a majority of controllers agree (each checks its own promise) -> the runtime
+//!    proposes `FenceMember` (member down, epoch bumped, buckets freed);
+//! 3. the next plan gives the free buckets to live members -> `SetOwners`.
+//!
+//! Planned moves (drain, join, weights) never free a bucket a live owner may still
+//! accept: `Release` asks the owner to withdraw it, the owner confirms
+//! ([`Planner::released`]), then `Transfer` hands it over.
+
+use std::collections::BTreeMap;
+
+use crate::command::{Command, OwnerChange};
+use crate::lease::Promises;
+use crate::policy::{self, Member as PolicyMember};
+use crate::state::ClusterState;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Ask every controller to fence `member` at `epoch`; on a majority of
+    /// agreements propose `Command::FenceMember`.
+    Fence {
+        member: String,
+        epoch: u64,
+    },
+    Propose(Command),
+}
+
+#[derive(Debug, Clone)]
+pub struct PlannerConfig {
+    /// Don't repeat the same proposal or fence round within this long.
+    pub retry_ms: u64,
+    /// Planned moves in flight at once (rate limit for rebalancing).
+    pub max_releases_in_flight: usize,
+    /// A live owner that hasn't confirmed a release by then is evicted.
+    pub release_timeout_ms: u64,
+    /// When more than half of the members go silent at once, fence at most one
+    /// member per this interval: suspect the network or the controllers first.
+    pub mass_failure_interval_ms: u64,
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        PlannerConfig {
+            retry_ms: 300,
+            max_releases_in_flight: 64,
+            release_timeout_ms: 5_000,
+            mass_failure_interval_ms: 5_000,
+        }
+    }
+}
+
+/// Deliberate bugs, for showing that the simulator catches them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlannerFaults {
+    /// Fence on the leader's own view after one lease, without the majority
+    /// agreement and without waiting out the controllers' promises.
+    pub skip_fence_wait: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Planner {
+    cfg: PlannerConfig,
+    faults: PlannerFaults,
+    recent: BTreeMap<String, u64>,
+    up_since: BTreeMap<String, u64>,
+    released: BTreeMap<u32, (String, u64)>,
+    release_seen: BTreeMap<u32, u64>,
+    last_mass_fence: Option<u64>,
+}
+
+impl Planner {
+    pub fn new(cfg: PlannerConfig) -> Self {
+        Planner {
+            cfg,
+            ..Default::default()
+        }
+    }
+
+    pub fn set_faults(&mut self, faults: PlannerFaults) {
+        self.faults = faults;
+    }
+
+    /// Forget everything local (on losing leadership).
+    pub fn reset(&mut self) {
+        *self = Planner {
+            cfg: self.cfg.clone(),
+            faults: self.faults,
+            ..Default::default()
+        };
+    }
+
+    /// `member` confirmed that `bucket` (at `epoch`) is out of its kernel.
+    pub fn released(&mut self, member: &str, bucket: u32, epoch: u64) {
+        self.released.insert(bucket, (member.to_string(), epoch));
+    }
+
+    /// Whether the same step was taken less than `retry_ms` ago; records it if not.
+    fn due(&mut self, key: String, now: u64) -> bool {
+        match self.recent.get(&key) {
+            Some(&t) if now < t + self.cfg.retry_ms => false,
+            _ => {
+                self.recent.insert(key, now);
+                true
+            }
+        }
+    }
+
+    /// Which members may take buckets now: assignable in the replicated state and
+    /// heard from (by this leader) within one lease.
+    pub fn eligible(state: &ClusterState, promises: &Promises, now: u64) -> Vec<PolicyMember> {
+        let lease = promises.timing().lease_ms;
+        state
+            .members
+            .iter()
+            .map(|(name, m)| {
+                let live = now < promises.last_ack(name) + lease;
+                PolicyMember::new(name.clone(), m.weight, m.assignable() && !m.evicted && live)
+            })
+            .collect()
+    }
+
+    /// `now` is this controller's monotonic clock (same as `promises`); `wall_ms`
+    /// stamps damping penalties.
+    pub fn plan(
+        &mut self,
+        now: u64,
+        wall_ms: u64,
+        state: &ClusterState,
+        promises: &Promises,
+    ) -> Vec<Action> {
+        let Some(settings) = &state.settings else {
+            return Vec::new();
+        };
+        let timing = settings.lease;
+        let damping = settings.damping;
+        self.recent.retain(|_, t| now < *t + 10 * self.cfg.retry_ms);
+        let mut actions = Vec::new();
+
+        // 1. Fence members whose promise ran out on this leader.
+        let wait = if self.faults.skip_fence_wait {
+            timing.lease_ms
+        } else {
+            timing.controller_promise_ms()
+        };
+        let up: Vec<&String> = state
+            .members
+            .iter()
+            .filter(|(_, m)| !m.down)
+            .map(|(n, _)| n)
+            .collect();
+        let silent: Vec<&String> = up
+            .iter()
+            .copied()
+            .filter(|n| now >= promises.last_ack(n) + wait)
+            .collect();
+        let mass = up.len() > 1 && silent.len() * 2 > up.len();
+        let mut budget = if mass {
+            match self.last_mass_fence {
+                Some(t) if now < t + self.cfg.mass_failure_interval_ms => 0,
+                _ => 1,
+            }
+        } else {
+            usize::MAX
+        };
+        for name in silent {
+            if budget == 0 {
+                break;
+            }
+            let epoch = state.members[name].epoch;
+            if !self.due(format!("fence:{name}:{epoch}"), now) {
+                continue;
+            }
+            budget -= 1;
+            if mass {
+                self.last_mass_fence = Some(now);
+            }
+            actions.push(if self.faults.skip_fence_wait {
+                Action::Propose(Command::FenceMember {
+                    name: name.clone(),
+                    epoch,
+                    at_ms: wall_ms,
+                })
+            } else {
+                Action::Fence {
+                    member: name.clone(),
+                    epoch,
+                }
+            });
+        }
+
+        // 2. Re-admit fenced members that heartbeat steadily and are not damped.
+        for (name, m) in state.members.iter().filter(|(_, m)| m.down) {
+            let live = now < promises.last_ack(name) + timing.lease_ms;
+            if !live {
+                self.up_since.remove(name);
+                continue;
+            }
+            let since = *self.up_since.entry(name.clone()).or_insert(now);
+            let stable = now >= since + damping.min_stable_ms;
+            let damped = m.suppressed && damping.current(m.penalty, wall_ms) > damping.reuse;
+            if stable && !damped && self.due(format!("readmit:{name}:{}", m.epoch), now) {
+                actions.push(Action::Propose(Command::Readmit {
+                    name: name.clone(),
+                    epoch: m.epoch,
+                }));
+            }
+        }
+        self.up_since
+            .retain(|n, _| state.members.get(n).is_some_and(|m| m.down));
+
+        // 3.-5. Move buckets towards the policy's target.
+        let members = Self::eligible(state, promises, now);
+        let Ok(target) = policy::assign(&state.buckets, &members) else {
+            return actions;
+        };
+        let live: BTreeMap<&str, bool> = members
+            .iter()
+            .map(|m| {
+                (
+                    m.name.as_str(),
+                    now < promises.last_ack(&m.name) + timing.lease_ms,
+                )
+            })
+            .collect();
+
+        // 3. Hand over confirmed releases.
+        let mut transfers: BTreeMap<(String, Option<String>), Vec<(u32, u64)>> = BTreeMap::new();
+        let released = std::mem::take(&mut self.released);
+        for (bucket, (from, epoch)) in released {
+            let Some(b) = state.buckets.get(bucket as usize) else {
+                continue;
+            };
+            if b.owner.as_deref() != Some(from.as_str()) || !b.releasing || b.epoch != epoch {
+                continue;
+            }
+            let to = target.owners[bucket as usize].clone();
+            transfers
+                .entry((from, to))
+                .or_default()
+                .push((bucket, epoch));
+        }
+        for ((from, to), buckets) in transfers {
+            let key = format!("transfer:{from}:{}", buckets[0].0);
+            if self.due(key, now) {
+                actions.push(Action::Propose(Command::Transfer { from, to, buckets }));
+            } else {
+                for (b, e) in buckets {
+                    self.released.insert(b, (from.clone(), e));
+                }
+            }
+        }
+
+        // 4. Give out free buckets at once: failover must be quick.
+        let mut changes = Vec::new();
+        for (i, (b, t)) in state.buckets.iter().zip(&target.owners).enumerate() {
+            if b.owner.is_none() && t.is_some() && self.due(format!("assign:{i}"), now) {
+                changes.push(OwnerChange {
+                    bucket: i as u32,
+                    owner: t.clone(),
+                });
+            }
+        }
+        if !changes.is_empty() {
+            actions.push(Action::Propose(Command::SetOwners { changes }));
+        }
+
+        // 5. Planned moves away from live owners, a bounded number at a time.
+        let in_flight = state.buckets.iter().filter(|b| b.releasing).count();
+        let mut room = self.cfg.max_releases_in_flight.saturating_sub(in_flight);
+        let mut releases: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for (i, (b, t)) in state.buckets.iter().zip(&target.owners).enumerate() {
+            let Some(owner) = &b.owner else { continue };
+            if room == 0 {
+                break;
+            }
+            let owner_live = live.get(owner.as_str()).copied().unwrap_or(false);
+            if b.releasing || t.as_ref() == Some(owner) || !owner_live {
+                continue;
+            }
+            if self.due(format!("release:{i}:{}", b.epoch), now) {
+                releases.entry(owner.clone()).or_default().push(i as u32);
+                room -= 1;
+            }
+        }
+        for (name, buckets) in releases {
+            actions.push(Action::Propose(Command::Release { name, buckets }));
+        }
+
+        // 6. Evict a live owner that never confirms its releases.
+        self.release_seen
+            .retain(|i, _| state.buckets.get(*i as usize).is_some_and(|b| b.releasing));
+        for (i, b) in state.buckets.iter().enumerate() {
+            if !b.releasing {
+                continue;
+            }
+            let seen = *self.release_seen.entry(i as u32).or_insert(now);
+            let Some(owner) = &b.owner else { continue };
+            let Some(m) = state.members.get(owner) else {
+                continue;
+            };
+            if now >= seen + self.cfg.release_timeout_ms
+                && !m.evicted
+                && self.due(format!("evict:{owner}:{}", m.epoch), now)
+            {
+                actions.push(Action::Propose(Command::Evict {
+                    name: owner.clone(),
+                    epoch: m.epoch,
+                }));
+            }
+        }
+        actions
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bucket::{Affinity, BucketFn};
+    use crate::lease::LeaseTiming;
+    use crate::state::Settings;
+
+    fn cluster(members: &[&str]) -> ClusterState {
+        let mut s = ClusterState::default();
+        s.apply(Command::InitCluster {
+            settings: Settings {
+                vips: vec![],
+                bucket_count: 16,
+                bucket_fn: BucketFn::Jhash,
+                affinity: Affinity::Address,
+                seed: 1,
+                lease: LeaseTiming::default(),
+                damping: Default::default(),
+            },
+        })
+        .unwrap();
+        for m in members {
+            s.apply(Command::AddMember {
+                name: m.to_string(),
+                weight: 1,
+            })
+            .unwrap();
+        }
+        s
+    }
+
+    /// Run the planner and apply what it proposes (fence rounds always agreed).
+    fn step(p: &mut Planner, s: &mut ClusterState, pr: &Promises, now: u64) -> Vec<Action> {
+        let actions = p.plan(now, now, s, pr);
+        for a in &actions {
+            let cmd = match a.clone() {
+                Action::Fence { member, epoch } => Command::FenceMember {
+                    name: member,
+                    epoch,
+                    at_ms: now,
+                },
+                Action::Propose(c) => c,
+            };
+            let _ = s.apply(cmd);
+        }
+        actions
+    }
+
+    fn heartbeat_all(pr: &mut Promises, s: &ClusterState, now: u64, skip: &[&str]) {
+        for (n, m) in &s.members {
+            if !skip.contains(&n.as_str()) {
+                let _ = pr.heartbeat(now, n, m.epoch, Some(m.epoch));
+            }
+        }
+    }
+
+    #[test]
+    fn assigns_everything_then_stays_quiet() {
+        let mut s = cluster(&["a", "b", "c"]);
+        let mut pr = Promises::new(LeaseTiming::default(), 0, BTreeMap::new());
+        let mut p = Planner::new(PlannerConfig::default());
+        heartbeat_all(&mut pr, &s, 0, &[]);
+        step(&mut p, &mut s, &pr, 0);
+        assert_eq!(s.unowned(), 0);
+        for t in (100..5000).step_by(100) {
+            heartbeat_all(&mut pr, &s, t, &[]);
+            assert!(step(&mut p, &mut s, &pr, t).is_empty(), "quiet at {t}");
+        }
+    }
+
+    #[test]
+    fn silent_member_is_fenced_only_after_the_promise_then_its_buckets_move() {
+        let mut s = cluster(&["a", "b", "c"]);
+        let t = LeaseTiming::default();
+        let mut pr = Promises::new(t, 0, BTreeMap::new());
+        let mut p = Planner::new(PlannerConfig::default());
+        heartbeat_all(&mut pr, &s, 0, &[]);
+        step(&mut p, &mut s, &pr, 0);
+        let had: Vec<u32> = s.owned_by("c").collect();
+        let mut fenced_at = None;
+        for now in (100..3000).step_by(50) {
+            heartbeat_all(&mut pr, &s, now, &["c"]);
+            let acts = step(&mut p, &mut s, &pr, now);
+            if acts
+                .iter()
+                .any(|a| matches!(a, Action::Fence { member, .. } if member == "c"))
+            {
+                fenced_at.get_or_insert(now);
+            }
+        }
+        let at = fenced_at.expect("c fenced");
+        assert!(
+            at >= t.controller_promise_ms(),
+            "fenced at {at}, before L_c"
+        );
+        assert!(s.members["c"].down);
+        assert_eq!(s.unowned(), 0);
+        for b in had {
+            assert_ne!(s.buckets[b as usize].owner.as_deref(), Some("c"));
+        }
+    }
+
+    #[test]
+    fn drain_releases_first_and_transfers_on_confirmation() {
+        let mut s = cluster(&["a", "b"]);
+        let mut pr = Promises::new(LeaseTiming::default(), 0, BTreeMap::new());
+        let mut p = Planner::new(PlannerConfig::default());
+        heartbeat_all(&mut pr, &s, 0, &[]);
+        step(&mut p, &mut s, &pr, 0);
+        s.apply(Command::Drain { name: "a".into() }).unwrap();
+        step(&mut p, &mut s, &pr, 100);
+        let releasing: Vec<u32> = (0..16)
+            .filter(|&i| s.buckets[i as usize].releasing)
+            .collect();
+        assert_eq!(releasing.len(), 8, "all of a's buckets asked back");
+        assert!(releasing
+            .iter()
+            .all(|&i| s.buckets[i as usize].owner.as_deref() == Some("a")));
+        for &i in &releasing {
+            p.released("a", i, s.buckets[i as usize].epoch);
+        }
+        heartbeat_all(&mut pr, &s, 200, &[]);
+        step(&mut p, &mut s, &pr, 200);
+        assert_eq!(s.owned_by("b").count(), 16);
+        assert!(s.buckets.iter().all(|b| !b.releasing));
+    }
+
+    #[test]
+    fn mass_silence_fences_slowly() {
+        let mut s = cluster(&["a", "b", "c", "d"]);
+        let mut pr = Promises::new(LeaseTiming::default(), 0, BTreeMap::new());
+        let mut p = Planner::new(PlannerConfig::default());
+        heartbeat_all(&mut pr, &s, 0, &[]);
+        step(&mut p, &mut s, &pr, 0);
+        let mut fences = 0;
+        for now in (100..4000).step_by(50) {
+            heartbeat_all(&mut pr, &s, now, &["a", "b", "c"]);
+            fences += step(&mut p, &mut s, &pr, now)
+                .iter()
+                .filter(|a| matches!(a, Action::Fence { .. }))
+                .count();
+        }
+        assert_eq!(
+            fences, 1,
+            "one fence per interval when most members go silent"
+        );
+    }
+}
