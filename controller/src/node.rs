@@ -153,7 +153,11 @@ pub struct Node<D: Durable> {
     transport: Transport,
     seq: u64,
     proposals: HashMap<ProposalId, (Reply<u64>, Instant)>,
-    reads: HashMap<Vec<u8>, Reply<Arc<NodeView>>>,
+    /// ReadIndex requests waiting, with the tick count when (re)issued: raft-rs
+    /// drops a ReadIndex on a leader that has not committed in its term yet, so
+    /// unanswered reads are issued again.
+    reads: HashMap<Vec<u8>, (Reply<Arc<NodeView>>, u64)>,
+    ticks: u64,
     tick: Duration,
     /// Peer addresses from the config, used until the replicated state names any
     /// (a joining controller knows nobody until its first snapshot).
@@ -179,6 +183,7 @@ impl<D: Durable> Node<D> {
             seq: 0,
             proposals: HashMap::new(),
             reads: HashMap::new(),
+            ticks: 0,
             tick,
             seed_peers,
         };
@@ -197,7 +202,11 @@ impl<D: Durable> Node<D> {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = ticker.tick() => self.replica.tick(),
+                _ = ticker.tick() => {
+                    self.replica.tick();
+                    self.ticks += 1;
+                    self.reissue_reads();
+                }
                 msg = self.rx.recv() => match msg {
                     Some(m) => {
                         self.handle(m);
@@ -264,7 +273,7 @@ impl<D: Durable> Node<D> {
                 self.seq += 1;
                 let ctx = self.seq.to_be_bytes().to_vec();
                 self.replica.read_index(ctx.clone());
-                self.reads.insert(ctx, reply);
+                self.reads.insert(ctx, (reply, self.ticks));
             }
             NodeMsg::Unreachable(peer) => self.replica.report_unreachable(peer),
             NodeMsg::SnapshotStatus { peer, delivered } => {
@@ -311,7 +320,7 @@ impl<D: Durable> Node<D> {
         if !out.reads.is_empty() {
             let view = self.view.borrow().clone();
             for ctx in out.reads {
-                if let Some(reply) = self.reads.remove(&ctx) {
+                if let Some((reply, _)) = self.reads.remove(&ctx) {
                     let _ = reply.send(Ok(view.clone()));
                 }
             }
@@ -326,7 +335,7 @@ impl<D: Durable> Node<D> {
                     let _ = reply.send(Err(NodeError::LeadershipLost));
                 }
                 if role.leader == 0 {
-                    for (_, reply) in self.reads.drain() {
+                    for (_, (reply, _)) in self.reads.drain() {
                         let _ = reply.send(Err(NodeError::LeadershipLost));
                     }
                 }
@@ -338,8 +347,22 @@ impl<D: Durable> Node<D> {
         for (_, (reply, _)) in self.proposals.drain() {
             let _ = reply.send(Err(e.clone()));
         }
-        for (_, reply) in self.reads.drain() {
+        for (_, (reply, _)) in self.reads.drain() {
             let _ = reply.send(Err(e.clone()));
+        }
+    }
+
+    fn reissue_reads(&mut self) {
+        let now = self.ticks;
+        let mut again = Vec::new();
+        for (ctx, (_, at)) in self.reads.iter_mut() {
+            if now >= *at + 2 {
+                *at = now;
+                again.push(ctx.clone());
+            }
+        }
+        for ctx in again {
+            self.replica.read_index(ctx);
         }
     }
 }

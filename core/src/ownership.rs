@@ -230,7 +230,9 @@ impl Planner {
             .collect();
 
         // 3. Hand over confirmed releases.
-        let mut transfers: BTreeMap<(String, Option<String>), Vec<(u32, u64)>> = BTreeMap::new();
+        // (from, to) -> [(bucket, epoch)]
+        type Handovers = BTreeMap<(String, Option<String>), Vec<(u32, u64)>>;
+        let mut transfers = Handovers::new();
         let released = std::mem::take(&mut self.released);
         for (bucket, (from, epoch)) in released {
             let Some(b) = state.buckets.get(bucket as usize) else {

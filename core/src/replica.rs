@@ -300,6 +300,14 @@ impl<D: Durable> Replica<D> {
                 };
                 cc.set_context(serde_json::to_vec(&ctx).unwrap_or_default().into());
             }
+            ControllerChange::Remove { id } if *id == self.cfg.id => {
+                // raft-rs keeps a leader that removed itself leading; hand the
+                // leadership over first and let the caller retry at the new leader.
+                if let Some(&next) = self.conf_state.voters.iter().find(|&&v| v != *id) {
+                    self.raw.transfer_leader(next);
+                }
+                return Err(ProposeError::NotLeader { leader: None });
+            }
             ControllerChange::Remove { id } => {
                 single.set_change_type(ConfChangeType::RemoveNode);
                 single.node_id = *id;

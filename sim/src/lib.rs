@@ -28,8 +28,11 @@
 //!   by snapshot) and removed. Most of the time at most a minority is down;
 //!   sometimes quorum is lost briefly.
 //! - **Clients** ([`workload`]): random commands proposed to whichever node is
-//!   leader, each tracked by its `ProposalId` until applied or dropped.
+//!   leader, each tracked by its `ProposalId` until applied or dropped; and
+//!   ReadIndex reads at random nodes, checked for linearizability.
 //! - **Invariants** ([`invariants`]): checked after every step; see that module.
+//! - **Durability**: a crashed node's disk is checked against what the node told
+//!   others before it crashed (its term, its vote, the entries it acknowledged).
 //! - **Liveness**: at the end every fault is healed and every crashed node
 //!   restarted; within a bound, every voter must have applied the same last
 //!   index and a fresh proposal must have committed.

@@ -32,6 +32,7 @@ use std::time::Duration;
 pub use vipshare_core::bucket::{Affinity, BucketFn};
 
 pub mod freebsd;
+pub mod linux;
 
 /// One shared address as this host must configure it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -1,0 +1,406 @@
+//! The executor: the only code of the Linux backend that touches the OS. It runs
+//! `nft` (one transaction per batch, on stdin), `ip`, writes /proc/sys, and holds
+//! one UDP socket per joined multicast group.
+//!
+//! Sysctl values it replaces, and the VIPs it added, are remembered in a small
+//! JSON state file (`<state_dir>/linux-<table>.json`) so that an agent restarted
+//! after a crash still restores the host's original values and removes its
+//! addresses on the final teardown.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::plan::Step;
+use super::LinuxConfig;
+use crate::dataplane::{format_mac, DataPlaneError, VipConfig};
+
+/// Runs plan steps. `started` is when the apply began: element timeouts are
+/// rendered relative to it.
+pub trait Executor {
+    fn execute(&mut self, step: &Step, started: Instant) -> Result<(), DataPlaneError>;
+    /// VIPs added by an earlier run of the agent (from its state file).
+    fn remembered_vips(&self) -> Vec<VipConfig> {
+        Vec::new()
+    }
+}
+
+/// What survives an agent restart.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct State {
+    /// Original values of the sysctls the agent changed.
+    sysctls: BTreeMap<String, String>,
+    /// VIP addresses the agent added: (interface, address, prefix length, MAC).
+    vips: BTreeSet<(String, Ipv4Addr, u8, String)>,
+}
+
+/// The real executor.
+pub struct OsExecutor {
+    nft: String,
+    ip: String,
+    sysctl_root: PathBuf,
+    state_file: Option<PathBuf>,
+    state: State,
+    groups: HashMap<(String, Ipv4Addr), UdpSocket>,
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DataPlaneError {
+    let context = context.into();
+    move |source| DataPlaneError::Io { context, source }
+}
+
+impl OsExecutor {
+    pub fn new(cfg: &LinuxConfig) -> Result<Self, DataPlaneError> {
+        let state_file = cfg
+            .state_dir
+            .as_ref()
+            .map(|d| d.join(format!("linux-{}.json", cfg.table)));
+        let state = match &state_file {
+            Some(f) if f.exists() => {
+                let text = std::fs::read_to_string(f)
+                    .map_err(io_err(format!("reading {}", f.display())))?;
+                serde_json::from_str(&text).map_err(|e| {
+                    DataPlaneError::InvalidDesired(format!("{}: {e}", f.display()))
+                })?
+            }
+            _ => State::default(),
+        };
+        Ok(OsExecutor {
+            nft: cfg.nft.clone(),
+            ip: cfg.ip.clone(),
+            sysctl_root: cfg.sysctl_root.clone(),
+            state_file,
+            state,
+            groups: HashMap::new(),
+        })
+    }
+
+    fn save(&self) -> Result<(), DataPlaneError> {
+        let Some(f) = &self.state_file else {
+            return Ok(());
+        };
+        if self.state == State::default() {
+            return match std::fs::remove_file(f) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(io_err(format!("removing {}", f.display()))(e))
+                }
+                _ => Ok(()),
+            };
+        }
+        if let Some(dir) = f.parent() {
+            std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        }
+        let tmp = f.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(&self.state).expect("state serialises");
+        std::fs::write(&tmp, text).map_err(io_err(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, f).map_err(io_err(format!("renaming {}", tmp.display())))
+    }
+
+    fn sysctl_path(&self, key: &str) -> PathBuf {
+        self.sysctl_root.join(key.replace('.', "/"))
+    }
+
+    fn read_sysctl(&self, key: &str) -> Result<String, DataPlaneError> {
+        let p = self.sysctl_path(key);
+        std::fs::read_to_string(&p)
+            .map(|s| s.trim().to_string())
+            .map_err(io_err(format!("reading sysctl {key}")))
+    }
+
+    fn write_sysctl(&self, key: &str, value: &str) -> Result<(), DataPlaneError> {
+        std::fs::write(self.sysctl_path(key), value).map_err(io_err(format!("setting {key}")))
+    }
+
+    fn set_sysctl(&mut self, key: &str, value: &str) -> Result<(), DataPlaneError> {
+        let current = self.read_sysctl(key)?;
+        if current == value {
+            return Ok(());
+        }
+        if !self.state.sysctls.contains_key(key) {
+            self.state.sysctls.insert(key.to_string(), current);
+            self.save()?;
+        }
+        self.write_sysctl(key, value)
+    }
+
+    fn restore_sysctls(&mut self) -> Result<(), DataPlaneError> {
+        let mut first_err = None;
+        for (key, value) in std::mem::take(&mut self.state.sysctls) {
+            // An interface that is gone took its sysctls with it.
+            if !self.sysctl_path(&key).exists() {
+                continue;
+            }
+            if let Err(e) = self.write_sysctl(&key, &value) {
+                first_err.get_or_insert(e);
+            }
+        }
+        self.save()?;
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn ip_output(&self, args: &[&str]) -> Result<String, DataPlaneError> {
+        run(&self.ip, args, None).map(|o| o.stdout)
+    }
+
+    /// The interface's IPv4 addresses with prefix lengths, in kernel order.
+    fn addresses(&self, interface: &str) -> Result<Vec<(Ipv4Addr, u8)>, DataPlaneError> {
+        let out = self.ip_output(&["-4", "-o", "addr", "show", "dev", interface])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                w.find(|&x| x == "inet")?;
+                let (a, p) = w.next()?.split_once('/')?;
+                Some((a.parse().ok()?, p.parse().ok()?))
+            })
+            .collect())
+    }
+
+    fn add_address(&mut self, vip: &VipConfig) -> Result<(), DataPlaneError> {
+        let (interface, addr, prefix_len) = (vip.interface.as_str(), vip.addr, vip.prefix_len);
+        let have = self.addresses(interface)?;
+        self.state.vips.insert((
+            interface.to_string(),
+            addr,
+            prefix_len,
+            format_mac(&vip.mac),
+        ));
+        self.save()?;
+        if have.contains(&(addr, prefix_len)) {
+            return Ok(());
+        }
+        if !have.iter().any(|(a, _)| *a != addr) {
+            return Err(DataPlaneError::Command {
+                command: format!("ip addr add {addr}/{prefix_len} dev {interface}"),
+                detail: format!(
+                    "{interface} has no IPv4 address of its own; the VIP must come after it \
+                     (secondary), or the host would use the VIP as its source address"
+                ),
+            });
+        }
+        let cidr = format!("{addr}/{prefix_len}");
+        run(
+            &self.ip,
+            &["-4", "addr", "add", &cidr, "dev", interface],
+            None,
+        )?;
+        Ok(())
+    }
+
+    fn del_address(
+        &mut self,
+        interface: &str,
+        addr: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<(), DataPlaneError> {
+        // Missing interface or address: nothing to remove.
+        let present = self
+            .addresses(interface)
+            .map(|a| a.contains(&(addr, prefix_len)))
+            .unwrap_or(false);
+        if present {
+            let cidr = format!("{addr}/{prefix_len}");
+            run(
+                &self.ip,
+                &["-4", "addr", "del", &cidr, "dev", interface],
+                None,
+            )?;
+        }
+        self.state
+            .vips
+            .retain(|(i, a, p, _)| !(i == interface && *a == addr && *p == prefix_len));
+        self.save()
+    }
+
+    fn has_static_maddr(&self, interface: &str, mac: &str) -> Result<bool, DataPlaneError> {
+        let out = self.ip_output(&["maddr", "show", "dev", interface])?;
+        Ok(out.lines().any(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.first() == Some(&"link") && w.get(1) == Some(&mac) && w.contains(&"static")
+        }))
+    }
+
+    fn join(&mut self, interface: &str, group: Ipv4Addr) -> Result<(), DataPlaneError> {
+        let key = (interface.to_string(), group);
+        if self.groups.contains_key(&key) {
+            return Ok(());
+        }
+        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .map_err(io_err("binding a socket for IGMP membership"))?;
+        let name = std::ffi::CString::new(interface).map_err(|_| {
+            DataPlaneError::InvalidDesired(format!("bad interface name {interface:?}"))
+        })?;
+        // SAFETY: a NUL-terminated string.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if index == 0 {
+            return Err(io_err(format!("interface {interface}"))(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let mreq = libc::ip_mreqn {
+            imr_multiaddr: libc::in_addr {
+                s_addr: u32::from(group).to_be(),
+            },
+            imr_address: libc::in_addr { s_addr: 0 },
+            imr_ifindex: index as i32,
+        };
+        // SAFETY: setsockopt with a valid ip_mreqn and its size on an open socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_ADD_MEMBERSHIP,
+                (&mreq as *const libc::ip_mreqn).cast(),
+                std::mem::size_of::<libc::ip_mreqn>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io_err(format!("joining {group} on {interface}"))(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        self.groups.insert(key, sock);
+        Ok(())
+    }
+}
+
+/// What a command printed.
+pub struct Output {
+    pub stdout: String,
+}
+
+/// Runs `program args`, feeding `stdin` if given; fails with the command line
+/// and its stderr unless it exits 0.
+pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, DataPlaneError> {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+    let mut child = cmd.spawn().map_err(io_err(format!("running {program}")))?;
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("piped stdin");
+        pipe.write_all(input.as_bytes())
+            .map_err(io_err(format!("writing to {program}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(io_err(format!("waiting for {program}")))?;
+    if !out.status.success() {
+        let mut command = format!("{program} {}", args.join(" "));
+        if let Some(input) = stdin {
+            command.push_str(&format!(" <<EOF\n{input}EOF"));
+        }
+        return Err(DataPlaneError::Command {
+            command,
+            detail: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(Output {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+    })
+}
+
+/// Runs one nft transaction.
+pub fn nft_batch(nft: &str, script: &str) -> Result<(), DataPlaneError> {
+    run(nft, &["-f", "-"], Some(script)).map(|_| ())
+}
+
+impl Executor for OsExecutor {
+    fn execute(&mut self, step: &Step, started: Instant) -> Result<(), DataPlaneError> {
+        match step {
+            Step::Nft(batch) => nft_batch(&self.nft, &batch.render(started.elapsed())),
+            Step::Sysctl { key, value } => self.set_sysctl(key, value),
+            Step::RestoreSysctls => self.restore_sysctls(),
+            Step::AddAddress(v) => self.add_address(v),
+            Step::DelAddress(v) => self.del_address(&v.interface, v.addr, v.prefix_len),
+            Step::AddMaddr { interface, mac } => {
+                let m = format_mac(mac);
+                if !self.has_static_maddr(interface, &m)? {
+                    run(&self.ip, &["maddr", "add", &m, "dev", interface], None)?;
+                }
+                Ok(())
+            }
+            Step::DelMaddr { interface, mac } => {
+                let m = format_mac(mac);
+                if self.has_static_maddr(interface, &m).unwrap_or(false) {
+                    run(&self.ip, &["maddr", "del", &m, "dev", interface], None)?;
+                }
+                Ok(())
+            }
+            Step::JoinGroup { interface, group } => self.join(interface, *group),
+            Step::LeaveGroup { interface, group } => {
+                // Closing the socket leaves the group.
+                self.groups.remove(&(interface.clone(), *group));
+                Ok(())
+            }
+        }
+    }
+
+    fn remembered_vips(&self) -> Vec<VipConfig> {
+        self.state
+            .vips
+            .iter()
+            .map(|(interface, addr, prefix_len, mac)| VipConfig {
+                addr: *addr,
+                prefix_len: *prefix_len,
+                mac: parse_mac(mac).unwrap_or([1, 0, 0, 0, 0, 0]),
+                interface: interface.clone(),
+            })
+            .collect()
+    }
+}
+
+/// `01:00:5e:0a:0b:0c` to bytes.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).ok())
+        .collect::<Option<_>>()?;
+    parts.try_into().ok()
+}
+
+/// An executor that only records the steps (tests, dry runs).
+#[derive(Debug, Default)]
+pub struct RecordingExecutor {
+    pub steps: Vec<Step>,
+    /// Fail the step with this index (0-based over all steps ever executed).
+    pub fail_at: Option<usize>,
+}
+
+impl Executor for RecordingExecutor {
+    fn execute(&mut self, step: &Step, _started: Instant) -> Result<(), DataPlaneError> {
+        let index = self.steps.len();
+        self.steps.push(step.clone());
+        if self.fail_at == Some(index) {
+            return Err(DataPlaneError::Command {
+                command: step.to_string(),
+                detail: "injected failure".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads the remaining lifetimes of the owned set's elements (empty when the
+/// table does not exist).
+pub fn owned_expiries(nft: &str, table: &str) -> Vec<std::time::Duration> {
+    run(nft, &["list", "set", "ip", table, "owned"], None)
+        .map(|o| super::plan::parse_expires(&o.stdout))
+        .unwrap_or_default()
+}
+

@@ -1,0 +1,232 @@
+//! Linux data plane: the VIP as a secondary address, ARP answered with the
+//! cluster's multicast MAC, and an nftables filter that accepts new flows only
+//! for owned buckets, with the lease enforced by the kernel (set elements with
+//! a `timeout`).
+//!
+//! # Per VIP
+//! - `ip addr add VIP/P dev IF` after the host's own address (the executor
+//!   refuses an interface without one);
+//! - `table arp vipshare` output chain: ARP replies *and* requests with the VIP
+//!   as sender carry the multicast MAC; a `table netdev vipshare` egress chain on
+//!   the interface does the same for ARP sent from user space (arping,
+//!   gratuitous ARP);
+//! - prerouting at raw priority: unicast IP inside a multicast frame becomes
+//!   `pkttype host` (TCP drops it otherwise);
+//! - `ip maddr add MAC dev IF` (static, survives the agent) for NICs that
+//!   filter, and membership of the 239/8 group that maps to the MAC (a socket
+//!   the agent holds) for IGMP-snooping switches;
+//! - sysctls `arp_announce=2` (all and IF), `drop_unicast_in_l2_multicast=0`
+//!   (all and IF) and `nf_conntrack_tcp_loose=0`, restored on teardown.
+//!
+//! # Buckets and the lease
+//! Rules and layout are in [`plan`]. The owned buckets are elements of one
+//! set, each with `timeout` = the lease left (already net of the kernel
+//! delay, which the agent subtracts), rewritten on every renewal in one
+//! transaction. A frozen or killed agent stops renewing and the kernel stops
+//! accepting its buckets' new flows when the timeouts run out:
+//! [`LeaseEnforcement::KernelTimeout`]. Established flows are accepted before
+//! the bucket check and so survive every change.
+//!
+//! Known limit: the jhash form writes the bucket into the packet mark
+//! (`meta mark set jhash ..`) for new flows to a VIP, overwriting any mark set
+//! earlier in prerouting (nft 1.0.6 cannot list a `typeof jhash` set, which
+//! would avoid it).
+
+pub mod exec;
+pub mod plan;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::dataplane::{ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnforcement};
+pub use exec::{Executor, OsExecutor, RecordingExecutor};
+pub use plan::{plan_apply, plan_teardown, plan_withdraw, Installed, Plan, Step};
+
+/// Settings of the Linux backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinuxConfig {
+    /// Name of the agent's table in the `ip`, `arp` and `netdev` families.
+    pub table: String,
+    /// Paths of the tools.
+    pub nft: String,
+    pub ip: String,
+    /// Where sysctls live (`/proc/sys`).
+    pub sysctl_root: PathBuf,
+    /// Where the executor remembers replaced sysctl values and added VIPs
+    /// across restarts; `None` keeps them in memory only.
+    pub state_dir: Option<PathBuf>,
+    /// `ip maddr add MAC dev IF` for NICs that filter multicast.
+    pub static_maddr: bool,
+    /// Join the 239/8 group of the MAC (IGMP snooping switches).
+    pub igmp_join: bool,
+    /// Rewrite ARP sent from user space too (netdev egress chain).
+    pub arp_egress: bool,
+}
+
+impl Default for LinuxConfig {
+    fn default() -> Self {
+        LinuxConfig {
+            table: "vipshare".into(),
+            nft: "nft".into(),
+            ip: "ip".into(),
+            sysctl_root: "/proc/sys".into(),
+            state_dir: Some("/run/vipshare-agent".into()),
+            static_maddr: true,
+            igmp_join: true,
+            arp_egress: true,
+        }
+    }
+}
+
+impl LinuxConfig {
+    pub fn validate(&self) -> Result<(), DataPlaneError> {
+        let ok = !self.table.is_empty()
+            && self.table.len() <= 32
+            && self
+                .table
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'_')
+            && self.table.as_bytes()[0].is_ascii_alphabetic();
+        if !ok {
+            return Err(DataPlaneError::InvalidDesired(format!(
+                "nftables table name {:?} must be a letter followed by letters, digits or _",
+                self.table
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The Linux backend: plans with [`plan`] and runs plans with one [`Executor`].
+pub struct LinuxDataPlane<E: Executor> {
+    cfg: LinuxConfig,
+    exec: E,
+    installed: Option<Installed>,
+    reset: BTreeSet<u32>,
+}
+
+impl<E: Executor> LinuxDataPlane<E> {
+    pub fn new(cfg: LinuxConfig, exec: E) -> Result<Self, DataPlaneError> {
+        cfg.validate()?;
+        Ok(LinuxDataPlane {
+            cfg,
+            exec,
+            installed: None,
+            reset: BTreeSet::new(),
+        })
+    }
+
+    pub fn config(&self) -> &LinuxConfig {
+        &self.cfg
+    }
+
+    pub fn installed(&self) -> Option<&Installed> {
+        self.installed.as_ref()
+    }
+
+    pub fn executor(&self) -> &E {
+        &self.exec
+    }
+
+    /// Owned buckets whose previous owner is known to be dead: from the next
+    /// apply on, mid-stream TCP packets of flows this host does not know get a
+    /// RST (so clients of the dead host reconnect at once) instead of silence.
+    /// Never set this for a bucket whose previous owner may be alive: it would
+    /// reset that owner's established connections.
+    pub fn set_reset_buckets(&mut self, buckets: BTreeSet<u32>) {
+        self.reset = buckets;
+    }
+
+    /// Forget what is installed: the next apply rebuilds everything (periodic
+    /// reconcile, repairing state someone else changed).
+    pub fn invalidate(&mut self) {
+        self.installed = None;
+    }
+
+    fn run(&mut self, plan: &Plan, started: Instant) -> Result<(), DataPlaneError> {
+        for step in &plan.steps {
+            if let Err(e) = self.exec.execute(step, started) {
+                // Unknown kernel state: the next apply rebuilds everything.
+                self.installed = None;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes everything the backend installed: the VIP addresses (which ends
+    /// this host's established flows to them), the tables, the multicast
+    /// memberships; puts the sysctls back. For an agent leaving for good,
+    /// after its buckets moved away.
+    pub fn teardown(&mut self) -> Result<(), DataPlaneError> {
+        let known = self.exec.remembered_vips();
+        let plan = plan_teardown(&self.cfg, self.installed.as_ref(), &known);
+        self.run(&plan, Instant::now())?;
+        self.installed = None;
+        Ok(())
+    }
+}
+
+impl LinuxDataPlane<OsExecutor> {
+    /// The real thing.
+    pub fn os(cfg: LinuxConfig) -> Result<Self, DataPlaneError> {
+        let exec = OsExecutor::new(&cfg)?;
+        Self::new(cfg, exec)
+    }
+
+    /// How long the owned elements left by an earlier agent keep accepting
+    /// (zero when there are none). A restarted agent leaves them alone until it
+    /// holds a lease again, so a quick restart costs no service.
+    pub fn adopted_window(&self) -> Duration {
+        exec::owned_expiries(&self.cfg.nft, &self.cfg.table)
+            .into_iter()
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+impl<E: Executor> DataPlane for LinuxDataPlane<E> {
+    fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DataPlaneError> {
+        let started = Instant::now();
+        let plan = plan_apply(&self.cfg, self.installed.as_ref(), desired, &self.reset)?;
+        self.run(&plan, started)?;
+        let next = plan.next.clone();
+        let owned_rules = next.as_ref().map_or(0, |n| n.owned.len());
+        self.installed = next;
+        Ok(ApplyReport {
+            backend: self.name(),
+            changed: plan.changed,
+            steps: plan.steps.len(),
+            owned_rules,
+            stop_after: plan.stop_after,
+            lease_enforcement: LeaseEnforcement::KernelTimeout,
+        })
+    }
+
+    fn withdraw(&mut self) -> Result<(), DataPlaneError> {
+        let plan = plan_withdraw(&self.cfg, self.installed.as_ref());
+        self.run(&plan, Instant::now())?;
+        self.installed = plan.next;
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "linux-nftables"
+    }
+}
+
+/// Packet counts per (VIP, verdict) of the agent's table, read from the kernel.
+pub fn read_counters(
+    cfg: &LinuxConfig,
+) -> Result<std::collections::BTreeMap<(std::net::Ipv4Addr, &'static str), u64>, DataPlaneError> {
+    let out = exec::run(
+        &cfg.nft,
+        &["-j", "list", "counters", "table", "ip", &cfg.table],
+        None,
+    )?;
+    plan::parse_counters(&out.stdout).map_err(|detail| DataPlaneError::Command {
+        command: format!("{} -j list counters table ip {}", cfg.nft, cfg.table),
+        detail,
+    })
+}

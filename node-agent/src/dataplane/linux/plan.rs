@@ -1,0 +1,818 @@
+//! Pure plan generation for the Linux backend: from what is installed and what
+//! is desired to the list of steps the executor runs.
+//!
+//! # Kernel layout (table `vipshare` in the `ip`, `arp` and `netdev` families)
+//! ```text
+//! table ip vipshare
+//!   counter vip_A_B_C_D_{accepted,not_owned,invalid,reset}   per VIP
+//!   set owned { type mark; flags timeout }   (lowbits: type ipv4_addr)
+//!   set reset { type mark; flags timeout }   owned buckets whose old owner is dead
+//!   chain prerouting (raw)   ip daddr {VIPs} meta pkttype multicast meta pkttype set host
+//!   chain input (filter)     ip daddr vmap { VIP : jump vip_A_B_C_D }
+//!   chain vip_A_B_C_D        ct state established,related accept
+//!                            <key>                         (jhash: meta mark set jhash ..)
+//!                            ct state invalid <key> @reset reject with tcp reset
+//!                            ct state invalid drop
+//!                            tcp flags & (fin|syn|rst|ack) != syn drop
+//!                            <key> @owned accept
+//!                            drop
+//! table arp vipshare         output: arp saddr ip VIP arp saddr ether set MAC
+//! table netdev vipshare      egress on each VIP interface: the same rewrite, for ARP
+//!                            sent from user space
+//! ```
+//! The owned set's elements carry the lease as their `timeout`: the kernel stops
+//! accepting new flows when the lease runs out even if the agent is frozen or dead.
+//! A renewal is one transaction `flush set` + `add element`; any other change
+//! rebuilds all three tables in one transaction (`add table` + `delete table` +
+//! the full definition + the elements), so packets see the old or the new
+//! ruleset, never a mix. Named counters restart from zero on a rebuild.
+//!
+//! # Order of steps
+//! VIP addresses leave before the rules that filter them, and arrive after: a VIP
+//! without its filter would accept every new flow. `arp_announce` is set before a
+//! VIP is added; `nf_conntrack_tcp_loose` after the first rebuild (the `ct`
+//! expressions load conntrack, which creates the sysctl).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::{self, Write as _};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use vipshare_core::bucket::{nft_hash_expr, IpFamily};
+
+use super::LinuxConfig;
+use crate::dataplane::{
+    format_mac, igmp_group_for_mac, Affinity, BucketFn, DataPlaneError, Desired, VipConfig,
+};
+
+/// The verdicts counted per VIP, in the order of the counter names.
+pub const VERDICTS: [&str; 4] = ["accepted", "not_owned", "invalid", "reset"];
+
+/// One step for the executor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// One nftables transaction (`nft -f -`).
+    Nft(NftBatch),
+    /// Write a sysctl (path below /proc/sys, dotted), remembering the value it
+    /// replaces so [`Step::RestoreSysctls`] can put it back.
+    Sysctl { key: String, value: String },
+    /// Put back every sysctl value this agent replaced.
+    RestoreSysctls,
+    /// Add the VIP as an address of its interface (after the host's own address).
+    AddAddress(VipConfig),
+    DelAddress(VipConfig),
+    /// `ip maddr add MAC dev IF`: receive frames to the MAC on filtering NICs.
+    AddMaddr { interface: String, mac: [u8; 6] },
+    DelMaddr { interface: String, mac: [u8; 6] },
+    /// IGMP membership of the 239/8 group that maps to the MAC (a socket held
+    /// by the executor), for IGMP-snooping switches.
+    JoinGroup { interface: String, group: Ipv4Addr },
+    LeaveGroup { interface: String, group: Ipv4Addr },
+}
+
+/// An nftables transaction. `fixed` is rendered as is; `elements`, when set,
+/// adds the owned (and reset) buckets with the time left on the lease at the
+/// moment the batch is rendered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftBatch {
+    pub fixed: String,
+    pub elements: Option<Elements>,
+}
+
+/// Set elements written with a timeout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Elements {
+    pub table: String,
+    pub key: KeyKind,
+    pub owned: Vec<u32>,
+    pub reset: Vec<u32>,
+    /// Lease left, from the start of the apply.
+    pub until: Duration,
+}
+
+/// How a bucket number is written as a set element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// `type mark`: the bucket number itself (jhash).
+    Mark,
+    /// `type ipv4_addr`: the bucket's bits in place, `shift` bits up (lowbits).
+    Ipv4 { shift: u32 },
+}
+
+impl KeyKind {
+    fn element(self, bucket: u32) -> String {
+        match self {
+            KeyKind::Mark => bucket.to_string(),
+            KeyKind::Ipv4 { shift } => Ipv4Addr::from(bucket << shift).to_string(),
+        }
+    }
+}
+
+impl NftBatch {
+    /// The script as it would be sent `elapsed` after the start of the apply:
+    /// element timeouts are the lease left then, rounded down to milliseconds.
+    /// Elements whose lease has run out are not written at all.
+    pub fn render(&self, elapsed: Duration) -> String {
+        let mut s = self.fixed.clone();
+        if let Some(e) = &self.elements {
+            let left = e.until.saturating_sub(elapsed).as_millis();
+            if left > 0 {
+                for (set, buckets) in [("owned", &e.owned), ("reset", &e.reset)] {
+                    if buckets.is_empty() {
+                        continue;
+                    }
+                    let items: Vec<String> = buckets
+                        .iter()
+                        .map(|&b| format!("{} timeout {left}ms", e.key.element(b)))
+                        .collect();
+                    let _ = writeln!(
+                        s,
+                        "add element ip {} {set} {{ {} }}",
+                        e.table,
+                        items.join(", ")
+                    );
+                }
+            }
+        }
+        s
+    }
+
+    /// Whether the batch writes any element when rendered `elapsed` after start.
+    pub fn writes_elements(&self, elapsed: Duration) -> bool {
+        self.elements.as_ref().is_some_and(|e| {
+            !e.owned.is_empty() && e.until.saturating_sub(elapsed).as_millis() > 0
+        })
+    }
+}
+
+/// Everything of the kernel state except the owned elements and their timeouts:
+/// when this is unchanged, an apply only rewrites the elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Base {
+    pub vips: Vec<VipConfig>,
+    pub bucket_count: u32,
+    pub bucket_fn: BucketFn,
+    pub affinity: Affinity,
+    pub seed: u32,
+}
+
+impl Base {
+    fn of(desired: &Desired) -> Self {
+        let mut vips = desired.vips.clone();
+        vips.sort();
+        Base {
+            vips,
+            bucket_count: desired.bucket_count,
+            bucket_fn: desired.bucket_fn,
+            affinity: desired.affinity,
+            seed: desired.seed,
+        }
+    }
+
+    fn interfaces(&self) -> BTreeSet<&str> {
+        self.vips.iter().map(|v| v.interface.as_str()).collect()
+    }
+}
+
+/// What the backend believes the kernel holds after a successful plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub base: Base,
+    /// Buckets last written to the owned set (their timeouts may have run out).
+    pub owned: BTreeSet<u32>,
+    pub reset: BTreeSet<u32>,
+}
+
+/// A plan: the steps, and what is installed once they all succeeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    /// What is installed after the plan (`None` after a teardown).
+    pub next: Option<Installed>,
+    /// Whether anything besides the owned elements changes.
+    pub changed: bool,
+    /// When (from the start of the apply) the kernel stops accepting new flows.
+    pub stop_after: Option<Duration>,
+}
+
+impl Plan {
+    /// One line per step (multi-line nft batches indented), as the golden
+    /// files show them; element timeouts rendered as at the start of the apply.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        for step in &self.steps {
+            let _ = writeln!(s, "{step}");
+        }
+        s
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Nft(b) => {
+                write!(f, "nft -f - <<")?;
+                for line in b.render(Duration::ZERO).lines() {
+                    write!(f, "\n    {line}")?;
+                }
+                Ok(())
+            }
+            Step::Sysctl { key, value } => write!(f, "sysctl {key}={value}"),
+            Step::RestoreSysctls => write!(f, "sysctl restore"),
+            Step::AddAddress(v) => write!(
+                f,
+                "ip -4 addr add {}/{} dev {}",
+                v.addr, v.prefix_len, v.interface
+            ),
+            Step::DelAddress(v) => write!(
+                f,
+                "ip -4 addr del {}/{} dev {}",
+                v.addr, v.prefix_len, v.interface
+            ),
+            Step::AddMaddr { interface, mac } => {
+                write!(f, "ip maddr add {} dev {interface}", format_mac(mac))
+            }
+            Step::DelMaddr { interface, mac } => {
+                write!(f, "ip maddr del {} dev {interface}", format_mac(mac))
+            }
+            Step::JoinGroup { interface, group } => write!(f, "igmp join {group} on {interface}"),
+            Step::LeaveGroup { interface, group } => {
+                write!(f, "igmp leave {group} on {interface}")
+            }
+        }
+    }
+}
+
+/// Name of a VIP's chain and the prefix of its counters: `vip_192_0_2_10`.
+pub fn vip_ident(addr: Ipv4Addr) -> String {
+    let o = addr.octets();
+    format!("vip_{}_{}_{}_{}", o[0], o[1], o[2], o[3])
+}
+
+/// The VIP and verdict of a counter named by [`counter_name`].
+pub fn parse_counter_name(name: &str) -> Option<(Ipv4Addr, &'static str)> {
+    let rest = name.strip_prefix("vip_")?;
+    let verdict = VERDICTS
+        .iter()
+        .find(|v| rest.ends_with(&format!("_{v}")))?;
+    let addr = &rest[..rest.len() - verdict.len() - 1];
+    let octets: Vec<u8> = addr
+        .split('_')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    let octets: [u8; 4] = octets.try_into().ok()?;
+    Some((Ipv4Addr::from(octets), verdict))
+}
+
+pub fn counter_name(addr: Ipv4Addr, verdict: &str) -> String {
+    format!("{}_{verdict}", vip_ident(addr))
+}
+
+/// The sysctls every apply makes true: (key, value).
+pub fn sysctls(base: &Base) -> Vec<(String, String)> {
+    let mut v = vec![("net.ipv4.conf.all.arp_announce".to_string(), "2".to_string())];
+    for ifname in base.interfaces() {
+        v.push((format!("net.ipv4.conf.{ifname}.arp_announce"), "2".into()));
+    }
+    v.push((
+        "net.ipv4.conf.all.drop_unicast_in_l2_multicast".into(),
+        "0".into(),
+    ));
+    for ifname in base.interfaces() {
+        v.push((
+            format!("net.ipv4.conf.{ifname}.drop_unicast_in_l2_multicast"),
+            "0".into(),
+        ));
+    }
+    v
+}
+
+/// Set after the rules exist (conntrack is loaded by them).
+pub const TCP_LOOSE: (&str, &str) = ("net.netfilter.nf_conntrack_tcp_loose", "0");
+
+/// How a packet's bucket is computed and matched.
+struct Key {
+    /// Statements computing the key before it is matched (jhash: sets the mark).
+    compute: Vec<String>,
+    /// The expression matched against a set: `meta mark` or `ip saddr & MASK`.
+    lookup: String,
+    set_type: &'static str,
+    kind: KeyKind,
+}
+
+fn key(base: &Base) -> Result<Key, DataPlaneError> {
+    let count = base.bucket_count;
+    match base.bucket_fn {
+        BucketFn::Jhash => {
+            let expr = nft_hash_expr(base.affinity, IpFamily::V4, count, base.seed)
+                .map_err(|e| DataPlaneError::InvalidDesired(e.to_string()))?;
+            let compute = if base.affinity == Affinity::AddressPort {
+                // `th sport` reads the first bytes of any transport header (ICMP's
+                // type and code); only TCP and UDP have ports. Other protocols
+                // hash the address alone, so exactly one host still answers.
+                let addr_only = nft_hash_expr(Affinity::Address, IpFamily::V4, count, base.seed)
+                    .map_err(|e| DataPlaneError::InvalidDesired(e.to_string()))?;
+                vec![
+                    format!("meta l4proto {{ tcp, udp }} meta mark set {expr}"),
+                    format!("meta l4proto != {{ tcp, udp }} meta mark set {addr_only}"),
+                ]
+            } else {
+                vec![format!("meta mark set {expr}")]
+            };
+            Ok(Key {
+                compute,
+                lookup: "meta mark".into(),
+                set_type: "mark",
+                kind: KeyKind::Mark,
+            })
+        }
+        BucketFn::Lowbits => {
+            let shift = match base.affinity {
+                Affinity::Address => 0,
+                Affinity::Network24 => 8,
+                Affinity::AddressPort => {
+                    return Err(DataPlaneError::InvalidDesired(
+                        "affinity address_port needs the jhash bucket function".into(),
+                    ))
+                }
+            };
+            let mask = Ipv4Addr::from((count - 1) << shift);
+            Ok(Key {
+                compute: vec![],
+                lookup: format!("ip saddr & {mask}"),
+                set_type: "ipv4_addr",
+                kind: KeyKind::Ipv4 { shift },
+            })
+        }
+    }
+}
+
+fn arp_rewrite(vip: &VipConfig) -> String {
+    format!(
+        "arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp saddr ip {} arp saddr ether set {}",
+        vip.addr,
+        format_mac(&vip.mac)
+    )
+}
+
+/// The full definition of the three tables.
+fn ruleset(table: &str, base: &Base, arp_egress: bool) -> Result<String, DataPlaneError> {
+    let k = key(base)?;
+    let mut s = String::new();
+    for family in ["ip", "arp", "netdev"] {
+        let _ = writeln!(s, "add table {family} {table}");
+        let _ = writeln!(s, "delete table {family} {table}");
+    }
+    let _ = writeln!(s, "table ip {table} {{");
+    for vip in &base.vips {
+        for v in VERDICTS {
+            let _ = writeln!(s, "\tcounter {} {{ }}", counter_name(vip.addr, v));
+        }
+    }
+    for set in ["owned", "reset"] {
+        let _ = writeln!(
+            s,
+            "\tset {set} {{ type {}; flags timeout; }}",
+            k.set_type
+        );
+    }
+    let addrs: Vec<String> = base.vips.iter().map(|v| v.addr.to_string()).collect();
+    let _ = writeln!(
+        s,
+        "\tchain prerouting {{\n\t\ttype filter hook prerouting priority raw; policy accept;"
+    );
+    if !addrs.is_empty() {
+        let _ = writeln!(
+            s,
+            "\t\tip daddr {{ {} }} meta pkttype multicast meta pkttype set host",
+            addrs.join(", ")
+        );
+    }
+    let _ = writeln!(s, "\t}}");
+    let _ = writeln!(
+        s,
+        "\tchain input {{\n\t\ttype filter hook input priority filter; policy accept;"
+    );
+    if !base.vips.is_empty() {
+        let jumps: Vec<String> = base
+            .vips
+            .iter()
+            .map(|v| format!("{} : jump {}", v.addr, vip_ident(v.addr)))
+            .collect();
+        let _ = writeln!(s, "\t\tip daddr vmap {{ {} }}", jumps.join(", "));
+    }
+    let _ = writeln!(s, "\t}}");
+    for vip in &base.vips {
+        let c = |v: &str| counter_name(vip.addr, v);
+        let _ = writeln!(s, "\tchain {} {{", vip_ident(vip.addr));
+        let _ = writeln!(s, "\t\tct state established,related accept");
+        for stmt in &k.compute {
+            let _ = writeln!(s, "\t\t{stmt}");
+        }
+        let _ = writeln!(
+            s,
+            "\t\tct state invalid meta l4proto tcp {} @reset counter name \"{}\" reject with tcp reset",
+            k.lookup,
+            c("reset")
+        );
+        let _ = writeln!(
+            s,
+            "\t\tct state invalid counter name \"{}\" drop",
+            c("invalid")
+        );
+        let _ = writeln!(
+            s,
+            "\t\ttcp flags & (fin | syn | rst | ack) != syn counter name \"{}\" drop",
+            c("invalid")
+        );
+        let _ = writeln!(
+            s,
+            "\t\t{} @owned counter name \"{}\" accept",
+            k.lookup,
+            c("accepted")
+        );
+        let _ = writeln!(s, "\t\tcounter name \"{}\" drop", c("not_owned"));
+        let _ = writeln!(s, "\t}}");
+    }
+    let _ = writeln!(s, "}}");
+    let _ = writeln!(s, "table arp {table} {{");
+    let _ = writeln!(
+        s,
+        "\tchain output {{\n\t\ttype filter hook output priority filter; policy accept;"
+    );
+    for vip in &base.vips {
+        let _ = writeln!(s, "\t\t{}", arp_rewrite(vip));
+    }
+    let _ = writeln!(s, "\t}}\n}}");
+    let _ = writeln!(s, "table netdev {table} {{");
+    if arp_egress {
+        for (i, ifname) in base.interfaces().into_iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "\tchain egress_{i} {{\n\t\ttype filter hook egress device \"{ifname}\" priority filter; policy accept;"
+            );
+            for vip in base.vips.iter().filter(|v| v.interface == ifname) {
+                let _ = writeln!(s, "\t\t{}", arp_rewrite(vip));
+            }
+            let _ = writeln!(s, "\t}}");
+        }
+    }
+    let _ = writeln!(s, "}}");
+    Ok(s)
+}
+
+fn elements(
+    table: &str,
+    base: &Base,
+    owned: &BTreeSet<u32>,
+    reset: &BTreeSet<u32>,
+    until: Duration,
+) -> Result<Option<Elements>, DataPlaneError> {
+    if owned.is_empty() || until.is_zero() {
+        return Ok(None);
+    }
+    Ok(Some(Elements {
+        table: table.to_string(),
+        key: key(base)?.kind,
+        owned: owned.iter().copied().collect(),
+        reset: reset.intersection(owned).copied().collect(),
+        until,
+    }))
+}
+
+fn addr_steps(base: &Base, add: bool) -> Vec<Step> {
+    base.vips
+        .iter()
+        .map(|v| {
+            if add {
+                Step::AddAddress(v.clone())
+            } else {
+                Step::DelAddress(v.clone())
+            }
+        })
+        .collect()
+}
+
+/// (interface, MAC) pairs the VIPs need to receive, deduplicated.
+fn macs(base: &Base) -> BTreeSet<(String, [u8; 6])> {
+    base.vips
+        .iter()
+        .map(|v| (v.interface.clone(), v.mac))
+        .collect()
+}
+
+fn groups(base: &Base) -> BTreeSet<(String, Ipv4Addr)> {
+    base.vips
+        .iter()
+        .filter_map(|v| igmp_group_for_mac(&v.mac).map(|g| (v.interface.clone(), g)))
+        .collect()
+}
+
+fn vip_minus(a: &Base, b: Option<&Base>) -> Base {
+    Base {
+        vips: a
+            .vips
+            .iter()
+            .filter(|v| !b.is_some_and(|b| b.vips.contains(v)))
+            .cloned()
+            .collect(),
+        ..a.clone()
+    }
+}
+
+/// Plans an apply. `reset` are owned buckets whose previous owner is known to be
+/// dead: mid-stream TCP packets of their unknown flows get a RST instead of
+/// silence, so clients reconnect at once.
+pub fn plan_apply(
+    cfg: &LinuxConfig,
+    installed: Option<&Installed>,
+    desired: &Desired,
+    reset: &BTreeSet<u32>,
+) -> Result<Plan, DataPlaneError> {
+    desired.validate()?;
+    let base = Base::of(desired);
+    // Fails early on combinations the rules cannot express.
+    key(&base)?;
+    let table = &cfg.table;
+    let until = desired.lease_remaining;
+    let owned = if until.is_zero() {
+        BTreeSet::new()
+    } else {
+        desired.owned.clone()
+    };
+    let reset: BTreeSet<u32> = reset.intersection(&owned).copied().collect();
+    let elems = elements(table, &base, &owned, &reset, until)?;
+    let stop_after = elems.as_ref().map(|e| e.until);
+    let next = Installed {
+        base: base.clone(),
+        owned: owned.clone(),
+        reset: reset.clone(),
+    };
+    let old = installed.map(|i| &i.base);
+    if old == Some(&base) {
+        // Renewal (or a change of owned buckets only): one small transaction.
+        let mut fixed = String::new();
+        let _ = writeln!(fixed, "flush set ip {table} owned");
+        let _ = writeln!(fixed, "flush set ip {table} reset");
+        return Ok(Plan {
+            steps: vec![Step::Nft(NftBatch {
+                fixed,
+                elements: elems,
+            })],
+            next: Some(next),
+            changed: false,
+            stop_after,
+        });
+    }
+    let mut steps = Vec::new();
+    // Whatever goes away first: VIPs before their filter.
+    if let Some(old) = old {
+        steps.extend(addr_steps(&vip_minus(old, Some(&base)), false));
+        let keep_groups = groups(&base);
+        for (interface, group) in groups(old).difference(&keep_groups) {
+            steps.push(Step::LeaveGroup {
+                interface: interface.clone(),
+                group: *group,
+            });
+        }
+        if cfg.static_maddr {
+            let keep = macs(&base);
+            for (interface, mac) in macs(old).difference(&keep) {
+                steps.push(Step::DelMaddr {
+                    interface: interface.clone(),
+                    mac: *mac,
+                });
+            }
+        }
+    }
+    for (key, value) in sysctls(&base) {
+        steps.push(Step::Sysctl { key, value });
+    }
+    steps.push(Step::Nft(NftBatch {
+        fixed: ruleset(table, &base, cfg.arp_egress)?,
+        elements: elems,
+    }));
+    steps.push(Step::Sysctl {
+        key: TCP_LOOSE.0.into(),
+        value: TCP_LOOSE.1.into(),
+    });
+    // Every VIP is (re)asserted on a rebuild: the executor skips what is there,
+    // which also repairs an address someone deleted.
+    steps.extend(addr_steps(&base, true));
+    if cfg.static_maddr {
+        for (interface, mac) in macs(&base) {
+            steps.push(Step::AddMaddr { interface, mac });
+        }
+    }
+    if cfg.igmp_join {
+        for (interface, group) in groups(&base) {
+            steps.push(Step::JoinGroup { interface, group });
+        }
+    }
+    Ok(Plan {
+        steps,
+        next: Some(next),
+        changed: true,
+        stop_after,
+    })
+}
+
+/// Plans a withdraw: no new flows from now on; VIPs, rules and established flows
+/// stay.
+pub fn plan_withdraw(cfg: &LinuxConfig, installed: Option<&Installed>) -> Plan {
+    let table = &cfg.table;
+    Plan {
+        steps: vec![Step::Nft(NftBatch {
+            fixed: format!("flush set ip {table} owned\nflush set ip {table} reset\n"),
+            elements: None,
+        })],
+        next: installed.map(|i| Installed {
+            owned: BTreeSet::new(),
+            reset: BTreeSet::new(),
+            ..i.clone()
+        }),
+        changed: false,
+        stop_after: None,
+    }
+}
+
+/// Plans removing everything: VIP addresses first (so nothing is ever accepted
+/// unfiltered), then the tables, then the sysctls go back. `known` are VIPs the
+/// executor remembers from an earlier run when nothing is installed now.
+pub fn plan_teardown(
+    cfg: &LinuxConfig,
+    installed: Option<&Installed>,
+    known: &[VipConfig],
+) -> Plan {
+    let table = &cfg.table;
+    let mut vips: BTreeSet<VipConfig> = known.iter().cloned().collect();
+    if let Some(i) = installed {
+        vips.extend(i.base.vips.iter().cloned());
+    }
+    let base = Base {
+        vips: vips.into_iter().collect(),
+        bucket_count: 2,
+        bucket_fn: BucketFn::Jhash,
+        affinity: Affinity::Address,
+        seed: 0,
+    };
+    let mut steps = addr_steps(&base, false);
+    for (interface, group) in groups(&base) {
+        steps.push(Step::LeaveGroup { interface, group });
+    }
+    if cfg.static_maddr {
+        for (interface, mac) in macs(&base) {
+            steps.push(Step::DelMaddr { interface, mac });
+        }
+    }
+    let mut fixed = String::new();
+    for family in ["ip", "arp", "netdev"] {
+        let _ = writeln!(fixed, "add table {family} {table}");
+        let _ = writeln!(fixed, "delete table {family} {table}");
+    }
+    steps.push(Step::Nft(NftBatch {
+        fixed,
+        elements: None,
+    }));
+    steps.push(Step::RestoreSysctls);
+    Plan {
+        steps,
+        next: None,
+        changed: true,
+        stop_after: None,
+    }
+}
+
+/// Remaining lifetime of each element of the owned set, from `nft list set`
+/// text output (`0x00000003 timeout 500ms expires 312ms` or
+/// `0.0.0.3 timeout 1s expires 1s2ms`).
+pub fn parse_expires(listing: &str) -> Vec<Duration> {
+    let mut out = Vec::new();
+    let mut words = listing.split(|c: char| c.is_whitespace() || c == ',' || c == '}');
+    while let Some(w) = words.next() {
+        if w == "expires" {
+            if let Some(d) = words.next().and_then(parse_nft_duration) {
+                out.push(d);
+            }
+        }
+    }
+    out
+}
+
+/// `1h2m3s450ms`-style nft durations.
+pub fn parse_nft_duration(s: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut num = String::new();
+    let mut chars = s.chars().peekable();
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: u64 = num.parse().ok()?;
+        num.clear();
+        let unit = match c {
+            'd' => Duration::from_secs(86_400),
+            'h' => Duration::from_secs(3_600),
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                Duration::from_millis(1)
+            }
+            'm' => Duration::from_secs(60),
+            's' => Duration::from_secs(1),
+            _ => return None,
+        };
+        total += unit * u32::try_from(n).ok()?;
+        any = true;
+    }
+    (any && num.is_empty()).then_some(total)
+}
+
+/// Packet counts per (VIP, verdict) from `nft -j list counters table ip T`.
+pub fn parse_counters(json: &str) -> Result<BTreeMap<(Ipv4Addr, &'static str), u64>, String> {
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let items = v
+        .get("nftables")
+        .and_then(|n| n.as_array())
+        .ok_or("no \"nftables\" array")?;
+    let mut out = BTreeMap::new();
+    for item in items {
+        let Some(c) = item.get("counter") else {
+            continue;
+        };
+        let (Some(name), Some(packets)) = (
+            c.get("name").and_then(|n| n.as_str()),
+            c.get("packets").and_then(|p| p.as_u64()),
+        ) else {
+            continue;
+        };
+        if let Some(k) = parse_counter_name(name) {
+            out.insert(k, packets);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_nft_duration("450ms"), Some(Duration::from_millis(450)));
+        assert_eq!(
+            parse_nft_duration("1s492ms"),
+            Some(Duration::from_millis(1492))
+        );
+        assert_eq!(parse_nft_duration("2m1s"), Some(Duration::from_secs(121)));
+        assert_eq!(parse_nft_duration("12"), None);
+        assert_eq!(parse_nft_duration("x"), None);
+        let listing = "elements = { 0x00000001 timeout 1s500ms expires 1s492ms, 0x00000002 timeout 248ms expires 240ms }";
+        assert_eq!(
+            parse_expires(listing),
+            vec![Duration::from_millis(1492), Duration::from_millis(240)]
+        );
+    }
+
+    #[test]
+    fn counter_names_round_trip() {
+        let a = Ipv4Addr::new(10, 0, 0, 100);
+        for v in VERDICTS {
+            assert_eq!(parse_counter_name(&counter_name(a, v)), Some((a, v)));
+        }
+        assert_eq!(parse_counter_name("vip_1_2_3_x_accepted"), None);
+        assert_eq!(parse_counter_name("other"), None);
+        let json = r#"{"nftables": [{"metainfo": {}}, {"counter": {"family": "ip", "name": "vip_10_0_0_100_not_owned", "table": "vipshare", "handle": 4, "packets": 7, "bytes": 0}}]}"#;
+        let c = parse_counters(json).unwrap();
+        assert_eq!(c.get(&(a, "not_owned")), Some(&7));
+    }
+
+    #[test]
+    fn element_keys() {
+        assert_eq!(KeyKind::Mark.element(7), "7");
+        assert_eq!(KeyKind::Ipv4 { shift: 0 }.element(7), "0.0.0.7");
+        assert_eq!(KeyKind::Ipv4 { shift: 8 }.element(258), "0.1.2.0");
+    }
+
+    #[test]
+    fn render_drops_elements_once_the_lease_ran_out() {
+        let b = NftBatch {
+            fixed: "flush set ip t owned\n".into(),
+            elements: Some(Elements {
+                table: "t".into(),
+                key: KeyKind::Mark,
+                owned: vec![1, 2],
+                reset: vec![2],
+                until: Duration::from_millis(300),
+            }),
+        };
+        assert_eq!(
+            b.render(Duration::from_micros(100_900)),
+            "flush set ip t owned\nadd element ip t owned { 1 timeout 199ms, 2 timeout 199ms }\nadd element ip t reset { 2 timeout 199ms }\n"
+        );
+        assert!(b.writes_elements(Duration::from_millis(299)));
+        assert_eq!(b.render(Duration::from_millis(300)), "flush set ip t owned\n");
+        assert!(!b.writes_elements(Duration::from_millis(300)));
+    }
+}
