@@ -26,15 +26,7 @@ pub async fn run(admin: &Admin, args: BenchArgs) -> anyhow::Result<()> {
     if args.concurrency == 0 || args.proposals == 0 {
         bail!("--proposals and --concurrency must be at least 1");
     }
-    let (address, mut any) = admin.any().await?;
-    let st = any
-        .status(pb::StatusRequest {
-            protocol_version: PROTOCOL_VERSION,
-            local: false,
-        })
-        .await
-        .map_err(|s| explain(s, &address))?
-        .into_inner();
+    let st = admin.status().await?;
     let leader = st
         .controllers
         .iter()

@@ -8,6 +8,15 @@ use anyhow::{anyhow, bail, Context};
 use tonic::transport::Channel;
 use vipshare_proto::tls::TlsFiles;
 use vipshare_proto::v1::admin_api_client::AdminApiClient;
+use vipshare_proto::v1::{self as pb};
+use vipshare_proto::PROTOCOL_VERSION;
+
+fn read_request() -> pb::ReadRequest {
+    pb::ReadRequest {
+        protocol_version: PROTOCOL_VERSION,
+        local: false,
+    }
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Connection {
@@ -79,6 +88,40 @@ impl Admin {
             }
         }
         bail!("no controller reachable:\n  {}", errors.join("\n  "))
+    }
+
+    /// A linearizable read on the first controller that answers.
+    async fn read<T, F, Fut>(&self, call: F) -> anyhow::Result<T>
+    where
+        F: FnOnce(AdminClient) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let (address, client) = self.any().await?;
+        call(client)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| explain(s, &address))
+    }
+
+    pub async fn status(&self) -> anyhow::Result<pb::StatusReply> {
+        self.read(|mut c| async move {
+            c.status(pb::StatusRequest {
+                protocol_version: PROTOCOL_VERSION,
+                local: false,
+            })
+            .await
+        })
+        .await
+    }
+
+    pub async fn members(&self) -> anyhow::Result<pb::MembersReply> {
+        self.read(|mut c| async move { c.members(read_request()).await })
+            .await
+    }
+
+    pub async fn buckets(&self) -> anyhow::Result<pb::BucketsReply> {
+        self.read(|mut c| async move { c.buckets(read_request()).await })
+            .await
     }
 
     /// Run `call` against a controller, moving to the leader when told to.

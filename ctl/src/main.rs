@@ -10,7 +10,7 @@ use serde_json::json;
 use vipshare_proto::v1::{self as pb, mutate_request::Op};
 use vipshare_proto::PROTOCOL_VERSION;
 
-use client::{explain, Admin, Connection};
+use client::{Admin, Connection};
 
 #[derive(Parser)]
 #[command(name = "vipsharectl", version, about = "Operate a vipshare cluster")]
@@ -249,15 +249,7 @@ pub async fn mutate(admin: &Admin, op: Op) -> anyhow::Result<pb::MutateReply> {
 
 async fn status(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
     // The authoritative picture, through a linearizable read on any controller.
-    let (address, mut client) = admin.any().await?;
-    let main = client
-        .status(pb::StatusRequest {
-            protocol_version: PROTOCOL_VERSION,
-            local: false,
-        })
-        .await
-        .map_err(|s| explain(s, &address))?
-        .into_inner();
+    let main = admin.status().await?;
     // Each controller's own view, for health.
     let mut rows = Vec::new();
     for c in &main.controllers {
@@ -341,15 +333,7 @@ async fn status(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
 }
 
 async fn members(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
-    let (address, mut client) = admin.any().await?;
-    let r = client
-        .members(pb::ReadRequest {
-            protocol_version: PROTOCOL_VERSION,
-            local: false,
-        })
-        .await
-        .map_err(|s| explain(s, &address))?
-        .into_inner();
+    let r = admin.members().await?;
     if as_json {
         let rows: Vec<_> = r
             .members
@@ -385,15 +369,7 @@ async fn members(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
 }
 
 async fn buckets(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
-    let (address, mut client) = admin.any().await?;
-    let r = client
-        .buckets(pb::ReadRequest {
-            protocol_version: PROTOCOL_VERSION,
-            local: false,
-        })
-        .await
-        .map_err(|s| explain(s, &address))?
-        .into_inner();
+    let r = admin.buckets().await?;
     if as_json {
         let rows: Vec<_> = r
             .buckets
@@ -439,16 +415,9 @@ async fn which(
     port: Option<u16>,
     as_json: bool,
 ) -> anyhow::Result<()> {
-    let (ctl, mut client) = admin.any().await?;
-    let st = client
-        .status(pb::StatusRequest {
-            protocol_version: PROTOCOL_VERSION,
-            local: false,
-        })
-        .await
-        .map_err(|s| explain(s, &ctl))?
-        .into_inner();
-    let s = st
+    let s = admin
+        .status()
+        .await?
         .settings
         .context("cluster not initialised: run `vipsharectl cluster init --vip ADDR`")?;
     let bucket = vipshare_core::bucket::bucket_of(
@@ -459,14 +428,7 @@ async fn which(
         address,
         port,
     )?;
-    let map = client
-        .buckets(pb::ReadRequest {
-            protocol_version: PROTOCOL_VERSION,
-            local: false,
-        })
-        .await
-        .map_err(|s| explain(s, &ctl))?
-        .into_inner();
+    let map = admin.buckets().await?;
     let b = map
         .buckets
         .iter()
