@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# A vipshare lab in network namespaces, sourced by deploy/demo.sh and the failover
+# benchmark. One bridge namespace; controllers, hosts and a client on it:
+#
+#   ${LAB}-sw   bridge br0
+#   ${LAB}-cN   controller N        10.77.0.N/16          :7001
+#   ${LAB}-hN   host N (agent+srv)  10.77.0.(10+N)/16     VIP 10.77.0.100
+#   ${LAB}-cl   client              10.77.2.1 .. 10.77.2.K /16
+#
+# Every function is idempotent enough to be re-run after a failure; lab_down
+# removes everything the lab created.
+
+LAB=${LAB:-vsd}
+LAB_DIR=${LAB_DIR:-/tmp/${LAB}-lab}
+VIP=${VIP:-10.77.0.100}
+PORT=${PORT:-8080}
+CLUSTER=${CLUSTER:-demo}
+BIN=${BIN:-target/release}
+LAB_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+ns() { ip netns exec "$1" "${@:2}"; }
+
+lab_log() { printf '[lab] %s\n' "$*" >&2; }
+
+# veth from namespace $1 (named eth0 there) to the bridge, with address $2.
+lab_attach() {
+  local name=$1 addr=$2 peer="v${1#"${LAB}"-}"
+  ip netns add "$name"
+  ip link add "$peer" type veth peer name eth0 netns "$name"
+  ip link set "$peer" netns "${LAB}-sw"
+  ns "${LAB}-sw" ip link set "$peer" master br0 up
+  ns "$name" ip link set lo up
+  ns "$name" ip link set eth0 up
+  ns "$name" ip addr add "$addr/16" dev eth0
+}
+
+# lab_up CONTROLLERS HOSTS CLIENT_ADDRS
+lab_up() {
+  local nctl=$1 nhost=$2 ncl=$3 i
+  lab_down 2>/dev/null || true
+  mkdir -p "$LAB_DIR"
+  ip netns add "${LAB}-sw"
+  ns "${LAB}-sw" ip link add br0 type bridge
+  ns "${LAB}-sw" ip link set br0 up
+  for i in $(seq 1 "$nctl"); do lab_attach "${LAB}-c$i" "10.77.0.$i"; done
+  for i in $(seq 1 "$nhost"); do lab_attach "${LAB}-h$i" "10.77.0.$((10 + i))"; done
+  lab_attach "${LAB}-cl" 10.77.2.1
+  for i in $(seq 2 "$ncl"); do
+    ns "${LAB}-cl" ip addr add "10.77.2.$i/16" dev eth0
+  done
+  echo "$nctl" >"$LAB_DIR/controllers"
+  echo "$nhost" >"$LAB_DIR/hosts"
+  echo "$ncl" >"$LAB_DIR/clients"
+}
+
+lab_sources() {
+  local i
+  for i in $(seq 1 "$(cat "$LAB_DIR/clients")"); do printf '10.77.2.%s ' "$i"; done
+}
+
+lab_controllers_csv() {
+  local i out=""
+  for i in $(seq 1 "$(cat "$LAB_DIR/controllers")"); do out="$out${out:+,}10.77.0.$i:7001"; done
+  echo "$out"
+}
+
+lab_certs() {
+  local d="$LAB_DIR/pki" i
+  rm -rf "$d"
+  "$BIN/vipsharectl" certs init --dir "$d" --cluster "$CLUSTER" >/dev/null
+  for i in $(seq 1 "$(cat "$LAB_DIR/controllers")"); do
+    "$BIN/vipsharectl" certs issue --dir "$d" --role controller --name "$i" --ip "10.77.0.$i" >/dev/null
+  done
+  for i in $(seq 1 "$(cat "$LAB_DIR/hosts")"); do
+    "$BIN/vipsharectl" certs issue --dir "$d" --role agent --name "h$i" >/dev/null
+  done
+  "$BIN/vipsharectl" certs issue --dir "$d" --role admin --name admin >/dev/null
+}
+
+lab_start_controller() {
+  local i=$1 n peers="" j
+  n=$(cat "$LAB_DIR/controllers")
+  for j in $(seq 1 "$n"); do
+    peers="${peers}[[peers]]
+id = $j
+address = \"10.77.0.$j:7001\"
+"
+  done
+  cat >"$LAB_DIR/controller-$i.toml" <<EOF
+id = $i
+cluster = "$CLUSTER"
+listen = "10.77.0.$i:7001"
+data_dir = "$LAB_DIR/controller-$i"
+[tls]
+ca = "$LAB_DIR/pki/ca.crt"
+cert = "$LAB_DIR/pki/controller-$i.crt"
+key = "$LAB_DIR/pki/controller-$i.key"
+$peers
+EOF
+  ns "${LAB}-c$i" "$BIN/vipshare-controller" --config "$LAB_DIR/controller-$i.toml" \
+    >>"$LAB_DIR/controller-$i.log" 2>&1 &
+  echo $! >"$LAB_DIR/controller-$i.pid"
+}
+
+lab_start_agent() {
+  local i=$1 n j ctl=""
+  n=$(cat "$LAB_DIR/controllers")
+  for j in $(seq 1 "$n"); do
+    ctl="${ctl}[[controllers]]
+id = $j
+address = \"10.77.0.$j:7001\"
+"
+  done
+  cat >"$LAB_DIR/agent-h$i.toml" <<EOF
+member = "h$i"
+interface = "eth0"
+backend = "linux"
+[tls]
+ca = "$LAB_DIR/pki/ca.crt"
+cert = "$LAB_DIR/pki/agent-h$i.crt"
+key = "$LAB_DIR/pki/agent-h$i.key"
+$ctl
+EOF
+  ns "${LAB}-h$i" "$BIN/vipshare-agent" --config "$LAB_DIR/agent-h$i.toml" \
+    >>"$LAB_DIR/agent-h$i.log" 2>&1 &
+  echo $! >"$LAB_DIR/agent-h$i.pid"
+}
+
+lab_start_server() {
+  local i=$1
+  # The agent adds the VIP; the server binds any address and answers on the VIP.
+  ns "${LAB}-h$i" python3 "$LAB_SRC/server.py" "h$i" 0.0.0.0 "$PORT" \
+    >>"$LAB_DIR/server-h$i.log" 2>&1 &
+  echo $! >"$LAB_DIR/server-h$i.pid"
+}
+
+lab_kill() { # lab_kill NAME [SIGNAL]
+  local f="$LAB_DIR/$1.pid"
+  [ -f "$f" ] && kill "-${2:-KILL}" "$(cat "$f")" 2>/dev/null
+  [ "${2:-KILL}" = KILL ] && rm -f "$f"
+  return 0
+}
+
+# A host crash: agent and server killed, link down.
+lab_crash_host() {
+  local i=$1
+  lab_kill "agent-h$i"
+  lab_kill "server-h$i"
+  ns "${LAB}-sw" ip link set "vh$i" down
+}
+
+lab_revive_host() {
+  local i=$1
+  ns "${LAB}-sw" ip link set "vh$i" up
+  lab_start_server "$i"
+  lab_start_agent "$i"
+}
+
+ctl() {
+  ns "${LAB}-cl" "$BIN/vipsharectl" --controllers "$(lab_controllers_csv)" \
+    --tls-dir "$LAB_DIR/pki" --user admin-admin "$@"
+}
+
+lab_client() { ns "${LAB}-cl" python3 "$LAB_SRC/client.py" "$@"; }
+
+lab_down() {
+  local f
+  for f in "$LAB_DIR"/*.pid; do
+    [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null
+    rm -f "$f"
+  done
+  for f in $(ip netns list | awk '{print $1}' | grep "^${LAB}-"); do
+    ip netns delete "$f"
+  done
+}
