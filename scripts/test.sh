@@ -20,5 +20,7 @@ step "simulator: 500 seeds"
 cargo run --release --locked -p vipshare-sim -- --seeds 500
 step "shell scripts"
 mapfile -t scripts < <(git ls-files '*.sh' 'deploy/freebsd/rc.d/*')
-shellcheck "${scripts[@]}"
+shellcheck -x "${scripts[@]}"
+step "deployment files (promtool, dashboard, units)"
+deploy/check.sh
 step "all tests passed in ${SECONDS}s"

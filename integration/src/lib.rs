@@ -114,6 +114,32 @@ impl Lab {
         format!("{}.{id}:7001", self.ip_base)
     }
 
+    pub fn metrics_address(&self, id: u64) -> String {
+        format!("{}.{id}:9101", self.ip_base)
+    }
+
+    /// The text of controller `id`'s `/metrics` page.
+    pub async fn metrics(&self, id: u64) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.metrics_address(id)).await?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await?;
+        Ok(body)
+    }
+
+    /// Start controller `id` and wait for it to exit (for start-up refusals).
+    pub fn run_to_exit(&mut self, id: u64) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        self.start(id)?;
+        let c = self
+            .controllers
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("no controller {id}"))?;
+        let mut child = c.child.take().ok_or_else(|| anyhow!("{id} not started"))?;
+        let status = child.wait()?;
+        Ok((status, c.log_text()))
+    }
+
     /// Write the config of controller `id`. `founders` are the initial voters;
     /// `join` starts it empty, to be added with `controller add`.
     pub fn configure(&mut self, id: u64, founders: &[u64], join: bool) -> anyhow::Result<()> {
@@ -123,11 +149,13 @@ impl Lab {
         let config = dir.join("controller.toml");
         let files = TlsFiles::in_dir(&self.certs, Role::Controller, &id.to_string());
         let mut text = format!(
-            "id = {id}\ncluster = \"{}\"\nlisten = \"{}\"\ndata_dir = \"{}\"\njoin = {join}\n\
+            "id = {id}\ncluster = \"{}\"\nlisten = \"{}\"\nmetrics_listen = \"{}\"\n\
+             data_dir = \"{}\"\njoin = {join}\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
              [raft]\ntick_ms = 100\nelection_ticks = 10\nheartbeat_ticks = 2\nsnapshot_interval = 50\n",
             self.cluster,
             self.address(id),
+            self.metrics_address(id),
             data_dir.display(),
             files.ca.display(),
             files.cert.display(),

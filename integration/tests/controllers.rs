@@ -40,6 +40,12 @@ async fn leader_failover_restart_and_membership_changes() -> anyhow::Result<()> 
     assert_eq!(status["leader_id"], leader);
     assert_eq!(status["controllers"].as_array().map(Vec::len), Some(3));
 
+    // Metrics are served where configured and agree with the status.
+    let m = lab.metrics(leader).await?;
+    assert!(m.contains("vipshare_raft_role{role=\"leader\"} 1"), "{m}");
+    assert!(m.contains(&format!("vipshare_raft_leader_id {leader}")), "{m}");
+    assert!(m.contains("vipshare_storage_sync_seconds_bucket"), "{m}");
+
     let out = lab.ctl(&["cluster", "init", "--vip", "192.0.2.10", "--buckets", "64"])?;
     assert!(
         out.status.success(),
@@ -171,5 +177,35 @@ async fn leader_failover_restart_and_membership_changes() -> anyhow::Result<()> 
         || async { (lab.local_status(4).await?.applied_index >= after).then_some(()) },
     )
     .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_foreign_and_corrupt_data_directories() -> anyhow::Result<()> {
+    let mut lab = Lab::new("127.0.12", 3)?;
+    lab.start_founders(3)?;
+    lab.wait_leader(ELECTION).await?;
+    lab.noop(b"x").await?;
+    lab.stop(2)?;
+    lab.stop(3)?;
+    // Controller 3 pointed at controller 2's data: refused, naming the file.
+    let foreign = lab.controllers[&2].data_dir.clone();
+    let own = lab.controllers[&3].data_dir.clone();
+    let text = std::fs::read_to_string(&lab.controllers[&3].config)?;
+    let swapped = text.replace(&own.display().to_string(), &foreign.display().to_string());
+    std::fs::write(&lab.controllers[&3].config, &swapped)?;
+    let (status, log) = lab.run_to_exit(3)?;
+    assert!(!status.success());
+    assert!(log.contains("raft.redb") && log.contains("node"), "{log}");
+    std::fs::write(&lab.controllers[&3].config, &text)?;
+
+    // A truncated log file: refused, file left as it was.
+    let file = own.join("raft.redb");
+    let bytes = std::fs::read(&file)?;
+    std::fs::write(&file, &bytes[..bytes.len() / 2])?;
+    let (status, log) = lab.run_to_exit(3)?;
+    assert!(!status.success());
+    assert!(log.contains(&file.display().to_string()), "{log}");
+    assert_eq!(std::fs::read(&file)?.len(), bytes.len() / 2, "never reset");
     Ok(())
 }
