@@ -24,6 +24,7 @@ pub mod storage;
 pub mod transport;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -31,22 +32,32 @@ use tokio::sync::watch;
 use vipshare_core::replica::{Replica, ReplicaConfig};
 use vipshare_core::state::ClusterState;
 use vipshare_core::storage::{bootstrap_snapshot, RaftStorage};
+use vipshare_proto::pki::{Identity, Role};
+use vipshare_proto::tls::{Revocations, TlsReloader};
 use vipshare_proto::v1::admin_api_server::AdminApiServer;
 use vipshare_proto::v1::agent_api_server::AgentApiServer;
 use vipshare_proto::v1::raft_transport_server::RaftTransportServer;
 use vipshare_proto::MAX_MESSAGE_BYTES;
 
 use crate::config::ControllerConfig;
-use crate::node::Node;
+use crate::node::{Node, NodeView};
 use crate::storage::{DiskLog, StoreIdentity};
 use crate::transport::Transport;
+
+/// How often the certificate files are checked for changes (SIGHUP reloads at once).
+pub const TLS_POLL: Duration = vipshare_proto::tls::DEFAULT_RELOAD_POLL;
 
 /// Runs a controller until `shutdown` turns true: opens (or bootstraps) the data
 /// directory, starts the node task and serves the three gRPC services over mTLS.
 pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let files = cfg.tls_files();
-    let server_tls = vipshare_proto::tls::server_config(&files).context("TLS server setup")?;
-    let client_tls = vipshare_proto::tls::client_config(&files).context("TLS client setup")?;
+    // First, so that a SIGHUP from now on reloads certificates instead of killing us.
+    let tls = Arc::new(TlsReloader::new(cfg.tls_files()).context("TLS setup")?);
+    check_identity(&cfg, tls.identity())?;
+    let mut stop_watcher = shutdown.clone();
+    tls.clone().spawn_watcher(TLS_POLL, async move {
+        let _ = stop_watcher.wait_for(|s| *s).await;
+    });
+    let client_tls = tls.client();
 
     let id = StoreIdentity {
         cluster: cfg.cluster.clone(),
@@ -104,7 +115,12 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     tracing::info!(id = cfg.id, listen = %cfg.listen, "controller serving");
-    let incoming = vipshare_proto::tls::serve_incoming(listener, server_tls, cfg.cluster.clone());
+    let incoming = vipshare_proto::tls::serve_incoming(listener, tls.server(), cfg.cluster.clone());
+    tokio::spawn(mirror_revocations(
+        handle.subscribe(),
+        tls.revocations(),
+        shutdown.clone(),
+    ));
 
     let raft = RaftTransportServer::new(service::raft::RaftService {
         id: cfg.id,
@@ -141,4 +157,50 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
     ownership_task.await.context("ownership task panicked")?;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// The certificate must name this controller of this cluster: with another id its
+/// raft messages would all be refused, and the mistake is easier to read here.
+fn check_identity(cfg: &ControllerConfig, identity: &Identity) -> anyhow::Result<()> {
+    if identity.role != Role::Controller
+        || identity.controller_id() != Some(cfg.id)
+        || identity.cluster != cfg.cluster
+    {
+        anyhow::bail!(
+            "{}: certificate identity is {identity}, but this is controller {} of cluster {:?} \
+             (expected {})",
+            cfg.tls.cert.display(),
+            cfg.id,
+            cfg.cluster,
+            Identity {
+                cluster: cfg.cluster.clone(),
+                role: Role::Controller,
+                name: cfg.id.to_string(),
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Keep the TLS layer's deny-list equal to the applied one, so revoked certificates
+/// are refused at the handshake too (calls are checked against the applied state).
+async fn mirror_revocations(
+    mut views: watch::Receiver<Arc<NodeView>>,
+    revocations: Revocations,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let view = views.borrow_and_update().clone();
+        if revocations.replace(&view.state.revoked) {
+            tracing::info!(
+                revoked = view.state.revoked.len(),
+                applied = view.applied,
+                "certificate deny-list updated"
+            );
+        }
+        tokio::select! {
+            changed = views.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => if *shutdown.borrow() { return },
+        }
+    }
 }

@@ -1,5 +1,12 @@
 //! Prometheus metrics. Names are listed here, in one place, so dashboards and
 //! alert rules have a single reference.
+//!
+//! The TLS layer (`vipshare_proto::tls`) adds its own:
+//! `vipshare_tls_handshake_failures_total{reason}` (reason `revoked` among them),
+//! `vipshare_cert_expiry_days{file}` (own certificate and CA bundle, updated at
+//! load, reload and every poll) and `vipshare_tls_reloads_total{result}`.
+//! Calls refused for a revoked certificate count in
+//! `vipshare_rpc_rejected_total{reason="revoked"}`.
 
 use std::net::SocketAddr;
 use std::time::Duration;

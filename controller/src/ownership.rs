@@ -33,11 +33,12 @@ pub struct Ownership {
     pub cluster: String,
     pub node: NodeHandle,
     pub leases: Arc<Leases>,
-    pub tls: Arc<rustls::ClientConfig>,
+    pub tls: vipshare_proto::tls::ClientTls,
     pub released: mpsc::Receiver<Released>,
 }
 
-type Peers = BTreeMap<u64, (String, RaftTransportClient<Channel>)>;
+/// Per peer: its address, the TLS generation the channel was made with, the client.
+type Peers = BTreeMap<u64, (String, u64, RaftTransportClient<Channel>)>;
 
 fn wall_ms() -> u64 {
     SystemTime::now()
@@ -97,14 +98,16 @@ impl Ownership {
     }
 
     fn refresh_peers(&self, peers: &mut Peers, controllers: &BTreeMap<u64, String>) {
-        peers.retain(|id, (addr, _)| controllers.get(id) == Some(addr));
+        // A TLS reload retires the channels made with the old certificate.
+        let generation = self.tls.generation();
+        peers.retain(|id, (addr, g, _)| controllers.get(id) == Some(addr) && *g == generation);
         for (&id, addr) in controllers {
             if id == self.me || peers.contains_key(&id) {
                 continue;
             }
-            match vipshare_proto::tls::channel(&format!("https://{addr}"), self.tls.clone()) {
+            match vipshare_proto::tls::channel(&format!("https://{addr}"), &self.tls) {
                 Ok(ch) => {
-                    peers.insert(id, (addr.clone(), RaftTransportClient::new(ch)));
+                    peers.insert(id, (addr.clone(), generation, RaftTransportClient::new(ch)));
                 }
                 Err(e) => tracing::warn!(peer = id, %addr, error = %e, "no channel for fencing"),
             }
@@ -134,7 +137,7 @@ impl Ownership {
         let clients: Vec<_> = voters
             .iter()
             .filter(|&&v| v != me)
-            .filter_map(|v| peers.get(v).map(|(_, c)| (*v, c.clone())))
+            .filter_map(|v| peers.get(v).map(|(_, _, c)| (*v, c.clone())))
             .collect();
         tokio::spawn(async move {
             let mut agreed = 0usize;

@@ -6,13 +6,13 @@
 //! `report_snapshot` for snapshots) so it backs off that peer.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 
 use protobuf::Message as _;
 use raft::eraftpb::Message;
 use tokio::sync::mpsc;
 use vipshare_core::replica::is_snapshot;
+use vipshare_proto::tls::ClientTls;
 use vipshare_proto::v1::raft_transport_client::RaftTransportClient;
 use vipshare_proto::v1::RaftBatch;
 use vipshare_proto::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
@@ -31,20 +31,14 @@ struct Peer {
 pub struct Transport {
     me: u64,
     cluster: String,
-    tls: Arc<rustls::ClientConfig>,
+    tls: ClientTls,
     node: mpsc::Sender<NodeMsg>,
     queue: usize,
     peers: HashMap<u64, Peer>,
 }
 
 impl Transport {
-    pub fn new(
-        me: u64,
-        cluster: String,
-        tls: Arc<rustls::ClientConfig>,
-        node: &NodeHandle,
-        queue: usize,
-    ) -> Self {
+    pub fn new(me: u64, cluster: String, tls: ClientTls, node: &NodeHandle, queue: usize) -> Self {
         Transport {
             me,
             cluster,
@@ -125,22 +119,27 @@ struct PeerLink {
     peer: u64,
     address: String,
     cluster: String,
-    tls: Arc<rustls::ClientConfig>,
+    tls: ClientTls,
     node: mpsc::Sender<NodeMsg>,
 }
 
 async fn peer_loop(link: PeerLink, mut rx: mpsc::Receiver<Message>) {
     let uri = format!("https://{}", link.address);
-    let channel = match vipshare_proto::tls::channel(&uri, link.tls.clone()) {
-        Ok(c) => c,
+    let connect = |generation: u64| match vipshare_proto::tls::channel(&uri, &link.tls) {
+        Ok(c) => Some((
+            generation,
+            RaftTransportClient::new(c)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )),
         Err(e) => {
             tracing::error!(peer = link.peer, %uri, error = %e, "cannot set up raft transport");
-            return;
+            None
         }
     };
-    let mut client = RaftTransportClient::new(channel)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let Some((mut generation, mut client)) = connect(link.tls.generation()) else {
+        return;
+    };
     let mut healthy = true;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -167,6 +166,14 @@ async fn peer_loop(link: PeerLink, mut rx: mpsc::Receiver<Message>) {
             to: link.peer,
             messages,
         };
+        // Certificates were reloaded: move to a new connection (made with the new
+        // certificate) between two batches; the old one closes once dropped.
+        if link.tls.generation() != generation {
+            if let Some((g, c)) = connect(link.tls.generation()) {
+                tracing::debug!(peer = link.peer, "new raft connection after a TLS reload");
+                (generation, client) = (g, c);
+            }
+        }
         let ok = match tokio::time::timeout(SEND_TIMEOUT, client.send(req)).await {
             Ok(Ok(_)) => true,
             Ok(Err(status)) => {

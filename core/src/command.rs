@@ -102,6 +102,15 @@ pub enum Command {
         name: String,
         epoch: u64,
     },
+    /// Put a certificate serial (lowercase hex, no leading zeros) on the deny-list:
+    /// controllers refuse every connection and call presenting it.
+    Revoke {
+        serial: String,
+    },
+    /// Take a serial off the deny-list again.
+    Unrevoke {
+        serial: String,
+    },
     /// Changes nothing; used to measure commit latency and to test the log.
     Noop {
         payload: Vec<u8>,

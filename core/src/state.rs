@@ -2,7 +2,7 @@
 //! bucket map. `apply` is deterministic and never reads a clock: every controller
 //! applying the same entries reaches the same state, byte for byte.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -110,6 +110,10 @@ pub struct ClusterState {
     pub controllers: BTreeMap<u64, String>,
     /// Raft index of the last applied entry.
     pub applied: u64,
+    /// Revoked certificate serials (lowercase hex, no leading zeros), refused by
+    /// every controller.
+    #[serde(default)]
+    pub revoked: BTreeSet<String>,
 }
 
 /// A command that was committed but refused by the state machine. Every replica
@@ -150,6 +154,25 @@ pub enum ApplyError {
     MemberDown(String),
     #[error("undecodable command: {0}")]
     Undecodable(String),
+    #[error("{0:?} is not a certificate serial (lowercase hex without leading zeros, at most {MAX_SERIAL_HEX} digits)")]
+    BadSerial(String),
+    #[error("serial {0} is already revoked")]
+    AlreadyRevoked(String),
+    #[error("serial {0} is not revoked")]
+    NotRevoked(String),
+}
+
+/// Longest certificate serial accepted, in hex digits.
+pub const MAX_SERIAL_HEX: usize = 42;
+
+/// Serials are stored in one spelling so that a lookup by a certificate's serial
+/// finds them: lowercase hex digits without leading zeros ("0" for zero).
+pub fn is_canonical_serial(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_SERIAL_HEX
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && (s == "0" || !s.starts_with('0'))
 }
 
 impl ClusterState {
@@ -318,6 +341,22 @@ impl ClusterState {
                             b.home = to.clone();
                         }
                     }
+                }
+                Ok(())
+            }
+            Command::Revoke { serial } => {
+                if !is_canonical_serial(&serial) {
+                    return Err(ApplyError::BadSerial(serial));
+                }
+                if self.revoked.contains(&serial) {
+                    return Err(ApplyError::AlreadyRevoked(serial));
+                }
+                self.revoked.insert(serial);
+                Ok(())
+            }
+            Command::Unrevoke { serial } => {
+                if !self.revoked.remove(&serial) {
+                    return Err(ApplyError::NotRevoked(serial));
                 }
                 Ok(())
             }
@@ -572,7 +611,49 @@ mod tests {
 
     #[test]
     fn snapshot_encoding_round_trips() {
-        let s = cluster();
+        let mut s = cluster();
+        s.apply(Command::Revoke {
+            serial: "1a2b".into(),
+        })
+        .unwrap();
         assert_eq!(ClusterState::decode(&s.encode()).unwrap(), s);
+    }
+
+    #[test]
+    fn revocation_list_is_kept_canonical_and_changes_only_on_real_changes() {
+        // Works before `cluster init`: a leaked certificate must be revocable at once.
+        let mut s = ClusterState::default();
+        let revoke = |serial: &str| Command::Revoke {
+            serial: serial.into(),
+        };
+        s.apply(revoke("7f3a")).unwrap();
+        assert!(s.revoked.contains("7f3a"));
+        assert_eq!(
+            s.apply(revoke("7f3a")),
+            Err(ApplyError::AlreadyRevoked("7f3a".into()))
+        );
+        for bad in ["", "07f3a", "7F3A", "7f:3a", "xyz", &"f".repeat(43)] {
+            assert_eq!(s.apply(revoke(bad)), Err(ApplyError::BadSerial(bad.into())));
+        }
+        assert_eq!(s.revoked.len(), 1);
+        s.apply(Command::Unrevoke {
+            serial: "7f3a".into(),
+        })
+        .unwrap();
+        assert!(s.revoked.is_empty());
+        assert_eq!(
+            s.apply(Command::Unrevoke {
+                serial: "7f3a".into()
+            }),
+            Err(ApplyError::NotRevoked("7f3a".into()))
+        );
+    }
+
+    #[test]
+    fn state_without_a_revocation_list_still_decodes() {
+        let mut v: serde_json::Value = serde_json::from_slice(&cluster().encode()).unwrap();
+        v.as_object_mut().unwrap().remove("revoked");
+        let s = ClusterState::decode(&serde_json::to_vec(&v).unwrap()).unwrap();
+        assert!(s.revoked.is_empty());
     }
 }

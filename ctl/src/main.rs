@@ -23,7 +23,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create the cluster CA and issue certificates.
+    /// Create the cluster CA; issue, renew, show and revoke certificates.
     #[command(subcommand)]
     Certs(certs::CertsCmd),
     /// Leader, term and the health of every controller.
@@ -175,7 +175,10 @@ async fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let op = match cli.cmd {
-        Cmd::Certs(c) => return certs::run(c),
+        Cmd::Certs(c) => match certs::run(c)? {
+            Some(op) => op,
+            None => return Ok(()),
+        },
         Cmd::Status { json } => return status(&Admin::new(&cli.conn)?, json).await,
         Cmd::Members { json } => return members(&Admin::new(&cli.conn)?, json).await,
         Cmd::Buckets { json } => return buckets(&Admin::new(&cli.conn)?, json).await,

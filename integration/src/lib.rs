@@ -4,6 +4,8 @@
 //! Binaries come from the workspace target directory; build them first
 //! (`cargo build --workspace --bins`, which `scripts/test.sh` does).
 
+pub mod netns;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -122,7 +124,8 @@ impl Lab {
     pub async fn metrics(&self, id: u64) -> anyhow::Result<String> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(self.metrics_address(id)).await?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await?;
         let mut body = String::new();
         s.read_to_string(&mut body).await?;
         Ok(body)

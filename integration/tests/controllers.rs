@@ -43,7 +43,10 @@ async fn leader_failover_restart_and_membership_changes() -> anyhow::Result<()> 
     // Metrics are served where configured and agree with the status.
     let m = lab.metrics(leader).await?;
     assert!(m.contains("vipshare_raft_role{role=\"leader\"} 1"), "{m}");
-    assert!(m.contains(&format!("vipshare_raft_leader_id {leader}")), "{m}");
+    assert!(
+        m.contains(&format!("vipshare_raft_leader_id {leader}")),
+        "{m}"
+    );
     assert!(m.contains("vipshare_storage_sync_seconds_bucket"), "{m}");
 
     let out = lab.ctl(&["cluster", "init", "--vip", "192.0.2.10", "--buckets", "64"])?;

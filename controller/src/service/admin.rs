@@ -46,7 +46,7 @@ impl AdminApi for AdminService {
         &self,
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
-        authorize(&req, SERVICE, READERS)?;
+        authorize(&req, SERVICE, READERS, &self.node)?;
         check_version(req.get_ref().protocol_version)?;
         let v = self.view(req.get_ref().local).await?;
         let s = &v.state;
@@ -77,6 +77,7 @@ impl AdminApi for AdminService {
             initialized: s.initialized(),
             members: s.members.len() as u32,
             unowned_buckets: s.unowned() as u32,
+            revoked_serials: s.revoked.iter().cloned().collect(),
         }))
     }
 
@@ -84,7 +85,7 @@ impl AdminApi for AdminService {
         &self,
         req: Request<pb::ReadRequest>,
     ) -> Result<Response<pb::MembersReply>, Status> {
-        authorize(&req, SERVICE, READERS)?;
+        authorize(&req, SERVICE, READERS, &self.node)?;
         check_version(req.get_ref().protocol_version)?;
         let v = self.view(req.get_ref().local).await?;
         let s = &v.state;
@@ -133,7 +134,7 @@ impl AdminApi for AdminService {
         &self,
         req: Request<pb::ReadRequest>,
     ) -> Result<Response<pb::BucketsReply>, Status> {
-        authorize(&req, SERVICE, READERS)?;
+        authorize(&req, SERVICE, READERS, &self.node)?;
         check_version(req.get_ref().protocol_version)?;
         let v = self.view(req.get_ref().local).await?;
         let buckets = (0u32..)
@@ -155,7 +156,7 @@ impl AdminApi for AdminService {
         &self,
         req: Request<pb::MutateRequest>,
     ) -> Result<Response<pb::MutateReply>, Status> {
-        let who = authorize(&req, SERVICE, &[Role::Admin])?;
+        let who = authorize(&req, SERVICE, &[Role::Admin], &self.node)?;
         let req = req.into_inner();
         check_version(req.protocol_version)?;
         let op = req
@@ -209,6 +210,12 @@ fn to_action(op: Op) -> Result<Action, Status> {
         Op::Drain(d) => Command::Drain { name: d.name },
         Op::Undrain(u) => Command::Undrain { name: u.name },
         Op::Noop(n) => Command::Noop { payload: n.payload },
+        Op::Revoke(r) => Command::Revoke {
+            serial: serial(&r.serial)?,
+        },
+        Op::Unrevoke(u) => Command::Unrevoke {
+            serial: serial(&u.serial)?,
+        },
         Op::AddController(a) => {
             if a.id == 0 || a.address.is_empty() {
                 return Err(Status::invalid_argument(
@@ -225,6 +232,11 @@ fn to_action(op: Op) -> Result<Action, Status> {
         }
     };
     Ok(Action::Command(cmd))
+}
+
+#[allow(clippy::result_large_err)]
+fn serial(s: &str) -> Result<String, Status> {
+    vipshare_proto::pki::normalize_serial(s).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 #[allow(clippy::result_large_err)]

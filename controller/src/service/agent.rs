@@ -26,8 +26,8 @@ pub struct AgentService {
 }
 
 #[allow(clippy::result_large_err)]
-fn own_member<T>(req: &Request<T>, member: &str) -> Result<(), Status> {
-    let who = authorize(req, SERVICE, &[Role::Agent])?;
+fn own_member<T>(req: &Request<T>, member: &str, node: &NodeHandle) -> Result<(), Status> {
+    let who = authorize(req, SERVICE, &[Role::Agent], node)?;
     if who.name != member {
         return Err(refuse(
             SERVICE,
@@ -87,7 +87,7 @@ impl AgentApi for AgentService {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
-        own_member(&req, &req.get_ref().member)?;
+        own_member(&req, &req.get_ref().member, &self.node)?;
         let hb = req.into_inner();
         check_version(hb.protocol_version)?;
         let v = self.node.view();
@@ -123,7 +123,10 @@ impl AgentApi for AgentService {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
-        own_member(&req, &req.get_ref().member)?;
+        own_member(&req, &req.get_ref().member, &self.node)?;
+        let serial = vipshare_proto::tls::peer(&req)
+            .map(|p| p.serial.clone())
+            .unwrap_or_default();
         let w = req.into_inner();
         check_version(w.protocol_version)?;
         let mut views = self.node.subscribe();
@@ -131,7 +134,20 @@ impl AgentApi for AgentService {
         let stream = async_stream(move |tx| async move {
             let mut last: Option<pb::Assignment> = None;
             loop {
-                let a = assignment(&views.borrow_and_update(), &member);
+                let view = views.borrow_and_update().clone();
+                // A stream outlives its authorisation if the certificate is revoked
+                // meanwhile: end it then.
+                if view.state.revoked.contains(&serial) {
+                    crate::metrics::rpc_rejected(SERVICE, "revoked");
+                    tracing::warn!(%member, %serial, reason = "revoked", "ending assignment stream: certificate revoked");
+                    let _ = tx
+                        .send(Err(Status::unauthenticated(format!(
+                            "certificate serial {serial} was revoked"
+                        ))))
+                        .await;
+                    return;
+                }
+                let a = assignment(&view, &member);
                 let changed = last.as_ref().is_none_or(|l| {
                     l.owned != a.owned
                         || l.release != a.release
@@ -157,7 +173,7 @@ impl AgentApi for AgentService {
         &self,
         req: Request<pb::ReleasedRequest>,
     ) -> Result<Response<pb::ReleasedReply>, Status> {
-        own_member(&req, &req.get_ref().member)?;
+        own_member(&req, &req.get_ref().member, &self.node)?;
         let r = req.into_inner();
         check_version(r.protocol_version)?;
         for g in r.buckets {
@@ -177,7 +193,7 @@ impl AgentApi for AgentService {
         &self,
         req: Request<pb::DrainSelfRequest>,
     ) -> Result<Response<pb::DrainSelfReply>, Status> {
-        own_member(&req, &req.get_ref().member)?;
+        own_member(&req, &req.get_ref().member, &self.node)?;
         let r = req.into_inner();
         check_version(r.protocol_version)?;
         let drain = vipshare_core::command::Command::Drain { name: r.member };

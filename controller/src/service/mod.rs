@@ -11,21 +11,36 @@ pub mod raft;
 use tonic::{Request, Status};
 use vipshare_proto::pki::{Identity, Role};
 
-use crate::node::NodeError;
+use crate::node::{NodeError, NodeHandle};
 
-/// The caller's identity if its role is one of `allowed`; otherwise the call is
+/// The caller's identity if its certificate is not revoked (in the deny-list this
+/// controller has applied) and its role is one of `allowed`; otherwise the call is
 /// refused, logged with the peer address and reason, and counted.
+///
+/// The revocation check runs on every call, so it also cuts off connections that
+/// were established before the serial was revoked (new ones are refused at the
+/// TLS handshake already).
 #[allow(clippy::result_large_err)]
 pub(crate) fn authorize<T>(
     req: &Request<T>,
     service: &'static str,
     allowed: &[Role],
+    node: &NodeHandle,
 ) -> Result<Identity, Status> {
     let Some(peer) = vipshare_proto::tls::peer(req) else {
         crate::metrics::rpc_rejected(service, "no_identity");
         tracing::warn!(service, "refused call without a verified peer identity");
         return Err(Status::unauthenticated("no verified client certificate"));
     };
+    if node.view().state.revoked.contains(&peer.serial) {
+        crate::metrics::rpc_rejected(service, "revoked");
+        tracing::warn!(service, peer = %peer.addr, identity = %peer.identity.to_uri(), serial = %peer.serial, reason = "revoked", "refused: certificate revoked");
+        return Err(Status::unauthenticated(format!(
+            "certificate {} (serial {}) is revoked",
+            peer.identity.to_uri(),
+            peer.serial
+        )));
+    }
     if !allowed.contains(&peer.identity.role) {
         crate::metrics::rpc_rejected(service, "wrong_role");
         tracing::warn!(service, peer = %peer.addr, identity = %peer.identity.to_uri(), "refused: role not allowed");

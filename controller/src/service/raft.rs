@@ -24,7 +24,7 @@ pub struct RaftService {
 #[tonic::async_trait]
 impl RaftTransport for RaftService {
     async fn send(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
-        let identity = authorize(&req, SERVICE, &[Role::Controller])?;
+        let identity = authorize(&req, SERVICE, &[Role::Controller], &self.node)?;
         let batch = req.into_inner();
         check_version(batch.protocol_version)?;
         if identity.controller_id() != Some(batch.from) {
@@ -81,7 +81,7 @@ impl RaftTransport for RaftService {
     }
 
     async fn fence(&self, req: Request<FenceRequest>) -> Result<Response<FenceReply>, Status> {
-        let identity = authorize(&req, SERVICE, &[Role::Controller])?;
+        let identity = authorize(&req, SERVICE, &[Role::Controller], &self.node)?;
         let f = req.into_inner();
         check_version(f.protocol_version)?;
         if identity.controller_id() != Some(f.from) || f.cluster != self.cluster {
