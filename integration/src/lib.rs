@@ -4,7 +4,6 @@
 //! Binaries come from the workspace target directory; build them first
 //! (`cargo build --workspace --bins`, which `scripts/test.sh` does).
 
-pub mod netns;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
