@@ -13,7 +13,7 @@
 //! accept: `Release` asks the owner to withdraw it, the owner confirms
 //! ([`Planner::released`]), then `Transfer` hands it over.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::command::{Command, OwnerChange};
 use crate::lease::Promises;
@@ -72,6 +72,13 @@ pub struct Planner {
     released: BTreeMap<u32, (String, u64)>,
     release_seen: BTreeMap<u32, u64>,
     last_mass_fence: Option<u64>,
+    /// Members in the state at the previous plan.
+    seen: BTreeSet<String>,
+    planned: bool,
+    /// Members added to the state since this planner's first plan, and when: not
+    /// silent before their agent could have been acked (a never-acked member's
+    /// `last_ack` is the controller's start, long ago).
+    joined: BTreeMap<String, u64>,
 }
 
 impl Planner {
@@ -148,6 +155,19 @@ impl Planner {
         } else {
             timing.controller_promise_ms()
         };
+        let first = !self.planned;
+        self.planned = true;
+        for name in state.members.keys() {
+            if !self.seen.contains(name) {
+                self.seen.insert(name.clone());
+                if !first {
+                    self.joined.insert(name.clone(), now);
+                }
+            }
+        }
+        self.seen.retain(|n| state.members.contains_key(n));
+        self.joined
+            .retain(|n, t| state.members.contains_key(n) && now < *t + wait);
         let up: Vec<&String> = state
             .members
             .iter()
@@ -157,7 +177,7 @@ impl Planner {
         let silent: Vec<&String> = up
             .iter()
             .copied()
-            .filter(|n| now >= promises.last_ack(n) + wait)
+            .filter(|n| now >= promises.last_ack(n) + wait && !self.joined.contains_key(*n))
             .collect();
         let mass = up.len() > 1 && silent.len() * 2 > up.len();
         let mut budget = if mass {
@@ -445,6 +465,36 @@ mod tests {
         step(&mut p, &mut s, &pr, 200);
         assert_eq!(s.owned_by("b").count(), 16);
         assert!(s.buckets.iter().all(|b| !b.releasing));
+    }
+
+    #[test]
+    fn a_member_added_later_is_not_fenced_before_it_could_heartbeat() {
+        let mut s = cluster(&["a"]);
+        let t = LeaseTiming::default();
+        let lc = t.controller_promise_ms();
+        let mut pr = Promises::new(t, 0, BTreeMap::new());
+        let mut p = Planner::new(PlannerConfig::default());
+        heartbeat_all(&mut pr, &s, 5000, &[]);
+        step(&mut p, &mut s, &pr, 5000);
+        s.apply(Command::AddMember {
+            name: "b".into(),
+            weight: 1,
+        })
+        .unwrap();
+        // b's last ack is the controller's start (0), long past; its agent has
+        // not had a chance to heartbeat yet.
+        let fenced = |acts: &[Action]| {
+            acts.iter()
+                .any(|a| matches!(a, Action::Fence { member, .. } if member == "b"))
+        };
+        for now in (5050..5000 + lc).step_by(50) {
+            heartbeat_all(&mut pr, &s, now, &["b"]);
+            assert!(!fenced(&step(&mut p, &mut s, &pr, now)), "b fenced at {now}");
+        }
+        // Still silent a promise after it joined: fenced.
+        let now = 5050 + lc;
+        heartbeat_all(&mut pr, &s, now, &["b"]);
+        assert!(fenced(&step(&mut p, &mut s, &pr, now)));
     }
 
     #[test]

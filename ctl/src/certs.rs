@@ -1,4 +1,5 @@
-//! `vipsharectl certs`: create the cluster CA and issue identity certificates.
+//! `vipsharectl certs`: create the cluster CA, issue, renew and revoke identity
+//! certificates, and rotate the CA.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -6,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Subcommand;
 use vipshare_proto::pki::{self, CertFiles, Role};
+use vipshare_proto::v1::{self as pb, mutate_request::Op};
 
 #[derive(Debug, Subcommand)]
 pub enum CertsCmd {
@@ -42,13 +44,80 @@ pub enum CertsCmd {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// Re-issue DIR/ROLE-NAME.crt with a new key: same identity and SANs, replaced
+    /// atomically. Daemons pick it up on SIGHUP or within seconds on their own.
+    Renew {
+        /// Certificate directory holding ca.crt, ca.key and the certificate.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        #[arg(long)]
+        name: String,
+        /// Validity in days from now (capped at the CA's expiry).
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Refuse a certificate cluster-wide, by serial (needs an admin certificate).
+    Revoke {
+        #[command(flatten)]
+        which: SerialArg,
+    },
+    /// Take a serial off the deny-list again.
+    Unrevoke {
+        #[command(flatten)]
+        which: SerialArg,
+    },
+    /// Print a certificate's identity, SANs, serial and expiry.
+    Show {
+        /// PEM certificate file.
+        file: PathBuf,
+    },
+    /// Start a CA rotation: a new CA first in DIR/ca.crt (the old one stays trusted),
+    /// the old key kept as ca.key.old. Then distribute ca.crt, renew every leaf, and
+    /// finish with `certs ca-prune`.
+    CaRotate {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Validity of the new CA in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Finish a CA rotation: DIR/ca.crt keeps only the new CA; ca.key.old is deleted.
+    CaPrune {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct SerialArg {
+    /// Certificate serial in hex (as `certs show` prints it; ':' and leading zeros ok).
+    #[arg(long)]
+    serial: Option<String>,
+    /// Read the serial from this PEM certificate.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+}
+
+impl SerialArg {
+    fn serial(&self) -> anyhow::Result<String> {
+        match (&self.serial, &self.cert) {
+            (Some(s), _) => Ok(pki::normalize_serial(s)?),
+            (None, Some(file)) => Ok(pki::describe_cert(file)?.serial),
+            (None, None) => anyhow::bail!("give --serial or --cert"),
+        }
+    }
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
     s.parse().map_err(|e: pki::IdentityError| e.to_string())
 }
 
-pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
+/// Runs the local subcommands; revocations become an admin mutation for the caller
+/// to send (`Some(op)`).
+pub fn run(cmd: CertsCmd) -> anyhow::Result<Option<Op>> {
     match cmd {
         CertsCmd::Init { dir, cluster, days } => {
             let files = pki::init_ca(&dir, &cluster, days)
@@ -77,8 +146,56 @@ pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
                 );
             }
         }
+        CertsCmd::Renew {
+            dir,
+            role,
+            name,
+            days,
+        } => {
+            let cert = dir.join(format!("{role}-{name}.crt"));
+            let old = pki::describe_cert(&cert).ok().map(|s| s.serial);
+            let files = pki::renew(&dir, role, &name, days)
+                .with_context(|| format!("renewing {role} certificate {name:?}"))?;
+            print_written(&files)?;
+            if let Some(old) = old {
+                println!("  replaces serial {old}; revoke it if the old key may have leaked:");
+                println!("    vipsharectl certs revoke --serial {old}");
+            }
+            println!(
+                "daemons using these files reload them on SIGHUP, or by themselves within seconds"
+            );
+        }
+        CertsCmd::Revoke { which } => {
+            return Ok(Some(Op::Revoke(pb::Revoke {
+                serial: which.serial()?,
+            })))
+        }
+        CertsCmd::Unrevoke { which } => {
+            return Ok(Some(Op::Unrevoke(pb::Unrevoke {
+                serial: which.serial()?,
+            })))
+        }
+        CertsCmd::Show { file } => describe(&file)?,
+        CertsCmd::CaRotate { dir, days } => {
+            let files = pki::rotate_ca(&dir, days)
+                .with_context(|| format!("rotating the CA in {}", dir.display()))?;
+            print_written(&files)?;
+            println!(
+                "{} now trusts the new and the old CA; next: copy it to every host (daemons reload it), \
+                 `certs renew` every certificate, then `certs ca-prune --dir {}`",
+                files.cert.display(),
+                dir.display()
+            );
+        }
+        CertsCmd::CaPrune { dir } => {
+            let files = pki::prune_ca(&dir)
+                .with_context(|| format!("pruning the CA bundle in {}", dir.display()))?;
+            println!("wrote {}", files.cert.display());
+            describe(&files.cert)?;
+            println!("copy it to every host; certificates of the old CA are refused once daemons reload it");
+        }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn print_written(files: &CertFiles) -> anyhow::Result<()> {
@@ -93,9 +210,10 @@ fn describe(cert: &Path) -> anyhow::Result<()> {
     sans.extend(s.ips.iter().map(|ip| format!("IP:{ip}")));
     sans.extend(s.dns.iter().map(|d| format!("DNS:{d}")));
     println!(
-        "  {} [{}], expires {}",
+        "  {} [{}], serial {}, expires {}",
         s.subject,
         sans.join(", "),
+        s.serial,
         s.expires
     );
     Ok(())

@@ -288,6 +288,7 @@ async fn status(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
             "initialized": main.initialized,
             "members": main.members,
             "unowned_buckets": main.unowned_buckets,
+            "revoked": main.revoked_serials,
             "settings": main.settings.as_ref().map(|s| json!({
                 "vips": s.vips.iter().map(|v| json!({"address": v.address, "prefix_len": v.prefix_len, "mac": v.mac})).collect::<Vec<_>>(),
                 "bucket_count": s.bucket_count, "bucket_function": s.bucket_function,
@@ -315,6 +316,9 @@ async fn status(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
         );
     } else {
         println!("cluster not initialised: run `vipsharectl cluster init --vip ADDR`");
+    }
+    if !main.revoked_serials.is_empty() {
+        println!("revoked certificates: {}", main.revoked_serials.join(", "));
     }
     println!(
         "{:<4} {:<22} {:<8} {:<14} {:>6} {:>9} {:>9}",

@@ -166,3 +166,80 @@ fn errors_say_what_to_do() {
     );
     assert!(!tmp.path().join("admin-a.crt").exists());
 }
+
+#[test]
+fn renew_show_and_ca_rotation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("certs");
+    let d = dir.to_str().unwrap();
+    ok(&["certs", "init", "--dir", d, "--cluster", "east"]);
+    ok(&[
+        "certs",
+        "issue",
+        "--dir",
+        d,
+        "--role",
+        "controller",
+        "--name",
+        "2",
+        "--ip",
+        "127.0.0.2",
+        "--days",
+        "10",
+    ]);
+    let crt = dir.join("controller-2.crt");
+    let before = pki::describe_cert(&crt).unwrap();
+    let shown = ok(&["certs", "show", crt.to_str().unwrap()]);
+    assert!(
+        shown.contains(&format!("serial {}", before.serial)),
+        "{shown}"
+    );
+
+    let out = ok(&[
+        "certs",
+        "renew",
+        "--dir",
+        d,
+        "--role",
+        "controller",
+        "--name",
+        "2",
+        "--days",
+        "20",
+    ]);
+    let after = pki::describe_cert(&crt).unwrap();
+    assert_ne!(after.serial, before.serial);
+    assert_eq!((&after.uris, &after.ips), (&before.uris, &before.ips));
+    assert!(after.not_after > before.not_after);
+    assert_eq!(mode(&dir.join("controller-2.key")), 0o600);
+    // It says how to revoke the replaced certificate.
+    assert!(
+        out.contains(&format!("certs revoke --serial {}", before.serial)),
+        "{out}"
+    );
+    let err = fails(&[
+        "certs", "renew", "--dir", d, "--role", "admin", "--name", "nobody",
+    ]);
+    assert!(err.contains("certs issue"), "{err}");
+
+    ok(&["certs", "ca-rotate", "--dir", d]);
+    assert_eq!(pki::load_certs(&dir.join("ca.crt")).unwrap().len(), 2);
+    let err = fails(&["certs", "ca-rotate", "--dir", d]);
+    assert!(err.contains("ca-prune"), "{err}");
+    ok(&["certs", "ca-prune", "--dir", d]);
+    assert_eq!(pki::load_certs(&dir.join("ca.crt")).unwrap().len(), 1);
+    assert!(!dir.join("ca.key.old").exists());
+}
+
+#[test]
+fn revoke_checks_its_argument_before_connecting() {
+    let err = fails(&["certs", "revoke", "--serial", "12:zz"]);
+    assert!(err.contains("not hexadecimal"), "{err}");
+    let err = fails(&["certs", "revoke"]);
+    assert!(err.contains("--serial") && err.contains("--cert"), "{err}");
+    let err = fails(&["certs", "unrevoke", "--serial", "ab", "--cert", "x.crt"]);
+    assert!(err.contains("cannot be used with"), "{err}");
+    // A valid serial needs a cluster to talk to.
+    let err = fails(&["certs", "revoke", "--serial", "0A:1B"]);
+    assert!(err.contains("--tls-dir"), "{err}");
+}

@@ -4,6 +4,7 @@
 //! Binaries come from the workspace target directory; build them first
 //! (`cargo build --workspace --bins`, which `scripts/test.sh` does).
 
+pub mod netns;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -82,7 +83,8 @@ pub struct Lab {
     pub cluster: String,
     ip_base: String,
     pub controllers: BTreeMap<u64, ControllerProc>,
-    admin_tls: Arc<rustls::ClientConfig>,
+    /// The admin identity's files, reloaded when they change (certificate rotation).
+    admin_tls: Arc<tls::TlsReloader>,
 }
 
 impl Lab {
@@ -100,7 +102,11 @@ impl Lab {
         pki::issue(&certs, Role::Admin, "admin", &[], &[], 30)?;
         pki::issue(&certs, Role::Reader, "viewer", &[], &[], 30)?;
         pki::issue(&certs, Role::Agent, "h1", &[], &[], 30)?;
-        let admin_tls = tls::client_config(&TlsFiles::in_dir(&certs, Role::Admin, "admin"))?;
+        let admin_tls = Arc::new(tls::TlsReloader::new(TlsFiles::in_dir(
+            &certs,
+            Role::Admin,
+            "admin",
+        ))?);
         Ok(Lab {
             root,
             certs,
@@ -198,6 +204,8 @@ impl Lab {
             .arg("--config")
             .arg(&c.config)
             .env("RUST_LOG", "info,raft=info")
+            // Plain text, so tests can grep `key=value` fields.
+            .env("NO_COLOR", "1")
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -244,12 +252,38 @@ impl Lab {
     }
 
     pub async fn client(&self, id: u64) -> anyhow::Result<AdminApiClient<Channel>> {
-        let ch = tls::connect_once(
-            &format!("https://{}", self.address(id)),
-            self.admin_tls.clone(),
-        )
-        .await?;
+        // Picks up renewed admin files (an unusable new pair keeps the old one).
+        let _ = self.admin_tls.reload_if_changed();
+        self.client_with(id, self.admin_tls.client()).await
+    }
+
+    /// An admin API client of controller `id` connecting with `tls`.
+    pub async fn client_with(
+        &self,
+        id: u64,
+        tls: impl Into<tls::ClientTls>,
+    ) -> anyhow::Result<AdminApiClient<Channel>> {
+        let ch = tls::connect_once(&format!("https://{}", self.address(id)), tls).await?;
         Ok(AdminApiClient::new(ch))
+    }
+
+    /// The certificate files of `role`/`name` in the lab's certificate directory.
+    pub fn files(&self, role: Role, name: &str) -> TlsFiles {
+        TlsFiles::in_dir(&self.certs, role, name)
+    }
+
+    /// Send SIGHUP to controller `id` (reloads its certificates).
+    pub fn sighup(&self, id: u64) -> anyhow::Result<()> {
+        let pid = self
+            .controllers
+            .get(&id)
+            .and_then(ControllerProc::pid)
+            .ok_or_else(|| anyhow!("controller {id} not running"))?;
+        // SAFETY: signalling a child process we own by pid.
+        if unsafe { libc::kill(pid as i32, libc::SIGHUP) } != 0 {
+            bail!("kill -HUP {pid}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Controller `id`'s own view (no ReadIndex round), or None if it doesn't answer.

@@ -7,9 +7,17 @@
 //! controllers and turns that into kernel state.
 //!
 //! # Layout
+//! - [`agent`]: the runtime (heartbeats to every controller, assignment
+//!   streams, Released, drain on SIGTERM) around [`agent::core`], the pure
+//!   decisions (which assignment counts, member epoch, lease).
+//! - [`config`]: the `agent.toml` file.
+//! - [`metrics`]: the Prometheus metric names.
 //! - [`dataplane`]: the [`dataplane::DataPlane`] trait every kernel backend
 //!   implements, and the types it takes ([`dataplane::Desired`]: VIPs, bucket
 //!   function, owned buckets, remaining lease).
+//! - [`dataplane::linux`]: the Linux backend (VIP as a secondary address, ARP
+//!   rewritten to the multicast MAC by nftables, an nftables input filter whose
+//!   owned-bucket set elements carry the lease as their kernel `timeout`).
 //! - [`dataplane::freebsd`]: the FreeBSD backend (CARP-INIT shared alias,
 //!   published multicast ARP entry, IGMP membership, ipfw mask rules swapped
 //!   atomically, and a watchdog process that withdraws the rules when the lease
@@ -17,6 +25,9 @@
 //!
 //! Backends split into a pure planner (desired state in, list of steps out,
 //! covered by golden tests) and one executor, the only code that touches the
-//! operating system. A Linux nftables backend plugs into the same trait.
+//! operating system.
 
+pub mod agent;
+pub mod config;
 pub mod dataplane;
+pub mod metrics;

@@ -3,6 +3,11 @@
 //!
 //! Layout of a certificate directory: `ca.crt`, `ca.key`, and one `ROLE-NAME.crt` /
 //! `ROLE-NAME.key` pair per issued identity. Keys are PKCS#8 PEM, mode 0600.
+//!
+//! Rotation: [`renew`] re-issues an identity in place (same SANs, new key), replacing
+//! both files atomically; [`rotate_ca`] puts a new CA in front of the old one in
+//! `ca.crt` (so both are trusted while leaves are renewed) and [`prune_ca`] drops
+//! the old one afterwards. Revocation is by certificate serial ([`cert_serial`]).
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -31,6 +36,9 @@ pub const CA_KEY_FILE: &str = "ca.key";
 pub const MAX_NAME_LEN: usize = 64;
 /// Longest validity accepted for any certificate (about 100 years).
 pub const MAX_DAYS: u32 = 36_500;
+
+/// Where [`rotate_ca`] keeps the previous CA key until [`prune_ca`].
+pub const OLD_CA_KEY_FILE: &str = "ca.key.old";
 
 /// Role and name of the CA's own URI, which records the cluster it belongs to.
 const CA_URI_TAIL: &str = "ca/ca";
@@ -261,7 +269,15 @@ pub fn init_ca(dir: &Path, cluster: &str, days: u32) -> Result<CertFiles, PkiErr
     };
     create_dir(dir)?;
     refuse_existing(&[&files.cert, &files.key])?;
+    let (cert_pem, key_pem) = new_ca(cluster, validity)?;
+    write_pair(&files, &cert_pem, &key_pem)?;
+    Ok(files)
+}
 
+fn new_ca(
+    cluster: &str,
+    (not_before, not_after): (OffsetDateTime, OffsetDateTime),
+) -> Result<(String, String), PkiError> {
     let key = KeyPair::generate().map_err(|source| PkiError::Generate {
         what: "CA key",
         source,
@@ -269,6 +285,7 @@ pub fn init_ca(dir: &Path, cluster: &str, days: u32) -> Result<CertFiles, PkiErr
     let mut params = CertificateParams::default();
     // A per-CA tag in the subject: verifiers pick trust anchors by subject, so two CAs
     // with the same name would report a foreign CA as a bad signature, not unknown.
+    // It also keeps an old and a new CA apart in one bundle during a CA rotation.
     let tag: String = params
         .key_identifier(&key)
         .iter()
@@ -297,21 +314,22 @@ pub fn init_ca(dir: &Path, cluster: &str, days: u32) -> Result<CertFiles, PkiErr
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    (params.not_before, params.not_after) = validity;
+    params.not_before = not_before;
+    params.not_after = not_after;
     let cert = params
         .self_signed(&key)
         .map_err(|source| PkiError::Generate {
             what: "CA certificate",
             source,
         })?;
-    write_pair(&files, &cert.pem(), &key.serialize_pem())?;
-    Ok(files)
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// Issue a certificate for `role`/`name` signed by the CA in `dir`, valid as both TLS
 /// server and client, with the identity URI plus the given IP and DNS SANs. Writes
 /// `ROLE-NAME.crt` and `ROLE-NAME.key` (0600) and refuses to overwrite them.
-/// Validity is capped at the CA's own expiry.
+/// Validity is capped at the CA's own expiry. When `ca.crt` is a bundle (during a
+/// CA rotation) the first certificate, the one `ca.key` belongs to, signs.
 pub fn issue(
     dir: &Path,
     role: Role,
@@ -320,80 +338,237 @@ pub fn issue(
     dns: &[String],
     days: u32,
 ) -> Result<CertFiles, PkiError> {
-    let (not_before, mut not_after) = validity(days)?;
-    let ca_cert_path = dir.join(CA_CERT_FILE);
-    let ca_key_path = dir.join(CA_KEY_FILE);
-    for path in [&ca_cert_path, &ca_key_path] {
-        if !path.exists() {
-            return Err(PkiError::NoCa {
-                dir: dir.to_path_buf(),
-                path: path.clone(),
-            });
-        }
+    let signer = CaSigner::open(dir)?;
+    let identity = Identity::new(signer.cluster.clone(), role, name)?;
+    let files = leaf_files(dir, &identity);
+    refuse_existing(&[&files.cert, &files.key])?;
+    let (cert_pem, key_pem) = signer.sign_leaf(&identity, ips, dns, days)?;
+    write_pair(&files, &cert_pem, &key_pem)?;
+    Ok(files)
+}
+
+/// Re-issue the existing `ROLE-NAME.crt` in `dir` with a new key and serial: same
+/// identity, same IP and DNS SANs (read from the current certificate), signed by the
+/// CA in `dir` (the new one during a CA rotation), valid for `days` from now.
+///
+/// Both files are replaced atomically (written to 0600 temporary files, synced, then
+/// renamed over the old ones, key first), so a daemon reloading at any moment reads
+/// either the old or the new version of each file, never a partial one. A reload
+/// that falls between the two renames sees a key that does not match the certificate
+/// and keeps the old pair (see `tls::TlsReloader`). The files keep their owner when
+/// the caller may set it (root).
+pub fn renew(dir: &Path, role: Role, name: &str, days: u32) -> Result<CertFiles, PkiError> {
+    let signer = CaSigner::open(dir)?;
+    let wanted = Identity::new(signer.cluster.clone(), role, name)?;
+    let files = leaf_files(dir, &wanted);
+    if !files.cert.exists() {
+        return Err(PkiError::invalid(
+            &files.cert,
+            format!(
+                "nothing to renew (issue it first: `vipsharectl certs issue --dir {} --role {role} --name {name}`)",
+                dir.display()
+            ),
+        ));
     }
-    let ca_pem = read_file(&ca_cert_path)?;
-    let ca_der = first_cert(&ca_cert_path, &ca_pem)?;
-    let ca = CaInfo::parse(&ca_cert_path, &ca_der)?;
-    let identity = Identity::new(ca.cluster, role, name)?;
-    let stem = identity.file_stem();
+    let current = describe_cert(&files.cert)?;
+    let der = load_certs(&files.cert)?;
+    let identity = cert_identity(&der[0])
+        .map_err(|e| PkiError::invalid(&files.cert, format!("current certificate: {e}")))?;
+    if identity.role != role || identity.name != name {
+        return Err(PkiError::invalid(
+            &files.cert,
+            format!("holds identity {identity}, not {role}/{name}"),
+        ));
+    }
+    if identity.cluster != signer.cluster {
+        return Err(PkiError::invalid(
+            &files.cert,
+            format!(
+                "belongs to cluster {:?} but the CA in {} is for {:?}",
+                identity.cluster,
+                dir.display(),
+                signer.cluster
+            ),
+        ));
+    }
+    let (cert_pem, key_pem) = signer.sign_leaf(&identity, &current.ips, &current.dns, days)?;
+    // Key first: a reader between the renames gets old cert + new key, a mismatch
+    // rustls detects, rather than a new cert with an old key it might not.
+    write_atomic(&files.key, key_pem.as_bytes(), 0o600)?;
+    write_atomic(&files.cert, cert_pem.as_bytes(), 0o644)?;
+    Ok(files)
+}
+
+/// Start a CA rotation in `dir`: create a new CA for the same cluster, move the old
+/// key to `ca.key.old`, and write `ca.crt` as a bundle with the new CA first and the
+/// old one(s) after it. Daemons that reload the bundle then trust both, leaves can be
+/// renewed one by one ([`renew`] signs with the new CA), and [`prune_ca`] finishes.
+pub fn rotate_ca(dir: &Path, days: u32) -> Result<CertFiles, PkiError> {
+    let validity = validity(days)?;
     let files = CertFiles {
+        cert: dir.join(CA_CERT_FILE),
+        key: dir.join(CA_KEY_FILE),
+    };
+    let old_key_path = dir.join(OLD_CA_KEY_FILE);
+    refuse_existing(&[&old_key_path]).map_err(|_| {
+        PkiError::invalid(
+            &old_key_path,
+            "a CA rotation is already in progress; finish it with `vipsharectl certs ca-prune` first",
+        )
+    })?;
+    let signer = CaSigner::open(dir)?;
+    let old_bundle = read_file(&files.cert)?;
+    let old_key = read_key_pem(&files.key)?;
+    let (cert_pem, key_pem) = new_ca(&signer.cluster, validity)?;
+    let mut bundle = cert_pem;
+    if !bundle.ends_with('\n') {
+        bundle.push('\n');
+    }
+    bundle.push_str(&old_bundle);
+    write_new(&old_key_path, &old_key, 0o600)?;
+    write_atomic(&files.key, key_pem.as_bytes(), 0o600)?;
+    write_atomic(&files.cert, bundle.as_bytes(), 0o644)?;
+    Ok(files)
+}
+
+/// Finish a CA rotation: `ca.crt` keeps only its first (the current) CA and
+/// `ca.key.old` is deleted. Run it once every leaf was renewed and every daemon
+/// reloaded; certificates of the old CA are refused from then on.
+pub fn prune_ca(dir: &Path) -> Result<CertFiles, PkiError> {
+    let files = CertFiles {
+        cert: dir.join(CA_CERT_FILE),
+        key: dir.join(CA_KEY_FILE),
+    };
+    // Refuses a CA whose key does not sign for it.
+    CaSigner::open(dir)?;
+    let pem = read_file(&files.cert)?;
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let first_pem = pem
+        .find(BEGIN)
+        .and_then(|start| {
+            let end = start + pem[start..].find(END)? + END.len();
+            Some(format!("{}\n", &pem[start..end]))
+        })
+        .ok_or_else(|| PkiError::invalid(&files.cert, "contains no PEM certificate"))?;
+    // What stays must still be the CA that signs.
+    CaInfo::parse(&files.cert, &first_cert(&files.cert, &first_pem)?)?;
+    write_atomic(&files.cert, first_pem.as_bytes(), 0o644)?;
+    let old = dir.join(OLD_CA_KEY_FILE);
+    match fs::remove_file(&old) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(PkiError::io("remove", &old)(e)),
+    }
+    Ok(files)
+}
+
+fn leaf_files(dir: &Path, identity: &Identity) -> CertFiles {
+    let stem = identity.file_stem();
+    CertFiles {
         cert: dir.join(format!("{stem}.crt")),
         key: dir.join(format!("{stem}.key")),
-    };
-    refuse_existing(&[&files.cert, &files.key])?;
+    }
+}
 
-    let mut sans = vec![uri_san(&identity.to_uri())?];
-    sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-    for host in dns {
-        // webpki matches DNS SANs only if they are syntactically valid names.
-        rustls_pki_types::DnsName::try_from(host.as_str())
-            .map_err(|_| PkiError::Argument(format!("{host:?} is not a valid DNS name")))?;
-        let ia5 = host
-            .as_str()
-            .try_into()
-            .map_err(|_| PkiError::Argument(format!("{host:?} is not a valid DNS name")))?;
-        sans.push(SanType::DnsName(ia5));
+/// The CA of a certificate directory, ready to sign: its first certificate and the
+/// key, checked to belong together.
+struct CaSigner {
+    cluster: String,
+    not_after: OffsetDateTime,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl CaSigner {
+    fn open(dir: &Path) -> Result<Self, PkiError> {
+        let ca_cert_path = dir.join(CA_CERT_FILE);
+        let ca_key_path = dir.join(CA_KEY_FILE);
+        for path in [&ca_cert_path, &ca_key_path] {
+            if !path.exists() {
+                return Err(PkiError::NoCa {
+                    dir: dir.to_path_buf(),
+                    path: path.clone(),
+                });
+            }
+        }
+        let ca_pem = read_file(&ca_cert_path)?;
+        let ca_der = first_cert(&ca_cert_path, &ca_pem)?;
+        let ca = CaInfo::parse(&ca_cert_path, &ca_der)?;
+        let ca_key = load_key_pair(&ca_key_path)?;
+        if rcgen::PublicKeyData::der_bytes(&ca_key) != ca.public_key.as_slice() {
+            return Err(PkiError::invalid(
+                &ca_key_path,
+                format!(
+                    "is not the key of the (first) CA certificate in {}",
+                    ca_cert_path.display()
+                ),
+            ));
+        }
+        let issuer = Issuer::from_ca_cert_der(&ca_der, ca_key).map_err(|e| {
+            PkiError::invalid(&ca_cert_path, format!("unusable CA certificate: {e}"))
+        })?;
+        Ok(CaSigner {
+            cluster: ca.cluster,
+            not_after: ca.not_after,
+            issuer,
+        })
     }
 
-    let ca_key = load_key_pair(&ca_key_path)?;
-    let issuer = Issuer::from_ca_cert_der(&ca_der, ca_key)
-        .map_err(|e| PkiError::invalid(&ca_cert_path, format!("unusable CA certificate: {e}")))?;
-
-    if not_after > ca.not_after {
-        not_after = ca.not_after;
-    }
-    let key = KeyPair::generate().map_err(|source| PkiError::Generate {
-        what: "key",
-        source,
-    })?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, identity.file_stem());
-    params.distinguished_name.push(
-        DnType::OrganizationName,
-        format!("vipshare {}", identity.cluster),
-    );
-    params.subject_alt_names = sans;
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.use_authority_key_identifier_extension = true;
-    params.not_before = not_before;
-    params.not_after = not_after;
-    let cert = params
-        .signed_by(&key, &issuer)
-        .map_err(|source| PkiError::Generate {
-            what: "certificate",
+    /// PEM certificate and key of a new leaf for `identity`.
+    fn sign_leaf(
+        &self,
+        identity: &Identity,
+        ips: &[IpAddr],
+        dns: &[String],
+        days: u32,
+    ) -> Result<(String, String), PkiError> {
+        let (not_before, mut not_after) = validity(days)?;
+        let mut sans = vec![uri_san(&identity.to_uri())?];
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        for host in dns {
+            // webpki matches DNS SANs only if they are syntactically valid names.
+            rustls_pki_types::DnsName::try_from(host.as_str())
+                .map_err(|_| PkiError::Argument(format!("{host:?} is not a valid DNS name")))?;
+            let ia5 = host
+                .as_str()
+                .try_into()
+                .map_err(|_| PkiError::Argument(format!("{host:?} is not a valid DNS name")))?;
+            sans.push(SanType::DnsName(ia5));
+        }
+        if not_after > self.not_after {
+            not_after = self.not_after;
+        }
+        let key = KeyPair::generate().map_err(|source| PkiError::Generate {
+            what: "key",
             source,
         })?;
-
-    write_pair(&files, &cert.pem(), &key.serialize_pem())?;
-    Ok(files)
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, identity.file_stem());
+        params.distinguished_name.push(
+            DnType::OrganizationName,
+            format!("vipshare {}", identity.cluster),
+        );
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|source| PkiError::Generate {
+                what: "certificate",
+                source,
+            })?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
 }
 
 /// Read a PEM private key, refusing one that group or others can access.
@@ -424,6 +599,8 @@ pub struct CertSummary {
     pub ips: Vec<IpAddr>,
     pub dns: Vec<String>,
     pub is_ca: bool,
+    /// Serial number in the form revocation uses (see [`cert_serial`]).
+    pub serial: String,
     /// Seconds since the Unix epoch.
     pub not_before: i64,
     /// Seconds since the Unix epoch.
@@ -446,6 +623,7 @@ pub fn describe_cert(path: &Path) -> Result<CertSummary, PkiError> {
         ips: Vec::new(),
         dns: Vec::new(),
         is_ca: cert.is_ca(),
+        serial: serial_hex(cert.raw_serial()),
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
         expires: cert.validity().not_after.to_string(),
@@ -508,6 +686,55 @@ pub fn cert_identity(der: &[u8]) -> Result<Identity, CertIdentityError> {
     }
 }
 
+/// The serial number of a DER certificate as revocation names it: lowercase hex,
+/// no separators, no leading zeros (`0a:1b:...` from openssl becomes `a1b...`).
+pub fn cert_serial(der: &[u8]) -> Result<String, CertIdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| CertIdentityError::Unparsable(e.to_string()))?;
+    Ok(serial_hex(cert.raw_serial()))
+}
+
+fn serial_hex(raw: &[u8]) -> String {
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let trimmed = hex.trim_start_matches('0');
+    if trimmed.is_empty() {
+        "0".to_string()
+    } else {
+        trimmed.to_string()
+    }
+}
+
+/// Longest serial accepted, in hex digits (RFC 5280 allows 20 octets; some CAs
+/// emit 21 with a sign byte).
+pub const MAX_SERIAL_HEX: usize = 42;
+
+/// A serial as an operator may type it (`0A:1B:..`, `0x0a1b..`, `a1b..`) in the
+/// canonical form of [`cert_serial`].
+pub fn normalize_serial(s: &str) -> Result<String, PkiError> {
+    let bad = |reason: &str| PkiError::Argument(format!("serial {s:?} {reason}"));
+    let t = s.trim();
+    let t = t
+        .strip_prefix("0x")
+        .or_else(|| t.strip_prefix("0X"))
+        .unwrap_or(t);
+    let digits: String = t
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if digits.is_empty() {
+        return Err(bad("is empty"));
+    }
+    if !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad("is not hexadecimal"));
+    }
+    if digits.len() > MAX_SERIAL_HEX {
+        return Err(bad("is longer than a certificate serial can be"));
+    }
+    let trimmed = digits.trim_start_matches('0');
+    Ok(if trimmed.is_empty() { "0" } else { trimmed }.to_string())
+}
+
 fn san_names<'a>(
     cert: &'a x509_parser::certificate::X509Certificate<'a>,
 ) -> Result<Vec<GeneralName<'a>>, String> {
@@ -529,6 +756,8 @@ fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
 struct CaInfo {
     cluster: String,
     not_after: OffsetDateTime,
+    /// The public key bits, to check the CA key belongs to this certificate.
+    public_key: Vec<u8>,
 }
 
 impl CaInfo {
@@ -559,6 +788,7 @@ impl CaInfo {
         Ok(CaInfo {
             cluster: cluster.to_string(),
             not_after: cert.validity().not_after.to_datetime(),
+            public_key: cert.public_key().subject_public_key.data.to_vec(),
         })
     }
 }
@@ -687,6 +917,65 @@ fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
         drop(file);
         let _ = fs::remove_file(path);
         return Err(PkiError::io("write", path)(e));
+    }
+    Ok(())
+}
+
+/// Replace `path` atomically with `contents`: written to a temporary file in the same
+/// directory (created 0600, so a key is never readable by others, not even briefly),
+/// synced, given `mode` (and the previous file's owner where permitted), then renamed
+/// over `path`. Readers see the old or the new file, never a mix.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| PkiError::Argument(format!("{} is not a file path", path.display())))?;
+    let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{nanos}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let previous = fs::metadata(path).ok();
+    let mut opts = OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut file = opts.open(&tmp).map_err(PkiError::io("create", &tmp))?;
+    let written = (|| -> io::Result<()> {
+        file.write_all(contents)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            if let Some(prev) = &previous {
+                // Best effort: only root may give a file away; otherwise the owner
+                // is the caller, as it was for the file being replaced.
+                let _ = std::os::unix::fs::fchown(&file, Some(prev.uid()), Some(prev.gid()));
+            }
+            file.set_permissions(fs::Permissions::from_mode(mode))?;
+        }
+        #[cfg(not(unix))]
+        let _ = (mode, &previous);
+        file.sync_all()
+    })();
+    drop(file);
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(PkiError::io("write", &tmp)(e));
+    }
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(PkiError::io("replace", path)(e));
+    }
+    // Make the rename itself durable.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
     }
     Ok(())
 }
@@ -838,5 +1127,130 @@ mod tests {
         assert!(init_ca(&tmp.path().join("x"), "bad/cluster", 1).is_err());
         // Nothing half-written by the failures above.
         assert!(!tmp.path().join("admin-a.key").exists());
+    }
+
+    fn files_in(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn renew_keeps_identity_and_sans_and_replaces_both_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        init_ca(dir, "prod", 30).unwrap();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let files = issue(dir, Role::Controller, "2", &[ip], &["c2.example".into()], 5).unwrap();
+        let before = describe_cert(&files.cert).unwrap();
+        let old_key = fs::read(&files.key).unwrap();
+        let listing = files_in(dir);
+
+        let renewed = renew(dir, Role::Controller, "2", 20).unwrap();
+        assert_eq!(renewed, files);
+        let after = describe_cert(&files.cert).unwrap();
+        assert_eq!(
+            (&after.uris, &after.ips, &after.dns, &after.subject),
+            (&before.uris, &before.ips, &before.dns, &before.subject)
+        );
+        assert_ne!(after.serial, before.serial);
+        assert!(after.not_after > before.not_after);
+        assert_ne!(fs::read(&files.key).unwrap(), old_key);
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&files.key), mode(&files.cert)), (0o600, 0o644));
+        // No temporary file left behind; the pair goes together.
+        assert_eq!(files_in(dir), listing);
+        let der = load_certs(&files.cert).unwrap();
+        let key = load_key(&files.key).unwrap();
+        rustls::sign::CertifiedKey::from_der(der, key, &rustls::crypto::ring::default_provider())
+            .unwrap();
+    }
+
+    #[test]
+    fn renew_refuses_what_it_cannot_reproduce() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        init_ca(dir, "prod", 30).unwrap();
+        let err = renew(dir, Role::Admin, "alice", 10).unwrap_err();
+        assert!(err.to_string().contains("certs issue"), "{err}");
+        // A file that holds another identity than its name says.
+        let bob = issue(dir, Role::Admin, "bob", &[], &[], 10).unwrap();
+        fs::copy(&bob.cert, dir.join("admin-alice.crt")).unwrap();
+        let err = renew(dir, Role::Admin, "alice", 10).unwrap_err();
+        assert!(
+            err.to_string().contains("vipshare://prod/admin/bob"),
+            "{err}"
+        );
+        assert!(!dir.join("admin-alice.key").exists());
+    }
+
+    #[test]
+    fn ca_key_must_belong_to_the_ca_certificate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        init_ca(&a, "prod", 30).unwrap();
+        init_ca(&b, "prod", 30).unwrap();
+        fs::remove_file(a.join(CA_KEY_FILE)).unwrap();
+        fs::copy(b.join(CA_KEY_FILE), a.join(CA_KEY_FILE)).unwrap();
+        let err = issue(&a, Role::Admin, "x", &[], &[], 1).unwrap_err();
+        assert!(err.to_string().contains("is not the key of"), "{err}");
+    }
+
+    #[test]
+    fn ca_rotation_bundles_then_prunes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        init_ca(dir, "prod", 30).unwrap();
+        let old_ca = describe_cert(&dir.join(CA_CERT_FILE)).unwrap();
+        let leaf = issue(dir, Role::Admin, "alice", &[], &[], 10).unwrap();
+        assert_eq!(describe_cert(&leaf.cert).unwrap().issuer, old_ca.subject);
+
+        rotate_ca(dir, 60).unwrap();
+        let bundle = load_certs(&dir.join(CA_CERT_FILE)).unwrap();
+        assert_eq!(bundle.len(), 2);
+        let new_ca = describe_cert(&dir.join(CA_CERT_FILE)).unwrap();
+        assert_ne!(new_ca.subject, old_ca.subject);
+        assert_eq!(ca_cluster(&dir.join(CA_CERT_FILE)).unwrap(), "prod");
+        assert!(dir.join(OLD_CA_KEY_FILE).exists());
+        // Renewal now signs with the new CA.
+        renew(dir, Role::Admin, "alice", 10).unwrap();
+        assert_eq!(describe_cert(&leaf.cert).unwrap().issuer, new_ca.subject);
+        // One rotation at a time.
+        let err = rotate_ca(dir, 60).unwrap_err();
+        assert!(err.to_string().contains("ca-prune"), "{err}");
+
+        prune_ca(dir).unwrap();
+        let bundle = load_certs(&dir.join(CA_CERT_FILE)).unwrap();
+        assert_eq!(bundle.len(), 1);
+        assert_eq!(describe_cert(&dir.join(CA_CERT_FILE)).unwrap(), new_ca);
+        assert!(!dir.join(OLD_CA_KEY_FILE).exists());
+        issue(dir, Role::Admin, "bob", &[], &[], 10).unwrap();
+    }
+
+    #[test]
+    fn serials_have_one_spelling() {
+        let tmp = tempfile::tempdir().unwrap();
+        init_ca(tmp.path(), "prod", 30).unwrap();
+        let f = issue(tmp.path(), Role::Admin, "a", &[], &[], 1).unwrap();
+        let der = load_certs(&f.cert).unwrap();
+        let serial = cert_serial(&der[0]).unwrap();
+        assert_eq!(describe_cert(&f.cert).unwrap().serial, serial);
+        assert!(!serial.starts_with('0') && serial.len() <= MAX_SERIAL_HEX);
+        let colons: Vec<String> = format!("{serial:0>40}")
+            .to_uppercase()
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+        assert_eq!(normalize_serial(&colons.join(":")).unwrap(), serial);
+        assert_eq!(normalize_serial(&format!("0x{serial}")).unwrap(), serial);
+        assert_eq!(normalize_serial("00").unwrap(), "0");
+        for bad in ["", "0x", "12g4", &"1".repeat(MAX_SERIAL_HEX + 1)] {
+            assert!(normalize_serial(bad).is_err(), "{bad:?}");
+        }
     }
 }

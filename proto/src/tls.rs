@@ -8,16 +8,25 @@
 //! Server: [`server_config`] + [`serve_incoming`] into
 //! `tonic::transport::Server::serve_with_incoming_shutdown`; handlers read the caller
 //! with [`peer`]. Client: [`client_config`] + [`channel`] (lazy) or [`connect_once`].
+//!
+//! Daemons load their files through a [`TlsReloader`] instead: it hands out swappable
+//! [`ServerTls`] / [`ClientTls`] handles, read once per new connection, and reloads
+//! certificate, key and CA bundle on SIGHUP or when the files change, keeping the old
+//! configuration (and saying which file is wrong) when the new files are unusable.
+//! Established connections are never touched. A server built from a reloader also
+//! refuses certificates whose serial is in its [`Revocations`] deny-list.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
 use hyper_util::rt::TokioIo;
@@ -51,6 +60,13 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Metric counting rejected incoming connections, labelled by `reason`.
 pub const HANDSHAKE_FAILURES_METRIC: &str = "vipshare_tls_handshake_failures_total";
+/// Gauge: days until `notAfter` of the own certificate and of the CA bundle (its
+/// earliest-expiring CA), labelled by `file`. Set at load, reload and every poll.
+pub const CERT_EXPIRY_METRIC: &str = "vipshare_cert_expiry_days";
+/// Counter of TLS file reloads, labelled by `result` (`ok` or `failed`).
+pub const RELOADS_METRIC: &str = "vipshare_tls_reloads_total";
+/// How often [`TlsReloader::spawn_watcher`] looks at the files' metadata by default.
+pub const DEFAULT_RELOAD_POLL: Duration = Duration::from_secs(2);
 
 /// CA certificate, own certificate and own private key of one process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +95,12 @@ pub enum TlsError {
     Pki(#[from] PkiError),
     #[error("{}: {reason}", .path.display())]
     BadFile { path: PathBuf, reason: String },
+    #[error("{}: not the private key of {} ({reason})", .key.display(), .cert.display())]
+    KeyMismatch {
+        key: PathBuf,
+        cert: PathBuf,
+        reason: String,
+    },
     #[error("TLS configuration: {0}")]
     Config(String),
     #[error("peer certificate rejected: {0}")]
@@ -130,11 +152,29 @@ struct Loaded {
     certs: Vec<CertificateDer<'static>>,
     key: rustls_pki_types::PrivateKeyDer<'static>,
     own: Identity,
+    serial: String,
+    /// Seconds since the epoch: own certificate's notAfter, earliest CA notAfter.
+    cert_not_after: i64,
+    ca_not_after: i64,
+    cas: usize,
+}
+
+fn not_after(path: &Path, der: &[u8]) -> Result<i64, TlsError> {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .map_err(|e| TlsError::BadFile {
+            path: path.to_path_buf(),
+            reason: format!("unparsable certificate: {e}"),
+        })
 }
 
 fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
     let mut roots = RootCertStore::empty();
-    for ca in pki::load_certs(&files.ca)? {
+    let mut ca_not_after = i64::MAX;
+    let cas = pki::load_certs(&files.ca)?;
+    let ca_count = cas.len();
+    for ca in cas {
+        ca_not_after = ca_not_after.min(not_after(&files.ca, &ca)?);
         roots.add(ca).map_err(|e| TlsError::BadFile {
             path: files.ca.clone(),
             reason: format!("unusable CA certificate: {e}"),
@@ -146,11 +186,30 @@ fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
         path: files.cert.clone(),
         reason: format!("own certificate: {e}"),
     })?;
+    let serial = pki::cert_serial(&certs[0]).map_err(|e| TlsError::BadFile {
+        path: files.cert.clone(),
+        reason: format!("own certificate: {e}"),
+    })?;
+    let cert_not_after = not_after(&files.cert, &certs[0])?;
+    // Checked here, before any config is built, so that a key and certificate from
+    // different generations (a reload between the renames of a renewal) are named
+    // as such.
+    rustls::sign::CertifiedKey::from_der(certs.clone(), key.clone_key(), &provider()).map_err(
+        |e| TlsError::KeyMismatch {
+            key: files.key.clone(),
+            cert: files.cert.clone(),
+            reason: e.to_string(),
+        },
+    )?;
     Ok(Loaded {
         roots: Arc::new(roots),
         certs,
         key,
         own,
+        serial,
+        cert_not_after,
+        ca_not_after,
+        cas: ca_count,
     })
 }
 
@@ -161,7 +220,14 @@ fn config_err(e: impl fmt::Display) -> TlsError {
 /// Server side: TLS 1.3 only, client certificate required, chained to the CA and
 /// naming the server's own cluster; ALPN h2.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    let loaded = load(files)?;
+    build_server(files, load(files)?, None)
+}
+
+fn build_server(
+    files: &TlsFiles,
+    loaded: Loaded,
+    revoked: Option<Revocations>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let webpki = WebPkiClientVerifier::builder_with_provider(loaded.roots, provider.clone())
         .build()
@@ -169,6 +235,7 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let verifier = Arc::new(ClusterClientVerifier {
         inner: webpki,
         cluster: loaded.own.cluster,
+        revoked,
     });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -180,6 +247,11 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
             reason: format!("does not go with {}: {e}", files.cert.display()),
         })?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No session resumption: a resumed session skips certificate verification, so
+    // every connection does a full handshake against the current CA bundle, clock
+    // and deny-list. Connections are long-lived, so this costs next to nothing.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -187,7 +259,10 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
 /// certificate chained to the CA, valid for the dialled host/IP, naming a controller
 /// of the client's own cluster; ALPN h2.
 pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
-    let loaded = load(files)?;
+    build_client(files, load(files)?)
+}
+
+fn build_client(files: &TlsFiles, loaded: Loaded) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
     let webpki = WebPkiServerVerifier::builder_with_provider(loaded.roots, provider.clone())
         .build()
@@ -220,6 +295,7 @@ fn reject(e: PeerError) -> rustls::Error {
 struct ClusterClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     cluster: String,
+    revoked: Option<Revocations>,
 }
 
 impl ClientCertVerifier for ClusterClientVerifier {
@@ -245,6 +321,17 @@ impl ClientCertVerifier for ClusterClientVerifier {
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
         check_peer(end_entity, &self.cluster).map_err(reject)?;
+        if let Some(revoked) = &self.revoked {
+            if let Ok(serial) = pki::cert_serial(end_entity) {
+                if revoked.contains(&serial) {
+                    let identity = pki::cert_identity(end_entity)
+                        .map_or_else(|e| e.to_string(), |i| i.to_uri());
+                    tracing::warn!(%identity, %serial, reason = "revoked", "refused a revoked client certificate");
+                    // The client gets a certificate_revoked alert.
+                    return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+                }
+            }
+        }
         Ok(verified)
     }
 
@@ -330,6 +417,8 @@ impl ServerCertVerifier for ControllerServerVerifier {
 pub struct PeerInfo {
     pub addr: SocketAddr,
     pub identity: Identity,
+    /// Serial of the peer's certificate, as [`pki::cert_serial`] writes it.
+    pub serial: String,
 }
 
 /// The authenticated caller of a request served over [`serve_incoming`].
@@ -434,6 +523,8 @@ pub enum FailureReason {
     Io,
     /// Too many handshakes in flight.
     Overloaded,
+    /// The certificate's serial is on the deny-list.
+    Revoked,
 }
 
 impl FailureReason {
@@ -453,6 +544,7 @@ impl FailureReason {
             FailureReason::Protocol => "protocol",
             FailureReason::Io => "io",
             FailureReason::Overloaded => "overloaded",
+            FailureReason::Revoked => "revoked",
         }
     }
 }
@@ -507,10 +599,12 @@ impl Stream for TlsIncoming {
 
 /// Accept TLS connections on `listener` with default [`ServeOptions`]. Only peers
 /// whose certificate chains to the CA and names `cluster` are ever yielded.
+/// `config` is a fixed `Arc<ServerConfig>` or a [`ServerTls`] handle (from a
+/// [`TlsReloader`]), read anew for every connection.
 /// Must be called inside a tokio runtime (it spawns the accept loop).
 pub fn serve_incoming(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: impl Into<ServerTls>,
     cluster: String,
 ) -> TlsIncoming {
     serve_incoming_with(listener, config, cluster, ServeOptions::default())
@@ -521,13 +615,13 @@ pub fn serve_incoming(
 /// hostile client delays nobody; failures are logged, counted and never yielded.
 pub fn serve_incoming_with(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: impl Into<ServerTls>,
     cluster: String,
     options: ServeOptions,
 ) -> TlsIncoming {
     let (tx, rx) = mpsc::channel(64);
     let ctx = Arc::new(AcceptCtx {
-        acceptor: tokio_rustls::TlsAcceptor::from(config),
+        server: config.into(),
         cluster,
         timeout: options.handshake_timeout,
         failures: options.failures,
@@ -538,7 +632,7 @@ pub fn serve_incoming_with(
 }
 
 struct AcceptCtx {
-    acceptor: tokio_rustls::TlsAcceptor,
+    server: ServerTls,
     cluster: String,
     timeout: Duration,
     failures: Option<mpsc::UnboundedSender<HandshakeFailure>>,
@@ -616,7 +710,9 @@ async fn handshake(
 ) -> Result<TlsConn, Rejection> {
     let _ = tcp.set_nodelay(true);
     sniff(&mut tcp).await?;
-    let tls = ctx.acceptor.accept(tcp).await.map_err(classify_io)?;
+    // The configuration current at accept time serves this connection for its life.
+    let acceptor = tokio_rustls::TlsAcceptor::from(ctx.server.current());
+    let tls = acceptor.accept(tcp).await.map_err(classify_io)?;
     let (_, conn) = tls.get_ref();
     let Some(cert) = conn.peer_certificates().and_then(|c| c.first()) else {
         return Err((FailureReason::NoClientCert, "no client certificate".into()));
@@ -624,9 +720,24 @@ async fn handshake(
     // The verifier checked the cluster of the server's own certificate; check the one
     // this listener serves too (they should agree) and keep the identity for handlers.
     let identity = check_peer(cert, &ctx.cluster).map_err(|e| (peer_reason(&e), e.to_string()))?;
+    let serial =
+        pki::cert_serial(cert).map_err(|e| (FailureReason::BadCertificate, e.to_string()))?;
+    // The verifier refuses revoked certificates already; this covers a deny-list that
+    // changed during the handshake.
+    if ctx.server.is_revoked(&serial) {
+        return Err((
+            FailureReason::Revoked,
+            format!("{identity} presented revoked certificate serial {serial}"),
+        ));
+    }
+    tracing::info!(%addr, identity = %identity, %serial, "TLS peer connected");
     Ok(TlsConn {
         inner: tls,
-        info: PeerInfo { addr, identity },
+        info: PeerInfo {
+            addr,
+            identity,
+            serial,
+        },
     })
 }
 
@@ -699,6 +810,7 @@ fn classify_io(e: io::Error) -> Rejection {
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 FailureReason::NotYetValid
             }
+            CertificateError::Revoked => FailureReason::Revoked,
             CertificateError::Other(OtherError(inner)) => {
                 let reason = inner
                     .downcast_ref::<PeerError>()
@@ -770,19 +882,12 @@ fn endpoint(uri: &str) -> Result<(Endpoint, Target), TlsError> {
 type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// Dials TCP and runs the rustls handshake; tonic drives it as its connector.
+/// The client configuration is read per connection, so reconnects after a reload
+/// present the new certificate.
 #[derive(Clone)]
 struct Connector {
-    tls: tokio_rustls::TlsConnector,
+    tls: ClientTls,
     target: Arc<Target>,
-}
-
-impl Connector {
-    fn new(target: Target, config: Arc<ClientConfig>) -> Self {
-        Connector {
-            tls: tokio_rustls::TlsConnector::from(config),
-            target: Arc::new(target),
-        }
-    }
 }
 
 impl tower::Service<Uri> for Connector {
@@ -795,7 +900,8 @@ impl tower::Service<Uri> for Connector {
     }
 
     fn call(&mut self, _: Uri) -> Self::Future {
-        let Connector { tls, target } = self.clone();
+        let tls = tokio_rustls::TlsConnector::from(self.tls.current());
+        let target = self.target.clone();
         Box::pin(async move {
             let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
             tcp.set_nodelay(true)?;
@@ -806,16 +912,24 @@ impl tower::Service<Uri> for Connector {
 }
 
 /// A lazily connecting channel to `https://HOST:PORT` (reconnects as needed).
-pub fn channel(uri: &str, config: Arc<ClientConfig>) -> Result<Channel, TlsError> {
+/// `tls` is a fixed `Arc<ClientConfig>` or a [`ClientTls`] handle whose current
+/// configuration every new connection uses.
+pub fn channel(uri: &str, tls: impl Into<ClientTls>) -> Result<Channel, TlsError> {
     let (endpoint, target) = endpoint(uri)?;
-    Ok(endpoint.connect_with_connector_lazy(Connector::new(target, config)))
+    Ok(endpoint.connect_with_connector_lazy(Connector {
+        tls: tls.into(),
+        target: Arc::new(target),
+    }))
 }
 
 /// Connect now, so that a CLI can report an unreachable or untrusted server at once.
-pub async fn connect_once(uri: &str, config: Arc<ClientConfig>) -> Result<Channel, TlsError> {
+pub async fn connect_once(uri: &str, tls: impl Into<ClientTls>) -> Result<Channel, TlsError> {
     let (endpoint, target) = endpoint(uri)?;
     endpoint
-        .connect_with_connector(Connector::new(target, config))
+        .connect_with_connector(Connector {
+            tls: tls.into(),
+            target: Arc::new(target),
+        })
         .await
         .map_err(|e| TlsError::Connect {
             uri: uri.to_string(),
@@ -857,4 +971,498 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         }
     }
     parts.join(": ")
+}
+
+// ------------------------------------------------------------------ reloading
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A deny-list of certificate serials (canonical form of [`pki::cert_serial`]),
+/// shared between whoever maintains it (a controller mirrors the replicated list)
+/// and the servers that consult it on every handshake.
+#[derive(Debug, Clone, Default)]
+pub struct Revocations(Arc<RwLock<BTreeSet<String>>>);
+
+impl Revocations {
+    pub fn contains(&self, serial: &str) -> bool {
+        read(&self.0).contains(serial)
+    }
+
+    /// Replace the whole list; true if it changed.
+    pub fn replace(&self, serials: &BTreeSet<String>) -> bool {
+        // Called on every applied entry: compare under the shared lock first, so
+        // handshakes are not held up by a write lock that changes nothing.
+        if *read(&self.0) == *serials {
+            return false;
+        }
+        let mut cur = write(&self.0);
+        if *cur == *serials {
+            return false;
+        }
+        cur.clone_from(serials);
+        true
+    }
+
+    pub fn snapshot(&self) -> BTreeSet<String> {
+        read(&self.0).clone()
+    }
+}
+
+/// The server configuration used for new connections; swappable. Cheap to clone
+/// (all clones see the same configuration). Made from a fixed `Arc<ServerConfig>`,
+/// or by [`TlsReloader::server`].
+#[derive(Clone)]
+pub struct ServerTls {
+    config: Arc<RwLock<Arc<ServerConfig>>>,
+    revoked: Option<Revocations>,
+}
+
+impl ServerTls {
+    pub fn new(config: Arc<ServerConfig>) -> Self {
+        ServerTls {
+            config: Arc::new(RwLock::new(config)),
+            revoked: None,
+        }
+    }
+
+    /// The configuration a connection accepted now would use.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        read(&self.config).clone()
+    }
+
+    /// New connections use `config` from now on; established ones are untouched.
+    pub fn replace(&self, config: Arc<ServerConfig>) {
+        *write(&self.config) = config;
+    }
+
+    fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked.as_ref().is_some_and(|r| r.contains(serial))
+    }
+}
+
+impl From<Arc<ServerConfig>> for ServerTls {
+    fn from(config: Arc<ServerConfig>) -> Self {
+        ServerTls::new(config)
+    }
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTls").finish_non_exhaustive()
+    }
+}
+
+/// The client configuration used for new connections; swappable. Cheap to clone.
+/// Made from a fixed `Arc<ClientConfig>`, or by [`TlsReloader::client`].
+#[derive(Clone)]
+pub struct ClientTls {
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
+    config: RwLock<Arc<ClientConfig>>,
+    generation: AtomicU64,
+}
+
+impl ClientTls {
+    pub fn new(config: Arc<ClientConfig>) -> Self {
+        ClientTls {
+            inner: Arc::new(ClientInner {
+                config: RwLock::new(config),
+                generation: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The configuration a connection made now would use.
+    pub fn current(&self) -> Arc<ClientConfig> {
+        read(&self.inner.config).clone()
+    }
+
+    /// New connections use `config` from now on; established ones are untouched.
+    pub fn replace(&self, config: Arc<ClientConfig>) {
+        *write(&self.inner.config) = config;
+        self.inner.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Increases on every [`ClientTls::replace`]. A long-lived client that wants to
+    /// move its established connections to the new certificate compares it with the
+    /// value it built its channel at, and builds a new channel when it differs.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
+}
+
+impl From<Arc<ClientConfig>> for ClientTls {
+    fn from(config: Arc<ClientConfig>) -> Self {
+        ClientTls::new(config)
+    }
+}
+
+impl From<&ClientTls> for ClientTls {
+    fn from(tls: &ClientTls) -> Self {
+        tls.clone()
+    }
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The certificate now in use, as reported by [`TlsReloader::reload`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInUse {
+    pub identity: Identity,
+    /// Serial of the own certificate ([`pki::cert_serial`] form).
+    pub serial: String,
+    /// Own certificate's notAfter, seconds since the Unix epoch.
+    pub cert_not_after: i64,
+    /// Earliest notAfter among the trusted CAs, seconds since the Unix epoch.
+    pub ca_not_after: i64,
+    /// How many CA certificates the bundle holds (2 during a CA rotation).
+    pub cas: usize,
+}
+
+/// Change detector for the three files: identity of the inode plus modification
+/// and status-change times (a `chmod 600` of a refused key counts as a change).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Stamp(Vec<Option<FileStamp>>);
+
+/// Device, inode, size, mtime (s, ns), ctime (s, ns).
+type FileStamp = (u64, u64, u64, i64, i64, i64, i64);
+
+impl Stamp {
+    fn of(files: &TlsFiles) -> Stamp {
+        Stamp(
+            [&files.ca, &files.cert, &files.key]
+                .into_iter()
+                .map(|p| {
+                    let m = std::fs::metadata(p).ok()?;
+                    #[cfg(unix)]
+                    {
+                        use std::os::unix::fs::MetadataExt;
+                        Some((
+                            m.dev(),
+                            m.ino(),
+                            m.size(),
+                            m.mtime(),
+                            m.mtime_nsec(),
+                            m.ctime(),
+                            m.ctime_nsec(),
+                        ))
+                    }
+                    #[cfg(not(unix))]
+                    {
+                        let t = m
+                            .modified()
+                            .ok()
+                            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                            .unwrap_or_default();
+                        Some((0, 0, m.len(), t.as_secs() as i64, 0, 0, 0))
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
+struct ReloadState {
+    seen: Stamp,
+    in_use: TlsInUse,
+}
+
+/// A process's TLS files (CA bundle, own certificate, own key) and the server and
+/// client configurations built from them, reloadable without a restart.
+///
+/// ```ignore
+/// let tls = Arc::new(TlsReloader::new(files)?);         // fails like server_config
+/// let incoming = serve_incoming(listener, tls.server(), cluster); // servers
+/// let channel = tls::channel(&uri, tls.client())?;       // clients
+/// tls.clone().spawn_watcher(DEFAULT_RELOAD_POLL, shutdown); // SIGHUP + polling
+/// ```
+///
+/// [`reload`](Self::reload) re-reads all three files and swaps both configurations;
+/// on any error (unreadable or malformed file, key readable by others, key not
+/// matching the certificate, another identity) it keeps the configurations in use,
+/// logs the error naming the file and returns it. New connections use the new
+/// files; established connections continue as they are.
+pub struct TlsReloader {
+    files: TlsFiles,
+    identity: Identity,
+    server: ServerTls,
+    client: ClientTls,
+    revoked: Revocations,
+    state: Mutex<ReloadState>,
+}
+
+impl fmt::Debug for TlsReloader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsReloader")
+            .field("files", &self.files)
+            .field("identity", &self.identity.to_uri())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often a reload retries a key that does not match the certificate, and how
+/// long it waits in between: a renewal replaces the two files one after the other.
+const MISMATCH_RETRIES: u32 = 5;
+const MISMATCH_PAUSE: Duration = Duration::from_millis(100);
+/// After the poller sees a change, how long the files must stay unchanged before
+/// they are read (lets a copy of several files finish).
+const SETTLE: Duration = Duration::from_millis(300);
+
+impl TlsReloader {
+    /// Load the files and build both configurations; fails (naming the file) like
+    /// [`server_config`] and [`client_config`].
+    pub fn new(files: TlsFiles) -> Result<Self, TlsError> {
+        let seen = Stamp::of(&files);
+        let loaded = load(&files)?;
+        let revoked = Revocations::default();
+        let in_use = in_use(&loaded);
+        let client = build_client(&files, clone_loaded(&loaded))?;
+        let server = build_server(&files, loaded, Some(revoked.clone()))?;
+        let reloader = TlsReloader {
+            identity: in_use.identity.clone(),
+            server: ServerTls {
+                config: Arc::new(RwLock::new(server)),
+                revoked: Some(revoked.clone()),
+            },
+            client: ClientTls::new(client),
+            revoked,
+            state: Mutex::new(ReloadState { seen, in_use }),
+            files,
+        };
+        reloader.record_expiry();
+        Ok(reloader)
+    }
+
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+
+    /// The identity of the own certificate; fixed for the life of the reloader.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Facts of the certificate in use.
+    pub fn in_use(&self) -> TlsInUse {
+        self.lock().in_use.clone()
+    }
+
+    /// Handle for [`serve_incoming`]: follows reloads, refuses revoked serials.
+    pub fn server(&self) -> ServerTls {
+        self.server.clone()
+    }
+
+    /// Handle for [`channel`] and [`connect_once`]: follows reloads.
+    pub fn client(&self) -> ClientTls {
+        self.client.clone()
+    }
+
+    /// The deny-list the server handle consults; empty until someone fills it.
+    pub fn revocations(&self) -> Revocations {
+        self.revoked.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReloadState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Re-read every file now and, if all is well, use them for new connections.
+    /// Logs the outcome, counts it, and updates the expiry gauges. Blocking: reads
+    /// files and, if the key does not match the certificate (a renewal half-way
+    /// through), retries for up to half a second. Call it from a blocking context or
+    /// accept the short stall.
+    pub fn reload(&self) -> Result<TlsInUse, TlsError> {
+        let mut state = self.lock();
+        let mut attempt = 0;
+        let result = loop {
+            state.seen = Stamp::of(&self.files);
+            match self.try_load() {
+                Err(TlsError::KeyMismatch { .. }) if attempt < MISMATCH_RETRIES => {
+                    attempt += 1;
+                    std::thread::sleep(MISMATCH_PAUSE);
+                }
+                other => break other,
+            }
+        };
+        match result {
+            Ok((server, client, in_use)) => {
+                self.server.replace(server);
+                self.client.replace(client);
+                let previous = std::mem::replace(&mut state.in_use, in_use.clone());
+                drop(state);
+                metrics::counter!(RELOADS_METRIC, "result" => "ok").increment(1);
+                self.record_expiry();
+                tracing::info!(
+                    cert = %self.files.cert.display(),
+                    identity = %in_use.identity,
+                    serial = %in_use.serial,
+                    previous_serial = %previous.serial,
+                    cas = in_use.cas,
+                    expires_in_days = days_until(in_use.cert_not_after).floor(),
+                    "TLS files reloaded; new connections use them"
+                );
+                Ok(in_use)
+            }
+            Err(e) => {
+                drop(state);
+                metrics::counter!(RELOADS_METRIC, "result" => "failed").increment(1);
+                tracing::error!(error = %e, "TLS reload failed; keeping the certificates in use");
+                Err(e)
+            }
+        }
+    }
+
+    /// [`reload`](Self::reload) if any of the files changed (inode, size, mtime or
+    /// ctime) since the last load attempt; `None` if nothing changed.
+    pub fn reload_if_changed(&self) -> Option<Result<TlsInUse, TlsError>> {
+        if self.changed() {
+            Some(self.reload())
+        } else {
+            None
+        }
+    }
+
+    fn changed(&self) -> bool {
+        self.lock().seen != Stamp::of(&self.files)
+    }
+
+    fn try_load(&self) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>, TlsInUse), TlsError> {
+        let loaded = load(&self.files)?;
+        if loaded.own != self.identity {
+            return Err(TlsError::BadFile {
+                path: self.files.cert.clone(),
+                reason: format!(
+                    "identity changed from {} to {}; a running daemon keeps its identity (restart it to change)",
+                    self.identity, loaded.own
+                ),
+            });
+        }
+        let in_use = in_use(&loaded);
+        let client = build_client(&self.files, clone_loaded(&loaded))?;
+        let server = build_server(&self.files, loaded, Some(self.revoked.clone()))?;
+        Ok((server, client, in_use))
+    }
+
+    /// Set the [`CERT_EXPIRY_METRIC`] gauges from the certificates in use.
+    pub fn record_expiry(&self) {
+        let in_use = self.in_use();
+        for (file, t) in [
+            (&self.files.cert, in_use.cert_not_after),
+            (&self.files.ca, in_use.ca_not_after),
+        ] {
+            metrics::gauge!(CERT_EXPIRY_METRIC, "file" => file.display().to_string())
+                .set(days_until(t));
+        }
+    }
+
+    /// Reload on SIGHUP and whenever the files change (looked at every `poll`),
+    /// until `shutdown` completes. Registers the SIGHUP handler before returning, so
+    /// from then on SIGHUP no longer terminates the process. Must be called inside a
+    /// tokio runtime.
+    pub fn spawn_watcher(
+        self: Arc<Self>,
+        poll: Duration,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        #[cfg(unix)]
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler; TLS files reload only when they change");
+                None
+            }
+        };
+        tokio::spawn(async move {
+            tokio::pin!(shutdown);
+            let mut tick = tokio::time::interval(poll.max(Duration::from_millis(10)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                #[cfg(unix)]
+                let hangup = async {
+                    match hup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                #[cfg(not(unix))]
+                let hangup = std::future::pending::<Option<()>>();
+                let reason = tokio::select! {
+                    () = &mut shutdown => return,
+                    got = hangup => {
+                        if got.is_none() {
+                            #[cfg(unix)]
+                            { hup = None; }
+                            continue;
+                        }
+                        "SIGHUP"
+                    }
+                    _ = tick.tick() => {
+                        self.record_expiry();
+                        if !self.changed() {
+                            continue;
+                        }
+                        // Let a copy or renewal of several files finish.
+                        let mut last = Stamp::of(&self.files);
+                        loop {
+                            tokio::time::sleep(SETTLE).await;
+                            let now = Stamp::of(&self.files);
+                            if now == last {
+                                break;
+                            }
+                            last = now;
+                        }
+                        "files changed"
+                    }
+                };
+                tracing::info!(trigger = reason, "reloading TLS files");
+                let me = self.clone();
+                // Errors are logged by reload itself.
+                let _ = tokio::task::spawn_blocking(move || me.reload()).await;
+            }
+        })
+    }
+}
+
+fn clone_loaded(l: &Loaded) -> Loaded {
+    Loaded {
+        roots: l.roots.clone(),
+        certs: l.certs.clone(),
+        key: l.key.clone_key(),
+        own: l.own.clone(),
+        serial: l.serial.clone(),
+        cert_not_after: l.cert_not_after,
+        ca_not_after: l.ca_not_after,
+        cas: l.cas,
+    }
+}
+
+fn in_use(l: &Loaded) -> TlsInUse {
+    TlsInUse {
+        identity: l.own.clone(),
+        serial: l.serial.clone(),
+        cert_not_after: l.cert_not_after,
+        ca_not_after: l.ca_not_after,
+        cas: l.cas,
+    }
+}
+
+fn days_until(not_after: i64) -> f64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    (not_after - now) as f64 / 86_400.0
 }

@@ -153,3 +153,95 @@ fn random_fault(rng: &mut ChaCha8Rng) -> Fault {
         },
     }
 }
+
+/// A fault (or operator action) aimed at the node agents and their links to the
+/// controllers. Which agent it hits is resolved when it fires.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentFault {
+    /// SIGSTOP: no heartbeat rounds, no processing; the kernel keeps enforcing the
+    /// timeouts it has.
+    Pause { pause_ms: u64 },
+    /// The agent process dies and restarts after `down_ms` with a fresh lease; the
+    /// kernel set stays until its elements time out.
+    Kill { down_ms: u64 },
+    /// Repeated kill and restart (a crash-looping agent).
+    Flap { cycles: u32, up_ms: u64, down_ms: u64 },
+    /// The agent and the raft leader cannot reach each other; the agent still
+    /// reaches the other controllers.
+    CutFromLeader { duration_ms: u64 },
+    /// One direction only between the agent and the leader.
+    OneWayLeader {
+        agent_to_leader: bool,
+        duration_ms: u64,
+    },
+    /// The agent reaches no controller.
+    Isolate { duration_ms: u64 },
+    /// The agent is cut from a random subset of the controllers (one way or both).
+    CutSome { one_way: bool, duration_ms: u64 },
+    /// Operator: drain a member (its buckets move away by release and transfer).
+    Drain,
+    /// Operator: undrain a draining member.
+    Undrain,
+    /// Operator: change a member's weight.
+    SetWeight { weight: u32 },
+}
+
+/// The agents' schedule: faults in time order.
+#[derive(Debug, Clone)]
+pub struct AgentFaultPlan {
+    pub faults: Vec<(u64, AgentFault)>,
+}
+
+impl AgentFaultPlan {
+    /// Agent faults between 1 s and `duration_ms`, one every `mean_gap_ms` on average.
+    pub fn generate(rng: &mut ChaCha8Rng, duration_ms: u64, mean_gap_ms: u64) -> Self {
+        let mut faults = Vec::new();
+        let mut t = 1000 + rng.gen_range(0..mean_gap_ms);
+        while t < duration_ms {
+            faults.push((t, random_agent_fault(rng)));
+            t += rng.gen_range(mean_gap_ms / 4..mean_gap_ms * 7 / 4);
+        }
+        AgentFaultPlan { faults }
+    }
+}
+
+fn random_agent_fault(rng: &mut ChaCha8Rng) -> AgentFault {
+    // Weights: pause 12, kill 12, flap 6, cut from leader 18, one-way leader 10,
+    // isolate 8, cut some 10, drain 8, undrain 8, weight 8.
+    match rng.gen_range(0..100) {
+        0..=11 => AgentFault::Pause {
+            pause_ms: rng.gen_range(100..3000),
+        },
+        12..=23 => AgentFault::Kill {
+            down_ms: rng.gen_range(100..6000),
+        },
+        24..=29 => AgentFault::Flap {
+            cycles: rng.gen_range(3..8),
+            up_ms: rng.gen_range(200..2000),
+            down_ms: rng.gen_range(50..1500),
+        },
+        30..=47 => AgentFault::CutFromLeader {
+            duration_ms: rng.gen_range(300..6000),
+        },
+        48..=57 => AgentFault::OneWayLeader {
+            agent_to_leader: rng.gen_bool(0.5),
+            duration_ms: rng.gen_range(300..6000),
+        },
+        58..=65 => AgentFault::Isolate {
+            duration_ms: rng.gen_range(300..6000),
+        },
+        66..=75 => AgentFault::CutSome {
+            one_way: rng.gen_bool(0.5),
+            duration_ms: rng.gen_range(300..6000),
+        },
+        76..=83 => AgentFault::Drain,
+        84..=91 => AgentFault::Undrain,
+        _ => AgentFault::SetWeight {
+            weight: if rng.gen_ratio(1, 10) {
+                0
+            } else {
+                rng.gen_range(1..=8)
+            },
+        },
+    }
+}

@@ -39,6 +39,7 @@
 //!
 //! A run is [`world::run_seed`]; the CLI (`vipshare-sim --seeds 500`) runs many.
 
+pub mod agents;
 pub mod disk;
 pub mod faults;
 pub mod invariants;

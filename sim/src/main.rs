@@ -4,6 +4,8 @@
 //! vipshare-sim --seeds 500 [--start 0]      # one line per failing seed, then "N passed, M failed"
 //! vipshare-sim --seed 42 --trace            # replay one seed, printing every event
 //! vipshare-sim --seeds 100 --bug skip-sync  # the injected durability bug must be caught
+//! vipshare-sim --seeds 100 --bug skip-fence-wait  # two hosts accept one bucket
+//! vipshare-sim --seeds 500 --no-agents      # the raft-only model
 //! ```
 
 use std::process::ExitCode;
@@ -18,6 +20,15 @@ use vipshare_sim::{run_seed, RunReport, SimConfig};
 enum Bug {
     /// Replicas send messages without syncing the writes they depend on.
     SkipSync,
+    /// The leader's planner fences a member after one lease on its own clock,
+    /// without the controllers' agreement (`PlannerFaults::skip_fence_wait`).
+    SkipFenceWait,
+    /// Agents keep no state file: a restarted agent installs buckets it had
+    /// released, from a controller that has not applied the release yet.
+    AgentForgetsReleases,
+    /// An agent whose epoch the leader or too many voters refuse for good keeps
+    /// heartbeating instead of letting itself be fenced.
+    AgentNeverYields,
 }
 
 #[derive(Debug, Parser)]
@@ -41,6 +52,12 @@ struct Args {
     /// Turn on a deliberately injected bug.
     #[arg(long, value_enum)]
     bug: Option<Bug>,
+    /// The raft-only model: no agents, leases or ownership planner.
+    #[arg(long)]
+    no_agents: bool,
+    /// Number of agents (default: 3 to 8, drawn from the seed).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=32))]
+    agents: Option<u64>,
     /// Don't check crashed disks against what the node promised (terms, votes,
     /// acknowledged entries): report only violations clients could observe.
     #[arg(long)]
@@ -68,14 +85,40 @@ fn config(args: &Args, seed: u64) -> SimConfig {
     cfg.duration_ms = args.duration_ms;
     cfg.liveness_ms = args.liveness_ms;
     cfg.skip_sync = args.bug == Some(Bug::SkipSync);
+    cfg.skip_fence_wait = args.bug == Some(Bug::SkipFenceWait);
+    cfg.agent_state_file = args.bug != Some(Bug::AgentForgetsReleases);
+    cfg.agent_yields = args.bug != Some(Bug::AgentNeverYields);
+    cfg.agents = !args.no_agents;
+    cfg.agent_count = args.agents.map(|n| n as usize);
     cfg.check_promises = !args.no_promise_check;
     cfg
 }
 
 fn line(r: &RunReport) -> String {
     match &r.result {
-        Ok(s) => format!(
-            "seed {}: ok ({} events, {} leaders, {} applied, {}/{} proposals applied, {} crashes, {} partitions, {} snapshots sent, +{}/-{} controllers, end at {}ms)",
+        Ok(s) => {
+            let agents = if s.agents == 0 {
+                String::new()
+            } else {
+                format!(
+                    "; {} agents, {} agent faults, {} kills, {} lease extensions, {} fence rounds, {} fences, {} yields, converged in {}, settled in {}",
+                    s.agents,
+                    s.agent_faults,
+                    s.agent_kills,
+                    s.lease_extensions,
+                    s.fence_rounds,
+                    s.fences_proposed,
+                    s.agent_yields,
+                    s.convergence_ms.map_or("-".into(), |t| format!("{t}ms")),
+                    if s.convergence_skipped {
+                        "- (all live members damped)".to_string()
+                    } else {
+                        s.settled_ms.map_or("-".into(), |t| format!("{t}ms"))
+                    },
+                )
+            };
+            format!(
+            "seed {}: ok ({} events, {} leaders, {} applied, {}/{} proposals applied, {} crashes, {} partitions, {} snapshots sent, +{}/-{} controllers, end at {}ms{agents})",
             r.seed,
             s.events,
             s.leaders,
@@ -88,7 +131,8 @@ fn line(r: &RunReport) -> String {
             s.controllers_added,
             s.controllers_removed,
             s.end_ms
-        ),
+        )
+        }
         Err(f) => format!("FAIL [{:?}] {}", f.kind, f.message),
     }
 }

@@ -8,8 +8,9 @@
 //!
 //! Events: deliver a message, tick a node, a client operation, a fault (from the
 //! [`FaultPlan`]) and the ends of faults (restart, heal, resume), and in the final
-//! phase, liveness probes. New kinds of actors (node agents, leases) slot in as new
-//! events and a new step handler.
+//! phase, liveness probes. Node agents, leases and the ownership planner live in
+//! [`leases`](self::leases) (events [`Event::Lease`]); after raft is live again the
+//! run goes on to check that bucket ownership converges and then stays quiet.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap};
@@ -33,6 +34,9 @@ use crate::invariants::{self, Checker, Fnv, Violation};
 use crate::network::{cut, NetProfile, Network, Route};
 use crate::workload::Workload;
 
+mod leases;
+use leases::{CtlLease, EndPhase, LeaseEvent, LeaseWorld};
+
 /// Everything a run depends on besides the seed's randomness.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -53,6 +57,26 @@ pub struct SimConfig {
     /// acknowledged entries). Turning it off leaves only the violations a client
     /// could observe, to see how a durability bug surfaces.
     pub check_promises: bool,
+    /// Node agents with leases, kernels and the ownership planner (off: the
+    /// raft-only model).
+    pub agents: bool,
+    /// Number of agents (default: 3 to 8, drawn from the seed).
+    pub agent_count: Option<usize>,
+    /// Mean time between two planned agent faults.
+    pub agent_fault_gap_ms: u64,
+    /// The deliberately injected planner bug: fence without waiting for the
+    /// controllers' promises (`PlannerFaults::skip_fence_wait`).
+    pub skip_fence_wait: bool,
+    /// Agents keep a state file (the lowest bucket epoch they may still install)
+    /// across restarts. Off: a restarted agent trusts whatever assignment it gets.
+    pub agent_state_file: bool,
+    /// An agent whose current epoch a majority of voters refuses (fence marks
+    /// from rounds that never completed, or eviction) goes silent until it is
+    /// fenced. Off: it keeps heartbeating, and a leader that still acks it never
+    /// fences it.
+    pub agent_yields: bool,
+    /// Length of the fault-free window after convergence in which no bucket may move.
+    pub quiet_ms: u64,
     /// Print the event trace to stdout.
     pub print_trace: bool,
     /// Hash the event trace (see [`RunReport::trace_hash`]).
@@ -70,6 +94,13 @@ impl SimConfig {
             fault_gap_ms: 700,
             skip_sync: false,
             check_promises: true,
+            agents: true,
+            agent_count: None,
+            agent_fault_gap_ms: 1200,
+            skip_fence_wait: false,
+            agent_state_file: true,
+            agent_yields: true,
+            quiet_ms: 3000,
             print_trace: false,
             hash_trace: false,
         }
@@ -87,6 +118,9 @@ pub enum FailureKind {
     Panic,
     /// The simulator itself could not go on (e.g. a replica failed to start).
     Internal,
+    /// Buckets moved (or an owner stopped accepting) in a fault-free window
+    /// after convergence.
+    Quiet,
 }
 
 #[derive(Debug, Clone)]
@@ -123,6 +157,25 @@ pub struct Stats {
     pub leaders: usize,
     pub last_applied: u64,
     pub end_ms: u64,
+    pub agents: usize,
+    pub agent_faults: u64,
+    pub agent_kills: u64,
+    pub agent_restarts: u64,
+    /// Agents that went silent because a majority refused their epoch for good.
+    pub agent_yields: u64,
+    pub lease_messages: u64,
+    pub lease_extensions: u64,
+    pub kernel_installs: u64,
+    pub fence_rounds: u64,
+    pub fences_proposed: u64,
+    pub ownership_proposals: u64,
+    /// Virtual time from raft being live again to every bucket being owned by a
+    /// live agent and accepted by its kernel.
+    pub convergence_ms: Option<u64>,
+    /// ... and to nothing being left for the planner to do.
+    pub settled_ms: Option<u64>,
+    /// Every live member was damped past the bound: convergence not checked.
+    pub convergence_skipped: bool,
 }
 
 /// The result of one seed.
@@ -168,6 +221,7 @@ enum Event {
     },
     EndFaults,
     Probe,
+    Lease(LeaseEvent),
 }
 
 struct Queued {
@@ -236,6 +290,8 @@ impl Node {
 enum Phase {
     Faults,
     Liveness { deadline: u64 },
+    /// Agents mode, after raft is live: ownership converges, then stays quiet.
+    End(EndPhase),
     Done,
 }
 
@@ -271,6 +327,9 @@ pub struct World {
     started: bool,
     trace: Trace,
     stats: Stats,
+    hosts: Vec<crate::agents::Host>,
+    ctl: BTreeMap<u64, CtlLease>,
+    lease: LeaseWorld,
 }
 
 fn address(id: u64) -> String {
@@ -401,6 +460,9 @@ impl World {
             started: false,
             trace,
             stats: Stats::default(),
+            hosts: Vec::new(),
+            ctl: BTreeMap::new(),
+            lease: LeaseWorld::default(),
             cfg,
         };
         let rc = w.replica_cfg.clone();
@@ -429,6 +491,10 @@ impl World {
         for (t, f) in plan.faults {
             w.trace(None, || format!("plan: at {t}ms {f:?}"));
             w.schedule(t, Event::Fault(f));
+        }
+        if w.cfg.agents {
+            w.init_agents(w.cfg.seed);
+            w.stats.agents = w.hosts.len();
         }
         let end = w.cfg.duration_ms;
         w.schedule(end, Event::EndFaults);
@@ -472,6 +538,13 @@ impl World {
             return;
         }
         let who = node.map_or_else(|| "--".to_string(), |n| format!("n{n}"));
+        self.trace_line(&who, text);
+    }
+
+    fn trace_line(&mut self, who: &str, text: impl FnOnce() -> String) {
+        if !self.tracing() {
+            return;
+        }
         let line = format!("{:>7}ms {:<4} {}", self.now, who, text());
         if let Some(h) = &mut self.trace.hash {
             h.write(line.as_bytes());
@@ -520,6 +593,7 @@ impl World {
             self.stats.events += 1;
             self.step(q.event)?;
             self.check_committed_held()?;
+            self.check_leases()?;
         }
         self.stats.end_ms = self.now;
         self.stats.leaders = self.checker.leaders_elected();
@@ -604,6 +678,7 @@ impl World {
             }
             Event::EndFaults => self.end_faults(),
             Event::Probe => self.probe(),
+            Event::Lease(ev) => self.lease_step(ev),
         }
     }
 
@@ -656,6 +731,7 @@ impl World {
                 incarnation,
             },
         );
+        self.lease_node_started(id);
         self.process(id)
     }
 
@@ -681,6 +757,7 @@ impl World {
         let last = disk.durable().last_index();
         node.slot = Slot::Down(disk);
         node.paused_until = 0;
+        self.lease_node_down(id);
         self.trace(Some(id), || {
             format!(
                 "CRASH ({why}); {keep} of {pending} unsynced writes survive; disk has term={} vote={} commit={}",
@@ -700,6 +777,9 @@ impl World {
         if let Some(n) = self.nodes.get_mut(&id) {
             if !matches!(n.slot, Slot::Gone) {
                 n.slot = Slot::Gone;
+                if let Some(c) = self.ctl.get_mut(&id) {
+                    c.stop();
+                }
                 self.stats.controllers_removed += 1;
                 self.trace(Some(id), || "removed from the cluster: stopped".into());
             }
@@ -752,6 +832,7 @@ impl World {
             }
         }
         self.check_node(id)?;
+        self.lease_after_process(id)?;
         for id in std::mem::take(&mut self.to_stop) {
             self.stop_node(id);
         }
@@ -1221,7 +1302,8 @@ impl World {
                 let Some(id) = self.resolve(target) else {
                     return Ok(());
                 };
-                let others = self.all_ids();
+                let mut others = self.all_ids();
+                others.extend(self.agent_ids());
                 self.partition(
                     cut(&[id], &others, false),
                     duration_ms,
@@ -1236,7 +1318,8 @@ impl World {
                 let Some(id) = self.resolve(target) else {
                     return Ok(());
                 };
-                let others = self.all_ids();
+                let mut others = self.all_ids();
+                others.extend(self.agent_ids());
                 let (links, what) = match direction {
                     Direction::Deaf => (cut(&others, &[id], true), format!("n{id} hears nobody")),
                     Direction::Mute => (cut(&[id], &others, true), format!("nobody hears n{id}")),
@@ -1252,7 +1335,16 @@ impl World {
                 let k = self.rng.gen_range(1..ids.len());
                 let (a, b) = ids.split_at(k);
                 let what = format!("{a:?} | {b:?}");
-                self.partition(cut(a, b, false), duration_ms, what);
+                let (mut a, mut b) = (a.to_vec(), b.to_vec());
+                // Each agent ends up on one side.
+                for h in self.agent_ids() {
+                    if self.rng.gen_bool(0.5) {
+                        a.push(h);
+                    } else {
+                        b.push(h);
+                    }
+                }
+                self.partition(cut(&a, &b, false), duration_ms, what);
             }
             Fault::OneWayPair { duration_ms } => {
                 let mut ids = self.all_ids();
@@ -1416,13 +1508,16 @@ impl World {
                 self.start_node(id)?;
             }
         }
+        self.agents_heal();
         self.schedule(self.now + 100, Event::Probe);
         Ok(())
     }
 
     fn probe(&mut self) -> Result<(), Failure> {
-        let Phase::Liveness { deadline } = self.phase else {
-            return Ok(());
+        let deadline = match self.phase {
+            Phase::Liveness { deadline } => deadline,
+            Phase::End(p) => return self.end_probe(p),
+            _ => return Ok(()),
         };
         let voters = self.checker.voters().to_vec();
         let leader = self
@@ -1467,7 +1562,11 @@ impl World {
                     status[0].map_or(0, |s| s.0)
                 )
             });
-            self.phase = Phase::Done;
+            if self.agents_after_live() {
+                self.schedule(self.now + 50, Event::Probe);
+            } else {
+                self.phase = Phase::Done;
+            }
             return Ok(());
         }
         if self.now >= deadline {

@@ -65,9 +65,8 @@ impl OsExecutor {
             Some(f) if f.exists() => {
                 let text = std::fs::read_to_string(f)
                     .map_err(io_err(format!("reading {}", f.display())))?;
-                serde_json::from_str(&text).map_err(|e| {
-                    DataPlaneError::InvalidDesired(format!("{}: {e}", f.display()))
-                })?
+                serde_json::from_str(&text)
+                    .map_err(|e| DataPlaneError::InvalidDesired(format!("{}: {e}", f.display())))?
             }
             _ => State::default(),
         };
@@ -403,4 +402,3 @@ pub fn owned_expiries(nft: &str, table: &str) -> Vec<std::time::Duration> {
         .map(|o| super::plan::parse_expires(&o.stdout))
         .unwrap_or_default()
 }
-

@@ -6,12 +6,12 @@
 //! table ip vipshare
 //!   counter vip_A_B_C_D_{accepted,not_owned,invalid,reset}   per VIP
 //!   set owned { type mark; flags timeout }   (lowbits: type ipv4_addr)
-//!   set reset { type mark; flags timeout }   owned buckets whose old owner is dead
+//!   set dead { type mark; flags timeout }    owned buckets whose old owner is dead
 //!   chain prerouting (raw)   ip daddr {VIPs} meta pkttype multicast meta pkttype set host
 //!   chain input (filter)     ip daddr vmap { VIP : jump vip_A_B_C_D }
 //!   chain vip_A_B_C_D        ct state established,related accept
 //!                            <key>                         (jhash: meta mark set jhash ..)
-//!                            ct state invalid <key> @reset reject with tcp reset
+//!                            ct state invalid <key> @dead reject with tcp reset
 //!                            ct state invalid drop
 //!                            tcp flags & (fin|syn|rst|ack) != syn drop
 //!                            <key> @owned accept
@@ -55,19 +55,34 @@ pub enum Step {
     Nft(NftBatch),
     /// Write a sysctl (path below /proc/sys, dotted), remembering the value it
     /// replaces so [`Step::RestoreSysctls`] can put it back.
-    Sysctl { key: String, value: String },
+    Sysctl {
+        key: String,
+        value: String,
+    },
     /// Put back every sysctl value this agent replaced.
     RestoreSysctls,
     /// Add the VIP as an address of its interface (after the host's own address).
     AddAddress(VipConfig),
     DelAddress(VipConfig),
     /// `ip maddr add MAC dev IF`: receive frames to the MAC on filtering NICs.
-    AddMaddr { interface: String, mac: [u8; 6] },
-    DelMaddr { interface: String, mac: [u8; 6] },
+    AddMaddr {
+        interface: String,
+        mac: [u8; 6],
+    },
+    DelMaddr {
+        interface: String,
+        mac: [u8; 6],
+    },
     /// IGMP membership of the 239/8 group that maps to the MAC (a socket held
     /// by the executor), for IGMP-snooping switches.
-    JoinGroup { interface: String, group: Ipv4Addr },
-    LeaveGroup { interface: String, group: Ipv4Addr },
+    JoinGroup {
+        interface: String,
+        group: Ipv4Addr,
+    },
+    LeaveGroup {
+        interface: String,
+        group: Ipv4Addr,
+    },
 }
 
 /// An nftables transaction. `fixed` is rendered as is; `elements`, when set,
@@ -117,7 +132,7 @@ impl NftBatch {
         if let Some(e) = &self.elements {
             let left = e.until.saturating_sub(elapsed).as_millis();
             if left > 0 {
-                for (set, buckets) in [("owned", &e.owned), ("reset", &e.reset)] {
+                for (set, buckets) in [("owned", &e.owned), ("dead", &e.reset)] {
                     if buckets.is_empty() {
                         continue;
                     }
@@ -139,9 +154,9 @@ impl NftBatch {
 
     /// Whether the batch writes any element when rendered `elapsed` after start.
     pub fn writes_elements(&self, elapsed: Duration) -> bool {
-        self.elements.as_ref().is_some_and(|e| {
-            !e.owned.is_empty() && e.until.saturating_sub(elapsed).as_millis() > 0
-        })
+        self.elements
+            .as_ref()
+            .is_some_and(|e| !e.owned.is_empty() && e.until.saturating_sub(elapsed).as_millis() > 0)
     }
 }
 
@@ -252,9 +267,7 @@ pub fn vip_ident(addr: Ipv4Addr) -> String {
 /// The VIP and verdict of a counter named by [`counter_name`].
 pub fn parse_counter_name(name: &str) -> Option<(Ipv4Addr, &'static str)> {
     let rest = name.strip_prefix("vip_")?;
-    let verdict = VERDICTS
-        .iter()
-        .find(|v| rest.ends_with(&format!("_{v}")))?;
+    let verdict = VERDICTS.iter().find(|v| rest.ends_with(&format!("_{v}")))?;
     let addr = &rest[..rest.len() - verdict.len() - 1];
     let octets: Vec<u8> = addr
         .split('_')
@@ -270,7 +283,10 @@ pub fn counter_name(addr: Ipv4Addr, verdict: &str) -> String {
 
 /// The sysctls every apply makes true: (key, value).
 pub fn sysctls(base: &Base) -> Vec<(String, String)> {
-    let mut v = vec![("net.ipv4.conf.all.arp_announce".to_string(), "2".to_string())];
+    let mut v = vec![(
+        "net.ipv4.conf.all.arp_announce".to_string(),
+        "2".to_string(),
+    )];
     for ifname in base.interfaces() {
         v.push((format!("net.ipv4.conf.{ifname}.arp_announce"), "2".into()));
     }
@@ -369,12 +385,8 @@ fn ruleset(table: &str, base: &Base, arp_egress: bool) -> Result<String, DataPla
             let _ = writeln!(s, "\tcounter {} {{ }}", counter_name(vip.addr, v));
         }
     }
-    for set in ["owned", "reset"] {
-        let _ = writeln!(
-            s,
-            "\tset {set} {{ type {}; flags timeout; }}",
-            k.set_type
-        );
+    for set in ["owned", "dead"] {
+        let _ = writeln!(s, "\tset {set} {{ type {}; flags timeout; }}", k.set_type);
     }
     let addrs: Vec<String> = base.vips.iter().map(|v| v.addr.to_string()).collect();
     let _ = writeln!(
@@ -411,7 +423,7 @@ fn ruleset(table: &str, base: &Base, arp_egress: bool) -> Result<String, DataPla
         }
         let _ = writeln!(
             s,
-            "\t\tct state invalid meta l4proto tcp {} @reset counter name \"{}\" reject with tcp reset",
+            "\t\tct state invalid meta l4proto tcp {} @dead counter name \"{}\" reject with tcp reset",
             k.lookup,
             c("reset")
         );
@@ -553,7 +565,7 @@ pub fn plan_apply(
         // Renewal (or a change of owned buckets only): one small transaction.
         let mut fixed = String::new();
         let _ = writeln!(fixed, "flush set ip {table} owned");
-        let _ = writeln!(fixed, "flush set ip {table} reset");
+        let _ = writeln!(fixed, "flush set ip {table} dead");
         return Ok(Plan {
             steps: vec![Step::Nft(NftBatch {
                 fixed,
@@ -623,7 +635,7 @@ pub fn plan_withdraw(cfg: &LinuxConfig, installed: Option<&Installed>) -> Plan {
     let table = &cfg.table;
     Plan {
         steps: vec![Step::Nft(NftBatch {
-            fixed: format!("flush set ip {table} owned\nflush set ip {table} reset\n"),
+            fixed: format!("flush set ip {table} owned\nflush set ip {table} dead\n"),
             elements: None,
         })],
         next: installed.map(|i| Installed {
@@ -760,7 +772,10 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_nft_duration("450ms"), Some(Duration::from_millis(450)));
+        assert_eq!(
+            parse_nft_duration("450ms"),
+            Some(Duration::from_millis(450))
+        );
         assert_eq!(
             parse_nft_duration("1s492ms"),
             Some(Duration::from_millis(1492))
@@ -809,10 +824,13 @@ mod tests {
         };
         assert_eq!(
             b.render(Duration::from_micros(100_900)),
-            "flush set ip t owned\nadd element ip t owned { 1 timeout 199ms, 2 timeout 199ms }\nadd element ip t reset { 2 timeout 199ms }\n"
+            "flush set ip t owned\nadd element ip t owned { 1 timeout 199ms, 2 timeout 199ms }\nadd element ip t dead { 2 timeout 199ms }\n"
         );
         assert!(b.writes_elements(Duration::from_millis(299)));
-        assert_eq!(b.render(Duration::from_millis(300)), "flush set ip t owned\n");
+        assert_eq!(
+            b.render(Duration::from_millis(300)),
+            "flush set ip t owned\n"
+        );
         assert!(!b.writes_elements(Duration::from_millis(300)));
     }
 }

@@ -1,0 +1,241 @@
+//! Data-plane benchmark in the network-namespace lab (root needed):
+//!
+//! 1. assignment change -> kernel: the leader commits `drain h1` (and then
+//!    `undrain h1`); measured from the commit to h1's kernel set being empty
+//!    (the release applied), to every bucket being in h2's or h3's kernel set
+//!    (the whole planned move: release, Released, transfer, apply), and, inside
+//!    the agents, from receiving an assignment to the kernel holding it;
+//! 2. TCP throughput to the VIP (multicast MAC flooded to 3 hosts, filtered)
+//!    versus to a host's own address (unicast, untouched), same client, same
+//!    receiving host.
+//!
+//! Build the binaries first, then run:
+//!
+//!     cargo build --release --workspace --bins
+//!     cargo run --release -p vipshare-integration --example dataplane_bench
+//!
+//! (uses target/release binaries when they exist, else target/debug).
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use vipshare_integration::netns::{Cluster, Netns};
+use vipshare_proto::v1::{self as pb, mutate_request::Op};
+
+const ROUNDS: usize = 30;
+const BUCKETS: u32 = 64;
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+fn summary(name: &str, v: &mut [f64]) {
+    if v.is_empty() {
+        println!("{name:<44} no samples");
+        return;
+    }
+    println!(
+        "{name:<44} p50 {:>8.1} ms   p99 {:>8.1} ms   (n = {}, max {:.1})",
+        pct(v, 0.5),
+        pct(v, 0.99),
+        v.len(),
+        pct(v, 1.0)
+    );
+}
+
+/// Polls a host's owned set (nft run inside the namespace, a few ms per
+/// poll) until `done`.
+fn poll_set(ns: &Netns, done: impl Fn(&BTreeSet<u32>) -> bool + Send + 'static) {
+    let start = Instant::now();
+    ns.run(move || loop {
+        let out = Command::new("nft")
+            .args(["-j", "list", "set", "ip", "vipshare", "owned"])
+            .output()
+            .expect("nft");
+        let set = parse_set(&String::from_utf8_lossy(&out.stdout));
+        if done(&set) || start.elapsed() > Duration::from_secs(30) {
+            return;
+        }
+    })
+}
+
+fn parse_set(json: &str) -> BTreeSet<u32> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    let mut set = BTreeSet::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        for e in item["set"]["elem"].as_array().into_iter().flatten() {
+            if let Some(x) = e["elem"]["val"].as_u64().or(e.as_u64()) {
+                set.insert(x as u32);
+            }
+        }
+    }
+    set
+}
+
+async fn mutate(c: &Cluster, op: Op) -> anyhow::Result<Instant> {
+    c.lab.mutate(op).await?;
+    Ok(Instant::now())
+}
+
+/// Sink servers on port 9000: read everything, discard.
+fn start_sinks(c: &Cluster, stop: Arc<AtomicBool>) {
+    for ns in &c.net.hosts {
+        let stop = stop.clone();
+        ns.spawn(move || {
+            let l = std::net::TcpListener::bind("0.0.0.0:9000").expect("sink bind");
+            l.set_nonblocking(true).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut s, _)) => {
+                        s.set_nonblocking(false).unwrap();
+                        std::thread::spawn(move || {
+                            let mut buf = vec![0u8; 1 << 16];
+                            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+    }
+}
+
+/// Bytes per second sent from `src` to `dst` for `secs`.
+fn throughput(client: &Netns, src: Ipv4Addr, dst: SocketAddrV4, secs: u64) -> anyhow::Result<f64> {
+    client.run(move || {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        sock.bind(&SocketAddrV4::new(src, 0).into())?;
+        sock.connect_timeout(&dst.into(), Duration::from_secs(3))?;
+        let mut s: std::net::TcpStream = sock.into();
+        let chunk = vec![0x5au8; 1 << 16];
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < Duration::from_secs(secs) {
+            s.write_all(&chunk)?;
+            sent += chunk.len() as u64;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        Ok(sent as f64 / start.elapsed().as_secs_f64())
+    })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    if std::env::var_os("VIPSHARE_PROFILE").is_none() {
+        let release = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/release/vipshare-agent")
+            .exists();
+        std::env::set_var(
+            "VIPSHARE_PROFILE",
+            if release { "release" } else { "debug" },
+        );
+    }
+    println!(
+        "binaries: target/{}",
+        std::env::var("VIPSHARE_PROFILE").unwrap()
+    );
+    let c = Cluster::start(3, 50, BUCKETS).await?;
+    let all: Vec<String> = (0..3).map(|i| c.member(i)).collect();
+    c.wait_converged(&all, Duration::from_secs(30)).await?;
+
+    // 1. Assignment change -> kernel state.
+    let mut release = Vec::new();
+    let mut moved = Vec::new();
+    let mut back = Vec::new();
+    for _ in 0..ROUNDS {
+        let h1_before = c.bucket_map()?.iter().filter(|o| *o == "h1").count();
+        let t0 = mutate(&c, Op::Drain(pb::Drain { name: "h1".into() })).await?;
+        poll_set(&c.net.hosts[0], |s| s.is_empty());
+        release.push(t0.elapsed().as_secs_f64() * 1e3);
+        // Every bucket in h2's or h3's kernel set.
+        loop {
+            let a = vipshare_integration::netns::owned_set(&c.net.hosts[1]).unwrap_or_default();
+            let b = vipshare_integration::netns::owned_set(&c.net.hosts[2]).unwrap_or_default();
+            if a.len() + b.len() == BUCKETS as usize && a.is_disjoint(&b) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("drain never completed");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        moved.push(t0.elapsed().as_secs_f64() * 1e3);
+        if h1_before == 0 {
+            bail!("h1 owned nothing before the drain");
+        }
+        let t1 = mutate(&c, Op::Undrain(pb::Undrain { name: "h1".into() })).await?;
+        c.wait_converged(&all, Duration::from_secs(60)).await?;
+        back.push(t1.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut inside: Vec<f64> = Vec::new();
+    for a in &c.agents {
+        for line in a.log_text().lines() {
+            if line.contains("assignment applied") {
+                if let Some(us) = line
+                    .split("took_us=")
+                    .nth(1)
+                    .and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next())
+                    .and_then(|n| n.parse::<f64>().ok())
+                {
+                    inside.push(us / 1e3);
+                }
+            }
+        }
+    }
+    println!("\n== assignment change -> kernel ({ROUNDS} drain/undrain rounds of h1, {BUCKETS} buckets, 3 hosts)");
+    summary("commit of drain -> release in h1's kernel", &mut release);
+    summary("commit of drain -> all buckets on h2/h3", &mut moved);
+    summary("commit of undrain -> rebalanced (incl. polling)", &mut back);
+    summary("agent: assignment received -> kernel applied", &mut inside);
+
+    // 2. Throughput through the filter vs a plain address.
+    let stop = Arc::new(AtomicBool::new(false));
+    start_sinks(&c, stop.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    let map = c.bucket_map()?;
+    let src = c
+        .net
+        .sources()?
+        .into_iter()
+        .find(|s| map[c.bucket_of(*s) as usize] == "h1")
+        .context("a source of h1")?;
+    let vip = SocketAddrV4::new(c.net.vip(), 9000);
+    let plain = SocketAddrV4::new(c.net.host_ip(0), 9000);
+    let mut ratios = Vec::new();
+    let (mut v_all, mut p_all) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let v = throughput(&c.net.client, src, vip, 2)?;
+        let p = throughput(&c.net.client, src, plain, 2)?;
+        ratios.push(v / p);
+        v_all.push(v / 1e6);
+        p_all.push(p / 1e6);
+    }
+    stop.store(true, Ordering::Relaxed);
+    println!("\n== TCP throughput, client -> h1 (3 runs of 2 s each, alternating)");
+    println!(
+        "VIP (flooded to 3 hosts, filtered)   median {:.0} MB/s",
+        pct(&mut v_all, 0.5)
+    );
+    println!(
+        "h1's own address (unicast, no rules) median {:.0} MB/s",
+        pct(&mut p_all, 0.5)
+    );
+    println!(
+        "ratio VIP / plain                    median {:.2} (runs: {})",
+        pct(&mut ratios.clone(), 0.5),
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}

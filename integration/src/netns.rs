@@ -1,0 +1,908 @@
+//! A network-namespace lab for the data plane: real kernels, real nftables,
+//! real `vipshare-agent` processes. Needs root.
+//!
+//! # Layout (one lab, `K` unique per lab in this process)
+//! ```text
+//!  root namespace                      switch namespace
+//!  controllers on 10.K.0.1-3 (vsK) --- br0 (a bridge, snooping off)
+//!                                       |-- host namespaces: eth0 10.K.1.i/16, VIP 10.K.0.100
+//!                                       `-- client namespace: eth0 10.K.2.1 .. (one per source)
+//! ```
+//! The controllers are the ordinary [`crate::Lab`] processes in the root
+//! namespace, listening on `10.K.0.id:7001` instead of loopback, which the
+//! agents in the host namespaces reach over the bridge. Servers (TCP and UDP,
+//! answering with the host's name) and clients are threads of the test process
+//! that entered a namespace with `setns`, so they need no helper binaries.
+//!
+//! Everything is removed by `Drop` (namespaces, the root-side link, agent
+//! processes), also when a test fails.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Whether we can build namespaces (root). Tests call [`require_root`].
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn require_root() {
+    assert!(
+        is_root(),
+        "the data-plane tests need root (network namespaces, nftables): run them with sudo"
+    );
+}
+
+/// Runs a command, failing with its stderr.
+pub fn sh(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A unique short tag for this process: `v<pid%10000>_<n>`, and the lab
+/// number `n`.
+pub fn unique_tag() -> (String, u32) {
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    (format!("v{}_{n}", std::process::id() % 10000), n)
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> anyhow::Result<Self> {
+        let _ = sh("ip", &["netns", "del", name]);
+        sh("ip", &["netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME args`.
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut a = vec!["-n", self.name.as_str()];
+        a.extend_from_slice(args);
+        sh("ip", &a)
+    }
+
+    /// `ip -n NAME -batch -` with one command per line.
+    pub fn ip_batch(&self, lines: &str) -> anyhow::Result<()> {
+        let mut child = Command::new("ip")
+            .args(["-n", &self.name, "-batch", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(lines.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("ip -batch: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Runs `program args` inside the namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        let mut a = vec!["netns", "exec", self.name.as_str(), program];
+        a.extend_from_slice(args);
+        sh("ip", &a)
+    }
+
+    /// A command that runs inside the namespace (`ip netns exec` execs it, so
+    /// the child's pid is the program's).
+    pub fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// Moves the calling thread into the namespace.
+    pub fn enter(&self) -> std::io::Result<()> {
+        let f = std::fs::File::open(format!("/var/run/netns/{}", self.name))?;
+        // SAFETY: setns on an open namespace file descriptor.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on a thread inside the namespace (threads it spawns stay there).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f).join().expect("namespace thread panicked")
+    }
+
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("namespace file");
+            // SAFETY: setns on an open namespace file descriptor.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
+    pub fn write_sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")])?;
+        Ok(())
+    }
+
+    pub fn read_sysctl(&self, key: &str) -> anyhow::Result<String> {
+        Ok(self.exec("sysctl", &["-n", key])?.trim().to_string())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// An interface in the root namespace, deleted on drop.
+pub struct RootLink {
+    pub name: String,
+}
+
+impl Drop for RootLink {
+    fn drop(&mut self) {
+        let _ = sh("ip", &["link", "del", &self.name]);
+    }
+}
+
+/// The lab network: a switch, `hosts` host namespaces, one client namespace
+/// with `sources` addresses, and the root namespace holding the controller
+/// addresses 10.K.0.1-3.
+pub struct NetLab {
+    pub tag: String,
+    /// Second octet of the lab's 10.K.0.0/16.
+    pub k: u8,
+    pub hosts: Vec<Netns>,
+    pub client: Netns,
+    pub switch: Netns,
+    _root: RootLink,
+}
+
+impl NetLab {
+    pub fn new(hosts: usize, sources: usize) -> anyhow::Result<Self> {
+        require_root();
+        assert!(sources <= 250 * 4);
+        let (tag, n) = unique_tag();
+        let k = 160 + (n % 90) as u8;
+        let switch = Netns::create(&format!("{tag}_sw"))?;
+        switch.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        switch.ip(&["link", "set", "br0", "up"])?;
+        for f in ["call-iptables", "call-arptables", "call-ip6tables"] {
+            let _ = switch.write_sysctl(&format!("net.bridge.bridge-nf-{f}"), "0");
+        }
+        let root_name = format!("vsl{k}");
+        let _ = sh("ip", &["link", "del", &root_name]);
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &root_name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "root",
+                "netns",
+                &switch.name,
+            ],
+        )?;
+        let root = RootLink { name: root_name };
+        switch.ip(&["link", "set", "root", "master", "br0", "up"])?;
+        for id in 1..=3 {
+            sh(
+                "ip",
+                &[
+                    "addr",
+                    "add",
+                    &format!("10.{k}.0.{id}/16"),
+                    "dev",
+                    &root.name,
+                ],
+            )?;
+        }
+        sh("ip", &["link", "set", &root.name, "up"])?;
+        let plug = |ns: &Netns, port: &str, addrs: &[Ipv4Addr]| -> anyhow::Result<()> {
+            switch.ip(&[
+                "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+            ])?;
+            switch.ip(&["link", "set", port, "master", "br0", "up"])?;
+            let mut batch = String::new();
+            for a in addrs {
+                batch.push_str(&format!("addr add {a}/16 dev eth0\n"));
+            }
+            batch.push_str("link set eth0 up\n");
+            ns.ip_batch(&batch)
+        };
+        let mut host_ns = Vec::new();
+        for i in 0..hosts {
+            let ns = Netns::create(&format!("{tag}_h{}", i + 1))?;
+            plug(
+                &ns,
+                &format!("h{}", i + 1),
+                &[Ipv4Addr::new(10, k, 1, i as u8 + 1)],
+            )?;
+            host_ns.push(ns);
+        }
+        let client = Netns::create(&format!("{tag}_c"))?;
+        let sources: Vec<Ipv4Addr> = (0..sources)
+            .map(|i| Ipv4Addr::new(10, k, 2 + (i / 250) as u8, (i % 250) as u8 + 1))
+            .collect();
+        plug(&client, "cl", &sources)?;
+        Ok(NetLab {
+            tag,
+            k,
+            hosts: host_ns,
+            client,
+            switch,
+            _root: root,
+        })
+    }
+
+    /// Base of the controllers' addresses, for [`crate::Lab::new`].
+    pub fn controller_ip_base(&self) -> String {
+        format!("10.{}.0", self.k)
+    }
+
+    pub fn vip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.k, 0, 100)
+    }
+
+    pub fn host_ip(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.k, 1, i as u8 + 1)
+    }
+
+    /// Every client source address (as many as the lab was built with).
+    pub fn sources(&self) -> anyhow::Result<Vec<Ipv4Addr>> {
+        let out = self
+            .client
+            .ip(&["-4", "-o", "addr", "show", "dev", "eth0"])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                let i = w.iter().position(|x| *x == "inet")?;
+                w.get(i + 1)?.split('/').next()?.parse().ok()
+            })
+            .collect())
+    }
+}
+
+/// Flows a server accepted: (host name, client address).
+pub type Accepted = Arc<Mutex<Vec<(String, SocketAddr)>>>;
+
+/// TCP and UDP servers on `port` in a host namespace, answering every line or
+/// datagram with the host's name. TCP listens on all addresses; UDP binds the
+/// VIP (with IP_FREEBIND, so it may start before the VIP exists), since replies
+/// must leave from the VIP.
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    pub accepted: Accepted,
+}
+
+impl Servers {
+    pub fn start(
+        ns: &Netns,
+        name: &str,
+        vip: Ipv4Addr,
+        port: u16,
+        accepted: Accepted,
+    ) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tcp = {
+            let (stop, name, accepted, tx) =
+                (stop.clone(), name.to_string(), accepted.clone(), tx.clone());
+            ns.spawn(move || {
+                let l = match tcp_listener(port) {
+                    Ok(l) => {
+                        let _ = tx.send(Ok(()));
+                        l
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((conn, peer)) = l.accept() else {
+                        continue;
+                    };
+                    accepted.lock().unwrap().push((name.clone(), peer));
+                    let (name, stop) = (name.clone(), stop.clone());
+                    std::thread::spawn(move || serve_conn(conn, &name, &stop));
+                }
+            })
+        };
+        let udp = {
+            let (stop, name, tx) = (stop.clone(), name.to_string(), tx);
+            ns.spawn(move || {
+                let s = match udp_socket(vip, port) {
+                    Ok(s) => {
+                        let _ = tx.send(Ok(()));
+                        s
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let mut buf = [0u8; 256];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, peer)) = s.recv_from(&mut buf) {
+                        let _ = s.send_to(format!("{name}\n").as_bytes(), peer);
+                    }
+                }
+            })
+        };
+        for _ in 0..2 {
+            rx.recv_timeout(Duration::from_secs(5))
+                .context("server start")?
+                .context("server start")?;
+        }
+        Ok(Servers {
+            stop,
+            threads: vec![tcp, udp],
+            accepted,
+        })
+    }
+}
+
+fn tcp_listener(port: u16) -> anyhow::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    // accept() honours the receive timeout: the loop can notice `stop`.
+    s.set_read_timeout(Some(Duration::from_millis(100)))?;
+    s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())?;
+    s.listen(512)?;
+    Ok(s.into())
+}
+
+fn udp_socket(vip: Ipv4Addr, port: u16) -> anyhow::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+    s.set_freebind_v4(true)?;
+    s.set_read_timeout(Some(Duration::from_millis(100)))?;
+    s.bind(&SocketAddrV4::new(vip, port).into())?;
+    Ok(s.into())
+}
+
+fn serve_conn(conn: std::net::TcpStream, name: &str, stop: &AtomicBool) {
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut w = match conn.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    if w.write_all(format!("{name}\n").as_bytes()).is_err() {
+        return;
+    }
+    let mut r = BufReader::new(conn);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if w.write_all(format!("{name}\n").as_bytes()).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One TCP probe: connect from `src`, read the first line (the host's name).
+pub async fn tcp_probe(
+    src: Ipv4Addr,
+    dst: SocketAddrV4,
+    timeout: Duration,
+) -> Result<String, String> {
+    use tokio::io::AsyncBufReadExt;
+    let s = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    s.bind(SocketAddrV4::new(src, 0).into())
+        .map_err(|e| e.to_string())?;
+    let fut = async {
+        let stream = s.connect(dst.into()).await.map_err(|e| e.to_string())?;
+        let mut r = tokio::io::BufReader::new(stream);
+        let mut line = String::new();
+        r.read_line(&mut line).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(line.trim().to_string())
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+/// TCP probes from every source at once (run inside the client namespace).
+/// Returns (source, host name or error).
+pub fn tcp_round(
+    sources: &[Ipv4Addr],
+    dst: SocketAddrV4,
+    timeout: Duration,
+) -> Vec<(Ipv4Addr, Result<String, String>)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let futs = sources
+            .iter()
+            .map(|&src| async move { (src, tcp_probe(src, dst, timeout).await) });
+        futures::future::join_all(futs).await
+    })
+}
+
+/// UDP probes from every source at once (run inside the client namespace):
+/// one datagram each to `dst`, then every reply collected for `wait`.
+/// Returns (source, names of all hosts that answered).
+pub fn udp_round(
+    sources: &[Ipv4Addr],
+    dst: SocketAddrV4,
+    wait: Duration,
+) -> anyhow::Result<Vec<(Ipv4Addr, Vec<String>)>> {
+    let mut socks = Vec::new();
+    for &src in sources {
+        let s = UdpSocket::bind(SocketAddrV4::new(src, 0))?;
+        s.set_nonblocking(true)?;
+        s.send_to(b"who\n", dst)?;
+        socks.push((src, s, Vec::new()));
+    }
+    let end = Instant::now() + wait;
+    let mut buf = [0u8; 256];
+    while Instant::now() < end {
+        let mut any = false;
+        for (_, s, got) in socks.iter_mut() {
+            while let Ok((n, _)) = s.recv_from(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+                any = true;
+            }
+        }
+        if !any {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    Ok(socks.into_iter().map(|(a, _, g)| (a, g)).collect())
+}
+
+/// A `vipshare-agent` running in a host namespace; killed on drop.
+pub struct AgentProc {
+    pub member: String,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    ns: String,
+    child: Option<Child>,
+    stopped: bool,
+}
+
+impl AgentProc {
+    pub fn start(ns: &Netns, member: &str, config: &Path, log: &Path) -> anyhow::Result<Self> {
+        let mut a = AgentProc {
+            member: member.to_string(),
+            config: config.to_path_buf(),
+            log: log.to_path_buf(),
+            ns: ns.name.clone(),
+            child: None,
+            stopped: false,
+        };
+        a.restart()?;
+        Ok(a)
+    }
+
+    /// Starts the agent again (after a kill or stop).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        assert!(self.child.is_none(), "agent {} still running", self.member);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(crate::bin("vipshare-agent"))
+            .arg("--config")
+            .arg(&self.config)
+            .env(
+                "RUST_LOG",
+                "info,vipshare_agent=debug,h2=info,tower=info,hyper=info",
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning vipshare-agent")?;
+        self.child = Some(child);
+        self.stopped = false;
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: signalling our own child by pid.
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
+    }
+
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    pub fn freeze(&mut self) {
+        self.signal(libc::SIGSTOP);
+        self.stopped = true;
+    }
+
+    pub fn thaw(&mut self) {
+        self.signal(libc::SIGCONT);
+        self.stopped = false;
+    }
+
+    /// SIGTERM and wait up to `timeout` for the exit.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().context("not running")?;
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(s) = child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > end {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("agent {} did not exit within {timeout:?}", self.member);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if self.stopped {
+            self.thaw();
+        }
+        self.kill();
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(80).collect();
+            eprintln!("---- agent {} log (last 80 lines) ----", self.member);
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// Writes an agent config for `member` (certificate issued by the caller).
+pub fn write_agent_config(
+    dir: &Path,
+    member: &str,
+    certs: &Path,
+    controllers: &[(u64, String)],
+    extra: &str,
+) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let mut text = format!(
+        "member = \"{member}\"\ninterface = \"eth0\"\nbackend = \"linux\"\ndrain_timeout_ms = 20000\n{extra}\n"
+    );
+    for (id, addr) in controllers {
+        text.push_str(&format!(
+            "[[controllers]]\nid = {id}\naddress = \"{addr}\"\n"
+        ));
+    }
+    text.push_str(&format!(
+        "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[linux]\nstate_dir = \"{}\"\n",
+        certs.join("ca.crt").display(),
+        certs.join(format!("agent-{member}.crt")).display(),
+        certs.join(format!("agent-{member}.key")).display(),
+        dir.join("state").display(),
+    ));
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// Buckets currently in the owned set of a host namespace's `vipshare` table
+/// (elements whose timeout ran out are not listed); `None` without the table.
+pub fn owned_set(ns: &Netns) -> Option<BTreeSet<u32>> {
+    let out = ns
+        .exec("nft", &["-j", "list", "set", "ip", "vipshare", "owned"])
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let mut set = BTreeSet::new();
+    for item in v.get("nftables")?.as_array()? {
+        let Some(elems) = item.get("set").and_then(|s| s.get("elem")) else {
+            continue;
+        };
+        for e in elems.as_array()? {
+            let val = e
+                .get("elem")
+                .and_then(|x| x.get("val"))
+                .or(Some(e))
+                .and_then(|x| x.as_u64())?;
+            set.insert(val as u32);
+        }
+    }
+    Some(set)
+}
+
+/// The whole thing: a [`NetLab`], 3 controllers, one agent and one pair of
+/// servers per host, members `h1..hN`. Fields drop in order: agents first,
+/// then servers, controllers and the namespaces.
+pub struct Cluster {
+    pub agents: Vec<AgentProc>,
+    pub servers: Vec<Servers>,
+    pub lab: crate::Lab,
+    pub net: NetLab,
+    pub accepted: Accepted,
+    pub bucket_count: u32,
+    pub seed: u32,
+    pub port: u16,
+}
+
+/// Server port in the host namespaces.
+pub const PORT: u16 = 8080;
+
+impl Cluster {
+    /// Builds the lab, starts controllers, initialises the cluster (VIP,
+    /// `buckets`, default lease timing), adds the members and starts agents and
+    /// servers. Does not wait for the buckets to be assigned.
+    pub async fn start(hosts: usize, sources: usize, buckets: u32) -> anyhow::Result<Self> {
+        let net = NetLab::new(hosts, sources)?;
+        let mut lab = crate::Lab::new(&net.controller_ip_base(), 3)?;
+        lab.start_founders(3)?;
+        lab.wait_leader(Duration::from_secs(20)).await?;
+        let seed = 0x4e4c_4221u32;
+        let out = lab.ctl(&[
+            "cluster",
+            "init",
+            "--vip",
+            &net.vip().to_string(),
+            "--buckets",
+            &buckets.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ])?;
+        if !out.status.success() {
+            bail!("cluster init: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let controllers: Vec<(u64, String)> = (1..=3).map(|id| (id, lab.address(id))).collect();
+        let accepted: Accepted = Arc::default();
+        let mut agents = Vec::new();
+        let mut servers = Vec::new();
+        // Agents first (they are refused as unknown members until added),
+        // then the members: a member added long before its agent heartbeats
+        // would be fenced as silent, and damped.
+        for (i, ns) in net.hosts.iter().enumerate() {
+            let member = format!("h{}", i + 1);
+            if member != "h1" {
+                // Lab::new issued h1 already.
+                vipshare_proto::pki::issue(
+                    &lab.certs,
+                    vipshare_proto::pki::Role::Agent,
+                    &member,
+                    &[],
+                    &[],
+                    30,
+                )?;
+            }
+            servers.push(Servers::start(
+                ns,
+                &member,
+                net.vip(),
+                PORT,
+                accepted.clone(),
+            )?);
+            let dir = lab.root.path().join(format!("agent-{member}"));
+            let config = write_agent_config(&dir, &member, &lab.certs, &controllers, "")?;
+            agents.push(AgentProc::start(
+                ns,
+                &member,
+                &config,
+                &dir.join("agent.log"),
+            )?);
+        }
+        for i in 0..net.hosts.len() {
+            let member = format!("h{}", i + 1);
+            let out = lab.ctl(&["member", "add", &member])?;
+            if !out.status.success() {
+                bail!("member add: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        Ok(Cluster {
+            agents,
+            servers,
+            lab,
+            net,
+            accepted,
+            bucket_count: buckets,
+            seed,
+            port: PORT,
+        })
+    }
+
+    pub fn member(&self, i: usize) -> String {
+        format!("h{}", i + 1)
+    }
+
+    /// The controllers' bucket map: owner per bucket ("" when unowned).
+    pub fn bucket_map(&self) -> anyhow::Result<Vec<String>> {
+        let out = self.lab.ctl(&["buckets", "--json"])?;
+        if !out.status.success() {
+            bail!("buckets: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let mut map = vec![String::new(); self.bucket_count as usize];
+        for b in v["buckets"].as_array().context("buckets")? {
+            let i = b["bucket"].as_u64().context("bucket")? as usize;
+            map[i] = b["owner"].as_str().unwrap_or("").to_string();
+        }
+        Ok(map)
+    }
+
+    pub fn bucket_of(&self, src: Ipv4Addr) -> u32 {
+        vipshare_core::bucket::bucket_of(
+            vipshare_core::bucket::BucketFn::Jhash,
+            vipshare_core::bucket::Affinity::Address,
+            self.bucket_count,
+            self.seed,
+            std::net::IpAddr::V4(src),
+            None,
+        )
+        .expect("valid bucket config")
+    }
+
+    /// Each host's kernel owned set.
+    pub fn kernel_sets(&self) -> Vec<Option<BTreeSet<u32>>> {
+        self.net.hosts.iter().map(owned_set).collect()
+    }
+
+    /// Waits until every bucket is owned by one of `members`, each owning at
+    /// least half its equal share, and every host's
+    /// kernel set holds exactly its buckets (hosts not in `members` hold none).
+    /// Returns the map.
+    pub async fn wait_converged(
+        &self,
+        members: &[String],
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<String>> {
+        let end = Instant::now() + timeout;
+        loop {
+            let last;
+            match self.bucket_map() {
+                Ok(map) => {
+                    // Every bucket owned by one of `members`, and the map
+                    // balanced (equal weights): each owns at least half its share.
+                    let share = self.bucket_count as usize / members.len() / 2;
+                    let all_owned = map.iter().all(|o| members.contains(o))
+                        && members
+                            .iter()
+                            .all(|m| map.iter().filter(|o| *o == m).count() >= share);
+                    let sets = self.kernel_sets();
+                    let mut ok = all_owned;
+                    for (i, set) in sets.iter().enumerate() {
+                        let name = self.member(i);
+                        let want: BTreeSet<u32> = (0..self.bucket_count)
+                            .filter(|&b| map[b as usize] == name)
+                            .collect();
+                        let have = set.clone().unwrap_or_default();
+                        if members.contains(&name) && have != want {
+                            ok = false;
+                        }
+                        if !members.contains(&name) && !have.is_empty() {
+                            ok = false;
+                        }
+                    }
+                    if ok {
+                        return Ok(map);
+                    }
+                    last = format!(
+                        "map owners {:?}, kernel set sizes {:?}",
+                        count_owners(&map),
+                        sets.iter()
+                            .map(|s| s.as_ref().map(|s| s.len()))
+                            .collect::<Vec<_>>()
+                    );
+                }
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() > end {
+                bail!("not converged on {members:?} after {timeout:?}: {last}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn vip_addr(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.net.vip(), self.port)
+    }
+}
+
+fn count_owners(map: &[String]) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for o in map {
+        *m.entry(o.clone()).or_insert(0) += 1;
+    }
+    m
+}

@@ -1,0 +1,503 @@
+//! The Linux data plane on real kernels: network namespaces, a bridge, three
+//! controllers, three hosts each running a real `vipshare-agent` and a server
+//! answering with its name, and a client with 200 source addresses (layout in
+//! `vipshare_integration::netns`). Needs root; build the binaries first
+//! (`cargo build --workspace --bins`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vipshare_integration::netns::{owned_set, tcp_round, udp_round, Cluster};
+
+const SOURCES: usize = 200;
+
+/// One UDP round: when it started and who answered each source.
+type Round = (Instant, BTreeMap<Ipv4Addr, Vec<String>>);
+/// Probe failures and answers per host.
+type ProbeResult = (Vec<String>, BTreeMap<String, usize>);
+const BUCKETS: u32 = 64;
+/// The default lease (LeaseTiming::default().lease_ms).
+const LEASE: Duration = Duration::from_millis(500);
+
+fn members(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+async fn cluster() -> Cluster {
+    let c = Cluster::start(3, SOURCES, BUCKETS).await.expect("lab");
+    c.wait_converged(&members(&["h1", "h2", "h3"]), Duration::from_secs(30))
+        .await
+        .expect("initial convergence");
+    c
+}
+
+/// Every source connects (TCP) and asks (UDP); each must be answered by exactly
+/// the owner the bucket map names, and by no one else.
+fn check_predicted(c: &Cluster, map: &[String]) {
+    let sources = c.net.sources().unwrap();
+    assert_eq!(sources.len(), SOURCES);
+    let dst = c.vip_addr();
+    let srcs = sources.clone();
+    let tcp = c
+        .net
+        .client
+        .run(move || tcp_round(&srcs, dst, Duration::from_secs(3)));
+    let srcs = sources.clone();
+    let udp = c
+        .net
+        .client
+        .run(move || udp_round(&srcs, dst, Duration::from_millis(300)))
+        .unwrap();
+    let mut wrong = Vec::new();
+    for ((src, t), (_, u)) in tcp.iter().zip(&udp) {
+        let want = &map[c.bucket_of(*src) as usize];
+        if t.as_ref().ok() != Some(want) {
+            wrong.push(format!("{src} tcp: {t:?}, want {want}"));
+        }
+        if u != &vec![want.clone()] {
+            wrong.push(format!("{src} udp: {u:?}, want [{want}]"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} wrong answers: {wrong:#?}",
+        wrong.len()
+    );
+}
+
+/// Probes every source over UDP in a loop until stopped; records any source
+/// that got answers from two different hosts in one round, and the sources
+/// that got no answer per round.
+struct DoubleWatch {
+    stop: Arc<AtomicBool>,
+    doubles: Arc<Mutex<Vec<String>>>,
+    rounds: Arc<Mutex<Vec<Round>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DoubleWatch {
+    fn start(c: &Cluster, sources: Vec<Ipv4Addr>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let doubles = Arc::new(Mutex::new(Vec::new()));
+        let rounds = Arc::new(Mutex::new(Vec::new()));
+        let dst = c.vip_addr();
+        let (s, d, r) = (stop.clone(), doubles.clone(), rounds.clone());
+        let thread = c.net.client.spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                let Ok(res) = udp_round(&sources, dst, Duration::from_millis(150)) else {
+                    continue;
+                };
+                let mut round = BTreeMap::new();
+                for (src, names) in res {
+                    let distinct: BTreeSet<&String> = names.iter().collect();
+                    if distinct.len() > 1 {
+                        d.lock().unwrap().push(format!("{src}: {names:?}"));
+                    }
+                    round.insert(src, names);
+                }
+                r.lock().unwrap().push((at, round));
+            }
+        });
+        DoubleWatch {
+            stop,
+            doubles,
+            rounds,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> (Vec<String>, Vec<Round>) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        (
+            std::mem::take(&mut self.doubles.lock().unwrap()),
+            std::mem::take(&mut self.rounds.lock().unwrap()),
+        )
+    }
+}
+
+impl Drop for DoubleWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn sources_of(c: &Cluster, map: &[String], owner: &str) -> Vec<Ipv4Addr> {
+    c.net
+        .sources()
+        .unwrap()
+        .into_iter()
+        .filter(|s| map[c.bucket_of(*s) as usize] == owner)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_is_answered_by_the_predicted_host() {
+    let c = cluster().await;
+    let map = c.bucket_map().unwrap();
+    check_predicted(&c, &map);
+    // The client learnt the VIP's MAC from ARP: the cluster's multicast MAC.
+    let neigh = c
+        .net
+        .client
+        .ip(&["neigh", "show", &c.net.vip().to_string()])
+        .unwrap();
+    assert!(
+        neigh.contains("01:00:5e:"),
+        "client neighbour entry: {neigh}"
+    );
+    // The servers saw each accepted flow exactly once, on one host.
+    let accepted = c.accepted.lock().unwrap().clone();
+    let mut seen = BTreeMap::new();
+    for (host, peer) in &accepted {
+        if let Some(other) = seen.insert(*peer, host.clone()) {
+            panic!("{peer} accepted by {other} and {host}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_agent_stops_accepting_within_its_lease_and_others_take_over() {
+    let mut c = cluster().await;
+    let map = c.bucket_map().unwrap();
+    let h1_sources = sources_of(&c, &map, "h1");
+    assert!(
+        !h1_sources.is_empty() && h1_sources.len() < SOURCES,
+        "h1 serves {} of {SOURCES} sources",
+        h1_sources.len()
+    );
+    let watch = DoubleWatch::start(&c, c.net.sources().unwrap());
+    let killed = Instant::now();
+    c.agents[0].kill();
+    // The kernel alone empties h1's set: nobody renews it any more.
+    loop {
+        let set = owned_set(&c.net.hosts[0]).unwrap_or_default();
+        if set.is_empty() {
+            break;
+        }
+        assert!(
+            killed.elapsed() < LEASE + Duration::from_millis(100),
+            "h1 still accepts {set:?} {:?} after SIGKILL",
+            killed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let emptied = killed.elapsed();
+    let map2 = c
+        .wait_converged(&members(&["h2", "h3"]), Duration::from_secs(20))
+        .await
+        .unwrap();
+    let moved = killed.elapsed();
+    let (doubles, rounds) = watch.finish();
+    assert!(doubles.is_empty(), "two hosts answered: {doubles:?}");
+    check_predicted(&c, &map2);
+    // After the kernel timeout, h1 answered no new flow.
+    let late: Vec<_> = rounds
+        .iter()
+        .filter(|(at, _)| at.duration_since(killed) > LEASE)
+        .flat_map(|(_, r)| r.iter())
+        .filter(|(_, names)| names.iter().any(|n| n == "h1"))
+        .map(|(s, _)| *s)
+        .collect();
+    assert!(late.is_empty(), "h1 answered after its lease: {late:?}");
+    eprintln!(
+        "h1 killed: kernel set empty after {emptied:?}, its {} sources served by others after {moved:?}",
+        h1_sources.len()
+    );
+}
+
+/// A connection that sends a line every 100 ms and records every answer.
+struct LongLived {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<Vec<String>, String>>>,
+}
+
+impl LongLived {
+    fn open(c: &Cluster, src: Ipv4Addr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let dst = c.vip_addr();
+        let thread = c.net.client.spawn(move || {
+            use std::io::{BufRead, BufReader, Write};
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .map_err(|e| e.to_string())?;
+            sock.bind(&SocketAddrV4::new(src, 0).into())
+                .map_err(|e| e.to_string())?;
+            sock.connect_timeout(&dst.into(), Duration::from_secs(3))
+                .map_err(|e| e.to_string())?;
+            let stream: std::net::TcpStream = sock.into();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .map_err(|e| e.to_string())?;
+            let mut w = stream.try_clone().map_err(|e| e.to_string())?;
+            let mut r = BufReader::new(stream);
+            let mut answers = Vec::new();
+            let mut line = String::new();
+            r.read_line(&mut line).map_err(|e| e.to_string())?;
+            answers.push(line.trim().to_string());
+            while !s.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                w.write_all(b"ping\n")
+                    .map_err(|e| format!("write after {} answers: {e}", answers.len()))?;
+                line.clear();
+                match r.read_line(&mut line) {
+                    Ok(0) => return Err(format!("closed after {} answers", answers.len())),
+                    Ok(_) => answers.push(line.trim().to_string()),
+                    Err(e) => return Err(format!("read after {} answers: {e}", answers.len())),
+                }
+            }
+            Ok(answers)
+        });
+        LongLived {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn close(mut self) -> Result<Vec<String>, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for LongLived {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_lived_connection_survives_a_planned_move_of_its_bucket() {
+    let c = cluster().await;
+    let map = c.bucket_map().unwrap();
+    let src = sources_of(&c, &map, "h1")[0];
+    let conn = LongLived::open(&c, src);
+    // Let it talk to h1 for a moment before the move.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let watch = DoubleWatch::start(&c, c.net.sources().unwrap());
+    let out = c.lab.ctl(&["drain", "h1"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let map2 = c
+        .wait_converged(&members(&["h2", "h3"]), Duration::from_secs(20))
+        .await
+        .unwrap();
+    // The old connection keeps talking to h1 for a while after the move.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let answers = conn.close().expect("long-lived connection broke");
+    let (doubles, _) = watch.finish();
+    assert!(doubles.is_empty(), "two hosts answered: {doubles:?}");
+    assert!(answers.len() >= 8, "only {} answers", answers.len());
+    assert!(
+        answers.iter().all(|a| a == "h1"),
+        "answers switched hosts: {answers:?}"
+    );
+    // A new connection from the same source goes to the bucket's new owner.
+    let dst = c.vip_addr();
+    let new = c
+        .net
+        .client
+        .run(move || tcp_round(&[src], dst, Duration::from_secs(3)));
+    let want = &map2[c.bucket_of(src) as usize];
+    assert_eq!(new[0].1.as_ref(), Ok(want));
+    assert_ne!(want, "h1");
+    check_predicted(&c, &map2);
+}
+
+/// TCP probes from `sources`, round after round, until stopped: (failures,
+/// answers per host). A probe may take a SYN retransmission (3 s timeout).
+struct Prober {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<ProbeResult>>,
+}
+
+impl Prober {
+    fn start(c: &Cluster, sources: Vec<Ipv4Addr>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let dst = c.vip_addr();
+        let thread = c.net.client.spawn(move || {
+            let mut failures = Vec::new();
+            let mut answers = BTreeMap::new();
+            while !s.load(Ordering::Relaxed) {
+                for (src, r) in tcp_round(&sources, dst, Duration::from_secs(3)) {
+                    match r {
+                        Ok(name) => *answers.entry(name).or_insert(0) += 1,
+                        Err(e) => failures.push(format!("{src}: {e}")),
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (failures, answers)
+        });
+        Prober {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> ProbeResult {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_an_agent_causes_no_gap_for_its_buckets() {
+    let mut c = cluster().await;
+    let map = c.bucket_map().unwrap();
+    let h1_sources: Vec<Ipv4Addr> = sources_of(&c, &map, "h1").into_iter().take(20).collect();
+    let watch = DoubleWatch::start(&c, c.net.sources().unwrap());
+    let probe = Prober::start(&c, h1_sources.clone());
+
+    // 1. Crash and immediate restart: the new agent adopts the kernel state
+    // and renews it before the old lease runs out.
+    c.agents[0].kill();
+    let restarted = Instant::now();
+    c.agents[0].restart().unwrap();
+    let mut empty_for = Duration::ZERO;
+    let mut last = Instant::now();
+    while restarted.elapsed() < Duration::from_secs(2) {
+        let empty = owned_set(&c.net.hosts[0]).unwrap_or_default().is_empty();
+        if empty {
+            empty_for += last.elapsed();
+        }
+        last = Instant::now();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let map_after = c.bucket_map().unwrap();
+    assert_eq!(map_after, map, "a quick restart moved buckets");
+    eprintln!("SIGKILL + restart: h1's kernel set was empty for {empty_for:?}");
+
+    // 2. Planned restart: SIGTERM drains h1 (its buckets move, connections
+    // kept), the agent removes its kernel state and exits 0.
+    let status = c.agents[0].terminate(Duration::from_secs(25)).unwrap();
+    assert!(status.success(), "agent exit status {status}");
+    let after = c.bucket_map().unwrap();
+    assert!(after.iter().all(|o| o != "h1"), "h1 still owns buckets");
+    let h1 = &c.net.hosts[0];
+    assert!(owned_set(h1).is_none(), "h1's tables are still there");
+    let addrs = h1.ip(&["-4", "addr", "show", "dev", "eth0"]).unwrap();
+    assert!(
+        !addrs.contains(&c.net.vip().to_string()),
+        "VIP still on h1: {addrs}"
+    );
+    assert_eq!(
+        h1.read_sysctl("net.ipv4.conf.all.arp_announce").unwrap(),
+        "0"
+    );
+    assert_eq!(
+        h1.read_sysctl("net.netfilter.nf_conntrack_tcp_loose")
+            .unwrap(),
+        "1"
+    );
+    c.agents[0].restart().unwrap();
+    let out = c.lab.ctl(&["undrain", "h1"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let map2 = c
+        .wait_converged(&members(&["h1", "h2", "h3"]), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let (failures, answers) = probe.finish();
+    let (doubles, _) = watch.finish();
+    assert!(doubles.is_empty(), "two hosts answered: {doubles:?}");
+    assert!(
+        failures.is_empty(),
+        "{} probes failed: {failures:?} (answers {answers:?})",
+        failures.len()
+    );
+    eprintln!("probes answered during the restarts: {answers:?}");
+    check_predicted(&c, &map2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_agent_loses_its_buckets_without_two_hosts_accepting() {
+    let mut c = cluster().await;
+    let watch = DoubleWatch::start(&c, c.net.sources().unwrap());
+    let mut overlaps = Vec::new();
+    let mut sample = |c: &Cluster| {
+        let sets = c.kernel_sets();
+        for i in 0..sets.len() {
+            for j in i + 1..sets.len() {
+                let (a, b) = (
+                    sets[i].clone().unwrap_or_default(),
+                    sets[j].clone().unwrap_or_default(),
+                );
+                let both: Vec<u32> = a.intersection(&b).copied().collect();
+                if !both.is_empty() {
+                    overlaps.push(format!("h{} and h{}: {both:?}", i + 1, j + 1));
+                }
+            }
+        }
+    };
+    let frozen = Instant::now();
+    c.agents[0].freeze();
+    let mut emptied = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        sample(&c);
+        if emptied.is_none() && owned_set(&c.net.hosts[0]).unwrap_or_default().is_empty() {
+            emptied = Some(frozen.elapsed());
+        }
+        let map = c.bucket_map().unwrap();
+        if emptied.is_some() && map.iter().all(|o| o == "h2" || o == "h3") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "buckets never left h1: {map:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let emptied = emptied.unwrap();
+    assert!(
+        emptied < LEASE + Duration::from_millis(100),
+        "frozen h1 accepted for {emptied:?}"
+    );
+    let moved = frozen.elapsed();
+    c.wait_converged(&members(&["h2", "h3"]), Duration::from_secs(20))
+        .await
+        .unwrap();
+    // Thaw: the agent learns it was fenced and must not take anything back
+    // that is not its own again.
+    c.agents[0].thaw();
+    let thawed = Instant::now();
+    while thawed.elapsed() < Duration::from_secs(2) {
+        sample(&c);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (doubles, _) = watch.finish();
+    assert!(doubles.is_empty(), "two hosts answered: {doubles:?}");
+    assert!(overlaps.is_empty(), "kernel sets overlapped: {overlaps:?}");
+    let log = c.agents[0].log_text();
+    assert!(
+        log.contains("fenced"),
+        "h1 never noticed it was fenced:\n{log}"
+    );
+    eprintln!("SIGSTOP: h1's set empty after {emptied:?}, buckets moved after {moved:?}");
+}

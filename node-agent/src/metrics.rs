@@ -1,0 +1,105 @@
+//! Prometheus metrics of the agent, named in one place.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+
+pub const BUCKETS_OWNED: &str = "vipshare_agent_buckets_owned";
+pub const LEASE_REMAINING: &str = "vipshare_agent_lease_remaining_seconds";
+pub const RECONCILE_SECONDS: &str = "vipshare_agent_reconcile_seconds";
+pub const NFT_ERRORS: &str = "vipshare_agent_nft_errors_total";
+pub const PACKETS: &str = "vipshare_agent_packets_total";
+pub const ASSIGNMENTS_REFUSED: &str = "vipshare_agent_assignments_refused_total";
+pub const LEASE_RENEWALS: &str = "vipshare_agent_lease_renewals_total";
+pub const ASSIGNMENT_APPLY_SECONDS: &str = "vipshare_agent_assignment_apply_seconds";
+pub const EPOCH_CHANGES: &str = "vipshare_agent_member_epoch_changes_total";
+
+/// Serve `/metrics` on `addr` (needs a tokio runtime).
+pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets(&[
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
+        ])?
+        .install()
+}
+
+pub fn lease(owned: usize, remaining: Duration) {
+    gauge!(BUCKETS_OWNED).set(owned as f64);
+    gauge!(LEASE_REMAINING).set(remaining.as_secs_f64());
+}
+
+pub fn reconcile(took: Duration, ok: bool) {
+    histogram!(RECONCILE_SECONDS).record(took.as_secs_f64());
+    if !ok {
+        counter!(NFT_ERRORS).increment(1);
+    }
+}
+
+/// From receiving an assignment to the kernel holding it.
+pub fn assignment_applied(took: Duration) {
+    histogram!(ASSIGNMENT_APPLY_SECONDS).record(took.as_secs_f64());
+}
+
+pub fn refused() {
+    counter!(ASSIGNMENTS_REFUSED).increment(1);
+}
+
+pub fn renewed() {
+    counter!(LEASE_RENEWALS).increment(1);
+}
+
+pub fn epoch_changed() {
+    counter!(EPOCH_CHANGES).increment(1);
+}
+
+/// Turns the kernel's packet counters (which restart from zero when the table
+/// is rebuilt) into monotonic Prometheus counters.
+#[derive(Debug, Default)]
+pub struct PacketCounters {
+    last: BTreeMap<(Ipv4Addr, &'static str), u64>,
+}
+
+impl PacketCounters {
+    /// The increments since the previous reading.
+    pub fn deltas(
+        &mut self,
+        now: &BTreeMap<(Ipv4Addr, &'static str), u64>,
+    ) -> Vec<((Ipv4Addr, &'static str), u64)> {
+        let mut out = Vec::new();
+        for (k, &v) in now {
+            let prev = self.last.get(k).copied().unwrap_or(0);
+            // A smaller value means the table was rebuilt: count from zero.
+            let d = if v >= prev { v - prev } else { v };
+            if d > 0 {
+                out.push((*k, d));
+            }
+        }
+        self.last = now.clone();
+        out
+    }
+
+    pub fn record(&mut self, now: &BTreeMap<(Ipv4Addr, &'static str), u64>) {
+        for ((vip, verdict), d) in self.deltas(now) {
+            counter!(PACKETS, "vip" => vip.to_string(), "verdict" => verdict).increment(d);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_resets_are_counted_from_zero() {
+        let a = Ipv4Addr::new(10, 0, 0, 1);
+        let mut p = PacketCounters::default();
+        let m = |v: u64| BTreeMap::from([((a, "accepted"), v)]);
+        assert_eq!(p.deltas(&m(5)), vec![((a, "accepted"), 5)]);
+        assert_eq!(p.deltas(&m(8)), vec![((a, "accepted"), 3)]);
+        assert_eq!(p.deltas(&m(2)), vec![((a, "accepted"), 2)]);
+        assert_eq!(p.deltas(&m(2)), vec![]);
+    }
+}

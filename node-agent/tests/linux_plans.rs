@@ -1,0 +1,232 @@
+//! Golden tests of the Linux backend's plans (the nft text and the commands).
+//!
+//! Each scenario renders the plans of a sequence of applies and compares them
+//! with `tests/golden/linux_<name>.txt`. To accept changed plans after review:
+//! `UPDATE_GOLDEN=1 cargo test -p vipshare-agent --test linux_plans`, then read
+//! the diff.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vipshare_agent::dataplane::linux::{
+    plan_apply, plan_teardown, plan_withdraw, LinuxConfig, LinuxDataPlane, RecordingExecutor, Step,
+};
+use vipshare_agent::dataplane::{
+    Affinity, BucketFn, DataPlane, Desired, LeaseEnforcement, VipConfig,
+};
+
+fn vip(last: u8) -> VipConfig {
+    VipConfig {
+        addr: Ipv4Addr::new(192, 0, 2, last),
+        prefix_len: 32,
+        mac: [0x01, 0x00, 0x5e, 0x00, 0x02, last],
+        interface: "eth0".into(),
+    }
+}
+
+fn desired(owned: impl IntoIterator<Item = u32>, lease_ms: u64) -> Desired {
+    Desired {
+        vips: vec![vip(10)],
+        bucket_count: 256,
+        bucket_fn: BucketFn::Jhash,
+        affinity: Affinity::Address,
+        seed: 0x4e4c4221,
+        owned: owned.into_iter().collect(),
+        lease_remaining: Duration::from_millis(lease_ms),
+    }
+}
+
+fn cfg() -> LinuxConfig {
+    LinuxConfig {
+        state_dir: None,
+        ..LinuxConfig::default()
+    }
+}
+
+fn golden(name: &str, actual: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("linux_{name}.txt"));
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("{} missing; run with UPDATE_GOLDEN=1", path.display()));
+    assert_eq!(
+        actual,
+        expected,
+        "plans differ from {} (UPDATE_GOLDEN=1 to accept)",
+        path.display()
+    );
+}
+
+/// Applies each desired state in turn and renders every plan.
+fn scenario(steps: &[(&str, Desired)]) -> String {
+    let cfg = cfg();
+    let mut installed = None;
+    let mut out = String::new();
+    for (title, d) in steps {
+        let plan = plan_apply(&cfg, installed.as_ref(), d, &BTreeSet::new()).unwrap();
+        out.push_str(&format!(
+            "## {title} (changed: {}, stop after: {:?})\n",
+            plan.changed, plan.stop_after
+        ));
+        out.push_str(&plan.render());
+        installed = plan.next;
+    }
+    out
+}
+
+#[test]
+fn start_renew_reassign_expire() {
+    let out = scenario(&[
+        ("start without a lease", desired([], 0)),
+        ("first lease", desired([1, 2, 3], 450)),
+        ("renewal", desired([1, 2, 3], 430)),
+        ("bucket 2 released, 7 granted", desired([1, 3, 7], 420)),
+        ("lease ran out", desired([1, 3, 7], 0)),
+    ]);
+    golden("start_renew_reassign_expire", &out);
+}
+
+#[test]
+fn vips_added_and_removed() {
+    let mut two = desired([5], 400);
+    two.vips.push(vip(11));
+    let mut other_if = two.clone();
+    other_if.vips[1].interface = "eth1".into();
+    let out = scenario(&[
+        ("one VIP", desired([5], 400)),
+        ("second VIP", two),
+        ("second VIP on another interface", other_if),
+        ("back to one", desired([5], 400)),
+    ]);
+    golden("vip_changes", &out);
+}
+
+#[test]
+fn lowbits_and_address_port() {
+    let mut low = desired([1, 255], 400);
+    low.bucket_fn = BucketFn::Lowbits;
+    let mut net = low.clone();
+    net.affinity = Affinity::Network24;
+    let mut port = desired([9], 400);
+    port.affinity = Affinity::AddressPort;
+    port.bucket_count = 64;
+    let mut out = scenario(&[("lowbits address", low)]);
+    out.push_str(&scenario(&[("lowbits network24", net)]));
+    out.push_str(&scenario(&[("jhash address_port", port)]));
+    golden("bucket_functions", &out);
+}
+
+#[test]
+fn withdraw_and_teardown() {
+    let cfg = cfg();
+    let first = plan_apply(&cfg, None, &desired([1], 400), &BTreeSet::from([1, 9])).unwrap();
+    let mut out = String::from("## apply with bucket 1 reset-on-invalid\n");
+    out.push_str(&first.render());
+    let w = plan_withdraw(&cfg, first.next.as_ref());
+    out.push_str("## withdraw\n");
+    out.push_str(&w.render());
+    assert!(w.next.as_ref().unwrap().owned.is_empty());
+    let t = plan_teardown(&cfg, w.next.as_ref(), &[vip(12)]);
+    out.push_str("## teardown (192.0.2.12 remembered from an earlier run)\n");
+    out.push_str(&t.render());
+    assert!(t.next.is_none());
+    golden("withdraw_teardown", &out);
+}
+
+#[test]
+fn vip_addresses_come_after_their_filter_and_leave_before_it() {
+    let cfg = cfg();
+    let first = plan_apply(&cfg, None, &desired([1], 400), &BTreeSet::new()).unwrap();
+    let nft = first
+        .steps
+        .iter()
+        .position(|s| matches!(s, Step::Nft(_)))
+        .unwrap();
+    let add = first
+        .steps
+        .iter()
+        .position(|s| matches!(s, Step::AddAddress(_)))
+        .unwrap();
+    assert!(nft < add);
+    let mut two = desired([1], 400);
+    two.vips = vec![vip(11)];
+    let second = plan_apply(&cfg, first.next.as_ref(), &two, &BTreeSet::new()).unwrap();
+    let del = second
+        .steps
+        .iter()
+        .position(|s| matches!(s, Step::DelAddress(v) if v.addr == vip(10).addr))
+        .unwrap();
+    let nft = second
+        .steps
+        .iter()
+        .position(|s| matches!(s, Step::Nft(_)))
+        .unwrap();
+    assert!(del < nft);
+    let t = plan_teardown(&cfg, second.next.as_ref(), &[]);
+    let del = t
+        .steps
+        .iter()
+        .position(|s| matches!(s, Step::DelAddress(_)))
+        .unwrap();
+    let nft = t
+        .steps
+        .iter()
+        .position(|s| matches!(s, Step::Nft(_)))
+        .unwrap();
+    assert!(del < nft);
+}
+
+#[test]
+fn backend_renews_cheaply_and_rebuilds_after_a_failure() {
+    let mut p = LinuxDataPlane::new(cfg(), RecordingExecutor::default()).unwrap();
+    let r = p.apply(&desired([1, 2], 450)).unwrap();
+    assert!(r.changed);
+    assert_eq!(r.owned_rules, 2);
+    assert_eq!(r.lease_enforcement, LeaseEnforcement::KernelTimeout);
+    assert_eq!(r.stop_after, Some(Duration::from_millis(450)));
+    let n = p.executor().steps.len();
+    let r = p.apply(&desired([1, 2], 440)).unwrap();
+    assert!(!r.changed);
+    assert_eq!(
+        p.executor().steps.len(),
+        n + 1,
+        "a renewal is one nft batch"
+    );
+    // A failing step leaves the kernel state unknown: the next apply rebuilds.
+    let mut p = LinuxDataPlane::new(
+        cfg(),
+        RecordingExecutor {
+            fail_at: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(p.apply(&desired([1], 400)).is_err());
+    assert!(p.installed().is_none());
+    assert!(p.apply(&desired([1], 400)).unwrap().changed);
+    // No lease: nothing accepted, no deadline.
+    let r = p.apply(&desired([1], 0)).unwrap();
+    assert_eq!((r.owned_rules, r.stop_after), (0, None));
+}
+
+#[test]
+fn invalid_desired_states_are_refused() {
+    let cfg = cfg();
+    let mut d = desired([300], 400);
+    assert!(plan_apply(&cfg, None, &d, &BTreeSet::new()).is_err());
+    d = desired([1], 400);
+    d.bucket_fn = BucketFn::Lowbits;
+    d.affinity = Affinity::AddressPort;
+    assert!(plan_apply(&cfg, None, &d, &BTreeSet::new()).is_err());
+    let bad = LinuxConfig {
+        table: "vip share".into(),
+        ..cfg
+    };
+    assert!(LinuxDataPlane::new(bad, RecordingExecutor::default()).is_err());
+}

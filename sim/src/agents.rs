@@ -1,0 +1,394 @@
+//! Node agents, their clocks and their kernel filters, and the messages of the
+//! lease protocol. The world (`world/leases.rs`) drives them; this module holds
+//! the model's state and the parts of it that need no world.
+//!
+//! - **Clock** ([`Clock`]): every host (agent or controller) has a monotonic
+//!   clock running at `1 + ppm / 10^6` times true time, with `|ppm| <= rho`.
+//! - **Kernel** ([`Kernel`]): the nftables set of one host, as bucket -> expiry
+//!   in *true* time. An install replaces the whole set (`flush set` + elements
+//!   with a timeout, as the Linux data plane does) and the timeout counts on the
+//!   host's clock from the moment the kernel applies it. Operations reach the
+//!   kernel in the order the agent issued them, each after a delay of at most
+//!   `kernel_delay_ms` (delta). The kernel keeps enforcing while the agent is
+//!   stopped or dead.
+//! - **Agent** ([`Agent`]): the user-space state that a kill loses: the
+//!   [`AgentLease`], the member epoch, the controllers it talks to and the newest
+//!   assignment. What survives a kill is on [`Host`]: the kernel set and the
+//!   agent's state file (the lowest epoch it may still install per bucket).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use vipshare_core::lease::{AgentLease, LeaseTiming};
+
+/// Network ids of agents start here (controllers use small ids).
+pub const AGENT_ID_BASE: u64 = 1000;
+
+/// A host's monotonic clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    /// Rate error in parts per million: the clock advances `1 + ppm/10^6` ms per
+    /// true ms.
+    pub ppm: i64,
+    /// Reading at true time 0.
+    pub offset: u64,
+}
+
+impl Clock {
+    pub fn new(ppm: i64, offset: u64) -> Self {
+        Clock { ppm, offset }
+    }
+
+    /// The clock's reading at true time `t` (rounded down: monotonic).
+    pub fn local(&self, t: u64) -> u64 {
+        let scaled = i128::from(t) * (1_000_000 + i128::from(self.ppm)) / 1_000_000;
+        self.offset + scaled as u64
+    }
+
+    /// True time this clock takes to advance `d` ms, rounded up (a timeout of `d`
+    /// on this clock ends no earlier than this).
+    pub fn true_ms(&self, d: u64) -> u64 {
+        let num = i128::from(d) * 1_000_000;
+        let den = 1_000_000 + i128::from(self.ppm);
+        ((num + den - 1) / den) as u64
+    }
+}
+
+/// One element of a kernel set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelEntry {
+    /// True time the element times out (accepting while `now < until`).
+    pub until: u64,
+    /// True time this run of acceptance began (for reports).
+    pub since: u64,
+    /// The grant it was installed for.
+    pub bucket_epoch: u64,
+    pub member_epoch: u64,
+}
+
+/// An operation the agent hands to the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelOp {
+    /// Replace the set by these buckets, each timing out `timeout_ms` (host clock)
+    /// after the kernel applies it.
+    Install {
+        buckets: Vec<(u32, u64)>,
+        timeout_ms: u64,
+        member_epoch: u64,
+    },
+    /// Remove one bucket now (planned release); the agent confirms it once the
+    /// kernel applied it.
+    Withdraw {
+        bucket: u32,
+        epoch: u64,
+        incarnation: u64,
+    },
+}
+
+/// The kernel filter of one host.
+#[derive(Debug, Clone, Default)]
+pub struct Kernel {
+    pub set: BTreeMap<u32, KernelEntry>,
+    /// True time the last issued operation lands; later ones never overtake it.
+    pub last_land: u64,
+}
+
+impl Kernel {
+    pub fn accepts(&self, bucket: u32, now: u64) -> Option<&KernelEntry> {
+        self.set.get(&bucket).filter(|e| e.until > now)
+    }
+
+    /// Buckets accepting new flows at `now`.
+    pub fn accepting(&self, now: u64) -> impl Iterator<Item = (u32, &KernelEntry)> {
+        self.set
+            .iter()
+            .filter(move |(_, e)| e.until > now)
+            .map(|(&b, e)| (b, e))
+    }
+
+    /// `flush set` + add the elements with a timeout ending at true time `until`.
+    pub fn install(&mut self, now: u64, buckets: &[(u32, u64)], until: u64, member_epoch: u64) {
+        let old = std::mem::take(&mut self.set);
+        for &(b, bucket_epoch) in buckets {
+            let since = old
+                .get(&b)
+                .filter(|e| e.until > now)
+                .map_or(now, |e| e.since);
+            self.set.insert(
+                b,
+                KernelEntry {
+                    until,
+                    since,
+                    bucket_epoch,
+                    member_epoch,
+                },
+            );
+        }
+    }
+
+    pub fn withdraw(&mut self, bucket: u32) {
+        self.set.remove(&bucket);
+    }
+
+    /// Forget elements that timed out (they accept nothing any more).
+    pub fn expire(&mut self, now: u64) {
+        self.set.retain(|_, e| e.until > now);
+    }
+}
+
+/// What a controller's assignment stream carries (`pb::Assignment`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub member_epoch: u64,
+    pub applied_index: u64,
+    pub timing: Option<LeaseTiming>,
+    /// Buckets the member may accept, with their epochs (not releasing).
+    pub owned: Vec<(u32, u64)>,
+    /// Buckets the member must withdraw and confirm.
+    pub release: Vec<(u32, u64)>,
+    /// Every controller: (id, is a voter).
+    pub controllers: Vec<(u64, bool)>,
+}
+
+impl Assignment {
+    /// Whether the stream would send `other` after `self` (it sends on a change of
+    /// anything but the applied index).
+    pub fn differs(&self, other: &Assignment) -> bool {
+        self.member_epoch != other.member_epoch
+            || self.timing != other.timing
+            || self.owned != other.owned
+            || self.release != other.release
+            || self.controllers != other.controllers
+    }
+
+    pub fn voters(&self) -> BTreeSet<u64> {
+        self.controllers
+            .iter()
+            .filter(|(_, v)| *v)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
+/// A message of the lease protocol (agent API and controller fencing RPCs).
+#[derive(Debug, Clone)]
+pub enum LeaseMsg {
+    Heartbeat {
+        member: String,
+        epoch: u64,
+        round: u64,
+    },
+    HeartbeatReply {
+        controller: u64,
+        round: u64,
+        acked: bool,
+        member_epoch: u64,
+        /// The leader the controller knows of (0: none).
+        leader: u64,
+    },
+    Assignment {
+        controller: u64,
+        assignment: Box<Assignment>,
+    },
+    Released {
+        member: String,
+        buckets: Vec<(u32, u64)>,
+    },
+    FenceRequest {
+        round: u64,
+        member: String,
+        epoch: u64,
+    },
+    FenceReply {
+        round: u64,
+        controller: u64,
+        agreed: bool,
+    },
+}
+
+impl LeaseMsg {
+    pub fn describe(&self) -> String {
+        match self {
+            LeaseMsg::Heartbeat {
+                member,
+                epoch,
+                round,
+            } => format!("Heartbeat {member}@{epoch} round {round}"),
+            LeaseMsg::HeartbeatReply {
+                controller,
+                round,
+                acked,
+                member_epoch,
+                leader,
+            } => format!(
+                "HeartbeatReply n{controller} round {round} acked={acked} epoch={member_epoch} leader=n{leader}"
+            ),
+            LeaseMsg::Assignment {
+                controller,
+                assignment: a,
+            } => format!(
+                "Assignment n{controller} applied={} epoch={} owned={:?} release={:?}",
+                a.applied_index,
+                a.member_epoch,
+                a.owned.iter().map(|g| g.0).collect::<Vec<_>>(),
+                a.release.iter().map(|g| g.0).collect::<Vec<_>>()
+            ),
+            LeaseMsg::Released { member, buckets } => format!("Released {member} {buckets:?}"),
+            LeaseMsg::FenceRequest {
+                round,
+                member,
+                epoch,
+            } => format!("FenceRequest {round} {member}@{epoch}"),
+            LeaseMsg::FenceReply {
+                round,
+                controller,
+                agreed,
+            } => format!("FenceReply {round} n{controller} agreed={agreed}"),
+        }
+    }
+}
+
+/// The agent process: everything here is lost when it is killed.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub lease: AgentLease,
+    /// The member epoch it heartbeats with (0: not known yet).
+    pub epoch: u64,
+    /// Controllers it heartbeats and watches.
+    pub known: BTreeSet<u64>,
+    /// The newest assignment accepted (highest applied index at `epoch`).
+    pub assignment: Option<Assignment>,
+    /// What the last install put in the kernel.
+    pub installed: Vec<(u32, u64)>,
+    /// Releases handed to the kernel, and those the kernel applied (confirmable).
+    pub withdrawing: BTreeSet<(u32, u64)>,
+    pub withdrawn: BTreeSet<(u32, u64)>,
+    /// Voters that refused a round at the current epoch (fenced or evicted), by round.
+    pub refusals: BTreeMap<u64, BTreeSet<u64>>,
+    /// Until then (agent clock) it sends no heartbeats: a majority refuses its
+    /// epoch for good, so it lets every promise run out to be fenced.
+    pub silent_until: Option<u64>,
+}
+
+impl Agent {
+    pub fn new(timing: LeaseTiming, known: BTreeSet<u64>) -> Self {
+        Agent {
+            lease: AgentLease::new(timing, known.clone()),
+            epoch: 0,
+            known,
+            assignment: None,
+            installed: Vec::new(),
+            withdrawing: BTreeSet::new(),
+            withdrawn: BTreeSet::new(),
+            refusals: BTreeMap::new(),
+            silent_until: None,
+        }
+    }
+
+    /// Records that `controller` refused `round` although the epoch is current
+    /// (it fenced that epoch, or the member is evicted). Returns true when so
+    /// many voters refused the round that the others can no longer make a
+    /// majority: no lease is possible at this epoch any more.
+    pub fn refused(&mut self, round: u64, controller: u64) -> bool {
+        let voters = self
+            .assignment
+            .as_ref()
+            .map_or_else(|| self.known.clone(), Assignment::voters);
+        if !voters.contains(&controller) {
+            return false;
+        }
+        let set = self.refusals.entry(round).or_default();
+        set.insert(controller);
+        let n = set.len();
+        // Keep only recent rounds.
+        while self.refusals.len() > 16 {
+            self.refusals.pop_first();
+        }
+        n == voters.len() + 1 - vipshare_core::lease::majority(voters.len())
+    }
+
+    /// The grants it would install now: owned in the newest assignment, and not
+    /// older than what its state file says it has given up.
+    pub fn desired(&self, floors: &BTreeMap<u32, u64>) -> Vec<(u32, u64)> {
+        let Some(a) = &self.assignment else {
+            return Vec::new();
+        };
+        a.owned
+            .iter()
+            .copied()
+            .filter(|(b, e)| floors.get(b).is_none_or(|f| e >= f))
+            .filter(|g| !self.withdrawing.contains(g))
+            .collect()
+    }
+
+    /// Releases of the newest assignment whose withdrawal the kernel applied.
+    pub fn confirmable(&self) -> Vec<(u32, u64)> {
+        self.assignment.as_ref().map_or(Vec::new(), |a| {
+            a.release
+                .iter()
+                .copied()
+                .filter(|g| self.withdrawn.contains(g))
+                .collect()
+        })
+    }
+}
+
+/// One agent host.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub name: String,
+    /// Network id.
+    pub id: u64,
+    pub clock: Clock,
+    pub kernel: Kernel,
+    /// `None` while the process is dead.
+    pub agent: Option<Agent>,
+    /// Bumped at every (re)start; stale timers and replies carry an older one.
+    pub incarnation: u64,
+    pub paused_until: u64,
+    /// The agent's state file: per bucket, the lowest epoch it may still install
+    /// (a grant it saw raises it to that epoch, a release past it).
+    pub floors: BTreeMap<u32, u64>,
+    /// Kept dead through the end of the run (failover must still converge).
+    pub kept_dead: bool,
+}
+
+impl Host {
+    pub fn is_up(&self) -> bool {
+        self.agent.is_some()
+    }
+
+    pub fn running(&self, now: u64) -> bool {
+        self.agent.is_some() && self.paused_until <= now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clocks_drift_within_their_rate_and_timeouts_round_up() {
+        let slow = Clock::new(-10_000, 0);
+        let fast = Clock::new(10_000, 7);
+        assert_eq!(slow.local(1000), 990);
+        assert_eq!(fast.local(1000), 1017);
+        // 500 ms on a 1% slow clock take 505.05.. true ms: rounded up.
+        assert_eq!(slow.true_ms(500), 506);
+        assert_eq!(fast.true_ms(505), 500);
+        for t in [0, 1, 99, 12345] {
+            assert!(slow.local(t + slow.true_ms(100)) >= slow.local(t) + 100);
+        }
+    }
+
+    #[test]
+    fn install_replaces_the_set_and_keeps_when_acceptance_began() {
+        let mut k = Kernel::default();
+        k.install(10, &[(1, 1), (2, 1)], 500, 1);
+        k.install(100, &[(2, 1), (3, 1)], 600, 1);
+        assert!(k.accepts(1, 100).is_none());
+        assert_eq!(k.accepts(2, 599).map(|e| e.since), Some(10));
+        assert!(k.accepts(3, 600).is_none(), "half-open: not at its expiry");
+        k.withdraw(2);
+        assert_eq!(k.accepting(200).map(|(b, _)| b).collect::<Vec<_>>(), [3]);
+    }
+}

@@ -1,0 +1,1980 @@
+//! Agents, leases and the ownership planner in the world.
+//!
+//! Controllers answer heartbeats from their own applied state and their own
+//! [`Promises`] (on their own drifting clock; the fence marks survive crashes, as
+//! `fences.json` does), exactly as `controller/src/service/agent.rs` does. Every
+//! controller refreshes its promise timing from its applied settings every H/2,
+//! and the leader runs the real [`Planner`] then (a fresh one on becoming leader,
+//! dropped on losing leadership) and carries out its actions: fence rounds over
+//! the simulated network to every voter, proposals to raft. Assignment streams
+//! are messages from each controller to each agent that watches it, sent when the
+//! assignment at the controller's applied index changes and every second (a
+//! broken stream reconnects and starts with the current assignment).
+//!
+//! Agents are modelled in `agents.rs`; their decisions are here.
+//!
+//! Invariants (checked after every step, or whenever the state they read changes):
+//! - **exclusivity**: at no true instant do two hosts' kernels accept new flows
+//!   for one bucket. Acceptance only grows when a kernel applies an install, and
+//!   only shrinks in between, so checking after every step is exact;
+//! - **bucket epochs only increase** with the applied index, over every
+//!   controller's applied states;
+//! - **a suppressed member owns nothing**, in every applied state;
+//! - **convergence** after the faults (see [`World::converge_bound`]);
+//! - **quiet**: in a fault-free window after convergence no bucket changes
+//!   owner (or epoch), the leader stays, and every owner's kernel keeps
+//!   accepting its buckets.
+
+use std::collections::BTreeSet;
+
+use vipshare_core::lease::{majority, LeaseTiming, Promises};
+use vipshare_core::ownership::{Action, Planner, PlannerConfig, PlannerFaults};
+use vipshare_core::policy;
+use vipshare_core::damping::Damping;
+use vipshare_core::state::{Member, MemberState};
+
+use super::*;
+use crate::agents::{
+    Agent, Assignment, Clock, Host, Kernel, KernelOp, LeaseMsg, AGENT_ID_BASE,
+};
+use crate::faults::{AgentFault, AgentFaultPlan};
+
+/// Lease events of the world's queue.
+#[derive(Debug)]
+pub(super) enum LeaseEvent {
+    Deliver {
+        from: u64,
+        to: u64,
+        to_incarnation: u64,
+        msg: Box<LeaseMsg>,
+    },
+    /// (Re)start a dead agent that died in incarnation `incarnation`.
+    AgentStart {
+        host: usize,
+        incarnation: u64,
+    },
+    AgentRound {
+        host: usize,
+        incarnation: u64,
+    },
+    AgentResume {
+        host: usize,
+    },
+    Kernel {
+        host: usize,
+        op: KernelOp,
+    },
+    Plan {
+        node: u64,
+        incarnation: u64,
+    },
+    Resync {
+        node: u64,
+        incarnation: u64,
+    },
+    Fault(AgentFault),
+    FlapKill {
+        host: usize,
+        left: u32,
+        up_ms: u64,
+        down_ms: u64,
+    },
+}
+
+/// One fence round the leader runs.
+#[derive(Debug, Clone)]
+struct FenceRound {
+    member: String,
+    epoch: u64,
+    need: usize,
+    agreed: BTreeSet<u64>,
+    started: u64,
+    wall: u64,
+    proposed: bool,
+}
+
+/// A controller's lease side.
+#[derive(Debug)]
+pub(super) struct CtlLease {
+    clock: Clock,
+    /// `fences.json`: durable, survives crashes.
+    fenced: BTreeMap<String, u64>,
+    promises: Option<Promises>,
+    planner: Option<Planner>,
+    rounds: BTreeMap<u64, FenceRound>,
+    next_round: u64,
+    /// Last assignment sent on each agent's stream.
+    streams: BTreeMap<usize, Assignment>,
+    observed_applied: Option<u64>,
+}
+
+impl CtlLease {
+    /// The controller left the cluster: it answers nothing any more.
+    pub(super) fn stop(&mut self) {
+        self.promises = None;
+        self.planner = None;
+        self.rounds.clear();
+        self.streams.clear();
+    }
+}
+
+/// Record of the quiet window.
+#[derive(Debug, Clone)]
+struct QuietRecord {
+    owners: Vec<(Option<String>, u64)>,
+    leader: (u64, u64),
+}
+
+/// The lease side of the world: configuration and what the checkers remember.
+#[derive(Debug, Default)]
+pub(super) struct LeaseWorld {
+    /// The timing the cluster is initialised with.
+    pub timing: LeaseTiming,
+    /// Applied index -> every bucket's epoch at that index.
+    epochs: BTreeMap<u64, Vec<u64>>,
+    quiet: Option<QuietRecord>,
+    operator_next: u64,
+    healed_at: u64,
+    live_at: u64,
+    converge_deadline: u64,
+}
+
+/// The end-of-run phases that follow raft liveness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum EndPhase {
+    Converge,
+    Quiet { until: u64 },
+}
+
+fn is_agent(id: u64) -> bool {
+    id >= AGENT_ID_BASE
+}
+
+fn draw_ppm(rng: &mut ChaCha8Rng, rho_ppm: u64) -> i64 {
+    let rho = rho_ppm as i64;
+    match rng.gen_range(0..3) {
+        0 => -rho,
+        1 => rho,
+        _ => rng.gen_range(-rho..=rho),
+    }
+}
+
+/// The assignment a controller streams to `member` from its applied state.
+fn assignment_of(r: &Replica<SimDisk>, member: &str) -> Assignment {
+    let s = r.state();
+    let voters = &r.conf_state().voters;
+    let grants = |releasing: bool| {
+        (0u32..)
+            .zip(&s.buckets)
+            .filter(|(_, b)| b.owner.as_deref() == Some(member) && b.releasing == releasing)
+            .map(|(i, b)| (i, b.epoch))
+            .collect::<Vec<_>>()
+    };
+    Assignment {
+        member_epoch: s.members.get(member).map_or(0, |m| m.epoch),
+        applied_index: r.applied_index(),
+        timing: s.settings.as_ref().map(|st| st.lease),
+        owned: grants(false),
+        release: grants(true),
+        controllers: s
+            .controllers
+            .keys()
+            .map(|&id| (id, voters.contains(&id)))
+            .collect(),
+    }
+}
+
+impl World {
+    // ---- setup -------------------------------------------------------------
+
+    /// Agents, their clocks and their fault plan (agents mode only).
+    pub(super) fn init_agents(&mut self, plan_seed: u64) {
+        let mut timing = LeaseTiming::default();
+        if self.rng.gen_ratio(1, 4) {
+            // Some seeds run with other (valid) timings: faster, slower, worse clocks.
+            timing = match self.rng.gen_range(0..3) {
+                0 => LeaseTiming {
+                    heartbeat_ms: 50,
+                    lease_ms: 300,
+                    kernel_delay_ms: 30,
+                    clock_rate_ppm: 20_000,
+                    margin_ms: 20,
+                },
+                1 => LeaseTiming {
+                    heartbeat_ms: 200,
+                    lease_ms: 1000,
+                    kernel_delay_ms: 100,
+                    clock_rate_ppm: 50_000,
+                    margin_ms: 50,
+                },
+                _ => LeaseTiming {
+                    heartbeat_ms: 100,
+                    lease_ms: 400,
+                    kernel_delay_ms: 80,
+                    clock_rate_ppm: 30_000,
+                    margin_ms: 10,
+                },
+            };
+        }
+        self.lease.timing = timing;
+        self.workload.set_lease_timing(timing);
+        let count = self
+            .cfg
+            .agent_count
+            .unwrap_or_else(|| self.rng.gen_range(3..=8));
+        for i in 0..count {
+            let ppm = draw_ppm(&mut self.rng, timing.clock_rate_ppm);
+            let offset = self.rng.gen_range(0..1_000_000);
+            self.hosts.push(Host {
+                name: format!("h{i}"),
+                id: AGENT_ID_BASE + i as u64,
+                clock: Clock::new(ppm, offset),
+                kernel: Kernel::default(),
+                agent: None,
+                incarnation: 0,
+                paused_until: 0,
+                floors: BTreeMap::new(),
+                kept_dead: false,
+            });
+        }
+        self.workload
+            .set_members(self.hosts.iter().map(|h| h.name.clone()).collect());
+        let clocks: Vec<String> = self
+            .hosts
+            .iter()
+            .map(|h| format!("{}:{:+}ppm", h.name, h.clock.ppm))
+            .collect();
+        self.trace(None, || {
+            format!(
+                "agents {} timing {timing:?} L_c={} clocks {}",
+                count,
+                timing.controller_promise_ms(),
+                clocks.join(" ")
+            )
+        });
+        let mut plan_rng = ChaCha8Rng::seed_from_u64(plan_seed);
+        plan_rng.set_stream(2);
+        let plan = AgentFaultPlan::generate(
+            &mut plan_rng,
+            self.cfg.duration_ms,
+            self.cfg.agent_fault_gap_ms,
+        );
+        for (t, f) in plan.faults {
+            self.trace(None, || format!("agent plan: at {t}ms {f:?}"));
+            self.schedule(t, Event::Lease(LeaseEvent::Fault(f)));
+        }
+        for i in 0..self.hosts.len() {
+            let at = self.rng.gen_range(1..200);
+            self.schedule(
+                at,
+                Event::Lease(LeaseEvent::AgentStart {
+                    host: i,
+                    incarnation: 0,
+                }),
+            );
+        }
+    }
+
+    fn agents_on(&self) -> bool {
+        self.cfg.agents
+    }
+
+    fn trace_host(&mut self, host: usize, text: impl FnOnce() -> String) {
+        if !self.tracing() {
+            return;
+        }
+        let who = self.hosts.get(host).map_or("h?".into(), |h| h.name.clone());
+        self.trace_line(&who, text);
+    }
+
+    fn host_by_name(&self, name: &str) -> Option<usize> {
+        self.hosts.iter().position(|h| h.name == name)
+    }
+
+    fn host_by_id(&self, id: u64) -> Option<usize> {
+        id.checked_sub(AGENT_ID_BASE)
+            .map(|i| i as usize)
+            .filter(|&i| i < self.hosts.len())
+    }
+
+    // ---- controller lifecycle hooks -----------------------------------------
+
+    /// A controller (re)started: fresh promises (everyone counts as acked now), the
+    /// fence marks from its disk, and its timers.
+    pub(super) fn lease_node_started(&mut self, id: u64) {
+        if !self.agents_on() {
+            return;
+        }
+        if !self.ctl.contains_key(&id) {
+            let ppm = draw_ppm(&mut self.rng, self.lease.timing.clock_rate_ppm);
+            let offset = self.rng.gen_range(0..1_000_000);
+            self.ctl.insert(
+                id,
+                CtlLease {
+                    clock: Clock::new(ppm, offset),
+                    fenced: BTreeMap::new(),
+                    promises: None,
+                    planner: None,
+                    rounds: BTreeMap::new(),
+                    next_round: 1,
+                    streams: BTreeMap::new(),
+                    observed_applied: None,
+                },
+            );
+        }
+        let incarnation = self.nodes.get(&id).map_or(0, |n| n.incarnation);
+        let now = self.now;
+        let Some(c) = self.ctl.get_mut(&id) else {
+            return;
+        };
+        // Like `Leases::open`: default timing until the ownership loop reads the
+        // settings from the applied state.
+        c.promises = Some(Promises::new(
+            LeaseTiming::default(),
+            c.clock.local(now),
+            c.fenced.clone(),
+        ));
+        c.planner = None;
+        c.rounds.clear();
+        c.streams.clear();
+        c.observed_applied = None;
+        let plan_at = now + self.rng.gen_range(1..=50);
+        let resync_at = now + self.rng.gen_range(1..=1000);
+        self.schedule(
+            plan_at,
+            Event::Lease(LeaseEvent::Plan {
+                node: id,
+                incarnation,
+            }),
+        );
+        self.schedule(
+            resync_at,
+            Event::Lease(LeaseEvent::Resync {
+                node: id,
+                incarnation,
+            }),
+        );
+    }
+
+    /// A controller crashed or was stopped: everything but the fence marks is lost.
+    pub(super) fn lease_node_down(&mut self, id: u64) {
+        if let Some(c) = self.ctl.get_mut(&id) {
+            c.promises = None;
+            c.planner = None;
+            c.rounds.clear();
+            c.streams.clear();
+            c.observed_applied = None;
+        }
+    }
+
+    /// After `id` took a step: observe its applied state if it changed (epoch and
+    /// damping invariants, the quiet window) and stream assignments.
+    pub(super) fn lease_after_process(&mut self, id: u64) -> Result<(), Failure> {
+        if !self.agents_on() {
+            return Ok(());
+        }
+        let Some(r) = self.nodes.get(&id).and_then(Node::replica) else {
+            return Ok(());
+        };
+        let Some(c) = self.ctl.get_mut(&id) else {
+            return Ok(());
+        };
+        let applied = r.applied_index();
+        if c.observed_applied == Some(applied) {
+            return Ok(());
+        }
+        c.observed_applied = Some(applied);
+        let s = r.state();
+        let (seed, now) = (self.cfg.seed, self.now);
+        let fail = |invariant: &str, detail: String| Failure {
+            kind: FailureKind::Safety,
+            time_ms: now,
+            message: format!("seed {seed}, t={now}ms: {invariant} violated on n{id}: {detail}"),
+        };
+
+        // Bucket epochs never go down as the applied index grows.
+        let epochs: Vec<u64> = s.buckets.iter().map(|b| b.epoch).collect();
+        if !epochs.is_empty() {
+            let before = self.lease.epochs.range(..applied).next_back();
+            let after = self.lease.epochs.range(applied + 1..).next();
+            for (i, &e) in epochs.iter().enumerate() {
+                if let Some((&at, prev)) = before {
+                    if prev.get(i).is_some_and(|&p| p > e) {
+                        return Err(fail(
+                            "bucket epochs only increase",
+                            format!(
+                                "bucket {i} has epoch {e} at applied index {applied}, but {} at index {at}",
+                                prev[i]
+                            ),
+                        ));
+                    }
+                }
+                if let Some((&at, next)) = after {
+                    if next.get(i).is_some_and(|&n| n < e) {
+                        return Err(fail(
+                            "bucket epochs only increase",
+                            format!(
+                                "bucket {i} has epoch {e} at applied index {applied}, but {} at later index {at}",
+                                next[i]
+                            ),
+                        ));
+                    }
+                }
+            }
+            self.lease.epochs.entry(applied).or_insert(epochs);
+        }
+
+        // A suppressed member owns nothing.
+        for (name, m) in &s.members {
+            if m.suppressed {
+                let owned: Vec<u32> = s.owned_by(name).collect();
+                if !owned.is_empty() {
+                    return Err(fail(
+                        "suppressed members gain no buckets",
+                        format!(
+                            "{name} is suppressed (penalty {:?}) but owns buckets {owned:?} at applied index {applied}",
+                            m.penalty
+                        ),
+                    ));
+                }
+            }
+        }
+
+        // The quiet window: no owner or epoch changes anywhere.
+        if let (Some(EndPhase::Quiet { .. }), Some(q)) = (self.end_phase(), &self.lease.quiet) {
+            for (i, (b, (owner, epoch))) in s.buckets.iter().zip(&q.owners).enumerate() {
+                if b.owner != *owner || b.epoch != *epoch {
+                    return Err(Failure {
+                        kind: FailureKind::Quiet,
+                        time_ms: now,
+                        message: format!(
+                            "seed {seed}, t={now}ms: quiet violated: in a fault-free window after convergence, bucket {i} went from {:?}@{} to {:?}@{} on n{id} (applied index {applied})",
+                            owner, epoch, b.owner, b.epoch
+                        ),
+                    });
+                }
+            }
+        }
+        self.push_assignments(id, None, false);
+        Ok(())
+    }
+
+    fn end_phase(&self) -> Option<EndPhase> {
+        match self.phase {
+            Phase::End(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    // ---- messaging -----------------------------------------------------------
+
+    /// Incarnation of a running receiver, if it runs.
+    fn lease_receiver(&self, to: u64) -> Option<u64> {
+        if is_agent(to) {
+            let h = self.hosts.get(self.host_by_id(to)?)?;
+            h.agent.as_ref().map(|_| h.incarnation)
+        } else {
+            let n = self.nodes.get(&to)?;
+            n.is_up().then_some(n.incarnation)
+        }
+    }
+
+    fn label(&self, id: u64) -> String {
+        match self.host_by_id(id) {
+            Some(i) if is_agent(id) => self.hosts[i].name.clone(),
+            _ => format!("n{id}"),
+        }
+    }
+
+    fn lease_send(&mut self, from: u64, to: u64, msg: LeaseMsg) {
+        self.stats.lease_messages += 1;
+        let Some(to_incarnation) = self.lease_receiver(to) else {
+            if self.tracing() {
+                let (a, b) = (self.label(from), self.label(to));
+                self.trace_line(&a, || format!("send {} to {b} DROPPED (down)", msg.describe()));
+            }
+            return;
+        };
+        match self.net.route(&mut self.rng, from, to) {
+            Route::Blocked | Route::Lost => {
+                if self.tracing() {
+                    let (a, b) = (self.label(from), self.label(to));
+                    self.trace_line(&a, || {
+                        format!("send {} to {b} LOST/BLOCKED", msg.describe())
+                    });
+                }
+            }
+            Route::Deliver(delays) => {
+                if self.tracing() {
+                    let (a, b) = (self.label(from), self.label(to));
+                    self.trace_line(&a, || format!("send {} to {b} in {delays:?}ms", msg.describe()));
+                }
+                let last = delays.len() - 1;
+                let mut msg = Some(msg);
+                for (i, d) in delays.into_iter().enumerate() {
+                    let m = if i == last { msg.take() } else { msg.clone() };
+                    if let Some(m) = m {
+                        self.schedule(
+                            self.now + d,
+                            Event::Lease(LeaseEvent::Deliver {
+                                from,
+                                to,
+                                to_incarnation,
+                                msg: Box::new(m),
+                            }),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn lease_deliver(
+        &mut self,
+        from: u64,
+        to: u64,
+        to_incarnation: u64,
+        msg: Box<LeaseMsg>,
+    ) -> Result<(), Failure> {
+        if self.lease_receiver(to) != Some(to_incarnation) {
+            return Ok(());
+        }
+        let paused_until = if is_agent(to) {
+            self.host_by_id(to).map_or(0, |i| self.hosts[i].paused_until)
+        } else {
+            self.nodes.get(&to).map_or(0, |n| n.paused_until)
+        };
+        if paused_until > self.now {
+            // Waits in the socket buffer until the process runs again.
+            let at = paused_until + self.rng.gen_range(0..5);
+            self.schedule(
+                at,
+                Event::Lease(LeaseEvent::Deliver {
+                    from,
+                    to,
+                    to_incarnation,
+                    msg,
+                }),
+            );
+            return Ok(());
+        }
+        if self.net.is_blocked(from, to) {
+            return Ok(());
+        }
+        if self.tracing() {
+            let (a, b) = (self.label(to), self.label(from));
+            self.trace_line(&a, || format!("recv {} from {b}", msg.describe()));
+        }
+        if is_agent(to) {
+            let Some(i) = self.host_by_id(to) else {
+                return Ok(());
+            };
+            self.agent_recv(i, from, *msg);
+            Ok(())
+        } else {
+            self.ctl_recv(to, from, *msg)
+        }
+    }
+
+    pub(super) fn lease_step(&mut self, ev: LeaseEvent) -> Result<(), Failure> {
+        match ev {
+            LeaseEvent::Deliver {
+                from,
+                to,
+                to_incarnation,
+                msg,
+            } => self.lease_deliver(from, to, to_incarnation, msg),
+            LeaseEvent::AgentStart { host, incarnation } => {
+                let due = self.hosts.get(host).is_some_and(|h| {
+                    h.incarnation == incarnation && h.agent.is_none() && !h.kept_dead
+                });
+                if due {
+                    self.start_agent(host);
+                }
+                Ok(())
+            }
+            LeaseEvent::AgentRound { host, incarnation } => {
+                self.agent_round(host, incarnation);
+                Ok(())
+            }
+            LeaseEvent::AgentResume { host } => {
+                if self
+                    .hosts
+                    .get(host)
+                    .is_some_and(|h| h.paused_until == self.now && h.agent.is_some())
+                {
+                    self.trace_host(host, || "agent resumes".into());
+                }
+                Ok(())
+            }
+            LeaseEvent::Kernel { host, op } => {
+                self.kernel_land(host, op);
+                Ok(())
+            }
+            LeaseEvent::Plan { node, incarnation } => self.plan_tick(node, incarnation),
+            LeaseEvent::Resync { node, incarnation } => {
+                let Some(n) = self.nodes.get(&node) else {
+                    return Ok(());
+                };
+                if n.incarnation != incarnation || !n.is_up() {
+                    return Ok(());
+                }
+                let period = self.ctl.get(&node).map_or(1000, |c| c.clock.true_ms(1000));
+                self.schedule(
+                    self.now + period,
+                    Event::Lease(LeaseEvent::Resync { node, incarnation }),
+                );
+                if !self.is_paused(node) {
+                    self.push_assignments(node, None, true);
+                }
+                Ok(())
+            }
+            LeaseEvent::Fault(f) => {
+                if self.phase == Phase::Faults {
+                    self.inject_agent(f)?;
+                }
+                Ok(())
+            }
+            LeaseEvent::FlapKill {
+                host,
+                left,
+                up_ms,
+                down_ms,
+            } => {
+                if left == 0 || self.phase != Phase::Faults {
+                    return Ok(());
+                }
+                if self.hosts.get(host).is_some_and(|h| h.agent.is_some()) {
+                    self.kill_agent(host, &format!("flapping, {left} more"));
+                    let incarnation = self.hosts[host].incarnation;
+                    self.schedule(
+                        self.now + down_ms,
+                        Event::Lease(LeaseEvent::AgentStart { host, incarnation }),
+                    );
+                }
+                self.schedule(
+                    self.now + down_ms + up_ms,
+                    Event::Lease(LeaseEvent::FlapKill {
+                        host,
+                        left: left - 1,
+                        up_ms,
+                        down_ms,
+                    }),
+                );
+                Ok(())
+            }
+        }
+    }
+
+    // ---- controllers ---------------------------------------------------------
+
+    /// Streams the assignment at `id`'s applied index to every agent watching it
+    /// (or only to `only`), when it changed or when `force`d.
+    fn push_assignments(&mut self, id: u64, only: Option<usize>, force: bool) {
+        let Some(r) = self.nodes.get(&id).and_then(Node::replica) else {
+            return;
+        };
+        if self.nodes.get(&id).is_some_and(|n| n.paused_until > self.now) {
+            return;
+        }
+        let Some(c) = self.ctl.get_mut(&id) else {
+            return;
+        };
+        let mut out = Vec::new();
+        for (i, h) in self.hosts.iter().enumerate() {
+            if only.is_some_and(|o| o != i) {
+                continue;
+            }
+            let Some(agent) = &h.agent else {
+                c.streams.remove(&i);
+                continue;
+            };
+            if !agent.known.contains(&id) {
+                c.streams.remove(&i);
+                continue;
+            }
+            let a = assignment_of(r, &h.name);
+            if !force && c.streams.get(&i).is_some_and(|last| !last.differs(&a)) {
+                continue;
+            }
+            c.streams.insert(i, a.clone());
+            out.push((h.id, a));
+        }
+        for (to, a) in out {
+            self.lease_send(
+                id,
+                to,
+                LeaseMsg::Assignment {
+                    controller: id,
+                    assignment: Box::new(a),
+                },
+            );
+        }
+    }
+
+    fn ctl_recv(&mut self, id: u64, from: u64, msg: LeaseMsg) -> Result<(), Failure> {
+        let now = self.now;
+        match msg {
+            LeaseMsg::Heartbeat {
+                member,
+                epoch,
+                round,
+            } => {
+                let Some(r) = self.nodes.get(&id).and_then(Node::replica) else {
+                    return Ok(());
+                };
+                let Some(c) = self.ctl.get_mut(&id) else {
+                    return Ok(());
+                };
+                let Some(p) = c.promises.as_mut() else {
+                    return Ok(());
+                };
+                let m = r.state().members.get(&member);
+                let acked = match m {
+                    Some(m) if m.evicted && m.epoch == epoch => false,
+                    _ => p
+                        .heartbeat(c.clock.local(now), &member, epoch, m.map(|m| m.epoch))
+                        .is_ok(),
+                };
+                let member_epoch = m.map_or(0, |m| m.epoch);
+                let leader = r.role().leader;
+                self.lease_send(
+                    id,
+                    from,
+                    LeaseMsg::HeartbeatReply {
+                        controller: id,
+                        round,
+                        acked,
+                        member_epoch,
+                        leader,
+                    },
+                );
+            }
+            LeaseMsg::Released { member, buckets } => {
+                if let Some(p) = self.ctl.get_mut(&id).and_then(|c| c.planner.as_mut()) {
+                    for (b, e) in buckets {
+                        p.released(&member, b, e);
+                    }
+                }
+            }
+            LeaseMsg::FenceRequest {
+                round,
+                member,
+                epoch,
+            } => {
+                let Some(c) = self.ctl.get_mut(&id) else {
+                    return Ok(());
+                };
+                let Some(p) = c.promises.as_mut() else {
+                    return Ok(());
+                };
+                let agreed = p.fence(c.clock.local(now), &member, epoch);
+                if agreed {
+                    // Persisted (fsync'd) before the answer.
+                    c.fenced = p.fenced().clone();
+                    self.trace(Some(id), || format!("agrees to fence {member}@{epoch}: never acks it again"));
+                }
+                self.lease_send(
+                    id,
+                    from,
+                    LeaseMsg::FenceReply {
+                        round,
+                        controller: id,
+                        agreed,
+                    },
+                );
+            }
+            LeaseMsg::FenceReply {
+                round,
+                controller,
+                agreed,
+            } => {
+                if let Some(rd) = self.ctl.get_mut(&id).and_then(|c| c.rounds.get_mut(&round)) {
+                    if agreed {
+                        rd.agreed.insert(controller);
+                    }
+                }
+                self.check_round(id, round)?;
+            }
+            LeaseMsg::HeartbeatReply { .. } | LeaseMsg::Assignment { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// The ownership loop of controller `id`, every H/2 on its clock.
+    fn plan_tick(&mut self, id: u64, incarnation: u64) -> Result<(), Failure> {
+        let Some(n) = self.nodes.get(&id) else {
+            return Ok(());
+        };
+        if n.incarnation != incarnation || !n.is_up() {
+            return Ok(());
+        }
+        let Some(r) = n.replica() else {
+            return Ok(());
+        };
+        let Some(c) = self.ctl.get_mut(&id) else {
+            return Ok(());
+        };
+        let state = r.state();
+        let timing = state
+            .settings
+            .as_ref()
+            .map(|s| s.lease)
+            .unwrap_or_default();
+        let period = c.clock.true_ms((timing.heartbeat_ms / 2).max(10));
+        self.schedule(
+            self.now + period,
+            Event::Lease(LeaseEvent::Plan {
+                node: id,
+                incarnation,
+            }),
+        );
+        if self.is_paused(id) {
+            return Ok(());
+        }
+        let Some(r) = self.nodes.get(&id).and_then(Node::replica) else {
+            return Ok(());
+        };
+        let Some(c) = self.ctl.get_mut(&id) else {
+            return Ok(());
+        };
+        let Some(p) = c.promises.as_mut() else {
+            return Ok(());
+        };
+        if p.timing() != timing {
+            p.set_timing(timing);
+        }
+        let now = self.now;
+        c.rounds.retain(|_, rd| now < rd.started + 1000);
+        if r.role().role != StateRole::Leader {
+            if c.planner.take().is_some() && self.trace.print {
+                self.trace(Some(id), || "planner reset (not leader)".into());
+            }
+            return Ok(());
+        }
+        let state = r.state();
+        p.retain(|m| state.members.contains_key(m));
+        let planner = c.planner.get_or_insert_with(|| {
+            let mut pl = Planner::new(PlannerConfig::default());
+            pl.set_faults(PlannerFaults {
+                skip_fence_wait: self.cfg.skip_fence_wait,
+            });
+            pl
+        });
+        let actions = planner.plan(c.clock.local(now), now, state, p);
+        let mut voters = r.conf_state().voters.clone();
+        voters.sort_unstable();
+        for a in actions {
+            match a {
+                Action::Propose(cmd) => self.ownership_propose(id, cmd)?,
+                Action::Fence { member, epoch } => {
+                    self.fence_round(id, member, epoch, &voters)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn ownership_propose(&mut self, id: u64, cmd: Command) -> Result<(), Failure> {
+        let pid = ProposalId {
+            node: id,
+            seq: self.next_proposal,
+        };
+        self.next_proposal += 1;
+        let Some(r) = self.nodes.get_mut(&id).and_then(Node::replica_mut) else {
+            return Ok(());
+        };
+        let ok = r.propose(pid, &cmd).is_ok();
+        if ok {
+            self.stats.ownership_proposals += 1;
+            if matches!(cmd, Command::FenceMember { .. }) {
+                self.stats.fences_proposed += 1;
+            }
+        }
+        if self.tracing() {
+            self.trace(Some(id), || {
+                format!(
+                    "planner proposes n{id}#{} {cmd:?}{}",
+                    pid.seq,
+                    if ok { "" } else { " (refused)" }
+                )
+            });
+        }
+        if ok {
+            self.process(id)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Asks every voter (the leader included) to fence `member` at `epoch`.
+    fn fence_round(
+        &mut self,
+        id: u64,
+        member: String,
+        epoch: u64,
+        voters: &[u64],
+    ) -> Result<(), Failure> {
+        let now = self.now;
+        let Some(c) = self.ctl.get_mut(&id) else {
+            return Ok(());
+        };
+        let Some(p) = c.promises.as_mut() else {
+            return Ok(());
+        };
+        let round = c.next_round;
+        c.next_round += 1;
+        let mut agreed = BTreeSet::new();
+        if p.fence(c.clock.local(now), &member, epoch) {
+            c.fenced = p.fenced().clone();
+            agreed.insert(id);
+        }
+        let agreed_self = !agreed.is_empty();
+        c.rounds.insert(
+            round,
+            FenceRound {
+                member: member.clone(),
+                epoch,
+                need: majority(voters.len()),
+                agreed,
+                started: now,
+                wall: now,
+                proposed: false,
+            },
+        );
+        self.stats.fence_rounds += 1;
+        self.trace(Some(id), || {
+            format!("fence round {round}: {member}@{epoch}, asking {voters:?}")
+        });
+        if agreed_self {
+            self.trace(Some(id), || {
+                format!("agrees to fence {member}@{epoch}: never acks it again")
+            });
+        }
+        for &v in voters.iter().filter(|&&v| v != id) {
+            self.lease_send(
+                id,
+                v,
+                LeaseMsg::FenceRequest {
+                    round,
+                    member: member.clone(),
+                    epoch,
+                },
+            );
+        }
+        self.check_round(id, round)
+    }
+
+    /// Proposes the fence once a majority agreed.
+    fn check_round(&mut self, id: u64, round: u64) -> Result<(), Failure> {
+        let Some(rd) = self.ctl.get_mut(&id).and_then(|c| c.rounds.get_mut(&round)) else {
+            return Ok(());
+        };
+        if rd.proposed || rd.agreed.len() < rd.need {
+            return Ok(());
+        }
+        rd.proposed = true;
+        let cmd = Command::FenceMember {
+            name: rd.member.clone(),
+            epoch: rd.epoch,
+            at_ms: rd.wall,
+        };
+        let agreed = rd.agreed.clone();
+        self.trace(Some(id), || {
+            format!("fence round {round} agreed by {agreed:?}")
+        });
+        self.ownership_propose(id, cmd)
+    }
+
+    // ---- agents --------------------------------------------------------------
+
+    fn start_agent(&mut self, i: usize) {
+        let known: BTreeSet<u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| !matches!(n.slot, Slot::Gone))
+            .map(|(&id, _)| id)
+            .collect();
+        let h = &mut self.hosts[i];
+        h.incarnation += 1;
+        h.paused_until = 0;
+        h.agent = Some(Agent::new(LeaseTiming::default(), known.clone()));
+        let incarnation = h.incarnation;
+        let period = h.clock.true_ms(self.lease.timing.heartbeat_ms);
+        let first = self.rng.gen_range(1..=period.max(1));
+        if incarnation > 1 {
+            self.stats.agent_restarts += 1;
+        }
+        self.trace_host(i, || {
+            format!("agent starts (incarnation {incarnation}), watching {known:?}")
+        });
+        self.schedule(
+            self.now + first,
+            Event::Lease(LeaseEvent::AgentRound {
+                host: i,
+                incarnation,
+            }),
+        );
+        for c in known {
+            if let Some(ctl) = self.ctl.get_mut(&c) {
+                ctl.streams.remove(&i);
+            }
+            self.push_assignments(c, Some(i), true);
+        }
+    }
+
+    fn kill_agent(&mut self, i: usize, why: &str) {
+        let forget = !self.cfg.agent_state_file;
+        let h = &mut self.hosts[i];
+        if h.agent.take().is_none() {
+            return;
+        }
+        h.paused_until = 0;
+        if forget {
+            h.floors.clear();
+        }
+        for c in self.ctl.values_mut() {
+            c.streams.remove(&i);
+        }
+        self.stats.agent_kills += 1;
+        self.trace_host(i, || format!("AGENT KILLED ({why}); the kernel set stays"));
+    }
+
+    fn agent_round(&mut self, i: usize, incarnation: u64) {
+        let now = self.now;
+        let Some(h) = self.hosts.get(i) else {
+            return;
+        };
+        if h.incarnation != incarnation {
+            return;
+        }
+        let paused = h.paused_until > now;
+        let clock = h.clock;
+        let Some(a) = h.agent.as_ref() else {
+            return;
+        };
+        let period = clock.true_ms(a.lease.timing().heartbeat_ms);
+        self.schedule(
+            now + period,
+            Event::Lease(LeaseEvent::AgentRound {
+                host: i,
+                incarnation,
+            }),
+        );
+        if paused {
+            return;
+        }
+        let h = &mut self.hosts[i];
+        let Some(a) = h.agent.as_mut() else {
+            return;
+        };
+        let local = clock.local(now);
+        if a.silent_until.is_some_and(|t| local < t) {
+            return;
+        }
+        let round = a.lease.start_round(local);
+        let hb = LeaseMsg::Heartbeat {
+            member: h.name.clone(),
+            epoch: a.epoch,
+            round,
+        };
+        let confirm = a.confirmable();
+        let known: Vec<u64> = a.known.iter().copied().collect();
+        let from = h.id;
+        let name = h.name.clone();
+        for c in known {
+            self.lease_send(from, c, hb.clone());
+            if !confirm.is_empty() {
+                self.lease_send(
+                    from,
+                    c,
+                    LeaseMsg::Released {
+                        member: name.clone(),
+                        buckets: confirm.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn agent_recv(&mut self, i: usize, from: u64, msg: LeaseMsg) {
+        match msg {
+            LeaseMsg::HeartbeatReply {
+                controller,
+                round,
+                acked,
+                member_epoch,
+                leader,
+            } => {
+                let yields = self.cfg.agent_yields;
+                let h = &mut self.hosts[i];
+                let local = h.clock.local(self.now);
+                let Some(a) = h.agent.as_mut() else {
+                    return;
+                };
+                if member_epoch > a.epoch {
+                    self.adopt_epoch(i, member_epoch, &format!("n{controller} says"));
+                    return;
+                }
+                if acked {
+                    if a.lease.ack(round, controller).is_some() {
+                        self.stats.lease_extensions += 1;
+                        self.extend(i);
+                    }
+                } else if yields
+                    && a.epoch > 0
+                    && member_epoch == a.epoch
+                    && (a.refused(round, controller) || leader == controller)
+                {
+                    // Refused for good at the current epoch (fence marks of rounds
+                    // that never completed, or eviction), by a majority or by the
+                    // leader. A majority: no lease is possible any more, but a
+                    // leader in the minority that still acks never fences it. The
+                    // leader: it sees the member silent, so it can neither fence
+                    // it (the others ack) nor move its buckets. Either way, go
+                    // silent until every promise ran out and the leader fences it.
+                    let t = a.lease.timing();
+                    let quiet = 2 * t.controller_promise_ms() + 10 * t.heartbeat_ms;
+                    a.silent_until = Some(local + quiet);
+                    a.refusals.clear();
+                    self.stats.agent_yields += 1;
+                    self.trace_host(i, || {
+                        format!("refused for good at epoch {member_epoch} (last by n{controller}, leader n{leader}): silent for {quiet}ms to be fenced")
+                    });
+                }
+            }
+            LeaseMsg::Assignment {
+                controller,
+                assignment,
+            } => self.agent_assignment(i, controller, *assignment),
+            _ => {
+                let _ = from;
+            }
+        }
+    }
+
+    /// The member was fenced (a newer epoch exists): drop the lease and the buckets.
+    fn adopt_epoch(&mut self, i: usize, epoch: u64, why: &str) {
+        let Some(a) = self.hosts[i].agent.as_mut() else {
+            return;
+        };
+        let old = a.epoch;
+        a.lease.revoke();
+        a.epoch = epoch;
+        a.assignment = None;
+        a.withdrawing.clear();
+        a.withdrawn.clear();
+        a.refusals.clear();
+        a.silent_until = None;
+        let flush = old > 0;
+        if flush {
+            a.installed.clear();
+        }
+        self.trace_host(i, || format!("adopts member epoch {epoch} ({why}; was {old})"));
+        if flush {
+            let op = KernelOp::Install {
+                buckets: Vec::new(),
+                timeout_ms: 0,
+                member_epoch: epoch,
+            };
+            self.kernel_submit(i, op);
+        }
+    }
+
+    /// A majority acked a round: renew the kernel set with the lease's timeout.
+    fn extend(&mut self, i: usize) {
+        let now = self.now;
+        let h = &mut self.hosts[i];
+        let local = h.clock.local(now);
+        let Some(a) = h.agent.as_mut() else {
+            return;
+        };
+        let Some(timeout_ms) = a.lease.kernel_timeout_ms(local) else {
+            return;
+        };
+        let desired = a.desired(&h.floors);
+        if desired.is_empty() && a.installed.is_empty() {
+            return;
+        }
+        a.installed = desired.clone();
+        let op = KernelOp::Install {
+            buckets: desired,
+            timeout_ms,
+            member_epoch: a.epoch,
+        };
+        self.kernel_submit(i, op);
+    }
+
+    fn agent_assignment(&mut self, i: usize, controller: u64, asg: Assignment) {
+        let now = self.now;
+        let Some(a) = self.hosts[i].agent.as_ref() else {
+            return;
+        };
+        // An assignment from a controller that has no state yet (no controllers,
+        // applied index 0) says nothing; taking it would leave the agent talking
+        // to nobody.
+        if !a.known.contains(&controller)
+            || asg.member_epoch < a.epoch
+            || asg.controllers.is_empty()
+        {
+            return;
+        }
+        if asg.member_epoch > a.epoch {
+            self.adopt_epoch(i, asg.member_epoch, &format!("assignment from n{controller}"));
+        }
+        let h = &mut self.hosts[i];
+        let incarnation = h.incarnation;
+        let Some(a) = h.agent.as_mut() else {
+            return;
+        };
+        if a
+            .assignment
+            .as_ref()
+            .is_some_and(|cur| cur.applied_index >= asg.applied_index)
+        {
+            return;
+        }
+        if let Some(t) = asg.timing {
+            a.lease.set_timing(t);
+        }
+        a.lease.set_voters(asg.voters());
+        let known: BTreeSet<u64> = asg.controllers.iter().map(|c| c.0).collect();
+        let new: Vec<u64> = known.difference(&a.known).copied().collect();
+        a.known = known;
+        for &(b, e) in &asg.owned {
+            let f = h.floors.entry(b).or_insert(e);
+            *f = (*f).max(e);
+        }
+        let mut withdraw = Vec::new();
+        for &(b, e) in &asg.release {
+            let f = h.floors.entry(b).or_insert(e + 1);
+            *f = (*f).max(e + 1);
+            if !a.withdrawn.contains(&(b, e)) && a.withdrawing.insert((b, e)) {
+                withdraw.push((b, e));
+            }
+        }
+        a.assignment = Some(asg);
+        let local = h.clock.local(now);
+        let mut install = None;
+        if a.lease.valid(local) {
+            let desired = a.desired(&h.floors);
+            if desired != a.installed {
+                if let Some(timeout_ms) = a.lease.kernel_timeout_ms(local) {
+                    a.installed = desired.clone();
+                    install = Some(KernelOp::Install {
+                        buckets: desired,
+                        timeout_ms,
+                        member_epoch: a.epoch,
+                    });
+                }
+            }
+        }
+        for (bucket, epoch) in withdraw {
+            self.trace_host(i, || format!("withdraws bucket {bucket}@{epoch} (release)"));
+            self.kernel_submit(
+                i,
+                KernelOp::Withdraw {
+                    bucket,
+                    epoch,
+                    incarnation,
+                },
+            );
+        }
+        if let Some(op) = install {
+            self.kernel_submit(i, op);
+        }
+        for c in new {
+            self.push_assignments(c, Some(i), true);
+        }
+    }
+
+    /// Hands an operation to the kernel: it lands after at most delta, in order.
+    fn kernel_submit(&mut self, i: usize, op: KernelOp) {
+        let delta = self.lease.timing.kernel_delay_ms;
+        let d = match self.rng.gen_range(0..4) {
+            0 => delta,
+            1 => 0,
+            _ => self.rng.gen_range(0..=delta),
+        };
+        let h = &mut self.hosts[i];
+        let land = (self.now + d).max(h.kernel.last_land);
+        h.kernel.last_land = land;
+        self.schedule(land, Event::Lease(LeaseEvent::Kernel { host: i, op }));
+    }
+
+    fn kernel_land(&mut self, i: usize, op: KernelOp) {
+        let now = self.now;
+        match op {
+            KernelOp::Install {
+                buckets,
+                timeout_ms,
+                member_epoch,
+            } => {
+                let h = &mut self.hosts[i];
+                let until = now + h.clock.true_ms(timeout_ms);
+                h.kernel.expire(now);
+                h.kernel.install(now, &buckets, until, member_epoch);
+                self.stats.kernel_installs += 1;
+                if self.tracing() {
+                    let list: Vec<u32> = buckets.iter().map(|g| g.0).collect();
+                    self.trace_host(i, || {
+                        format!("kernel: accepts {list:?} until {until}ms (epoch {member_epoch})")
+                    });
+                }
+            }
+            KernelOp::Withdraw {
+                bucket,
+                epoch,
+                incarnation,
+            } => {
+                let h = &mut self.hosts[i];
+                h.kernel.withdraw(bucket);
+                let running = h.paused_until <= now;
+                let (from, name) = (h.id, h.name.clone());
+                let mut confirm = Vec::new();
+                if h.incarnation == incarnation {
+                    if let Some(a) = h.agent.as_mut() {
+                        a.withdrawing.remove(&(bucket, epoch));
+                        a.withdrawn.insert((bucket, epoch));
+                        if running {
+                            confirm = a.known.iter().copied().collect();
+                        }
+                    }
+                }
+                self.trace_host(i, || format!("kernel: bucket {bucket} withdrawn"));
+                for c in confirm {
+                    self.lease_send(
+                        from,
+                        c,
+                        LeaseMsg::Released {
+                            member: name.clone(),
+                            buckets: vec![(bucket, epoch)],
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    // ---- faults --------------------------------------------------------------
+
+    fn random_host(&mut self, running: bool, prefer_owner: bool) -> Option<usize> {
+        let now = self.now;
+        let cands: Vec<usize> = self
+            .hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| if running { h.running(now) } else { h.is_up() })
+            .map(|(i, _)| i)
+            .collect();
+        if prefer_owner && self.rng.gen_ratio(3, 4) {
+            let owners: Vec<usize> = cands
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    self.hosts[i]
+                        .kernel
+                        .accepting(now)
+                        .next()
+                        .is_some()
+                })
+                .collect();
+            if let Some(&i) = owners.choose(&mut self.rng) {
+                return Some(i);
+            }
+        }
+        cands.choose(&mut self.rng).copied()
+    }
+
+    fn controller_ids(&self) -> Vec<u64> {
+        self.all_ids()
+    }
+
+    fn operator_propose(&mut self, cmd: Command) -> Result<(), Failure> {
+        let Some(l) = self.leader_for_change() else {
+            return Ok(());
+        };
+        self.trace(Some(l), || format!("OPERATOR {cmd:?}"));
+        self.ownership_propose(l, cmd)
+    }
+
+    fn inject_agent(&mut self, f: AgentFault) -> Result<(), Failure> {
+        self.stats.agent_faults += 1;
+        let members: Vec<String> = self.hosts.iter().map(|h| h.name.clone()).collect();
+        match f {
+            AgentFault::Pause { pause_ms } => {
+                let Some(i) = self.random_host(true, false) else {
+                    return Ok(());
+                };
+                let until = self.now + pause_ms;
+                self.hosts[i].paused_until = until;
+                self.trace_host(i, || format!("FAULT agent paused for {pause_ms}ms"));
+                self.schedule(until, Event::Lease(LeaseEvent::AgentResume { host: i }));
+            }
+            AgentFault::Kill { down_ms } => {
+                let Some(i) = self.random_host(false, true) else {
+                    return Ok(());
+                };
+                self.kill_agent(i, &format!("down for {down_ms}ms"));
+                let incarnation = self.hosts[i].incarnation;
+                self.schedule(
+                    self.now + down_ms,
+                    Event::Lease(LeaseEvent::AgentStart {
+                        host: i,
+                        incarnation,
+                    }),
+                );
+            }
+            AgentFault::Flap {
+                cycles,
+                up_ms,
+                down_ms,
+            } => {
+                let Some(i) = self.random_host(false, false) else {
+                    return Ok(());
+                };
+                self.trace_host(i, || {
+                    format!("FAULT agent flaps {cycles} times (up {up_ms}ms, down {down_ms}ms)")
+                });
+                self.schedule(
+                    self.now,
+                    Event::Lease(LeaseEvent::FlapKill {
+                        host: i,
+                        left: cycles,
+                        up_ms,
+                        down_ms,
+                    }),
+                );
+            }
+            AgentFault::CutFromLeader { duration_ms } => {
+                let Some(i) = self.random_host(false, true) else {
+                    return Ok(());
+                };
+                let leader = match self.leader() {
+                    Some((l, _)) => l,
+                    None => match self.controller_ids().choose(&mut self.rng) {
+                        Some(&c) => c,
+                        None => return Ok(()),
+                    },
+                };
+                let a = self.hosts[i].id;
+                let what = format!("{} <-/-> leader n{leader}", self.hosts[i].name);
+                self.partition(cut(&[a], &[leader], false), duration_ms, what);
+            }
+            AgentFault::OneWayLeader {
+                agent_to_leader,
+                duration_ms,
+            } => {
+                let Some(i) = self.random_host(false, true) else {
+                    return Ok(());
+                };
+                let Some((leader, _)) = self.leader() else {
+                    return Ok(());
+                };
+                let a = self.hosts[i].id;
+                let name = self.hosts[i].name.clone();
+                let (links, what) = if agent_to_leader {
+                    (vec![(a, leader)], format!("{name} -/-> leader n{leader}"))
+                } else {
+                    (vec![(leader, a)], format!("leader n{leader} -/-> {name}"))
+                };
+                self.partition(links, duration_ms, what);
+            }
+            AgentFault::Isolate { duration_ms } => {
+                let Some(i) = self.random_host(false, true) else {
+                    return Ok(());
+                };
+                let a = self.hosts[i].id;
+                let ctls = self.controller_ids();
+                let what = format!("{} isolated from the controllers", self.hosts[i].name);
+                self.partition(cut(&[a], &ctls, false), duration_ms, what);
+            }
+            AgentFault::CutSome {
+                one_way,
+                duration_ms,
+            } => {
+                let Some(i) = self.random_host(false, true) else {
+                    return Ok(());
+                };
+                let mut ctls = self.controller_ids();
+                if ctls.is_empty() {
+                    return Ok(());
+                }
+                ctls.shuffle(&mut self.rng);
+                let k = self.rng.gen_range(1..=ctls.len());
+                let some = &ctls[..k];
+                let a = self.hosts[i].id;
+                let name = self.hosts[i].name.clone();
+                let (links, what) = if !one_way {
+                    (cut(&[a], some, false), format!("{name} <-/-> {some:?}"))
+                } else if self.rng.gen_bool(0.5) {
+                    (cut(&[a], some, true), format!("{name} -/-> {some:?}"))
+                } else {
+                    (cut(some, &[a], true), format!("{some:?} -/-> {name}"))
+                };
+                self.partition(links, duration_ms, what);
+            }
+            AgentFault::Drain => {
+                let Some(name) = members.choose(&mut self.rng).cloned() else {
+                    return Ok(());
+                };
+                self.operator_propose(Command::Drain { name })?;
+            }
+            AgentFault::Undrain => {
+                let draining: Vec<String> = self
+                    .leader()
+                    .and_then(|(l, _)| self.nodes.get(&l).and_then(Node::replica))
+                    .map(|r| {
+                        r.state()
+                            .members
+                            .iter()
+                            .filter(|(_, m)| m.state == MemberState::Draining)
+                            .map(|(n, _)| n.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let pool = if draining.is_empty() {
+                    &members
+                } else {
+                    &draining
+                };
+                let Some(name) = pool.choose(&mut self.rng).cloned() else {
+                    return Ok(());
+                };
+                self.operator_propose(Command::Undrain { name })?;
+            }
+            AgentFault::SetWeight { weight } => {
+                let Some(name) = members.choose(&mut self.rng).cloned() else {
+                    return Ok(());
+                };
+                self.operator_propose(Command::SetWeight { name, weight })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Agent network ids, for faults that cut whole hosts.
+    pub(super) fn agent_ids(&self) -> Vec<u64> {
+        self.hosts.iter().map(|h| h.id).collect()
+    }
+
+    // ---- end of run ----------------------------------------------------------
+
+    /// End of the faults: every agent resumes, dead agents restart, and sometimes
+    /// one agent is killed for good (its buckets must fail over).
+    pub(super) fn agents_heal(&mut self) {
+        if !self.agents_on() {
+            return;
+        }
+        self.lease.healed_at = self.now;
+        let keep_dead = if self.hosts.len() >= 3 && self.rng.gen_ratio(1, 3) {
+            Some(self.rng.gen_range(0..self.hosts.len()))
+        } else {
+            None
+        };
+        for i in 0..self.hosts.len() {
+            self.hosts[i].paused_until = 0;
+            if Some(i) == keep_dead {
+                self.kill_agent(i, "for good");
+                self.hosts[i].kept_dead = true;
+            } else if self.hosts[i].agent.is_none() {
+                self.start_agent(i);
+            }
+        }
+    }
+
+    /// Raft is live again: agents mode goes on to check convergence.
+    pub(super) fn agents_after_live(&mut self) -> bool {
+        if !self.agents_on() {
+            return false;
+        }
+        self.lease.live_at = self.now;
+        self.lease.converge_deadline = self.now + self.converge_bound();
+        self.phase = Phase::End(EndPhase::Converge);
+        let deadline = self.lease.converge_deadline;
+        self.trace(None, || {
+            format!(
+                "CONVERGE: every bucket must be owned by a live agent and accepted by its kernel by {deadline}ms"
+            )
+        });
+        true
+    }
+
+    /// How long after raft is live again (T_live: leader elected, every voter
+    /// caught up, a fresh proposal committed) every bucket must be owned by a live
+    /// agent whose kernel accepts it:
+    ///
+    /// - every controller has been up since the heal (T_heal <= T_live), so by
+    ///   `T_live + L_c/(1-rho)` every voter's promise to a dead, evicted or fenced
+    ///   agent ran out, also on restarted controllers (a restart renews every
+    ///   promise);
+    /// - the leader fences within `retry_ms` (plan every H/2, a lost fence round
+    ///   is retried after `retry_ms`) plus a round trip, and the freed buckets are
+    ///   given out at the next plan: `SetOwners`, commit, the new owner's
+    ///   assignment stream, its next lease round (H) and kernel install (delta);
+    /// - if no live member may take buckets (all fenced), re-admission needs
+    ///   `min_stable_ms` of steady heartbeats on the leader's clock first;
+    /// - when more than half of the members may be silent at T_live (not fenced
+    ///   yet, and their agent is dead or holds no lease, or the leader or some
+    ///   voter refuses their epoch for good), the leader fences only one per
+    ///   `mass_failure_interval_ms`, and it may have used its budget just before
+    ///   T_live: one interval per such member.
+    ///
+    /// Plus 10 heartbeats for commits, stream and kernel delays.
+    fn converge_bound(&self) -> u64 {
+        let t = self.lease.timing;
+        let rho = t.clock_rate_ppm as f64 / 1e6;
+        let slow = |ms: u64| (ms as f64 / (1.0 - rho)).ceil() as u64;
+        let cfg = PlannerConfig::default();
+        let damping = self
+            .leader()
+            .and_then(|(l, _)| self.nodes.get(&l).and_then(Node::replica))
+            .and_then(|r| r.state().settings.as_ref().map(|s| s.damping))
+            .unwrap_or_default();
+        let mut bound = slow(t.controller_promise_ms())
+            + slow(damping.min_stable_ms)
+            + cfg.retry_ms
+            + 10 * t.heartbeat_ms;
+        // Mass silence: members to fence beyond the first, one per interval.
+        if let Some((l, s)) = self
+            .leader()
+            .and_then(|(l, _)| Some((l, self.nodes.get(&l).and_then(Node::replica)?.state())))
+        {
+            // Epochs some voter refuses for good (fence marks, eviction).
+            let refused = |name: &str, m: &Member| {
+                m.evicted
+                    || self.checker.voters().iter().chain([&l]).any(|v| {
+                        self.ctl
+                            .get(v)
+                            .is_some_and(|c| c.fenced.get(name).is_some_and(|&f| f >= m.epoch))
+                    })
+            };
+            let up: Vec<&String> = s
+                .members
+                .iter()
+                .filter(|(_, m)| !m.down)
+                .map(|(n, _)| n)
+                .collect();
+            let now = self.now;
+            let silent = up
+                .iter()
+                .filter(|n| {
+                    refused(n, &s.members[n.as_str()])
+                        || self.host_by_name(n).is_none_or(|i| {
+                            let h = &self.hosts[i];
+                            let local = h.clock.local(now);
+                            h.agent.as_ref().is_none_or(|a| !a.lease.valid(local))
+                        })
+                })
+                .count();
+            if up.len() > 1 && silent * 2 > up.len() {
+                bound += silent as u64 * slow(cfg.mass_failure_interval_ms);
+            }
+            if self.trace.print {
+                println!("bound: up {up:?}, may be silent {silent}: {bound}ms");
+            }
+        }
+        bound
+    }
+
+    /// Probe of the convergence and quiet phases (every 50 ms).
+    pub(super) fn end_probe(&mut self, phase: EndPhase) -> Result<(), Failure> {
+        let leader = self.leader().filter(|(l, _)| {
+            self.checker.voters().contains(l) && !self.is_paused(*l)
+        });
+        match phase {
+            EndPhase::Converge => self.converge_probe(leader),
+            EndPhase::Quiet { until } => {
+                let q = self.lease.quiet.clone();
+                if let Some(q) = q {
+                    if leader != Some(q.leader) {
+                        return Err(Failure {
+                            kind: FailureKind::Quiet,
+                            time_ms: self.now,
+                            message: format!(
+                                "seed {}, t={}ms: quiet violated: the leader changed from n{} (term {}) to {leader:?} in a fault-free window",
+                                self.cfg.seed, self.now, q.leader.0, q.leader.1
+                            ),
+                        });
+                    }
+                }
+                if self.now >= until {
+                    self.trace(None, || "QUIET: no bucket moved in the fault-free window".into());
+                    self.phase = Phase::Done;
+                    return Ok(());
+                }
+                self.schedule(self.now + 50, Event::Probe);
+                Ok(())
+            }
+        }
+    }
+
+    /// A fenced member kept out by damping for longer than `margin`.
+    fn damped(&self, m: &Member, d: Damping, margin: u64) -> bool {
+        m.suppressed && d.current(m.penalty, self.now) > d.reuse && d.time_to_reuse(m.penalty, self.now) > margin
+    }
+
+    fn converge_probe(&mut self, leader: Option<(u64, u64)>) -> Result<(), Failure> {
+        self.schedule(self.now + 50, Event::Probe);
+        let Some((l, term)) = leader else {
+            return self.converge_deadline_check("no leader");
+        };
+        let Some(r) = self.nodes.get(&l).and_then(Node::replica) else {
+            return Ok(());
+        };
+        let s = r.state().clone();
+        let applied = r.applied_index();
+        let Some(settings) = s.settings.clone() else {
+            return self.converge_deadline_check("cluster not initialised");
+        };
+        let now = self.now;
+
+        // The operator: every agent is a member, nobody stays drained.
+        if now >= self.lease.operator_next {
+            self.lease.operator_next = now + 500;
+            for h in self.hosts.clone() {
+                if !s.members.contains_key(&h.name) {
+                    self.operator_propose(Command::AddMember {
+                        name: h.name.clone(),
+                        weight: 1,
+                    })?;
+                }
+            }
+            for (name, m) in &s.members {
+                if m.state == MemberState::Draining {
+                    self.operator_propose(Command::Undrain { name: name.clone() })?;
+                }
+            }
+        }
+
+        let running: BTreeSet<String> = self
+            .hosts
+            .iter()
+            .filter(|h| h.running(now) && !h.kept_dead)
+            .map(|h| h.name.clone())
+            .collect();
+        let live = |name: &str| running.contains(name);
+        // Nothing can converge while every live member is damped for longer.
+        let quiet_margin = self.cfg.quiet_ms + 1000;
+        let left = self.lease.converge_deadline.saturating_sub(now);
+        let hopeful = s
+            .members
+            .iter()
+            .any(|(n, m)| live(n) && !(m.down && self.damped(m, settings.damping, left)));
+        if !hopeful {
+            self.stats.convergence_skipped = true;
+            self.trace(None, || {
+                "CONVERGE skipped: every live member is damped past the bound".into()
+            });
+            self.phase = Phase::Done;
+            return Ok(());
+        }
+
+        let mut problems = Vec::new();
+        for (i, b) in s.buckets.iter().enumerate() {
+            let Some(owner) = &b.owner else {
+                problems.push(format!("bucket {i} unowned"));
+                continue;
+            };
+            if !live(owner) {
+                problems.push(format!("bucket {i} owned by {owner}, which is not running"));
+                continue;
+            }
+            let accepted = self
+                .host_by_name(owner)
+                .is_some_and(|h| self.hosts[h].kernel.accepts(i as u32, now).is_some());
+            if !accepted {
+                problems.push(format!("bucket {i} owned by {owner}, not in its kernel"));
+            }
+        }
+        if !problems.is_empty() {
+            if self.stats.convergence_ms.is_none() {
+                return self.converge_deadline_check(&problems.join("; "));
+            }
+            // Converged already: a planned move in flight leaves its bucket
+            // unaccepted for a moment; settling must still finish in time.
+            return self.settle_deadline_check(&problems);
+        }
+        // Converged; settled too? (Nothing left for the planner to do.)
+        if self.stats.convergence_ms.is_none() {
+            let took = now - self.lease.live_at;
+            self.stats.convergence_ms = Some(took);
+            self.trace(None, || format!("CONVERGED {took}ms after raft was live"));
+        }
+        let caught_up = self.checker.voters().iter().all(|v| {
+            self.nodes
+                .get(v)
+                .and_then(Node::replica)
+                .is_some_and(|r| r.applied_index() == applied)
+        });
+        let mut unsettled = Vec::new();
+        if !caught_up {
+            unsettled.push("voters not caught up".to_string());
+        }
+        for (i, b) in s.buckets.iter().enumerate() {
+            if b.releasing {
+                unsettled.push(format!("bucket {i} releasing"));
+            }
+        }
+        for (name, m) in &s.members {
+            if m.evicted {
+                unsettled.push(format!("{name} evicted"));
+            }
+            if m.state == MemberState::Draining {
+                unsettled.push(format!("{name} draining"));
+            }
+            if live(name) {
+                if m.down && !self.damped(m, settings.damping, quiet_margin) {
+                    unsettled.push(format!("{name} down, not yet re-admitted"));
+                }
+            } else if !m.down {
+                unsettled.push(format!("{name} not running but not fenced"));
+            }
+        }
+        let eligible: Vec<policy::Member> = s
+            .members
+            .iter()
+            .map(|(n, m)| {
+                policy::Member::new(n.clone(), m.weight, m.assignable() && !m.evicted && live(n))
+            })
+            .collect();
+        if let Ok(target) = policy::assign(&s.buckets, &eligible) {
+            for (i, (b, t)) in s.buckets.iter().zip(&target.owners).enumerate() {
+                if b.owner != *t {
+                    unsettled.push(format!("bucket {i} is to move from {:?} to {t:?}", b.owner));
+                }
+            }
+        }
+        if !unsettled.is_empty() {
+            return self.settle_deadline_check(&unsettled);
+        }
+        let until = now + self.cfg.quiet_ms;
+        self.lease.quiet = Some(QuietRecord {
+            owners: s
+                .buckets
+                .iter()
+                .map(|b| (b.owner.clone(), b.epoch))
+                .collect(),
+            leader: (l, term),
+        });
+        self.stats.settled_ms = Some(now - self.lease.live_at);
+        self.trace(None, || {
+            format!("SETTLED: quiet window until {until}ms, leader n{l} term {term}")
+        });
+        self.phase = Phase::End(EndPhase::Quiet { until });
+        Ok(())
+    }
+
+    /// Settling (nothing left for the planner to do) may take until the
+    /// convergence deadline plus the quiet margin (damped members coming back).
+    fn settle_deadline_check(&self, unsettled: &[String]) -> Result<(), Failure> {
+        let deadline = self.lease.converge_deadline + self.cfg.quiet_ms + 1000;
+        if self.now < deadline {
+            return Ok(());
+        }
+        Err(Failure {
+            kind: FailureKind::Liveness,
+            time_ms: self.now,
+            message: format!(
+                "seed {}, t={}ms: ownership did not settle by {deadline}ms (raft live at {}ms): {}",
+                self.cfg.seed,
+                self.now,
+                self.lease.live_at,
+                unsettled.join("; ")
+            ),
+        })
+    }
+
+    fn converge_deadline_check(&mut self, why: &str) -> Result<(), Failure> {
+        if self.now < self.lease.converge_deadline {
+            return Ok(());
+        }
+        Err(Failure {
+            kind: FailureKind::Liveness,
+            time_ms: self.now,
+            message: format!(
+                "seed {}, t={}ms: buckets did not converge within {}ms of raft being live again (at {}ms, faults healed at {}ms): {why}",
+                self.cfg.seed,
+                self.now,
+                self.lease.converge_deadline - self.lease.live_at,
+                self.lease.live_at,
+                self.lease.healed_at
+            ),
+        })
+    }
+
+    // ---- invariants ----------------------------------------------------------
+
+    /// Exclusivity, after every step; and in the quiet window, every owner keeps
+    /// accepting its buckets.
+    pub(super) fn check_leases(&mut self) -> Result<(), Failure> {
+        if !self.agents_on() {
+            return Ok(());
+        }
+        let now = self.now;
+        let mut holder: BTreeMap<u32, usize> = BTreeMap::new();
+        for (i, h) in self.hosts.iter().enumerate() {
+            for (b, e) in h.kernel.accepting(now) {
+                if let Some(&j) = holder.get(&b) {
+                    let other = &self.hosts[j];
+                    let oe = other.kernel.set[&b];
+                    let owners = self.owners_now(b);
+                    return Err(Failure {
+                        kind: FailureKind::Safety,
+                        time_ms: now,
+                        message: format!(
+                            "seed {}, t={now}ms: exclusivity violated: bucket {b} accepts new flows on {} (since {}ms, until {}ms, bucket epoch {}, member epoch {}) and on {} (since {}ms, until {}ms, bucket epoch {}, member epoch {}); owners in the controllers' applied states: {owners}",
+                            self.cfg.seed,
+                            other.name,
+                            oe.since,
+                            oe.until,
+                            oe.bucket_epoch,
+                            oe.member_epoch,
+                            h.name,
+                            e.since,
+                            e.until,
+                            e.bucket_epoch,
+                            e.member_epoch
+                        ),
+                    });
+                }
+                holder.insert(b, i);
+            }
+        }
+        if let (Some(EndPhase::Quiet { .. }), Some(q)) = (self.end_phase(), &self.lease.quiet) {
+            for (b, (owner, _)) in q.owners.iter().enumerate() {
+                let owner = owner.as_deref().unwrap_or("nobody");
+                let ok = self.host_by_name(owner).is_some_and(|i| holder.get(&(b as u32)) == Some(&i));
+                if !ok {
+                    return Err(Failure {
+                        kind: FailureKind::Quiet,
+                        time_ms: now,
+                        message: format!(
+                            "seed {}, t={now}ms: quiet violated: bucket {b} stopped accepting new flows on its owner {owner} in a fault-free window",
+                            self.cfg.seed
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn owners_now(&self, b: u32) -> String {
+        self.nodes
+            .iter()
+            .filter_map(|(id, n)| {
+                let r = n.replica()?;
+                let bk = r.state().buckets.get(b as usize)?;
+                Some(format!(
+                    "n{id}@{}: {}@{}{}",
+                    r.applied_index(),
+                    bk.owner.as_deref().unwrap_or("-"),
+                    bk.epoch,
+                    if bk.releasing { " releasing" } else { "" }
+                ))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
