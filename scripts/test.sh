@@ -15,7 +15,7 @@ SECONDS=0
 step "format";  cargo fmt --all -- --check
 step "lint";    cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build";   cargo build --workspace --bins --locked
-step "test";    cargo test --workspace --locked -- --test-threads=2
+step "test";    cargo test --workspace --locked --no-fail-fast -- --test-threads=2
 step "simulator: 500 seeds"
 cargo run --release --locked -p vipshare-sim -- --seeds 500
 step "shell scripts"

@@ -83,6 +83,8 @@ pub struct Lab {
     pub cluster: String,
     ip_base: String,
     pub controllers: BTreeMap<u64, ControllerProc>,
+    /// Raft tick of controllers configured from now on (election = 10 ticks).
+    pub tick_ms: u64,
     /// The admin identity's files, reloaded when they change (certificate rotation).
     admin_tls: Arc<tls::TlsReloader>,
 }
@@ -113,6 +115,7 @@ impl Lab {
             cluster,
             ip_base: ip_base.to_string(),
             controllers: BTreeMap::new(),
+            tick_ms: 100,
             admin_tls,
         })
     }
@@ -160,7 +163,7 @@ impl Lab {
             "id = {id}\ncluster = \"{}\"\nlisten = \"{}\"\nmetrics_listen = \"{}\"\n\
              data_dir = \"{}\"\njoin = {join}\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
-             [raft]\ntick_ms = 100\nelection_ticks = 10\nheartbeat_ticks = 2\nsnapshot_interval = 50\n",
+             [raft]\ntick_ms = {}\nelection_ticks = 10\nheartbeat_ticks = 2\nsnapshot_interval = 50\n",
             self.cluster,
             self.address(id),
             self.metrics_address(id),
@@ -168,6 +171,7 @@ impl Lab {
             files.ca.display(),
             files.cert.display(),
             files.key.display(),
+            self.tick_ms,
         );
         for f in founders {
             text.push_str(&format!(

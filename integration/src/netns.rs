@@ -496,17 +496,26 @@ pub fn tcp_round(
     })
 }
 
+static NEXT_UDP_PORT: AtomicU32 = AtomicU32::new(0);
+
 /// UDP probes from every source at once (run inside the client namespace):
 /// one datagram each to `dst`, then every reply collected for `wait`.
 /// Returns (source, names of all hosts that answered).
+///
+/// Every round uses a source port no earlier round of this process used: a
+/// reused (source, port) would match a conntrack entry of the flow's old owner,
+/// which answers it as established, next to the new owner.
 pub fn udp_round(
     sources: &[Ipv4Addr],
     dst: SocketAddrV4,
     wait: Duration,
 ) -> anyhow::Result<Vec<(Ipv4Addr, Vec<String>)>> {
+    let n = NEXT_UDP_PORT.fetch_add(1, Ordering::SeqCst);
+    // 10000..32767: below the ephemeral range.
+    let port = 10_000 + (n % 22_768) as u16;
     let mut socks = Vec::new();
     for &src in sources {
-        let s = UdpSocket::bind(SocketAddrV4::new(src, 0))?;
+        let s = UdpSocket::bind(SocketAddrV4::new(src, port))?;
         s.set_nonblocking(true)?;
         s.send_to(b"who\n", dst)?;
         socks.push((src, s, Vec::new()));
@@ -751,44 +760,65 @@ impl Cluster {
         let accepted: Accepted = Arc::default();
         let mut agents = Vec::new();
         let mut servers = Vec::new();
-        // Agents first (they are refused as unknown members until added),
-        // then the members: a member added long before its agent heartbeats
-        // would be fenced as silent, and damped.
-        for (i, ns) in net.hosts.iter().enumerate() {
-            let member = format!("h{}", i + 1);
+        // Members first, and fenced before their agents start. A member that
+        // appears while its agent already heartbeats races the leader's
+        // fence round: when the leader agrees to fence it (its promise is
+        // counted from the controller's start) but the followers have already
+        // acked it, the fence never completes and the leader refuses that
+        // member epoch for good, so the member never gets a bucket (a
+        // controller issue, reported). A member added with no agent is fenced
+        // by every controller at once; its agent then joins at the next epoch
+        // and is re-admitted after `min_stable_ms`.
+        let names: Vec<String> = (1..=net.hosts.len()).map(|i| format!("h{i}")).collect();
+        for member in &names {
             if member != "h1" {
                 // Lab::new issued h1 already.
                 vipshare_proto::pki::issue(
                     &lab.certs,
                     vipshare_proto::pki::Role::Agent,
-                    &member,
+                    member,
                     &[],
                     &[],
                     30,
                 )?;
             }
+            let out = lab.ctl(&["member", "add", member])?;
+            if !out.status.success() {
+                bail!("member add: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = lab.ctl(&["members", "--json"])?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let down = v["members"]
+                .as_array()
+                .map_or(0, |m| m.iter().filter(|m| m["state"] == "down").count());
+            if down == names.len() {
+                break;
+            }
+            if Instant::now() > end {
+                bail!("members were not fenced before their agents started: {v}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for (ns, member) in net.hosts.iter().zip(&names) {
             servers.push(Servers::start(
                 ns,
-                &member,
+                member,
                 net.vip(),
                 PORT,
                 accepted.clone(),
             )?);
             let dir = lab.root.path().join(format!("agent-{member}"));
-            let config = write_agent_config(&dir, &member, &lab.certs, &controllers, "")?;
+            let extra = format!("metrics_listen = \"{}:9102\"", net.host_ip(agents.len()));
+            let config = write_agent_config(&dir, member, &lab.certs, &controllers, &extra)?;
             agents.push(AgentProc::start(
                 ns,
-                &member,
+                member,
                 &config,
                 &dir.join("agent.log"),
             )?);
-        }
-        for i in 0..net.hosts.len() {
-            let member = format!("h{}", i + 1);
-            let out = lab.ctl(&["member", "add", &member])?;
-            if !out.status.success() {
-                bail!("member add: {}", String::from_utf8_lossy(&out.stderr));
-            }
         }
         Ok(Cluster {
             agents,
@@ -892,6 +922,18 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The text of agent `i`'s `/metrics` page (served on its host address).
+    pub async fn agent_metrics(&self, i: usize) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = format!("{}:9102", self.net.host_ip(i));
+        let mut s = tokio::net::TcpStream::connect(&addr).await?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await?;
+        Ok(body)
     }
 
     pub fn vip_addr(&self) -> SocketAddrV4 {

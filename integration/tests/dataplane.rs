@@ -95,7 +95,9 @@ impl DoubleWatch {
                 for (src, names) in res {
                     let distinct: BTreeSet<&String> = names.iter().collect();
                     if distinct.len() > 1 {
-                        d.lock().unwrap().push(format!("{src}: {names:?}"));
+                        d.lock()
+                            .unwrap()
+                            .push(format!("{src}: {names:?} in the round sent at {at:?}"));
                     }
                     round.insert(src, names);
                 }
@@ -155,6 +157,28 @@ async fn every_connection_is_answered_by_the_predicted_host() {
         neigh.contains("01:00:5e:"),
         "client neighbour entry: {neigh}"
     );
+    // Each agent exports its buckets, lease and the kernel's packet counters.
+    let vip = c.net.vip().to_string();
+    let text = vipshare_integration::wait_for(Duration::from_secs(5), "agent metrics", || async {
+        let t = c.agent_metrics(0).await.ok()?;
+        let accepted =
+            format!("vipshare_agent_packets_total{{vip=\"{vip}\",verdict=\"accepted\"}}");
+        t.lines().any(|l| l.starts_with(&accepted)).then_some(t)
+    })
+    .await
+    .unwrap();
+    let owned = map.iter().filter(|o| *o == "h1").count();
+    assert!(
+        text.contains(&format!("vipshare_agent_buckets_owned {owned}")),
+        "{text}"
+    );
+    for name in [
+        "vipshare_agent_lease_remaining_seconds",
+        "vipshare_agent_reconcile_seconds",
+        "verdict=\"not_owned\"",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
     // The servers saw each accepted flow exactly once, on one host.
     let accepted = c.accepted.lock().unwrap().clone();
     let mut seen = BTreeMap::new();
@@ -223,10 +247,17 @@ struct LongLived {
 
 impl LongLived {
     fn open(c: &Cluster, src: Ipv4Addr) -> Self {
+        Self::open_on(&c.net.client, src, c.vip_addr())
+    }
+
+    fn open_on(
+        client: &vipshare_integration::netns::Netns,
+        src: Ipv4Addr,
+        dst: SocketAddrV4,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let dst = c.vip_addr();
-        let thread = c.net.client.spawn(move || {
+        let thread = client.spawn(move || {
             use std::io::{BufRead, BufReader, Write};
             let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
                 .map_err(|e| e.to_string())?;
@@ -261,6 +292,16 @@ impl LongLived {
             stop,
             thread: Some(thread),
         }
+    }
+
+    /// Waits (at most 5 s) for the connection to fail; `Ok` if it did not.
+    fn wait(&mut self) -> Result<Vec<String>, String> {
+        let stop = self.stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(5));
+            stop.store(true, Ordering::Relaxed);
+        });
+        self.thread.take().unwrap().join().unwrap()
     }
 
     fn close(mut self) -> Result<Vec<String>, String> {
@@ -492,7 +533,10 @@ async fn frozen_agent_loses_its_buckets_without_two_hosts_accepting() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (doubles, _) = watch.finish();
-    assert!(doubles.is_empty(), "two hosts answered: {doubles:?}");
+    assert!(
+        doubles.is_empty(),
+        "two hosts answered: {doubles:?} (frozen at {frozen:?}, thawed at {thawed:?})"
+    );
     assert!(overlaps.is_empty(), "kernel sets overlapped: {overlaps:?}");
     let log = c.agents[0].log_text();
     assert!(
@@ -500,4 +544,132 @@ async fn frozen_agent_loses_its_buckets_without_two_hosts_accepting() {
         "h1 never noticed it was fenced:\n{log}"
     );
     eprintln!("SIGSTOP: h1's set empty after {emptied:?}, buckets moved after {moved:?}");
+}
+
+mod direct {
+    //! The data plane alone (no controllers, no agent process): kernel expiry
+    //! of the lease, RST for unknown flows of buckets whose old owner is dead,
+    //! and a clean teardown.
+
+    use super::*;
+    use vipshare_agent::dataplane::linux::{LinuxConfig, LinuxDataPlane, OsExecutor};
+    use vipshare_agent::dataplane::{Affinity, BucketFn, DataPlane, Desired, VipConfig};
+    use vipshare_integration::netns::{NetLab, Netns, Servers, PORT};
+
+    type Plane = LinuxDataPlane<OsExecutor>;
+
+    fn desired(net: &NetLab, owned: impl IntoIterator<Item = u32>, lease: Duration) -> Desired {
+        Desired {
+            vips: vec![VipConfig {
+                addr: net.vip(),
+                prefix_len: 32,
+                mac: [0x01, 0x00, 0x5e, 0x7f, 0x00, net.k],
+                interface: "eth0".into(),
+            }],
+            bucket_count: 4,
+            bucket_fn: BucketFn::Jhash,
+            affinity: Affinity::Address,
+            seed: 7,
+            owned: owned.into_iter().collect(),
+            lease_remaining: lease,
+        }
+    }
+
+    /// Runs `f` on the plane inside its namespace.
+    fn with<T: Send + 'static>(
+        ns: &Netns,
+        plane: Plane,
+        f: impl FnOnce(&mut Plane) -> T + Send + 'static,
+    ) -> (Plane, T) {
+        ns.run(move || {
+            let mut p = plane;
+            let t = f(&mut p);
+            (p, t)
+        })
+    }
+
+    fn plane(ns: &Netns, state: &std::path::Path) -> Plane {
+        let cfg = LinuxConfig {
+            state_dir: Some(state.to_path_buf()),
+            ..LinuxConfig::default()
+        };
+        ns.run(move || LinuxDataPlane::os(cfg).unwrap())
+    }
+
+    #[test]
+    fn kernel_expiry_reset_of_dead_owners_flows_and_teardown() {
+        let net = NetLab::new(2, 4).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let accepted = Default::default();
+        let _s1 =
+            Servers::start(&net.hosts[0], "h1", net.vip(), PORT, Arc::clone(&accepted)).unwrap();
+        let _s2 = Servers::start(&net.hosts[1], "h2", net.vip(), PORT, accepted).unwrap();
+        let (h1, h2) = (&net.hosts[0], &net.hosts[1]);
+        let before = h1.read_sysctl("net.ipv4.conf.all.arp_announce").unwrap();
+        let p1 = plane(h1, &tmp.path().join("h1"));
+        let p2 = plane(h2, &tmp.path().join("h2"));
+        let all = 0..4;
+        let long = Duration::from_secs(60);
+        let (d1, d2) = (desired(&net, all.clone(), long), desired(&net, [], long));
+        let (p1, r) = with(h1, p1, move |p| p.apply(&d1));
+        r.unwrap();
+        let (p2, r) = with(h2, p2, move |p| p.apply(&d2));
+        r.unwrap();
+        let src = net.sources().unwrap()[0];
+        let dst = SocketAddrV4::new(net.vip(), PORT);
+        let probe = |n: &Netns| {
+            n.run(move || tcp_round(&[src], dst, Duration::from_millis(1500)))[0]
+                .1
+                .clone()
+        };
+        assert_eq!(probe(&net.client), Ok("h1".to_string()));
+
+        // The kernel ends a lease on its own: nothing renews h1's 300 ms lease.
+        let short = desired(&net, all.clone(), Duration::from_millis(300));
+        let (p1, r) = with(h1, p1, move |p| p.apply(&short));
+        r.unwrap();
+        std::thread::sleep(Duration::from_millis(450));
+        assert_eq!(owned_set(h1), Some(BTreeSet::new()));
+        assert!(probe(&net.client).is_err(), "h1 accepted after its lease");
+        let d1 = desired(&net, all.clone(), long);
+        let (p1, r) = with(h1, p1, move |p| p.apply(&d1));
+        r.unwrap();
+
+        // A connection established on h1; its bucket moves to h2, which is
+        // told the old owner is dead: h2 resets the flow it does not know.
+        let mut conn = LongLived::open_on(&net.client, src, dst);
+        std::thread::sleep(Duration::from_millis(300));
+        let none = desired(&net, [], long);
+        let (p1, r) = with(h1, p1, move |p| p.apply(&none));
+        r.unwrap();
+        let d2 = desired(&net, all.clone(), long);
+        let (p2, r) = with(h2, p2, move |p| {
+            p.set_reset_buckets((0..4).collect());
+            p.apply(&d2)
+        });
+        r.unwrap();
+        let err = conn.wait().expect_err("the connection survived the reset");
+        assert!(
+            err.contains("reset") || err.contains("closed") || err.contains("os error 104"),
+            "{err}"
+        );
+        assert_eq!(probe(&net.client), Ok("h2".to_string()));
+
+        // Teardown: VIP, tables and sysctls as before.
+        for (ns, p) in [(h1, p1), (h2, p2)] {
+            let (_, r) = with(ns, p, |p| p.teardown());
+            r.unwrap();
+            assert!(owned_set(ns).is_none());
+            let addrs = ns.ip(&["-4", "addr", "show", "dev", "eth0"]).unwrap();
+            assert!(!addrs.contains(&net.vip().to_string()), "{addrs}");
+            assert_eq!(
+                ns.read_sysctl("net.ipv4.conf.all.arp_announce").unwrap(),
+                before
+            );
+        }
+        assert!(
+            !tmp.path().join("h1/linux-vipshare.json").exists(),
+            "state file left behind"
+        );
+    }
 }

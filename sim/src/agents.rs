@@ -264,6 +264,9 @@ pub struct Agent {
     pub withdrawn: BTreeSet<(u32, u64)>,
     /// Voters that refused a round at the current epoch (fenced or evicted), by round.
     pub refusals: BTreeMap<u64, BTreeSet<u64>>,
+    /// First round sent at the current epoch (replies to older rounds refuse an
+    /// epoch the agent no longer claims).
+    pub epoch_round: Option<u64>,
     /// Until then (agent clock) it sends no heartbeats: a majority refuses its
     /// epoch for good, so it lets every promise run out to be fenced.
     pub silent_until: Option<u64>,
@@ -281,6 +284,7 @@ impl Agent {
             withdrawn: BTreeSet::new(),
             refusals: BTreeMap::new(),
             silent_until: None,
+            epoch_round: None,
         }
     }
 
@@ -293,7 +297,7 @@ impl Agent {
             .assignment
             .as_ref()
             .map_or_else(|| self.known.clone(), Assignment::voters);
-        if !voters.contains(&controller) {
+        if !voters.contains(&controller) || self.epoch_round.is_none_or(|r| round < r) {
             return false;
         }
         let set = self.refusals.entry(round).or_default();

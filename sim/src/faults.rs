@@ -169,6 +169,16 @@ pub enum AgentFault {
     /// The agent and the raft leader cannot reach each other; the agent still
     /// reaches the other controllers.
     CutFromLeader { duration_ms: u64 },
+    /// The agent is cut from the leader (reaching the others, so it keeps its
+    /// lease), and after `stop_after_ms` its process stops (SIGSTOP for
+    /// `stop_ms`, or killed and restarted after `stop_ms`): it cannot react to
+    /// being fenced, while its kernel keeps the last lease it installed.
+    CutFromLeaderThenStop {
+        duration_ms: u64,
+        stop_after_ms: u64,
+        stop_ms: u64,
+        kill: bool,
+    },
     /// One direction only between the agent and the leader.
     OneWayLeader {
         agent_to_leader: bool,
@@ -206,31 +216,38 @@ impl AgentFaultPlan {
 }
 
 fn random_agent_fault(rng: &mut ChaCha8Rng) -> AgentFault {
-    // Weights: pause 12, kill 12, flap 6, cut from leader 18, one-way leader 10,
-    // isolate 8, cut some 10, drain 8, undrain 8, weight 8.
+    // Weights: pause 10, kill 10, flap 6, cut from leader 10, cut from leader
+    // then stop 14, one-way leader 10, isolate 8, cut some 8, drain 8, undrain 8,
+    // weight 8.
     match rng.gen_range(0..100) {
-        0..=11 => AgentFault::Pause {
+        0..=9 => AgentFault::Pause {
             pause_ms: rng.gen_range(100..3000),
         },
-        12..=23 => AgentFault::Kill {
+        10..=19 => AgentFault::Kill {
             down_ms: rng.gen_range(100..6000),
         },
-        24..=29 => AgentFault::Flap {
+        20..=25 => AgentFault::Flap {
             cycles: rng.gen_range(3..8),
             up_ms: rng.gen_range(200..2000),
             down_ms: rng.gen_range(50..1500),
         },
-        30..=47 => AgentFault::CutFromLeader {
+        26..=35 => AgentFault::CutFromLeader {
             duration_ms: rng.gen_range(300..6000),
         },
-        48..=57 => AgentFault::OneWayLeader {
+        36..=49 => AgentFault::CutFromLeaderThenStop {
+            duration_ms: rng.gen_range(1000..6000),
+            stop_after_ms: rng.gen_range(250..480),
+            stop_ms: rng.gen_range(300..3000),
+            kill: rng.gen_ratio(1, 3),
+        },
+        50..=59 => AgentFault::OneWayLeader {
             agent_to_leader: rng.gen_bool(0.5),
             duration_ms: rng.gen_range(300..6000),
         },
-        58..=65 => AgentFault::Isolate {
+        60..=67 => AgentFault::Isolate {
             duration_ms: rng.gen_range(300..6000),
         },
-        66..=75 => AgentFault::CutSome {
+        68..=75 => AgentFault::CutSome {
             one_way: rng.gen_bool(0.5),
             duration_ms: rng.gen_range(300..6000),
         },

@@ -71,6 +71,12 @@ struct Args {
     /// Virtual time allowed to recover after the faults, in ms.
     #[arg(long, default_value_t = 10_000)]
     liveness_ms: u64,
+    /// Mean time between two planned controller faults, in ms.
+    #[arg(long, default_value_t = 700)]
+    fault_gap_ms: u64,
+    /// Mean time between two planned agent faults, in ms.
+    #[arg(long, default_value_t = 1200)]
+    agent_fault_gap_ms: u64,
     /// Worker threads for --seeds (default: all cores).
     #[arg(long)]
     jobs: Option<usize>,
@@ -90,6 +96,8 @@ fn config(args: &Args, seed: u64) -> SimConfig {
     cfg.agent_yields = args.bug != Some(Bug::AgentNeverYields);
     cfg.agents = !args.no_agents;
     cfg.agent_count = args.agents.map(|n| n as usize);
+    cfg.fault_gap_ms = args.fault_gap_ms.max(4);
+    cfg.agent_fault_gap_ms = args.agent_fault_gap_ms.max(4);
     cfg.check_promises = !args.no_promise_check;
     cfg
 }

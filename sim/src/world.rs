@@ -160,6 +160,7 @@ pub struct Stats {
     pub agents: usize,
     pub agent_faults: u64,
     pub agent_kills: u64,
+    pub agent_pauses: u64,
     pub agent_restarts: u64,
     /// Agents that went silent because a majority refused their epoch for good.
     pub agent_yields: u64,

@@ -46,6 +46,8 @@ use crate::metrics;
 
 /// How often the tables are rebuilt from scratch (repairs outside changes).
 const FULL_RECONCILE: Duration = Duration::from_secs(30);
+/// An apply slower than this is repeated at once (its lease figure may be stale).
+const STALE_APPLY: Duration = Duration::from_millis(100);
 /// How often Released is repeated while the assignment still lists buckets.
 const RELEASED_RETRY: Duration = Duration::from_millis(500);
 
@@ -342,6 +344,21 @@ impl Runtime {
 
     /// Bring the kernel in line with the core, if it needs it.
     fn reconcile(&mut self) {
+        for _ in 0..2 {
+            let t = Instant::now();
+            self.reconcile_once();
+            // The lease left was measured before the apply: if the apply took
+            // long (the agent starved or was stopped in between), the kernel
+            // may hold a stale timeout. Write it again right away.
+            if self.dirty || t.elapsed() < STALE_APPLY || self.applied_owned.is_empty() {
+                return;
+            }
+            warn!(took = ?t.elapsed(), "slow apply; writing the lease again");
+            self.dirty = true;
+        }
+    }
+
+    fn reconcile_once(&mut self) {
         if !self.dirty {
             return;
         }
@@ -464,7 +481,10 @@ impl Runtime {
         if self.adopt_until != 0 && now >= self.adopt_until {
             self.dirty = true;
         }
-        self.send_released(true);
+        // Repeat Released only while the kernel holds the current assignment.
+        if self.assignment_pending.is_none() && !self.dirty {
+            self.send_released(true);
+        }
     }
 
     /// Whether a drain is over (or gave up).

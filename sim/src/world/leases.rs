@@ -79,6 +79,12 @@ pub(super) enum LeaseEvent {
         up_ms: u64,
         down_ms: u64,
     },
+    /// Stop (pause or kill) an agent's process now, for `ms`.
+    Stop {
+        host: usize,
+        ms: u64,
+        kill: bool,
+    },
 }
 
 /// One fence round the leader runs.
@@ -635,6 +641,22 @@ impl World {
                 }
                 Ok(())
             }
+            LeaseEvent::Stop { host, ms, kill } => {
+                if self.phase != Phase::Faults || !self.hosts[host].running(self.now) {
+                    return Ok(());
+                }
+                if kill {
+                    self.kill_agent(host, &format!("down for {ms}ms"));
+                    let incarnation = self.hosts[host].incarnation;
+                    self.schedule(
+                        self.now + ms,
+                        Event::Lease(LeaseEvent::AgentStart { host, incarnation }),
+                    );
+                } else {
+                    self.pause_agent(host, ms);
+                }
+                Ok(())
+            }
             LeaseEvent::FlapKill {
                 host,
                 left,
@@ -1073,6 +1095,7 @@ impl World {
             return;
         }
         let round = a.lease.start_round(local);
+        a.epoch_round.get_or_insert(round);
         let hb = LeaseMsg::Heartbeat {
             member: h.name.clone(),
             epoch: a.epoch,
@@ -1133,8 +1156,11 @@ impl World {
                     // leader: it sees the member silent, so it can neither fence
                     // it (the others ack) nor move its buckets. Either way, go
                     // silent until every promise ran out and the leader fences it.
+                    // Until the stream shows the new epoch; if it never does, try
+                    // again after a while (a fence can wait for the leader's
+                    // mass-failure interval).
                     let t = a.lease.timing();
-                    let quiet = 2 * t.controller_promise_ms() + 10 * t.heartbeat_ms;
+                    let quiet = 10_000 + 2 * t.controller_promise_ms();
                     a.silent_until = Some(local + quiet);
                     a.refusals.clear();
                     self.stats.agent_yields += 1;
@@ -1166,6 +1192,7 @@ impl World {
         a.withdrawn.clear();
         a.refusals.clear();
         a.silent_until = None;
+        a.epoch_round = None;
         let flush = old > 0;
         if flush {
             a.installed.clear();
@@ -1367,7 +1394,7 @@ impl World {
             .filter(|(_, h)| if running { h.running(now) } else { h.is_up() })
             .map(|(i, _)| i)
             .collect();
-        if prefer_owner && self.rng.gen_ratio(3, 4) {
+        if prefer_owner && self.rng.gen_ratio(7, 8) {
             let owners: Vec<usize> = cands
                 .iter()
                 .copied()
@@ -1384,6 +1411,14 @@ impl World {
             }
         }
         cands.choose(&mut self.rng).copied()
+    }
+
+    fn pause_agent(&mut self, i: usize, pause_ms: u64) {
+        let until = self.now + pause_ms;
+        self.hosts[i].paused_until = until;
+        self.stats.agent_pauses += 1;
+        self.trace_host(i, || format!("FAULT agent paused for {pause_ms}ms"));
+        self.schedule(until, Event::Lease(LeaseEvent::AgentResume { host: i }));
     }
 
     fn controller_ids(&self) -> Vec<u64> {
@@ -1406,10 +1441,7 @@ impl World {
                 let Some(i) = self.random_host(true, false) else {
                     return Ok(());
                 };
-                let until = self.now + pause_ms;
-                self.hosts[i].paused_until = until;
-                self.trace_host(i, || format!("FAULT agent paused for {pause_ms}ms"));
-                self.schedule(until, Event::Lease(LeaseEvent::AgentResume { host: i }));
+                self.pause_agent(i, pause_ms);
             }
             AgentFault::Kill { down_ms } => {
                 let Some(i) = self.random_host(false, true) else {
@@ -1460,6 +1492,34 @@ impl World {
                 let a = self.hosts[i].id;
                 let what = format!("{} <-/-> leader n{leader}", self.hosts[i].name);
                 self.partition(cut(&[a], &[leader], false), duration_ms, what);
+            }
+            AgentFault::CutFromLeaderThenStop {
+                duration_ms,
+                stop_after_ms,
+                stop_ms,
+                kill,
+            } => {
+                let Some(i) = self.random_host(true, true) else {
+                    return Ok(());
+                };
+                let Some(leader) = self.leader_for_change() else {
+                    return Ok(());
+                };
+                let a = self.hosts[i].id;
+                let what = format!(
+                    "{} <-/-> leader n{leader}, then {} after {stop_after_ms}ms for {stop_ms}ms",
+                    self.hosts[i].name,
+                    if kill { "killed" } else { "paused" }
+                );
+                self.partition(cut(&[a], &[leader], false), duration_ms, what);
+                self.schedule(
+                    self.now + stop_after_ms,
+                    Event::Lease(LeaseEvent::Stop {
+                        host: i,
+                        ms: stop_ms,
+                        kill,
+                    }),
+                );
             }
             AgentFault::OneWayLeader {
                 agent_to_leader,

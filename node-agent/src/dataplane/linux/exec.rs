@@ -13,11 +13,11 @@ use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::plan::Step;
+use super::plan::{NftBatch, Step};
 use super::LinuxConfig;
 use crate::dataplane::{format_mac, DataPlaneError, VipConfig};
 
@@ -277,6 +277,16 @@ pub struct Output {
 /// Runs `program args`, feeding `stdin` if given; fails with the command line
 /// and its stderr unless it exits 0.
 pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, DataPlaneError> {
+    run_with(program, args, stdin.map(|s| move || s.to_string()))
+}
+
+/// [`run`], with the input produced only once the process is running: a
+/// script carrying relative timeouts is rendered at the last moment.
+fn run_with<F: FnOnce() -> String>(
+    program: &str,
+    args: &[&str],
+    stdin: Option<F>,
+) -> Result<Output, DataPlaneError> {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdout(Stdio::piped())
@@ -287,17 +297,20 @@ pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, 
             Stdio::null()
         });
     let mut child = cmd.spawn().map_err(io_err(format!("running {program}")))?;
-    if let Some(input) = stdin {
+    let mut input = None;
+    if let Some(render) = stdin {
+        let text = render();
         let mut pipe = child.stdin.take().expect("piped stdin");
-        pipe.write_all(input.as_bytes())
+        pipe.write_all(text.as_bytes())
             .map_err(io_err(format!("writing to {program}")))?;
+        input = Some(text);
     }
     let out = child
         .wait_with_output()
         .map_err(io_err(format!("waiting for {program}")))?;
     if !out.status.success() {
         let mut command = format!("{program} {}", args.join(" "));
-        if let Some(input) = stdin {
+        if let Some(input) = input {
             command.push_str(&format!(" <<EOF\n{input}EOF"));
         }
         return Err(DataPlaneError::Command {
@@ -319,10 +332,43 @@ pub fn nft_batch(nft: &str, script: &str) -> Result<(), DataPlaneError> {
     run(nft, &["-f", "-"], Some(script)).map(|_| ())
 }
 
+/// Longest time from rendering element timeouts to nft having committed them
+/// that is let stand; beyond it the timeouts are written again.
+pub const RENDER_LAG_LIMIT: Duration = Duration::from_millis(20);
+
+/// Runs a batch whose element timeouts are relative to `started`. They are
+/// rendered only once nft is running, just before the script is written to
+/// it. If the commit still came late (the agent was frozen or starved between
+/// rendering and writing), the elements would outlive the lease by that delay:
+/// they are written again at once with what is really left (none if the lease
+/// ran out meanwhile).
+pub fn nft_timed_batch(
+    nft: &str,
+    batch: &NftBatch,
+    started: Instant,
+) -> Result<(), DataPlaneError> {
+    let mut rendered_at = None;
+    run_with(
+        nft,
+        &["-f", "-"],
+        Some(|| {
+            rendered_at = Some(Instant::now());
+            batch.render(started.elapsed())
+        }),
+    )?;
+    let lag = rendered_at.map_or(Duration::ZERO, |t| t.elapsed());
+    if lag > RENDER_LAG_LIMIT && batch.elements.is_some() {
+        tracing::warn!(?lag, "nft committed late; rewriting the lease timeouts");
+        let fix = batch.renewal();
+        run_with(nft, &["-f", "-"], Some(|| fix.render(started.elapsed())))?;
+    }
+    Ok(())
+}
+
 impl Executor for OsExecutor {
     fn execute(&mut self, step: &Step, started: Instant) -> Result<(), DataPlaneError> {
         match step {
-            Step::Nft(batch) => nft_batch(&self.nft, &batch.render(started.elapsed())),
+            Step::Nft(batch) => nft_timed_batch(&self.nft, batch, started),
             Step::Sysctl { key, value } => self.set_sysctl(key, value),
             Step::RestoreSysctls => self.restore_sysctls(),
             Step::AddAddress(v) => self.add_address(v),

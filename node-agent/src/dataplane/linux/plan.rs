@@ -152,6 +152,21 @@ impl NftBatch {
         s
     }
 
+    /// Just the element rewrite of this batch (flush the sets, add the
+    /// elements), for correcting timeouts that were committed late.
+    pub fn renewal(&self) -> NftBatch {
+        let fixed = self.elements.as_ref().map_or(String::new(), |e| {
+            format!(
+                "flush set ip {t} owned\nflush set ip {t} dead\n",
+                t = e.table
+            )
+        });
+        NftBatch {
+            fixed,
+            elements: self.elements.clone(),
+        }
+    }
+
     /// Whether the batch writes any element when rendered `elapsed` after start.
     pub fn writes_elements(&self, elapsed: Duration) -> bool {
         self.elements
