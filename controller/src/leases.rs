@@ -78,6 +78,25 @@ impl Leases {
         now.saturating_sub(self.lock().last_ack(member))
     }
 
+    /// Whether this controller could agree to fence now; records nothing.
+    /// `None` when it could, `Some(wait_ms)` otherwise.
+    pub fn could_fence(&self, member: &str) -> Option<u64> {
+        let now = self.now_ms();
+        let p = self.lock();
+        if p.may_fence(now, member) {
+            None
+        } else {
+            let lc = p.timing().controller_promise_ms();
+            Some((p.last_ack(member) + lc).saturating_sub(now))
+        }
+    }
+
+    /// Start the promise of members not seen before (see `Promises::observe`).
+    pub fn observe<'a>(&self, members: impl IntoIterator<Item = &'a str>) {
+        let now = self.now_ms();
+        self.lock().observe(now, members);
+    }
+
     /// Agree to fence if the promise ran out, persisting the mark first.
     /// Returns `Ok(None)` on agreement, `Ok(Some(wait_ms))` when not yet.
     pub fn fence(&self, member: &str, epoch: u64) -> Result<Option<u64>, LeaseError> {

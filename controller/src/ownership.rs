@@ -71,6 +71,8 @@ impl Ownership {
                 _ = shutdown.changed() => return,
             }
             let view = self.node.view();
+            self.leases
+                .observe(view.state.members.keys().map(String::as_str));
             if view.role.role != StateRole::Leader {
                 if leading {
                     planner.reset();
@@ -126,8 +128,10 @@ impl Ownership {
         });
     }
 
-    /// Ask every voter (this controller included) to fence; on a majority of
-    /// agreements, propose the fence.
+    /// Two phases over every voter (this controller included): first ask whether
+    /// each could agree, recording nothing; only if a majority could, ask them to
+    /// agree for real. Marking on one controller while the others still ack the
+    /// member would cut a live member off that controller for nothing.
     fn fence_round(&self, peers: &Peers, voters: Vec<u64>, member: String, epoch: u64, wall: u64) {
         let need = majority(voters.len());
         let me = self.me;
@@ -140,40 +144,48 @@ impl Ownership {
             .filter_map(|v| peers.get(v).map(|(_, _, c)| (*v, c.clone())))
             .collect();
         tokio::spawn(async move {
-            let mut agreed = 0usize;
-            match leases.fence(&member, epoch) {
-                Ok(None) => agreed += 1,
-                Ok(Some(_)) => {}
-                Err(e) => tracing::error!(error = %e, "cannot persist fence mark"),
-            }
-            let asks = clients.into_iter().map(|(id, mut c)| {
-                let req = FenceRequest {
-                    protocol_version: PROTOCOL_VERSION,
-                    cluster: cluster.clone(),
-                    from: me,
-                    member: member.clone(),
-                    epoch,
-                };
-                async move {
-                    let r = tokio::time::timeout(Duration::from_secs(1), c.fence(req)).await;
-                    match r {
-                        Ok(Ok(reply)) => reply.into_inner().agreed,
-                        other => {
-                            tracing::debug!(peer = id, ?other, "fence request failed");
-                            false
+            let ask = |commit: bool| {
+                let asks = clients.iter().cloned().map(|(id, mut c)| {
+                    let req = FenceRequest {
+                        protocol_version: PROTOCOL_VERSION,
+                        cluster: cluster.clone(),
+                        from: me,
+                        member: member.clone(),
+                        epoch,
+                        commit,
+                    };
+                    async move {
+                        match tokio::time::timeout(Duration::from_secs(1), c.fence(req)).await {
+                            Ok(Ok(reply)) => reply.into_inner().agreed,
+                            other => {
+                                tracing::debug!(peer = id, ?other, "fence request failed");
+                                false
+                            }
                         }
                     }
+                });
+                futures::future::join_all(asks)
+            };
+            let could = usize::from(leases.could_fence(&member).is_none())
+                + ask(false).await.into_iter().filter(|a| *a).count();
+            if could < need {
+                crate::metrics::fencing_round(false);
+                tracing::debug!(%member, epoch, could, need, "member still acked by a majority");
+                return;
+            }
+            let mut agreed = match leases.fence(&member, epoch) {
+                Ok(None) => 1,
+                Ok(Some(_)) => 0,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot persist fence mark");
+                    0
                 }
-            });
-            agreed += futures::future::join_all(asks)
-                .await
-                .into_iter()
-                .filter(|a| *a)
-                .count();
+            };
+            agreed += ask(true).await.into_iter().filter(|a| *a).count();
             let ok = agreed >= need;
             crate::metrics::fencing_round(ok);
             if !ok {
-                tracing::info!(%member, epoch, agreed, need, "fence not agreed yet (member still acked by others)");
+                tracing::info!(%member, epoch, agreed, need, "fence not agreed (acked again meanwhile)");
                 return;
             }
             let silent_for = leases.since_ack(&member);

@@ -174,6 +174,16 @@ impl Promises {
         Ok(())
     }
 
+    /// Promise as if acked now to members this controller has not seen before: a
+    /// member added while the controller runs must not look silent since its start.
+    pub fn observe<'a>(&mut self, now: u64, members: impl IntoIterator<Item = &'a str>) {
+        for m in members {
+            if !self.last_ack.contains_key(m) {
+                self.last_ack.insert(m.to_string(), now);
+            }
+        }
+    }
+
     /// When this controller last acked `member` (its start time if never since).
     pub fn last_ack(&self, member: &str) -> u64 {
         self.last_ack
@@ -396,6 +406,19 @@ mod tests {
             p.heartbeat(0, "x", 3, Some(2)),
             Err(Refusal::StaleEpoch { current: 2 })
         );
+    }
+
+    #[test]
+    fn a_member_first_seen_later_gets_a_full_promise() {
+        let t = LeaseTiming::default();
+        let lc = t.controller_promise_ms();
+        let mut p = Promises::new(t, 0, BTreeMap::new());
+        p.observe(10_000, ["new"]);
+        assert!(!p.may_fence(10_000 + lc - 1, "new"));
+        assert!(p.may_fence(10_000 + lc, "new"));
+        // Observing again does not push an older ack forward.
+        p.observe(20_000, ["new"]);
+        assert!(p.may_fence(10_000 + lc, "new"));
     }
 
     #[test]

@@ -95,10 +95,13 @@ impl RaftTransport for RaftService {
                 ),
             ));
         }
-        let outcome = self
-            .leases
-            .fence(&f.member, f.epoch)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let outcome = if f.commit {
+            self.leases
+                .fence(&f.member, f.epoch)
+                .map_err(|e| Status::internal(e.to_string()))?
+        } else {
+            self.leases.could_fence(&f.member)
+        };
         Ok(Response::new(FenceReply {
             protocol_version: PROTOCOL_VERSION,
             controller_id: self.id,

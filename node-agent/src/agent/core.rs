@@ -356,7 +356,8 @@ impl Core {
         })
     }
 
-    /// Controllers to talk to: from the newest assignment, else `fallback`.
+    /// Controllers to talk to, as the newest assignment lists them (`None`
+    /// before one lists any: the configured ones apply).
     pub fn controllers(&self) -> Option<&[Controller]> {
         self.current
             .as_ref()

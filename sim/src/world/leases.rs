@@ -44,6 +44,9 @@ use crate::faults::{AgentFault, AgentFaultPlan};
 pub(super) enum LeaseEvent {
     Deliver {
         from: u64,
+        /// The sender's incarnation: a reply goes back over the same connection,
+        /// so it is lost if the sender restarted meanwhile.
+        from_incarnation: u64,
         to: u64,
         to_incarnation: u64,
         msg: Box<LeaseMsg>,
@@ -493,8 +496,20 @@ impl World {
     }
 
     fn lease_send(&mut self, from: u64, to: u64, msg: LeaseMsg) {
+        let to_incarnation = self.lease_receiver(to);
+        self.lease_send_to(from, to, to_incarnation, msg);
+    }
+
+    /// Answers a request from `to` in incarnation `to_incarnation`.
+    fn lease_reply(&mut self, from: u64, to: u64, to_incarnation: u64, msg: LeaseMsg) {
+        let current = self.lease_receiver(to).filter(|&i| i == to_incarnation);
+        self.lease_send_to(from, to, current, msg);
+    }
+
+    fn lease_send_to(&mut self, from: u64, to: u64, to_incarnation: Option<u64>, msg: LeaseMsg) {
         self.stats.lease_messages += 1;
-        let Some(to_incarnation) = self.lease_receiver(to) else {
+        let from_incarnation = self.lease_receiver(from).unwrap_or(0);
+        let Some(to_incarnation) = to_incarnation else {
             if self.tracing() {
                 let (a, b) = (self.label(from), self.label(to));
                 self.trace_line(&a, || format!("send {} to {b} DROPPED (down)", msg.describe()));
@@ -524,6 +539,7 @@ impl World {
                             self.now + d,
                             Event::Lease(LeaseEvent::Deliver {
                                 from,
+                                from_incarnation,
                                 to,
                                 to_incarnation,
                                 msg: Box::new(m),
@@ -538,6 +554,7 @@ impl World {
     fn lease_deliver(
         &mut self,
         from: u64,
+        from_incarnation: u64,
         to: u64,
         to_incarnation: u64,
         msg: Box<LeaseMsg>,
@@ -557,6 +574,7 @@ impl World {
                 at,
                 Event::Lease(LeaseEvent::Deliver {
                     from,
+                    from_incarnation,
                     to,
                     to_incarnation,
                     msg,
@@ -578,7 +596,7 @@ impl World {
             self.agent_recv(i, from, *msg);
             Ok(())
         } else {
-            self.ctl_recv(to, from, *msg)
+            self.ctl_recv(to, from, from_incarnation, *msg)
         }
     }
 
@@ -586,10 +604,11 @@ impl World {
         match ev {
             LeaseEvent::Deliver {
                 from,
+                from_incarnation,
                 to,
                 to_incarnation,
                 msg,
-            } => self.lease_deliver(from, to, to_incarnation, msg),
+            } => self.lease_deliver(from, from_incarnation, to, to_incarnation, msg),
             LeaseEvent::AgentStart { host, incarnation } => {
                 let due = self.hosts.get(host).is_some_and(|h| {
                     h.incarnation == incarnation && h.agent.is_none() && !h.kept_dead
@@ -734,7 +753,13 @@ impl World {
         }
     }
 
-    fn ctl_recv(&mut self, id: u64, from: u64, msg: LeaseMsg) -> Result<(), Failure> {
+    fn ctl_recv(
+        &mut self,
+        id: u64,
+        from: u64,
+        from_incarnation: u64,
+        msg: LeaseMsg,
+    ) -> Result<(), Failure> {
         let now = self.now;
         match msg {
             LeaseMsg::Heartbeat {
@@ -760,9 +785,10 @@ impl World {
                 };
                 let member_epoch = m.map_or(0, |m| m.epoch);
                 let leader = r.role().leader;
-                self.lease_send(
+                self.lease_reply(
                     id,
                     from,
+                    from_incarnation,
                     LeaseMsg::HeartbeatReply {
                         controller: id,
                         round,
@@ -796,9 +822,10 @@ impl World {
                     c.fenced = p.fenced().clone();
                     self.trace(Some(id), || format!("agrees to fence {member}@{epoch}: never acks it again"));
                 }
-                self.lease_send(
+                self.lease_reply(
                     id,
                     from,
+                    from_incarnation,
                     LeaseMsg::FenceReply {
                         round,
                         controller: id,
@@ -1147,6 +1174,7 @@ impl World {
                 } else if yields
                     && a.epoch > 0
                     && member_epoch == a.epoch
+                    && a.epoch_round.is_some_and(|r| round >= r)
                     && (a.refused(round, controller) || leader == controller)
                 {
                     // Refused for good at the current epoch (fence marks of rounds
@@ -1879,6 +1907,27 @@ impl World {
         for (name, m) in &s.members {
             if m.evicted {
                 unsettled.push(format!("{name} evicted"));
+            }
+            // Fence marks of rounds that never completed: the member will have to
+            // be fenced (it yields), then re-admitted.
+            let marked: Vec<u64> = self
+                .checker
+                .voters()
+                .iter()
+                .copied()
+                .filter(|v| {
+                    self.ctl
+                        .get(v)
+                        .is_some_and(|c| c.fenced.get(name).is_some_and(|&f| f >= m.epoch))
+                })
+                .collect();
+            // By the leader or by so many that no majority acks: the member
+            // yields and will be fenced. (A minority of followers with marks is
+            // harmless until one of them leads.)
+            let voters = self.checker.voters().len();
+            let blocking = marked.contains(&l) || marked.len() > voters - majority(voters);
+            if !m.down && blocking {
+                unsettled.push(format!("{name}@{} refused for good by {marked:?}", m.epoch));
             }
             if m.state == MemberState::Draining {
                 unsettled.push(format!("{name} draining"));

@@ -27,6 +27,23 @@
 //! [`LeaseEnforcement::KernelTimeout`]. Established flows are accepted before
 //! the bucket check and so survive every change.
 //!
+//! The timeouts are rendered only once `nft` is running, right before the
+//! script is written to it; if the commit still lands more than
+//! [`exec::RENDER_LAG_LIMIT`] after rendering (the agent was stopped or starved
+//! in between), the elements are rewritten at once with what is really left.
+//! What remains is the `kernel_delay_ms` assumption of the lease protocol: a
+//! freeze in the microseconds between rendering and the write to the pipe can
+//! let a stale timeout stand until that rewrite, a few milliseconds after the
+//! agent runs again.
+//!
+//! # Resetting flows of a dead owner
+//! [`LinuxDataPlane::set_reset_buckets`] marks owned buckets whose previous
+//! owner is known to be dead: mid-stream TCP packets of flows this host does
+//! not know then get a RST, so the dead host's clients reconnect at once
+//! instead of timing out. The agent does not call it yet: an assignment does
+//! not say whether a bucket came from a fenced member or a planned release
+//! (where the old owner still serves its connections and a RST would cut them).
+//!
 //! Known limit: the jhash form writes the bucket into the packet mark
 //! (`meta mark set jhash ..`) for new flows to a VIP, overwriting any mark set
 //! earlier in prerouting (nft 1.0.6 cannot list a `typeof jhash` set, which
