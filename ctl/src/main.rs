@@ -4,6 +4,8 @@ mod bench;
 mod certs;
 mod client;
 
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -336,6 +338,10 @@ async fn status(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
             ),
         }
     }
+    if main.members > 0 {
+        println!();
+        members(admin, false).await?;
+    }
     Ok(())
 }
 
@@ -389,31 +395,52 @@ async fn buckets(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    // One character per bucket, 64 per line: a letter per owner, '.' for unowned.
-    let mut owners: Vec<&str> = r
-        .buckets
+    print!(
+        "{}",
+        bucket_map(&r.buckets, std::io::stdout().is_terminal())
+    );
+    Ok(())
+}
+
+/// One character per bucket, 64 per line (fits 80 columns): a letter per owner,
+/// coloured on a terminal, '.' for unowned.
+fn bucket_map(buckets: &[pb::BucketInfo], colour: bool) -> String {
+    use std::fmt::Write;
+    let mut owners: Vec<&str> = buckets
         .iter()
         .map(|b| b.owner.as_str())
         .filter(|o| !o.is_empty())
         .collect();
     owners.sort_unstable();
     owners.dedup();
-    let letter = |o: &str| {
-        owners
-            .iter()
-            .position(|x| *x == o)
-            .map_or('.', |i| (b'A' + (i % 26) as u8) as char)
+    let paint = |i: usize, c: char| {
+        if colour {
+            format!("\x1b[{}m{c}\x1b[0m", 31 + (i % 6))
+        } else {
+            c.to_string()
+        }
     };
-    for chunk in r.buckets.chunks(64) {
+    let mut out = String::new();
+    for chunk in buckets.chunks(64) {
         let first = chunk.first().map_or(0, |b| b.bucket);
-        let line: String = chunk.iter().map(|b| letter(&b.owner)).collect();
-        println!("{first:>5} {line}");
+        let _ = write!(out, "{first:>5} ");
+        for b in chunk {
+            match owners.iter().position(|x| *x == b.owner) {
+                Some(i) => out.push_str(&paint(i, (b'A' + (i % 26) as u8) as char)),
+                None => out.push('.'),
+            }
+        }
+        out.push('\n');
     }
     for (i, o) in owners.iter().enumerate() {
-        let n = r.buckets.iter().filter(|b| b.owner == *o).count();
-        println!("  {} = {o} ({n})", (b'A' + (i % 26) as u8) as char);
+        let n = buckets.iter().filter(|b| b.owner == *o).count();
+        let _ = writeln!(
+            out,
+            "  {} = {o} ({n})",
+            paint(i, (b'A' + (i % 26) as u8) as char)
+        );
     }
-    Ok(())
+    out
 }
 
 async fn which(
@@ -459,4 +486,30 @@ async fn which(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_map_fits_80_columns_and_names_owners() {
+        let buckets: Vec<pb::BucketInfo> = (0..256)
+            .map(|i| pb::BucketInfo {
+                bucket: i,
+                owner: if i % 5 == 0 {
+                    String::new()
+                } else {
+                    format!("web-{}", i % 3)
+                },
+                epoch: 1,
+            })
+            .collect();
+        let map = bucket_map(&buckets, false);
+        assert!(map.lines().all(|l| l.chars().count() <= 80), "{map}");
+        assert!(map.starts_with("    0 .BCAB."), "{map}");
+        assert!(map.contains("  A = web-0 ("));
+        let coloured = bucket_map(&buckets, true);
+        assert!(coloured.contains("\x1b[31mA\x1b[0m"));
+    }
 }
