@@ -100,6 +100,7 @@ EOF
   ns "${LAB}-c$i" "$BIN/vipshare-controller" --config "$LAB_DIR/controller-$i.toml" \
     >>"$LAB_DIR/controller-$i.log" 2>&1 &
   echo $! >"$LAB_DIR/controller-$i.pid"
+  disown
 }
 
 lab_start_agent() {
@@ -124,6 +125,7 @@ EOF
   ns "${LAB}-h$i" "$BIN/vipshare-agent" --config "$LAB_DIR/agent-h$i.toml" \
     >>"$LAB_DIR/agent-h$i.log" 2>&1 &
   echo $! >"$LAB_DIR/agent-h$i.pid"
+  disown
 }
 
 lab_start_server() {
@@ -132,13 +134,14 @@ lab_start_server() {
   ns "${LAB}-h$i" python3 "$LAB_SRC/server.py" "h$i" 0.0.0.0 "$PORT" \
     >>"$LAB_DIR/server-h$i.log" 2>&1 &
   echo $! >"$LAB_DIR/server-h$i.pid"
+  disown
 }
 
 lab_kill() { # lab_kill NAME [SIGNAL]
   local f="$LAB_DIR/$1.pid"
-  [ -f "$f" ] && kill "-${2:-KILL}" "$(cat "$f")" 2>/dev/null
-  [ "${2:-KILL}" = KILL ] && rm -f "$f"
-  return 0
+  [ -f "$f" ] || return 0
+  kill "-${2:-KILL}" "$(cat "$f")" 2>/dev/null || true
+  if [ "${2:-KILL}" = KILL ]; then rm -f "$f"; fi
 }
 
 # A host crash: agent and server killed, link down.
@@ -166,10 +169,11 @@ lab_client() { ns "${LAB}-cl" python3 "$LAB_SRC/client.py" "$@"; }
 lab_down() {
   local f
   for f in "$LAB_DIR"/*.pid; do
-    [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null
+    [ -f "$f" ] || continue
+    kill -KILL "$(cat "$f")" 2>/dev/null || true
     rm -f "$f"
   done
-  for f in $(ip netns list | awk '{print $1}' | grep "^${LAB}-"); do
-    ip netns delete "$f"
+  for f in $(ip netns list | awk '{print $1}' | grep "^${LAB}-" || true); do
+    ip netns delete "$f" || true
   done
 }
