@@ -71,8 +71,9 @@ impl Ownership {
                 _ = shutdown.changed() => return,
             }
             let view = self.node.view();
-            self.leases
-                .observe(view.state.members.keys().map(String::as_str));
+            let state = &view.state;
+            self.leases.observe(state.members.keys().map(String::as_str));
+            self.leases.retain(|m| state.members.contains_key(m));
             if view.role.role != StateRole::Leader {
                 if leading {
                     planner.reset();
@@ -81,8 +82,6 @@ impl Ownership {
                 continue;
             }
             leading = true;
-            let state = &view.state;
-            self.leases.retain(|m| state.members.contains_key(m));
             self.refresh_peers(&mut peers, &view.state.controllers);
             let now = self.leases.now_ms();
             let wall = wall_ms();
@@ -130,8 +129,8 @@ impl Ownership {
 
     /// Two phases over every voter (this controller included): first ask whether
     /// each could agree, recording nothing; only if a majority could, ask them to
-    /// agree for real. Marking on one controller while the others still ack the
-    /// member would cut a live member off that controller for nothing.
+    /// agree for real, this controller last. Marking on one controller while the
+    /// others still ack the member would cut a live member off that controller.
     fn fence_round(&self, peers: &Peers, voters: Vec<u64>, member: String, epoch: u64, wall: u64) {
         let need = majority(voters.len());
         let me = self.me;
@@ -173,15 +172,16 @@ impl Ownership {
                 tracing::debug!(%member, epoch, could, need, "member still acked by a majority");
                 return;
             }
-            let mut agreed = match leases.fence(&member, epoch) {
-                Ok(None) => 1,
-                Ok(Some(_)) => 0,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot persist fence mark");
-                    0
+            // The others mark first; this controller marks only if that makes a
+            // majority, so a leader cut off from the members poisons nobody.
+            let mut agreed = ask(true).await.into_iter().filter(|a| *a).count();
+            if agreed + 1 >= need {
+                match leases.fence(&member, epoch) {
+                    Ok(None) => agreed += 1,
+                    Ok(Some(_)) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot persist fence mark"),
                 }
-            };
-            agreed += ask(true).await.into_iter().filter(|a| *a).count();
+            }
             let ok = agreed >= need;
             crate::metrics::fencing_round(ok);
             if !ok {

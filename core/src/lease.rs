@@ -107,6 +107,9 @@ pub struct Promises {
     /// restarted controller does not remember what it promised before.
     started: u64,
     last_ack: BTreeMap<String, u64>,
+    /// Start of each member's current run of acks with no gap of a lease or more:
+    /// how long it has been steadily up, as this controller saw it.
+    acked_since: BTreeMap<String, u64>,
     /// Highest epoch per member this controller agreed to fence. Must survive
     /// restarts (the controller persists it), or a restarted controller could ack
     /// a fenced epoch again.
@@ -137,6 +140,7 @@ impl Promises {
             timing,
             started: now,
             last_ack: BTreeMap::new(),
+            acked_since: BTreeMap::new(),
             fenced,
         }
     }
@@ -169,9 +173,25 @@ impl Promises {
         if epoch != current {
             return Err(Refusal::StaleEpoch { current });
         }
+        let lease = self.timing.lease_ms;
+        let prev = self.last_ack.get(member).copied();
+        let since = self.acked_since.entry(member.to_string()).or_insert(now);
+        if prev.is_none_or(|p| now >= p + lease) {
+            *since = now;
+        }
         let t = self.last_ack.entry(member.to_string()).or_insert(now);
         *t = (*t).max(now);
         Ok(())
+    }
+
+    /// How long `member` has been acked without a gap of a lease, or None if it is
+    /// not acked now.
+    pub fn steady_for(&self, now: u64, member: &str) -> Option<u64> {
+        let last = *self.last_ack.get(member)?;
+        if now >= last + self.timing.lease_ms {
+            return None;
+        }
+        Some(now.saturating_sub(*self.acked_since.get(member)?))
     }
 
     /// Promise as if acked now to members this controller has not seen before: a
@@ -216,6 +236,7 @@ impl Promises {
     /// Forget members that are gone from the replicated state.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.last_ack.retain(|m, _| keep(m));
+        self.acked_since.retain(|m, _| keep(m));
         self.fenced.retain(|m, _| keep(m));
     }
 }
@@ -406,6 +427,20 @@ mod tests {
             p.heartbeat(0, "x", 3, Some(2)),
             Err(Refusal::StaleEpoch { current: 2 })
         );
+    }
+
+    #[test]
+    fn steadiness_restarts_after_a_gap_of_a_lease() {
+        let t = LeaseTiming::default();
+        let mut p = Promises::new(t, 0, BTreeMap::new());
+        assert_eq!(p.steady_for(0, "x"), None);
+        for now in (1000..=3000).step_by(100) {
+            p.heartbeat(now, "x", 1, Some(1)).unwrap();
+        }
+        assert_eq!(p.steady_for(3050, "x"), Some(2050));
+        assert_eq!(p.steady_for(3000 + t.lease_ms, "x"), None, "silent for a lease");
+        p.heartbeat(4000, "x", 1, Some(1)).unwrap();
+        assert_eq!(p.steady_for(4100, "x"), Some(100), "a new run after the gap");
     }
 
     #[test]

@@ -68,7 +68,6 @@ pub struct Planner {
     cfg: PlannerConfig,
     faults: PlannerFaults,
     recent: BTreeMap<String, u64>,
-    up_since: BTreeMap<String, u64>,
     released: BTreeMap<u32, (String, u64)>,
     release_seen: BTreeMap<u32, u64>,
     last_mass_fence: Option<u64>,
@@ -215,24 +214,23 @@ impl Planner {
         }
 
         // 2. Re-admit fenced members that heartbeat steadily and are not damped.
+        // Steadiness is each controller's own record, so a leader change does not
+        // restart the clock.
         for (name, m) in state.members.iter().filter(|(_, m)| m.down) {
-            let live = now < promises.last_ack(name) + timing.lease_ms;
-            if !live {
-                self.up_since.remove(name);
+            let Some(steady) = promises.steady_for(now, name) else {
                 continue;
-            }
-            let since = *self.up_since.entry(name.clone()).or_insert(now);
-            let stable = now >= since + damping.min_stable_ms;
+            };
             let damped = m.suppressed && damping.current(m.penalty, wall_ms) > damping.reuse;
-            if stable && !damped && self.due(format!("readmit:{name}:{}", m.epoch), now) {
+            if steady >= damping.min_stable_ms
+                && !damped
+                && self.due(format!("readmit:{name}:{}", m.epoch), now)
+            {
                 actions.push(Action::Propose(Command::Readmit {
                     name: name.clone(),
                     epoch: m.epoch,
                 }));
             }
         }
-        self.up_since
-            .retain(|n, _| state.members.get(n).is_some_and(|m| m.down));
 
         // 3.-5. Move buckets towards the policy's target.
         let members = Self::eligible(state, promises, now);
@@ -489,7 +487,10 @@ mod tests {
         };
         for now in (5050..5000 + lc).step_by(50) {
             heartbeat_all(&mut pr, &s, now, &["b"]);
-            assert!(!fenced(&step(&mut p, &mut s, &pr, now)), "b fenced at {now}");
+            assert!(
+                !fenced(&step(&mut p, &mut s, &pr, now)),
+                "b fenced at {now}"
+            );
         }
         // Still silent a promise after it joined: fenced.
         let now = 5050 + lc;

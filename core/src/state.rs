@@ -106,6 +106,10 @@ pub struct ClusterState {
     pub settings: Option<Settings>,
     pub members: BTreeMap<String, Member>,
     pub buckets: Vec<Bucket>,
+    /// Last epoch of removed members: a member added again continues above it, so
+    /// its agent and old fence marks never see an epoch twice.
+    #[serde(default)]
+    pub retired: BTreeMap<String, u64>,
     /// Controller raft id -> address, maintained from applied configuration changes.
     pub controllers: BTreeMap<u64, String>,
     /// Raft index of the last applied entry.
@@ -250,7 +254,11 @@ impl ClusterState {
                 if self.members.contains_key(&name) {
                     return Err(ApplyError::MemberExists(name));
                 }
-                self.members.insert(name, Member::new(weight));
+                let mut m = Member::new(weight);
+                if let Some(e) = self.retired.remove(&name) {
+                    m.epoch = e + 1;
+                }
+                self.members.insert(name, m);
                 Ok(())
             }
             Command::RemoveMember { name } => {
@@ -259,7 +267,9 @@ impl ClusterState {
                 if buckets > 0 {
                     return Err(ApplyError::StillOwns { name, buckets });
                 }
-                self.members.remove(&name);
+                if let Some(m) = self.members.remove(&name) {
+                    self.retired.insert(name.clone(), m.epoch);
+                }
                 for b in &mut self.buckets {
                     if b.home.as_deref() == Some(name.as_str()) {
                         b.home = None;
@@ -575,6 +585,13 @@ mod tests {
         );
         s.apply(Command::RemoveMember { name: "a".into() }).unwrap();
         assert_eq!(s.buckets[2].home, None);
+        // Added again, it continues above its old epoch.
+        s.apply(Command::AddMember {
+            name: "a".into(),
+            weight: 1,
+        })
+        .unwrap();
+        assert_eq!(s.members["a"].epoch, 3);
     }
 
     #[test]

@@ -90,6 +90,9 @@ pub struct Kernel {
     pub set: BTreeMap<u32, KernelEntry>,
     /// True time the last issued operation lands; later ones never overtake it.
     pub last_land: u64,
+    /// Per bucket, when this host last stopped accepting it, and whether it was
+    /// because the element timed out (rather than being withdrawn or replaced).
+    pub ended: BTreeMap<u32, (u64, bool)>,
 }
 
 impl Kernel {
@@ -105,9 +108,32 @@ impl Kernel {
             .map(|(&b, e)| (b, e))
     }
 
+    /// When this host last stopped accepting `bucket` (as of `now`, while it does
+    /// not accept it), and whether by timing out.
+    pub fn last_end(&self, bucket: u32, now: u64) -> Option<(u64, bool)> {
+        match self.set.get(&bucket) {
+            Some(e) if e.until <= now => Some((e.until, true)),
+            _ => self.ended.get(&bucket).copied(),
+        }
+    }
+
+    fn end(&mut self, bucket: u32, e: &KernelEntry, now: u64) {
+        let end = if e.until <= now {
+            (e.until, true)
+        } else {
+            (now, false)
+        };
+        self.ended.insert(bucket, end);
+    }
+
     /// `flush set` + add the elements with a timeout ending at true time `until`.
     pub fn install(&mut self, now: u64, buckets: &[(u32, u64)], until: u64, member_epoch: u64) {
         let old = std::mem::take(&mut self.set);
+        for (b, e) in &old {
+            if e.until <= now || !buckets.iter().any(|g| g.0 == *b) {
+                self.end(*b, e, now);
+            }
+        }
         for &(b, bucket_epoch) in buckets {
             let since = old
                 .get(&b)
@@ -125,13 +151,24 @@ impl Kernel {
         }
     }
 
-    pub fn withdraw(&mut self, bucket: u32) {
-        self.set.remove(&bucket);
+    pub fn withdraw(&mut self, bucket: u32, now: u64) {
+        if let Some(e) = self.set.remove(&bucket) {
+            self.end(bucket, &e, now);
+        }
     }
 
     /// Forget elements that timed out (they accept nothing any more).
     pub fn expire(&mut self, now: u64) {
-        self.set.retain(|_, e| e.until > now);
+        let gone: Vec<(u32, KernelEntry)> = self
+            .set
+            .iter()
+            .filter(|(_, e)| e.until <= now)
+            .map(|(&b, &e)| (b, e))
+            .collect();
+        for (b, e) in gone {
+            self.set.remove(&b);
+            self.end(b, &e, now);
+        }
     }
 }
 
@@ -392,7 +429,12 @@ mod tests {
         assert!(k.accepts(1, 100).is_none());
         assert_eq!(k.accepts(2, 599).map(|e| e.since), Some(10));
         assert!(k.accepts(3, 600).is_none(), "half-open: not at its expiry");
-        k.withdraw(2);
+        k.withdraw(2, 200);
         assert_eq!(k.accepting(200).map(|(b, _)| b).collect::<Vec<_>>(), [3]);
+        assert_eq!(k.last_end(1, 200), Some((100, false)), "replaced away");
+        assert_eq!(k.last_end(2, 200), Some((200, false)), "withdrawn");
+        assert_eq!(k.last_end(3, 700), Some((600, true)), "timed out");
+        k.expire(700);
+        assert_eq!(k.last_end(3, 700), Some((600, true)));
     }
 }

@@ -165,7 +165,11 @@ pub enum AgentFault {
     /// kernel set stays until its elements time out.
     Kill { down_ms: u64 },
     /// Repeated kill and restart (a crash-looping agent).
-    Flap { cycles: u32, up_ms: u64, down_ms: u64 },
+    Flap {
+        cycles: u32,
+        up_ms: u64,
+        down_ms: u64,
+    },
     /// The agent and the raft leader cannot reach each other; the agent still
     /// reaches the other controllers.
     CutFromLeader { duration_ms: u64 },

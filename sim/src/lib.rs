@@ -1,10 +1,11 @@
-//! `vipshare-sim`: a deterministic simulator for vipshare's controllers.
+//! `vipshare-sim`: a deterministic simulator for vipshare's controllers, node
+//! agents and bucket leases.
 //!
 //! It runs N controller replicas — the real [`vipshare_core::replica::Replica`] and
 //! state machine, unmodified — on one thread, against a simulated disk and a
 //! simulated network, in virtual time, all from one `u64` seed. The same seed
 //! always produces the same run, byte for byte: every random choice comes from one
-//! ChaCha8 stream (the fault plan from a second stream of the same seed), every
+//! ChaCha8 stream (the fault plans from other streams of the same seed), every
 //! collection the simulator iterates is ordered, and no wall clock is read. Raft's
 //! own election randomness is neutralised by the replica's configuration
 //! (`max_election_tick = election_tick + 1`); elections are decided by the tick
@@ -33,9 +34,27 @@
 //! - **Invariants** ([`invariants`]): checked after every step; see that module.
 //! - **Durability**: a crashed node's disk is checked against what the node told
 //!   others before it crashed (its term, its vote, the entries it acknowledged).
+//! - **Agents and leases** ([`agents`], `world/leases.rs`; on by default,
+//!   `SimConfig::agents`): 3 to 8 node agents run the agent side of the quorum
+//!   lease protocol ([`vipshare_core::lease::AgentLease`]) against every
+//!   controller; controllers answer with the real
+//!   [`vipshare_core::lease::Promises`] and the leader runs the real
+//!   [`vipshare_core::ownership::Planner`]. Every host (agent or controller) has
+//!   its own clock, running up to rho fast or slow. Each agent host has a kernel
+//!   filter model: bucket -> expiry in true time, installed after a delay of at
+//!   most delta, kept while the agent is stopped or dead. Agent faults: pauses,
+//!   kills, crash loops, partitions from the leader (also followed by a freeze),
+//!   from some or all controllers, one way or both, and operator drains,
+//!   undrains and weight changes.
+//! - **Ownership invariants**: no two hosts' kernels accept one bucket at the
+//!   same true instant (exclusivity); bucket epochs only grow with the applied
+//!   index; a suppressed member owns nothing.
 //! - **Liveness**: at the end every fault is healed and every crashed node
 //!   restarted; within a bound, every voter must have applied the same last
-//!   index and a fresh proposal must have committed.
+//!   index and a fresh proposal must have committed. With agents, every bucket
+//!   must then be owned by a running agent whose kernel accepts it within a
+//!   stated bound, the planner must settle, and nothing may move in a
+//!   fault-free quiet window.
 //!
 //! A run is [`world::run_seed`]; the CLI (`vipshare-sim --seeds 500`) runs many.
 

@@ -29,6 +29,9 @@ enum Bug {
     /// An agent whose epoch the leader or too many voters refuse for good keeps
     /// heartbeating instead of letting itself be fenced.
     AgentNeverYields,
+    /// The leader records its own fence agreement before the others (the
+    /// controller's behaviour before it was fixed to mark last).
+    LeaderFencesFirst,
 }
 
 #[derive(Debug, Parser)]
@@ -52,6 +55,8 @@ struct Args {
     /// Turn on a deliberately injected bug.
     #[arg(long, value_enum)]
     bug: Option<Bug>,
+    /// Model a proposed controller change: the leader records its own fence
+
     /// The raft-only model: no agents, leases or ownership planner.
     #[arg(long)]
     no_agents: bool,
@@ -94,6 +99,7 @@ fn config(args: &Args, seed: u64) -> SimConfig {
     cfg.skip_fence_wait = args.bug == Some(Bug::SkipFenceWait);
     cfg.agent_state_file = args.bug != Some(Bug::AgentForgetsReleases);
     cfg.agent_yields = args.bug != Some(Bug::AgentNeverYields);
+    cfg.fence_self_last = args.bug != Some(Bug::LeaderFencesFirst);
     cfg.agents = !args.no_agents;
     cfg.agent_count = args.agents.map(|n| n as usize);
     cfg.fault_gap_ms = args.fault_gap_ms.max(4);
@@ -109,7 +115,7 @@ fn line(r: &RunReport) -> String {
                 String::new()
             } else {
                 format!(
-                    "; {} agents, {} agent faults, {} kills, {} lease extensions, {} fence rounds, {} fences, {} yields, converged in {}, settled in {}",
+                    "; {} agents, {} agent faults, {} kills, {} lease extensions, {} fence rounds, {} fences, {} yields, closest handovers {}/{}, {:.0}% unserved in faults, converged in {}, settled in {}",
                     s.agents,
                     s.agent_faults,
                     s.agent_kills,
@@ -117,6 +123,11 @@ fn line(r: &RunReport) -> String {
                     s.fence_rounds,
                     s.fences_proposed,
                     s.agent_yields,
+                    s.closest_handover_after_expiry_ms
+                        .map_or("-".into(), |t| format!("{t}ms")),
+                    s.closest_handover_after_withdrawal_ms
+                        .map_or("-".into(), |t| format!("{t}ms")),
+                    100.0 * s.unserved_bucket_ms as f64 / s.bucket_ms.max(1) as f64,
                     s.convergence_ms.map_or("-".into(), |t| format!("{t}ms")),
                     if s.convergence_skipped {
                         "- (all live members damped)".to_string()

@@ -9,8 +9,8 @@
 //! Events: deliver a message, tick a node, a client operation, a fault (from the
 //! [`FaultPlan`]) and the ends of faults (restart, heal, resume), and in the final
 //! phase, liveness probes. Node agents, leases and the ownership planner live in
-//! [`leases`](self::leases) (events [`Event::Lease`]); after raft is live again the
-//! run goes on to check that bucket ownership converges and then stays quiet.
+//! `world/leases.rs` (events `Event::Lease`); after raft is live again the run
+//! goes on to check that bucket ownership converges and then stays quiet.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap};
@@ -75,6 +75,10 @@ pub struct SimConfig {
     /// fenced. Off: it keeps heartbeating, and a leader that still acks it never
     /// fences it.
     pub agent_yields: bool,
+    /// The leader records its own agreement to a fence only once the others'
+    /// agreements make a majority with it (the controller records it first, so
+    /// a leader cut off from the agents marks every member it cannot hear).
+    pub fence_self_last: bool,
     /// Length of the fault-free window after convergence in which no bucket may move.
     pub quiet_ms: u64,
     /// Print the event trace to stdout.
@@ -100,6 +104,7 @@ impl SimConfig {
             skip_fence_wait: false,
             agent_state_file: true,
             agent_yields: true,
+            fence_self_last: true,
             quiet_ms: 3000,
             print_trace: false,
             hash_trace: false,
@@ -177,6 +182,16 @@ pub struct Stats {
     pub settled_ms: Option<u64>,
     /// Every live member was damped past the bound: convergence not checked.
     pub convergence_skipped: bool,
+    /// Smallest gap between one host's kernel element for a bucket timing out
+    /// and another host's kernel starting to accept that bucket (the slack of
+    /// failover by fencing).
+    pub closest_handover_after_expiry_ms: Option<u64>,
+    /// ... after the previous holder withdrew it (planned moves).
+    pub closest_handover_after_withdrawal_ms: Option<u64>,
+    /// During the faults (after the cluster was initialised): bucket-ms in
+    /// which no kernel accepted the bucket, out of `bucket_ms`.
+    pub unserved_bucket_ms: u64,
+    pub bucket_ms: u64,
 }
 
 /// The result of one seed.
@@ -290,7 +305,9 @@ impl Node {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Faults,
-    Liveness { deadline: u64 },
+    Liveness {
+        deadline: u64,
+    },
     /// Agents mode, after raft is live: ownership converges, then stays quiet.
     End(EndPhase),
     Done,

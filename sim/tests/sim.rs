@@ -1,5 +1,5 @@
 //! End-to-end tests of the simulator: healthy seeds pass, runs are deterministic,
-//! the injected durability bug is caught, and the checkers can fail.
+//! the injected durability and fencing bugs are caught, and the checkers can fail.
 
 use raft::StateRole;
 use vipshare_core::replica::{AppliedEntry, Outcome, RoleState};
@@ -27,7 +27,87 @@ fn a_handful_of_seeds_pass() {
             "seed {seed}: nothing committed"
         );
         assert!(stats.leaders > 0, "seed {seed}: no leader ever");
+        assert!(stats.agents >= 3, "seed {seed}: agents are on by default");
+        assert!(
+            stats.lease_extensions > 0 && stats.kernel_installs > 0,
+            "seed {seed}: no agent ever held a lease: {stats:?}"
+        );
+        assert!(
+            stats.convergence_ms.is_some() || stats.convergence_skipped,
+            "seed {seed}: convergence was not checked: {stats:?}"
+        );
     }
+}
+
+#[test]
+fn the_raft_only_model_still_runs() {
+    for seed in [0, 3] {
+        let mut cfg = config(seed);
+        cfg.agents = false;
+        let stats = run_seed(cfg).result.expect("raft-only seed passes");
+        assert_eq!(stats.agents, 0);
+        assert_eq!(stats.lease_messages, 0);
+    }
+}
+
+/// For the fencing bug: controller faults every 3 s on average instead of every
+/// 0.7 s, so that agents hold buckets under one leader long enough for the
+/// agent/leader partitions of the agent fault plan to matter.
+fn fencing_config(seed: u64) -> SimConfig {
+    let mut cfg = config(seed);
+    cfg.fault_gap_ms = 3000;
+    cfg
+}
+
+#[test]
+fn skip_fence_wait_is_caught_as_an_exclusivity_violation() {
+    // An agent cut off from the leader but not from the others keeps its lease;
+    // the buggy leader fences it after one lease on its own clock, without the
+    // others' agreement, and gives its buckets away while its kernel still
+    // accepts them (it also froze, so it cannot withdraw them on hearing of
+    // the fence).
+    const SEEDS: u64 = 10;
+    let mut caught = Vec::new();
+    let mut other = Vec::new();
+    for seed in 0..SEEDS {
+        let mut cfg = fencing_config(seed);
+        cfg.skip_fence_wait = true;
+        if let Err(f) = run_seed(cfg).result {
+            if f.kind == FailureKind::Safety && f.message.contains("exclusivity violated") {
+                caught.push(seed);
+            } else {
+                other.push((seed, f.kind, f.message));
+            }
+        }
+    }
+    assert!(
+        caught.len() >= 2,
+        "skip-fence-wait caught in only {caught:?} of {SEEDS} seeds; other failures: {other:?}"
+    );
+    // The correct planner passes the same seeds.
+    for seed in 0..SEEDS {
+        if let Err(f) = run_seed(fencing_config(seed)).result {
+            panic!("seed {seed} fails with the correct planner: {f:?}");
+        }
+    }
+}
+
+#[test]
+fn agents_that_never_yield_can_get_stuck() {
+    // Fence marks of rounds that never completed refuse a member's epoch for
+    // good. If that leaves it without a majority, or the leader among the
+    // refusers, only a fence clears it; an agent that keeps heartbeating is
+    // never fenced (or its buckets never move), and ownership never settles.
+    let mut stuck = Vec::new();
+    for seed in [1, 14, 15, 25] {
+        let mut cfg = SimConfig::new(seed);
+        cfg.agent_yields = false;
+        if let Err(f) = run_seed(cfg).result {
+            assert_eq!(f.kind, FailureKind::Liveness, "{f:?}");
+            stuck.push(seed);
+        }
+    }
+    assert!(!stuck.is_empty(), "no seed got stuck without yielding");
 }
 
 #[test]

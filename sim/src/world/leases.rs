@@ -20,23 +20,21 @@
 //! - **bucket epochs only increase** with the applied index, over every
 //!   controller's applied states;
 //! - **a suppressed member owns nothing**, in every applied state;
-//! - **convergence** after the faults (see [`World::converge_bound`]);
+//! - **convergence** after the faults (see `World::converge_bound`);
 //! - **quiet**: in a fault-free window after convergence no bucket changes
 //!   owner (or epoch), the leader stays, and every owner's kernel keeps
 //!   accepting its buckets.
 
 use std::collections::BTreeSet;
 
+use vipshare_core::damping::Damping;
 use vipshare_core::lease::{majority, LeaseTiming, Promises};
 use vipshare_core::ownership::{Action, Planner, PlannerConfig, PlannerFaults};
 use vipshare_core::policy;
-use vipshare_core::damping::Damping;
 use vipshare_core::state::{Member, MemberState};
 
 use super::*;
-use crate::agents::{
-    Agent, Assignment, Clock, Host, Kernel, KernelOp, LeaseMsg, AGENT_ID_BASE,
-};
+use crate::agents::{Agent, Assignment, Clock, Host, Kernel, KernelOp, LeaseMsg, AGENT_ID_BASE};
 use crate::faults::{AgentFault, AgentFaultPlan};
 
 /// Lease events of the world's queue.
@@ -146,6 +144,9 @@ pub(super) struct LeaseWorld {
     healed_at: u64,
     live_at: u64,
     converge_deadline: u64,
+    /// Buckets in the cluster (once initialised) and the previous check.
+    bucket_count: u64,
+    last_check: u64,
 }
 
 /// The end-of-run phases that follow raft liveness.
@@ -403,6 +404,7 @@ impl World {
 
         // Bucket epochs never go down as the applied index grows.
         let epochs: Vec<u64> = s.buckets.iter().map(|b| b.epoch).collect();
+        self.lease.bucket_count = self.lease.bucket_count.max(epochs.len() as u64);
         if !epochs.is_empty() {
             let before = self.lease.epochs.range(..applied).next_back();
             let after = self.lease.epochs.range(applied + 1..).next();
@@ -512,7 +514,9 @@ impl World {
         let Some(to_incarnation) = to_incarnation else {
             if self.tracing() {
                 let (a, b) = (self.label(from), self.label(to));
-                self.trace_line(&a, || format!("send {} to {b} DROPPED (down)", msg.describe()));
+                self.trace_line(&a, || {
+                    format!("send {} to {b} DROPPED (down)", msg.describe())
+                });
             }
             return;
         };
@@ -528,7 +532,9 @@ impl World {
             Route::Deliver(delays) => {
                 if self.tracing() {
                     let (a, b) = (self.label(from), self.label(to));
-                    self.trace_line(&a, || format!("send {} to {b} in {delays:?}ms", msg.describe()));
+                    self.trace_line(&a, || {
+                        format!("send {} to {b} in {delays:?}ms", msg.describe())
+                    });
                 }
                 let last = delays.len() - 1;
                 let mut msg = Some(msg);
@@ -563,7 +569,8 @@ impl World {
             return Ok(());
         }
         let paused_until = if is_agent(to) {
-            self.host_by_id(to).map_or(0, |i| self.hosts[i].paused_until)
+            self.host_by_id(to)
+                .map_or(0, |i| self.hosts[i].paused_until)
         } else {
             self.nodes.get(&to).map_or(0, |n| n.paused_until)
         };
@@ -593,7 +600,7 @@ impl World {
             let Some(i) = self.host_by_id(to) else {
                 return Ok(());
             };
-            self.agent_recv(i, from, *msg);
+            self.agent_recv(i, *msg);
             Ok(())
         } else {
             self.ctl_recv(to, from, from_incarnation, *msg)
@@ -715,7 +722,11 @@ impl World {
         let Some(r) = self.nodes.get(&id).and_then(Node::replica) else {
             return;
         };
-        if self.nodes.get(&id).is_some_and(|n| n.paused_until > self.now) {
+        if self
+            .nodes
+            .get(&id)
+            .is_some_and(|n| n.paused_until > self.now)
+        {
             return;
         }
         let Some(c) = self.ctl.get_mut(&id) else {
@@ -820,7 +831,9 @@ impl World {
                 if agreed {
                     // Persisted (fsync'd) before the answer.
                     c.fenced = p.fenced().clone();
-                    self.trace(Some(id), || format!("agrees to fence {member}@{epoch}: never acks it again"));
+                    self.trace(Some(id), || {
+                        format!("agrees to fence {member}@{epoch}: never acks it again")
+                    });
                 }
                 self.lease_reply(
                     id,
@@ -865,11 +878,7 @@ impl World {
             return Ok(());
         };
         let state = r.state();
-        let timing = state
-            .settings
-            .as_ref()
-            .map(|s| s.lease)
-            .unwrap_or_default();
+        let timing = state.settings.as_ref().map(|s| s.lease).unwrap_or_default();
         let period = c.clock.true_ms((timing.heartbeat_ms / 2).max(10));
         self.schedule(
             self.now + period,
@@ -974,7 +983,10 @@ impl World {
         let round = c.next_round;
         c.next_round += 1;
         let mut agreed = BTreeSet::new();
-        if p.fence(c.clock.local(now), &member, epoch) {
+        // The controller's fence_round agrees itself first (a persisted mark, even
+        // if nobody else is reachable); with `fence_self_last` the leader agrees
+        // only once the others' agreements make a majority with it.
+        if !self.cfg.fence_self_last && p.fence(c.clock.local(now), &member, epoch) {
             c.fenced = p.fenced().clone();
             agreed.insert(id);
         }
@@ -1016,9 +1028,22 @@ impl World {
 
     /// Proposes the fence once a majority agreed.
     fn check_round(&mut self, id: u64, round: u64) -> Result<(), Failure> {
-        let Some(rd) = self.ctl.get_mut(&id).and_then(|c| c.rounds.get_mut(&round)) else {
+        let now = self.now;
+        let self_last = self.cfg.fence_self_last;
+        let Some(c) = self.ctl.get_mut(&id) else {
             return Ok(());
         };
+        let Some(rd) = c.rounds.get_mut(&round) else {
+            return Ok(());
+        };
+        if self_last && !rd.proposed && !rd.agreed.contains(&id) && rd.agreed.len() + 1 >= rd.need {
+            if let Some(p) = c.promises.as_mut() {
+                if p.fence(c.clock.local(now), &rd.member, rd.epoch) {
+                    c.fenced = p.fenced().clone();
+                    rd.agreed.insert(id);
+                }
+            }
+        }
         if rd.proposed || rd.agreed.len() < rd.need {
             return Ok(());
         }
@@ -1147,7 +1172,7 @@ impl World {
         }
     }
 
-    fn agent_recv(&mut self, i: usize, from: u64, msg: LeaseMsg) {
+    fn agent_recv(&mut self, i: usize, msg: LeaseMsg) {
         match msg {
             LeaseMsg::HeartbeatReply {
                 controller,
@@ -1201,9 +1226,11 @@ impl World {
                 controller,
                 assignment,
             } => self.agent_assignment(i, controller, *assignment),
-            _ => {
-                let _ = from;
-            }
+            // Requests go to controllers only.
+            LeaseMsg::Heartbeat { .. }
+            | LeaseMsg::Released { .. }
+            | LeaseMsg::FenceRequest { .. }
+            | LeaseMsg::FenceReply { .. } => {}
         }
     }
 
@@ -1225,7 +1252,9 @@ impl World {
         if flush {
             a.installed.clear();
         }
-        self.trace_host(i, || format!("adopts member epoch {epoch} ({why}; was {old})"));
+        self.trace_host(i, || {
+            format!("adopts member epoch {epoch} ({why}; was {old})")
+        });
         if flush {
             let op = KernelOp::Install {
                 buckets: Vec::new(),
@@ -1275,15 +1304,18 @@ impl World {
             return;
         }
         if asg.member_epoch > a.epoch {
-            self.adopt_epoch(i, asg.member_epoch, &format!("assignment from n{controller}"));
+            self.adopt_epoch(
+                i,
+                asg.member_epoch,
+                &format!("assignment from n{controller}"),
+            );
         }
         let h = &mut self.hosts[i];
         let incarnation = h.incarnation;
         let Some(a) = h.agent.as_mut() else {
             return;
         };
-        if a
-            .assignment
+        if a.assignment
             .as_ref()
             .is_some_and(|cur| cur.applied_index >= asg.applied_index)
         {
@@ -1365,8 +1397,34 @@ impl World {
                 timeout_ms,
                 member_epoch,
             } => {
-                let h = &mut self.hosts[i];
+                let h = &self.hosts[i];
                 let until = now + h.clock.true_ms(timeout_ms);
+                // How long after another host stopped accepting a bucket this
+                // host starts: the protocol's slack at every handover.
+                if until > now {
+                    for &(b, _) in &buckets {
+                        if h.kernel.accepts(b, now).is_some() {
+                            continue;
+                        }
+                        let prev = self
+                            .hosts
+                            .iter()
+                            .enumerate()
+                            .filter(|(j, _)| *j != i)
+                            .filter_map(|(_, o)| o.kernel.last_end(b, now))
+                            .max();
+                        if let Some((end, by_expiry)) = prev.filter(|p| p.0 <= now) {
+                            let gap = now - end;
+                            let slot = if by_expiry {
+                                &mut self.stats.closest_handover_after_expiry_ms
+                            } else {
+                                &mut self.stats.closest_handover_after_withdrawal_ms
+                            };
+                            *slot = Some(slot.map_or(gap, |g| g.min(gap)));
+                        }
+                    }
+                }
+                let h = &mut self.hosts[i];
                 h.kernel.expire(now);
                 h.kernel.install(now, &buckets, until, member_epoch);
                 self.stats.kernel_installs += 1;
@@ -1383,7 +1441,7 @@ impl World {
                 incarnation,
             } => {
                 let h = &mut self.hosts[i];
-                h.kernel.withdraw(bucket);
+                h.kernel.withdraw(bucket, now);
                 let running = h.paused_until <= now;
                 let (from, name) = (h.id, h.name.clone());
                 let mut confirm = Vec::new();
@@ -1426,13 +1484,7 @@ impl World {
             let owners: Vec<usize> = cands
                 .iter()
                 .copied()
-                .filter(|&i| {
-                    self.hosts[i]
-                        .kernel
-                        .accepting(now)
-                        .next()
-                        .is_some()
-                })
+                .filter(|&i| self.hosts[i].kernel.accepting(now).next().is_some())
                 .collect();
             if let Some(&i) = owners.choose(&mut self.rng) {
                 return Some(i);
@@ -1447,10 +1499,6 @@ impl World {
         self.stats.agent_pauses += 1;
         self.trace_host(i, || format!("FAULT agent paused for {pause_ms}ms"));
         self.schedule(until, Event::Lease(LeaseEvent::AgentResume { host: i }));
-    }
-
-    fn controller_ids(&self) -> Vec<u64> {
-        self.all_ids()
     }
 
     fn operator_propose(&mut self, cmd: Command) -> Result<(), Failure> {
@@ -1512,7 +1560,7 @@ impl World {
                 };
                 let leader = match self.leader() {
                     Some((l, _)) => l,
-                    None => match self.controller_ids().choose(&mut self.rng) {
+                    None => match self.all_ids().choose(&mut self.rng) {
                         Some(&c) => c,
                         None => return Ok(()),
                     },
@@ -1573,7 +1621,7 @@ impl World {
                     return Ok(());
                 };
                 let a = self.hosts[i].id;
-                let ctls = self.controller_ids();
+                let ctls = self.all_ids();
                 let what = format!("{} isolated from the controllers", self.hosts[i].name);
                 self.partition(cut(&[a], &ctls, false), duration_ms, what);
             }
@@ -1584,7 +1632,7 @@ impl World {
                 let Some(i) = self.random_host(false, true) else {
                     return Ok(());
                 };
-                let mut ctls = self.controller_ids();
+                let mut ctls = self.all_ids();
                 if ctls.is_empty() {
                     return Ok(());
                 }
@@ -1677,12 +1725,13 @@ impl World {
             return false;
         }
         self.lease.live_at = self.now;
-        self.lease.converge_deadline = self.now + self.converge_bound();
+        let (bound, why) = self.converge_bound();
+        self.lease.converge_deadline = self.now + bound;
         self.phase = Phase::End(EndPhase::Converge);
         let deadline = self.lease.converge_deadline;
         self.trace(None, || {
             format!(
-                "CONVERGE: every bucket must be owned by a live agent and accepted by its kernel by {deadline}ms"
+                "CONVERGE: every bucket must be owned by a live agent and accepted by its kernel by {deadline}ms ({why})"
             )
         });
         true
@@ -1709,7 +1758,7 @@ impl World {
     ///   T_live: one interval per such member.
     ///
     /// Plus 10 heartbeats for commits, stream and kernel delays.
-    fn converge_bound(&self) -> u64 {
+    fn converge_bound(&self) -> (u64, String) {
         let t = self.lease.timing;
         let rho = t.clock_rate_ppm as f64 / 1e6;
         let slow = |ms: u64| (ms as f64 / (1.0 - rho)).ceil() as u64;
@@ -1723,6 +1772,7 @@ impl World {
             + slow(damping.min_stable_ms)
             + cfg.retry_ms
             + 10 * t.heartbeat_ms;
+        let mut why = format!("L_c/(1-rho) + min_stable/(1-rho) + retry + 10 H = {bound}ms");
         // Mass silence: members to fence beyond the first, one per interval.
         if let Some((l, s)) = self
             .leader()
@@ -1756,20 +1806,22 @@ impl World {
                 })
                 .count();
             if up.len() > 1 && silent * 2 > up.len() {
-                bound += silent as u64 * slow(cfg.mass_failure_interval_ms);
-            }
-            if self.trace.print {
-                println!("bound: up {up:?}, may be silent {silent}: {bound}ms");
+                let extra = silent as u64 * slow(cfg.mass_failure_interval_ms);
+                bound += extra;
+                why += &format!(
+                    ", + {extra}ms: {silent} of {} unfenced members may be silent (mass-failure pacing)",
+                    up.len()
+                );
             }
         }
-        bound
+        (bound, why)
     }
 
     /// Probe of the convergence and quiet phases (every 50 ms).
     pub(super) fn end_probe(&mut self, phase: EndPhase) -> Result<(), Failure> {
-        let leader = self.leader().filter(|(l, _)| {
-            self.checker.voters().contains(l) && !self.is_paused(*l)
-        });
+        let leader = self
+            .leader()
+            .filter(|(l, _)| self.checker.voters().contains(l) && !self.is_paused(*l));
         match phase {
             EndPhase::Converge => self.converge_probe(leader),
             EndPhase::Quiet { until } => {
@@ -1787,7 +1839,9 @@ impl World {
                     }
                 }
                 if self.now >= until {
-                    self.trace(None, || "QUIET: no bucket moved in the fault-free window".into());
+                    self.trace(None, || {
+                        "QUIET: no bucket moved in the fault-free window".into()
+                    });
                     self.phase = Phase::Done;
                     return Ok(());
                 }
@@ -1799,7 +1853,9 @@ impl World {
 
     /// A fenced member kept out by damping for longer than `margin`.
     fn damped(&self, m: &Member, d: Damping, margin: u64) -> bool {
-        m.suppressed && d.current(m.penalty, self.now) > d.reuse && d.time_to_reuse(m.penalty, self.now) > margin
+        m.suppressed
+            && d.current(m.penalty, self.now) > d.reuse
+            && d.time_to_reuse(m.penalty, self.now) > margin
     }
 
     fn converge_probe(&mut self, leader: Option<(u64, u64)>) -> Result<(), Failure> {
@@ -2021,6 +2077,22 @@ impl World {
             return Ok(());
         }
         let now = self.now;
+        // Availability during the faults: bucket-milliseconds no kernel accepts.
+        if self.phase == Phase::Faults {
+            let buckets = self.lease.bucket_count;
+            if buckets > 0 {
+                let served = self
+                    .hosts
+                    .iter()
+                    .flat_map(|h| h.kernel.accepting(now).map(|(b, _)| b))
+                    .collect::<BTreeSet<u32>>()
+                    .len() as u64;
+                let dt = now - self.lease.last_check;
+                self.stats.unserved_bucket_ms += dt * buckets.saturating_sub(served);
+                self.stats.bucket_ms += dt * buckets;
+            }
+            self.lease.last_check = now;
+        }
         let mut holder: BTreeMap<u32, usize> = BTreeMap::new();
         for (i, h) in self.hosts.iter().enumerate() {
             for (b, e) in h.kernel.accepting(now) {
@@ -2053,7 +2125,9 @@ impl World {
         if let (Some(EndPhase::Quiet { .. }), Some(q)) = (self.end_phase(), &self.lease.quiet) {
             for (b, (owner, _)) in q.owners.iter().enumerate() {
                 let owner = owner.as_deref().unwrap_or("nobody");
-                let ok = self.host_by_name(owner).is_some_and(|i| holder.get(&(b as u32)) == Some(&i));
+                let ok = self
+                    .host_by_name(owner)
+                    .is_some_and(|i| holder.get(&(b as u32)) == Some(&i));
                 if !ok {
                     return Err(Failure {
                         kind: FailureKind::Quiet,
