@@ -46,11 +46,34 @@ fn check_predicted(c: &Cluster, map: &[String]) {
         .client
         .run(move || tcp_round(&srcs, dst, Duration::from_secs(3)));
     let srcs = sources.clone();
-    let udp = c
+    let mut udp = c
         .net
         .client
         .run(move || udp_round(&srcs, dst, Duration::from_millis(300)))
         .unwrap();
+    // UDP may be lost (200 datagrams at once to one unresolved neighbour, a
+    // loaded machine): a source with no answer asks again from a fresh port. A
+    // wrong or double answer is never retried away.
+    for _ in 0..3 {
+        let silent: Vec<_> = udp
+            .iter()
+            .filter(|(_, u)| u.is_empty())
+            .map(|(s, _)| *s)
+            .collect();
+        if silent.is_empty() {
+            break;
+        }
+        let again = c
+            .net
+            .client
+            .run(move || udp_round(&silent, dst, Duration::from_millis(500)))
+            .unwrap();
+        for (src, got) in again {
+            if let Some(slot) = udp.iter_mut().find(|(s, _)| *s == src) {
+                slot.1 = got;
+            }
+        }
+    }
     let mut wrong = Vec::new();
     for ((src, t), (_, u)) in tcp.iter().zip(&udp) {
         let want = &map[c.bucket_of(*src) as usize];
@@ -501,21 +524,25 @@ async fn frozen_agent_loses_its_buckets_without_two_hosts_accepting() {
     };
     let frozen = Instant::now();
     c.agents[0].freeze();
-    let mut emptied = None;
     let deadline = Instant::now() + Duration::from_secs(20);
+    // First only h1's own set, polled tightly, so the measured time is the
+    // kernel's and not the cost of the slower checks below.
+    let emptied = loop {
+        if owned_set(&c.net.hosts[0]).unwrap_or_default().is_empty() {
+            break frozen.elapsed();
+        }
+        assert!(Instant::now() < deadline, "h1's kernel set never emptied");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     loop {
         sample(&c);
-        if emptied.is_none() && owned_set(&c.net.hosts[0]).unwrap_or_default().is_empty() {
-            emptied = Some(frozen.elapsed());
-        }
         let map = c.bucket_map().unwrap();
-        if emptied.is_some() && map.iter().all(|o| o == "h2" || o == "h3") {
+        if map.iter().all(|o| o == "h2" || o == "h3") {
             break;
         }
         assert!(Instant::now() < deadline, "buckets never left h1: {map:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let emptied = emptied.unwrap();
     assert!(
         emptied < LEASE + Duration::from_millis(100),
         "frozen h1 accepted for {emptied:?}"
