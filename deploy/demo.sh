@@ -22,7 +22,7 @@ scripts/install-deps.sh
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "building (release)"
-cargo build --release --workspace --bins --locked
+cargo build --release --locked -p vipshare-controller -p vipsharectl -p vipshare-agent
 
 # shellcheck source=integration/lab/netns.sh
 source integration/lab/netns.sh
