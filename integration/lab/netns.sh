@@ -38,6 +38,7 @@ lab_attach() {
 lab_up() {
   local nctl=$1 nhost=$2 ncl=$3 i
   lab_down 2>/dev/null || true
+  rm -rf "$LAB_DIR"
   mkdir -p "$LAB_DIR"
   ip netns add "${LAB}-sw"
   ns "${LAB}-sw" ip link add br0 type bridge
@@ -173,6 +174,8 @@ lab_down() {
     kill -KILL "$(cat "$f")" 2>/dev/null || true
     rm -f "$f"
   done
+  # Anything still running from this lab (e.g. an earlier run killed hard).
+  pkill -KILL -f "$LAB_DIR/" 2>/dev/null || true
   for f in $(ip netns list | awk '{print $1}' | grep "^${LAB}-" || true); do
     ip netns delete "$f" || true
   done
