@@ -72,7 +72,8 @@ impl Ownership {
             }
             let view = self.node.view();
             let state = &view.state;
-            self.leases.observe(state.members.keys().map(String::as_str));
+            self.leases
+                .observe(state.members.keys().map(String::as_str));
             self.leases.retain(|m| state.members.contains_key(m));
             if view.role.role != StateRole::Leader {
                 if leading {

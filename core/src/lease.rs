@@ -438,9 +438,17 @@ mod tests {
             p.heartbeat(now, "x", 1, Some(1)).unwrap();
         }
         assert_eq!(p.steady_for(3050, "x"), Some(2050));
-        assert_eq!(p.steady_for(3000 + t.lease_ms, "x"), None, "silent for a lease");
+        assert_eq!(
+            p.steady_for(3000 + t.lease_ms, "x"),
+            None,
+            "silent for a lease"
+        );
         p.heartbeat(4000, "x", 1, Some(1)).unwrap();
-        assert_eq!(p.steady_for(4100, "x"), Some(100), "a new run after the gap");
+        assert_eq!(
+            p.steady_for(4100, "x"),
+            Some(100),
+            "a new run after the gap"
+        );
     }
 
     #[test]

@@ -304,8 +304,10 @@ impl Runtime {
                         metrics::epoch_changed();
                         self.heartbeat_now = true;
                         if self.applied_until != 0 || !self.applied_owned.is_empty() {
-                            warn!(epoch = a.member_epoch, controller,
-                                "member epoch moved on (fenced): dropping every bucket");
+                            warn!(
+                                epoch = a.member_epoch,
+                                controller, "member epoch moved on (fenced): dropping every bucket"
+                            );
                             self.withdraw_now();
                         }
                     }
