@@ -186,6 +186,38 @@ pub trait DataPlane {
 }
 
 /// `01:00:5e:0a:0b:0c` form.
+/// An executor for any backend's steps that only records them (tests, dry
+/// runs); each backend implements its `Executor` for it.
+#[derive(Debug)]
+pub struct RecordingExecutor<S> {
+    pub steps: Vec<S>,
+    /// Fail the step with this index (0-based over all steps ever executed).
+    pub fail_at: Option<usize>,
+}
+
+impl<S> Default for RecordingExecutor<S> {
+    fn default() -> Self {
+        RecordingExecutor {
+            steps: Vec::new(),
+            fail_at: None,
+        }
+    }
+}
+
+impl<S: Clone + fmt::Display> RecordingExecutor<S> {
+    pub fn record(&mut self, step: &S) -> Result<(), DataPlaneError> {
+        let index = self.steps.len();
+        self.steps.push(step.clone());
+        if self.fail_at == Some(index) {
+            return Err(DataPlaneError::Command {
+                command: step.to_string(),
+                detail: "injected failure".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
 pub fn format_mac(mac: &[u8; 6]) -> String {
     let parts: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
     parts.join(":")

@@ -97,24 +97,11 @@ impl<W: WatchdogLink> Executor for OsExecutor<W> {
     }
 }
 
-/// An executor that only records the steps (tests, dry runs).
-#[derive(Debug, Default)]
-pub struct RecordingExecutor {
-    pub steps: Vec<Step>,
-    /// Fail the step with this index (0-based over all steps ever executed).
-    pub fail_at: Option<usize>,
-}
+/// Records the steps instead of running them (tests, dry runs).
+pub type RecordingExecutor = crate::dataplane::RecordingExecutor<Step>;
 
 impl Executor for RecordingExecutor {
     fn execute(&mut self, step: &Step, _started: Instant) -> Result<(), DataPlaneError> {
-        let index = self.steps.len();
-        self.steps.push(step.clone());
-        if self.fail_at == Some(index) {
-            return Err(DataPlaneError::Command {
-                command: step.to_string(),
-                detail: "injected failure".into(),
-            });
-        }
-        Ok(())
+        self.record(step)
     }
 }

@@ -419,25 +419,12 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.try_into().ok()
 }
 
-/// An executor that only records the steps (tests, dry runs).
-#[derive(Debug, Default)]
-pub struct RecordingExecutor {
-    pub steps: Vec<Step>,
-    /// Fail the step with this index (0-based over all steps ever executed).
-    pub fail_at: Option<usize>,
-}
+/// Records the steps instead of running them (tests, dry runs).
+pub type RecordingExecutor = crate::dataplane::RecordingExecutor<Step>;
 
 impl Executor for RecordingExecutor {
     fn execute(&mut self, step: &Step, _started: Instant) -> Result<(), DataPlaneError> {
-        let index = self.steps.len();
-        self.steps.push(step.clone());
-        if self.fail_at == Some(index) {
-            return Err(DataPlaneError::Command {
-                command: step.to_string(),
-                detail: "injected failure".into(),
-            });
-        }
-        Ok(())
+        self.record(step)
     }
 }
 
