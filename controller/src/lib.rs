@@ -151,8 +151,17 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
             let _ = stop_server.wait_for(|s| *s).await;
         });
     let ownership_task = tokio::spawn(ownership.run(shutdown.clone()));
+    let mut stopping = shutdown.clone();
     let node_task = tokio::spawn(node.run(shutdown));
-    server.await.context("gRPC server")?;
+    // Graceful shutdown waits for clients to close their connections; a crashed
+    // host's agent never does, so give them a bounded time.
+    tokio::select! {
+        r = server => r.context("gRPC server")?,
+        _ = async {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        } => tracing::warn!("clients still connected 3 s after shutdown; closing anyway"),
+    }
     node_task.await.context("node task panicked")??;
     ownership_task.await.context("ownership task panicked")?;
     tracing::info!("controller stopped");

@@ -338,6 +338,7 @@ impl ClusterState {
                         return Err(ApplyError::MemberDown(to.clone()));
                     }
                 }
+
                 for (bucket, epoch) in buckets {
                     let b = self.bucket_mut(bucket)?;
                     // Stale confirmations (another epoch, no longer releasing) are
@@ -347,7 +348,10 @@ impl ClusterState {
                         b.owner = to.clone();
                         b.releasing = false;
                         b.epoch += 1;
-                        if b.home.is_none() {
+                        // A rebalancing move is where the bucket belongs in the
+                        // balanced map; a failover (SetOwners) keeps the old home
+                        // so a returning member gets its buckets back.
+                        if to.is_some() {
                             b.home = to.clone();
                         }
                     }

@@ -5,6 +5,7 @@
 //! (`cargo build --workspace --bins`, which `scripts/test.sh` does).
 
 pub mod netns;
+pub mod scenario;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
