@@ -75,6 +75,26 @@ pub struct Netns {
 }
 
 impl Netns {
+    /// A namespace holding bridge `br0`, snooping off (no querier here) and
+    /// bridged frames kept out of iptables.
+    pub fn switch(name: &str) -> anyhow::Result<Netns> {
+        let switch = Netns::create(name)?;
+        switch.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        switch.ip(&["link", "set", "br0", "up"])?;
+        for f in ["call-iptables", "call-arptables", "call-ip6tables"] {
+            let _ = switch.write_sysctl(&format!("net.bridge.bridge-nf-{f}"), "0");
+        }
+        Ok(switch)
+    }
+
     pub fn create(name: &str) -> anyhow::Result<Self> {
         let _ = sh("ip", &["netns", "del", name]);
         sh("ip", &["netns", "add", name])?;
@@ -202,20 +222,7 @@ impl NetLab {
         assert!(sources <= 250 * 4);
         let (tag, n) = unique_tag();
         let k = 160 + (n % 90) as u8;
-        let switch = Netns::create(&format!("{tag}_sw"))?;
-        switch.ip(&[
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-        ])?;
-        switch.ip(&["link", "set", "br0", "up"])?;
-        for f in ["call-iptables", "call-arptables", "call-ip6tables"] {
-            let _ = switch.write_sysctl(&format!("net.bridge.bridge-nf-{f}"), "0");
-        }
+        let switch = Netns::switch(&format!("{tag}_sw"))?;
         let root_name = format!("vsl{k}");
         let _ = sh("ip", &["link", "del", &root_name]);
         sh(

@@ -1007,20 +1007,7 @@ impl ScenarioNet {
         }
         let (k, root) = claimed.context("no free lab number in 100..=159")?;
         let tag = root.name.clone();
-        let switch = Netns::create(&format!("{tag}_sw"))?;
-        switch.ip(&[
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-        ])?;
-        switch.ip(&["link", "set", "br0", "up"])?;
-        for f in ["call-iptables", "call-arptables", "call-ip6tables"] {
-            let _ = switch.write_sysctl(&format!("net.bridge.bridge-nf-{f}"), "0");
-        }
+        let switch = Netns::switch(&format!("{tag}_sw"))?;
         let peer = format!("{tag}p");
         sh("ip", &["link", "set", &peer, "netns", &switch.name])?;
         switch.ip(&["link", "set", &peer, "master", "br0", "up"])?;
