@@ -77,6 +77,24 @@ impl ControllerProc {
     }
 }
 
+/// `VIPSHARE_LAB_SLOT=S` (1..=9) moves every lab of this process to its own
+/// addresses (`127.S.x.y`, `10.K` ranges of slot S), so checkouts testing at
+/// the same time on one machine stay apart. Unset: slot 0, the usual addresses.
+pub fn lab_slot() -> u8 {
+    std::env::var("VIPSHARE_LAB_SLOT")
+        .ok()
+        .and_then(|s| s.parse::<u8>().ok())
+        .filter(|s| *s <= 9)
+        .unwrap_or(0)
+}
+
+fn lab_slot_ip_base(ip_base: &str) -> String {
+    match (lab_slot(), ip_base.strip_prefix("127.0.")) {
+        (0, _) | (_, None) => ip_base.to_string(),
+        (slot, Some(rest)) => format!("127.{slot}.{rest}"),
+    }
+}
+
 /// A cluster of controllers on `127.X.Y.id:7001`, with its own CA and data.
 pub struct Lab {
     pub root: tempfile::TempDir,
@@ -94,6 +112,7 @@ impl Lab {
     /// Creates the CA and certificates for controllers `1..=max_id`, an admin,
     /// a reader and an agent. `ip_base` like "127.1.1" keeps parallel tests apart.
     pub fn new(ip_base: &str, max_id: u64) -> anyhow::Result<Self> {
+        let ip_base = &lab_slot_ip_base(ip_base);
         let root = tempfile::tempdir()?;
         let certs = root.path().join("certs");
         let cluster = "lab".to_string();

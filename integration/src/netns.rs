@@ -221,7 +221,11 @@ impl NetLab {
         require_root();
         assert!(sources <= 250 * 4);
         let (tag, n) = unique_tag();
-        let k = 160 + (n % 90) as u8;
+        // Slot 0 uses 10.160-249; slot S > 0 uses its own 9 values of K.
+        let k = match crate::lab_slot() {
+            0 => 160 + (n % 90) as u8,
+            slot => 160 + (slot - 1) * 10 + (n % 9) as u8,
+        };
         let switch = Netns::switch(&format!("{tag}_sw"))?;
         let root_name = format!("vsl{k}");
         let _ = sh("ip", &["link", "del", &root_name]);
