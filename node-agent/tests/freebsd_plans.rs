@@ -8,11 +8,13 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use vipshare_agent::dataplane::freebsd::exec::RecordingExecutor;
-use vipshare_agent::dataplane::freebsd::plan::{owned_matches, plan_apply, plan_withdraw};
-use vipshare_agent::dataplane::freebsd::{FreeBsdConfig, FreeBsdDataPlane, Installed, Step};
+use vipshare_agent::dataplane::freebsd::exec::{Executor, RecordingExecutor};
+use vipshare_agent::dataplane::freebsd::plan::{masks, plan_apply, plan_withdraw};
+use vipshare_agent::dataplane::freebsd::{
+    FreeBsdConfig, FreeBsdDataPlane, Installed, IpfwBuckets, Step,
+};
 use vipshare_agent::dataplane::{
     Affinity, BucketFn, DataPlane, DataPlaneError, Desired, LeaseEnforcement, VipConfig,
 };
@@ -51,11 +53,14 @@ fn cfg() -> FreeBsdConfig {
 
 /// Plans `steps` in order from a fresh agent and renders all of them.
 fn render(steps: &[(&str, Desired)]) -> String {
-    let cfg = cfg();
+    render_with(&cfg(), steps)
+}
+
+fn render_with(cfg: &FreeBsdConfig, steps: &[(&str, Desired)]) -> String {
     let mut installed: Option<Installed> = None;
     let mut out = String::new();
     for (title, d) in steps {
-        let plan = plan_apply(&cfg, installed.as_ref(), d).expect("plan");
+        let plan = plan_apply(cfg, installed.as_ref(), d).expect("plan");
         out.push_str(&format!(
             "# {title} (changed: {}, stop after: {:?})\n",
             plan.changed, plan.stop_after
@@ -162,7 +167,6 @@ fn golden_wide_buckets_and_network24() {
 /// model) is owned.
 #[test]
 fn matches_agree_with_core_bucket_model() {
-    let cfg = cfg();
     for (affinity, count, owned) in [
         (
             Affinity::Address,
@@ -176,7 +180,7 @@ fn matches_agree_with_core_bucket_model() {
         d.affinity = affinity;
         d.bucket_count = count;
         d.owned = owned;
-        let m = owned_matches(&cfg, &d).unwrap();
+        let m = masks(&d).unwrap();
         let mut x: u32 = 0x1234_5678;
         for _ in 0..20_000 {
             x ^= x << 13;
@@ -200,14 +204,17 @@ fn rejects_what_ipfw_cannot_do() {
         plan_apply(&cfg, None, &jhash),
         Err(DataPlaneError::Unsupported(_))
     ));
-    let with_flag = FreeBsdConfig {
-        ipfw_jhash: true,
+    let err = plan_apply(&cfg, None, &jhash).unwrap_err().to_string();
+    assert!(err.contains("kernel-patches/0003"), "{err}");
+    // A srcjhash kernel computes jhash only.
+    let srcjhash = FreeBsdConfig {
+        buckets: IpfwBuckets::Srcjhash,
         ..cfg.clone()
     };
-    let err = plan_apply(&with_flag, None, &jhash)
+    let err = plan_apply(&srcjhash, None, &desired(0..8))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("kernel patch"), "{err}");
+    assert!(err.contains("jhash bucket function"), "{err}");
     let mut odd_mac = desired(0..8);
     odd_mac.vips[0].mac = [0x03, 0xbf, 0, 0, 0, 1];
     assert!(matches!(
@@ -258,4 +265,101 @@ fn dataplane_runs_plans_and_recovers_from_failure() {
     ));
     dp.withdraw().unwrap();
     assert!(!dp.installed().unwrap().owned_enabled);
+}
+
+// ---------------------------------------------------------------------------
+// Kernels with kernel-patches/0003 (ipfw srcjhash, kernel lease deadlines).
+
+fn srcjhash_cfg() -> FreeBsdConfig {
+    FreeBsdConfig {
+        buckets: IpfwBuckets::Srcjhash,
+        ..cfg()
+    }
+}
+
+fn jhash(owned: impl IntoIterator<Item = u32>) -> Desired {
+    Desired {
+        bucket_fn: BucketFn::Jhash,
+        seed: 0x4e4c_4221,
+        ..desired(owned)
+    }
+}
+
+#[test]
+fn golden_srcjhash_leases_in_the_kernel() {
+    let cfg = srcjhash_cfg();
+    let mut nearly_gone = jhash(0..64);
+    nearly_gone.lease_remaining = Duration::from_millis(40); // below the 50 ms margin
+    let mut port = jhash((0..256).step_by(2));
+    port.affinity = Affinity::AddressPort;
+    let mut out = render_with(
+        &cfg,
+        &[
+            ("start: own 64..128", jhash(64..128)),
+            ("renew: same buckets, a new deadline", jhash(64..128)),
+            ("reassign: every 4th bucket", jhash((0..256).step_by(4))),
+            ("lose everything", jhash([])),
+            ("own again", jhash(0..64)),
+            ("lease nearly gone: accept nothing", nearly_gone),
+            ("address_port affinity: rules change", port),
+        ],
+    );
+    let p = plan_apply(&cfg, None, &jhash(0..8)).unwrap();
+    out.push_str("# withdraw\n");
+    out.push_str(&plan_withdraw(&cfg, Some(&p.next)).render());
+    golden("srcjhash_leases", &out);
+}
+
+/// Reports sysctls as present: a kernel with kernel-patches/0003.
+struct PatchedKernel(RecordingExecutor);
+
+impl Executor for PatchedKernel {
+    fn execute(&mut self, step: &Step, started: Instant) -> Result<(), DataPlaneError> {
+        self.0.execute(step, started)
+    }
+
+    fn probe_sysctl(&mut self, _sysctl: &str, name: &str) -> Option<String> {
+        (name == "net.inet.ip.fw.srcjhash_enable").then(|| "0".into())
+    }
+}
+
+#[test]
+fn the_backend_probes_the_kernel_and_lets_it_enforce_the_lease() {
+    // Stock kernel: masks and the watchdog.
+    let mut stock = FreeBsdDataPlane::new(cfg(), RecordingExecutor::default());
+    let r = stock.apply(&desired(0..8)).unwrap();
+    assert_eq!(r.lease_enforcement, LeaseEnforcement::Watchdog);
+    assert_eq!(stock.config().buckets, IpfwBuckets::Masks);
+    assert!(
+        stock.apply(&jhash(0..8)).is_err(),
+        "stock ipfw has no jhash"
+    );
+
+    // Patched kernel: srcjhash, one lease write per renewal, no watchdog.
+    let mut dp = FreeBsdDataPlane::new(cfg(), PatchedKernel(RecordingExecutor::default()));
+    let r = dp.apply(&jhash(64..128)).unwrap();
+    assert_eq!(dp.config().buckets, IpfwBuckets::Srcjhash);
+    assert_eq!(r.lease_enforcement, LeaseEnforcement::KernelTimeout);
+    assert_eq!(r.owned_rules, 1);
+    let steps = &dp.executor().0.steps;
+    assert!(!steps
+        .iter()
+        .any(|s| matches!(s, Step::ArmWatchdog { .. } | Step::DisarmWatchdog)));
+    let first = steps.len();
+    let r = dp.apply(&jhash(64..128)).unwrap();
+    assert!(!r.changed);
+    let renewal = &dp.executor().0.steps[first..];
+    assert_eq!(renewal.len(), 1, "{renewal:?}");
+    assert!(matches!(
+        &renewal[0],
+        Step::SetLease { buckets, stop_after, .. }
+            if *buckets == (64..128).collect::<BTreeSet<u32>>()
+                && *stop_after == Duration::from_millis(450)
+    ));
+    // Withdraw empties the map at once.
+    dp.withdraw().unwrap();
+    assert!(matches!(
+        dp.executor().0.steps.last(),
+        Some(Step::SetLease { buckets, .. }) if buckets.is_empty()
+    ));
 }

@@ -13,6 +13,30 @@ use crate::dataplane::DataPlaneError;
 /// relative to it.
 pub trait Executor {
     fn execute(&mut self, step: &Step, started: Instant) -> Result<(), DataPlaneError>;
+
+    /// The value of sysctl `name`, `None` when the kernel has no such node.
+    fn probe_sysctl(&mut self, sysctl: &str, name: &str) -> Option<String>;
+}
+
+/// Nanoseconds of kernel uptime now: FreeBSD's `CLOCK_UPTIME` is the clock of
+/// `getsbinuptime()`, which the srcjhash lease deadlines are compared with.
+fn uptime_ns() -> Result<u64, DataPlaneError> {
+    #[cfg(target_os = "freebsd")]
+    let clock = libc::CLOCK_UPTIME;
+    #[cfg(not(target_os = "freebsd"))]
+    let clock = libc::CLOCK_MONOTONIC;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid, writable timespec.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return Err(DataPlaneError::Io {
+            context: "reading the uptime clock".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 /// Runs commands with `std::process::Command`, holds one UDP socket per joined
@@ -93,7 +117,36 @@ impl<W: WatchdogLink> Executor for OsExecutor<W> {
                 .watchdog
                 .arm(stop_after.saturating_sub(started.elapsed())),
             Step::DisarmWatchdog => self.watchdog.disarm(),
+            Step::SetLease {
+                sysctl,
+                map,
+                stop_after,
+                buckets,
+            } => {
+                // Absolute, from the apply's start: running this step late
+                // does not move the deadline.
+                let deadline_ns = if stop_after.is_zero() {
+                    0
+                } else {
+                    let at_start = uptime_ns()?.saturating_sub(started.elapsed().as_nanos() as u64);
+                    at_start + stop_after.as_nanos() as u64
+                };
+                run_command(
+                    &[
+                        sysctl.clone(),
+                        super::plan::lease_assignment(*map, deadline_ns, buckets),
+                    ],
+                    false,
+                )
+            }
         }
+    }
+
+    fn probe_sysctl(&mut self, sysctl: &str, name: &str) -> Option<String> {
+        let out = Command::new(sysctl).args(["-n", name]).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 }
 
@@ -103,5 +156,10 @@ pub type RecordingExecutor = crate::dataplane::RecordingExecutor<Step>;
 impl Executor for RecordingExecutor {
     fn execute(&mut self, step: &Step, _started: Instant) -> Result<(), DataPlaneError> {
         self.record(step)
+    }
+
+    /// A stock kernel: no sysctl beyond what the steps set.
+    fn probe_sysctl(&mut self, _sysctl: &str, _name: &str) -> Option<String> {
+        None
     }
 }

@@ -1,6 +1,7 @@
-//! FreeBSD data plane: ipfw mask rules over low-bits buckets, the VIP as a
-//! CARP-INIT alias, a published multicast ARP entry, IGMP membership, and a
-//! watchdog process for the lease.
+//! FreeBSD data plane: the VIP as a CARP-INIT alias, a published multicast
+//! ARP entry, IGMP membership, and either ipfw's srcjhash option with
+//! kernel-enforced leases (a kernel with kernel-patches/0003) or ipfw mask
+//! rules over low-bits buckets with a watchdog process for the lease.
 //!
 //! # Per VIP
 //! - `ifconfig IF vhid N advskew 254` and `ifconfig IF inet VIP/32 alias vhid N`
@@ -17,10 +18,18 @@
 //!   TCP drops every SYN that arrived in a multicast frame.
 //!
 //! # Buckets
-//! Only [`BucketFn::Lowbits`](crate::dataplane::BucketFn) (ipfw matches
-//! `addr:mask`, [`masks`]); the rule layout is described in [`plan`].
+//! [`IpfwBuckets`] picks how, by default by probing the kernel on the first
+//! apply (`sysctl net.inet.ip.fw.srcjhash_enable` exists):
+//! - srcjhash: [`BucketFn::Jhash`](crate::dataplane::BucketFn), the same
+//!   bucket as nftables' `jhash` on Linux hosts, so Linux and FreeBSD hosts
+//!   can share a VIP; the lease is a per-bucket deadline the kernel checks
+//!   ([`LeaseEnforcement::KernelTimeout`]), no watchdog.
+//! - masks: [`BucketFn::Lowbits`](crate::dataplane::BucketFn) (ipfw matches
+//!   `addr:mask`, [`masks`]) and the watchdog below.
 //!
-//! # Lease enforcement (the limit, next to Linux)
+//! The rule layout is described in [`plan`].
+//!
+//! # Lease enforcement on the masks path (the limit, next to Linux)
 //! Linux writes the owned buckets as nftables set elements with a `timeout`, so
 //! the kernel itself stops accepting new flows when the lease ends, even if the
 //! agent is frozen or killed. ipfw rules have no timeout. Here a separate
@@ -42,6 +51,17 @@ use crate::dataplane::{ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnf
 pub use exec::{Executor, OsExecutor};
 pub use plan::{plan_apply, plan_withdraw, Installed, Plan, Step};
 
+/// How the FreeBSD backend matches owned buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpfwBuckets {
+    /// Probe on the first apply: srcjhash when the kernel has it, else masks.
+    Auto,
+    /// ipfw `addr:mask` rules over low-bits buckets, watchdog for the lease.
+    Masks,
+    /// ipfw's srcjhash option and kernel lease maps (kernel-patches/0003).
+    Srcjhash,
+}
+
 /// Settings of the FreeBSD backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FreeBsdConfig {
@@ -58,9 +78,10 @@ pub struct FreeBsdConfig {
     pub base_staging_set: u8,
     /// CARP vhid the VIP aliases are attached to (kept in INIT).
     pub carp_vhid: u8,
-    /// Whether the kernel has an ipfw source-jhash option. No such patch exists
-    /// yet, so `true` only changes the error message for jhash.
-    pub ipfw_jhash: bool,
+    /// How owned buckets are matched ([`IpfwBuckets::Auto`]: probe the kernel).
+    pub buckets: IpfwBuckets,
+    /// srcjhash lease map (0..=15) this agent writes.
+    pub srcjhash_map: u8,
     /// How much earlier than the lease end the watchdog withdraws (the `delta`
     /// of leases.md: watchdog wake-up latency plus the ipfw call).
     pub stop_margin: Duration,
@@ -80,7 +101,8 @@ impl Default for FreeBsdConfig {
             base_set: 5,
             base_staging_set: 6,
             carp_vhid: 200,
-            ipfw_jhash: false,
+            buckets: IpfwBuckets::Auto,
+            srcjhash_map: 0,
             stop_margin: Duration::from_millis(50),
             ipfw: "/sbin/ipfw".into(),
             ifconfig: "/sbin/ifconfig".into(),
@@ -113,6 +135,12 @@ impl FreeBsdConfig {
             if sets[..i].contains(s) {
                 return bad(format!("ipfw set {s} is used twice"));
             }
+        }
+        if self.srcjhash_map > 15 {
+            return bad(format!(
+                "srcjhash_map {} is not in 0..=15",
+                self.srcjhash_map
+            ));
         }
         if self.carp_vhid == 0 {
             return bad("carp_vhid must be in 1..=255".into());
@@ -167,6 +195,16 @@ impl<E: Executor> FreeBsdDataPlane<E> {
 impl<E: Executor> DataPlane for FreeBsdDataPlane<E> {
     fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DataPlaneError> {
         let started = Instant::now();
+        if self.cfg.buckets == IpfwBuckets::Auto {
+            let found = self
+                .exec
+                .probe_sysctl(&self.cfg.sysctl, plan::ENABLE_SYSCTL);
+            self.cfg.buckets = if found.is_some() {
+                IpfwBuckets::Srcjhash
+            } else {
+                IpfwBuckets::Masks
+            };
+        }
         let plan = plan_apply(&self.cfg, self.installed.as_ref(), desired)?;
         self.run(&plan, started)?;
         let report = ApplyReport {
@@ -175,7 +213,11 @@ impl<E: Executor> DataPlane for FreeBsdDataPlane<E> {
             steps: plan.steps.len(),
             owned_rules: plan.next.owned_matches.len(),
             stop_after: plan.stop_after,
-            lease_enforcement: LeaseEnforcement::Watchdog,
+            lease_enforcement: if self.cfg.buckets == IpfwBuckets::Srcjhash {
+                LeaseEnforcement::KernelTimeout
+            } else {
+                LeaseEnforcement::Watchdog
+            },
         };
         self.installed = Some(plan.next);
         Ok(report)

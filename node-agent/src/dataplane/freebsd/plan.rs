@@ -4,10 +4,17 @@
 //! # Kernel layout (rule numbers relative to `rule_base`, R)
 //! ```text
 //! set base    R+0    skipto R+1000 tcp from any to VIPS in established
-//! set owned   R+100+i skipto R+1000 ip from V_i:M_i to VIPS in   (one per mask)
+//! set owned   R+100+i skipto R+1000 ip from V_i:M_i to VIPS in   (masks: one per mask)
+//!             R+100  skipto R+1000 ip from any to VIPS in srcjhash MAP buckets B
+//!                    seed S affinity A                           (srcjhash kernels)
 //! set base    R+900  deny ip from any to VIPS in
 //!             R+1000 and up: the administrator's own rules
 //! ```
+//! With the srcjhash option (kernel-patches/0003) the owned rules depend only
+//! on the VIPs and the bucket function; which buckets are owned, and until
+//! when, is one write of the lease map ([`Step::SetLease`]) per apply: the
+//! kernel stops matching at the deadline by itself. `address_port` needs a
+//! transport header, so it gets one rule for `tcp` and one for `udp`.
 //! Established TCP (ACK or RST set) always goes on to the host's stack, which
 //! answers it only when it holds the connection (segments of other hosts'
 //! connections arrive in link-layer multicast frames, for which FreeBSD never
@@ -26,7 +33,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use super::masks::{compress, Cube};
-use super::FreeBsdConfig;
+use super::{FreeBsdConfig, IpfwBuckets};
 use crate::dataplane::{
     format_mac, igmp_group_for_mac, Affinity, BucketFn, DataPlaneError, Desired, VipConfig,
 };
@@ -62,7 +69,52 @@ pub enum Step {
     ArmWatchdog { stop_after: Duration },
     /// Nothing to withdraw any more.
     DisarmWatchdog,
+    /// Write srcjhash lease map `map`: `buckets` owned until `stop_after` from
+    /// the start of this apply (an absolute kernel-uptime deadline, so a late
+    /// write does not extend it), every other bucket not owned.
+    SetLease {
+        sysctl: String,
+        map: u8,
+        stop_after: Duration,
+        buckets: BTreeSet<u32>,
+    },
 }
+
+/// `0-3,8,10-11`, or `-` for none: the bucket list of a lease map write.
+pub fn bucket_ranges(buckets: &BTreeSet<u32>) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut it = buckets.iter().copied().peekable();
+    while let Some(first) = it.next() {
+        let mut last = first;
+        while it.peek() == Some(&(last + 1)) {
+            last += 1;
+            it.next();
+        }
+        parts.push(if first == last {
+            first.to_string()
+        } else {
+            format!("{first}-{last}")
+        });
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+/// The sysctl assignment of a lease map write with an absolute deadline.
+pub fn lease_assignment(map: u8, deadline_ns: u64, buckets: &BTreeSet<u32>) -> String {
+    format!(
+        "{LEASE_SYSCTL}={map} {deadline_ns} {}",
+        bucket_ranges(buckets)
+    )
+}
+
+/// The kernel's lease map sysctl (kernel-patches/0003).
+pub const LEASE_SYSCTL: &str = "net.inet.ip.fw.srcjhash_lease";
+/// The kernel's srcjhash switch; its presence is how the agent detects the patch.
+pub const ENABLE_SYSCTL: &str = "net.inet.ip.fw.srcjhash_enable";
 
 impl Step {
     fn run<S: Into<String>>(argv: impl IntoIterator<Item = S>) -> Step {
@@ -105,6 +157,23 @@ impl fmt::Display for Step {
                 write!(f, "watchdog arm {}ms", stop_after.as_millis())
             }
             Step::DisarmWatchdog => f.write_str("watchdog disarm"),
+            Step::SetLease {
+                sysctl,
+                map,
+                stop_after,
+                buckets,
+            } => {
+                let deadline = if stop_after.is_zero() {
+                    "0".to_string()
+                } else {
+                    format!("<uptime at start + {}ms, in ns>", stop_after.as_millis())
+                };
+                write!(
+                    f,
+                    "run  {sysctl} {LEASE_SYSCTL}=\"{map} {deadline} {}\"",
+                    bucket_ranges(buckets)
+                )
+            }
         }
     }
 }
@@ -114,8 +183,11 @@ impl fmt::Display for Step {
 pub struct Installed {
     /// VIPs configured (sorted by address).
     pub vips: Vec<VipConfig>,
-    /// Source matches of the owned rules, as `(value, mask)` over the address.
-    pub owned_matches: Vec<(u32, u32)>,
+    /// The owned rules' source matches: `ip from <match> to VIPS in`, e.g.
+    /// `10.0.0.3:0.0.0.255` (masks) or `any ... srcjhash ...` (srcjhash).
+    pub owned_matches: Vec<OwnedMatch>,
+    /// Buckets in the srcjhash lease map (empty on the masks path).
+    pub leased: BTreeSet<u32>,
     /// Whether the owned set is enabled (false after a withdraw).
     pub owned_enabled: bool,
 }
@@ -144,26 +216,89 @@ impl Plan {
     }
 }
 
-/// The `(value, mask)` source matches (over the 32-bit address) that accept
-/// exactly the owned buckets.
+/// One owned rule's match: protocol, source, and the options after `in`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedMatch {
+    pub proto: &'static str,
+    pub src: String,
+    pub options: Vec<String>,
+    /// Skip to the deny rule instead of past vipshare's block.
+    pub to_deny: bool,
+}
+
+/// The srcjhash rule options for `desired`'s bucket function (kernel-patches/0003).
+fn srcjhash_matches(cfg: &FreeBsdConfig, desired: &Desired) -> Vec<OwnedMatch> {
+    let rule = |proto, affinity: Affinity| OwnedMatch {
+        proto,
+        src: "any".into(),
+        options: vec![
+            "srcjhash".to_string(),
+            cfg.srcjhash_map.to_string(),
+            "buckets".into(),
+            desired.bucket_count.to_string(),
+            "seed".into(),
+            format!("{:#010x}", desired.seed),
+            "affinity".into(),
+            affinity.to_string(),
+        ],
+        to_deny: false,
+    };
+    match desired.affinity {
+        // As the Linux rules: TCP and UDP by address and port, anything else
+        // (ICMP) by address alone; unowned TCP/UDP must not reach that rule.
+        Affinity::AddressPort => vec![
+            rule("tcp", Affinity::AddressPort),
+            rule("udp", Affinity::AddressPort),
+            OwnedMatch {
+                proto: "{ tcp or udp }",
+                src: "any".into(),
+                options: Vec::new(),
+                to_deny: true,
+            },
+            rule("ip", Affinity::Address),
+        ],
+        Affinity::Address | Affinity::Network24 => vec![rule("ip", desired.affinity)],
+    }
+}
+
+/// The owned rules' matches: on a srcjhash kernel one rule computing the
+/// bucket (the lease map says which are owned); otherwise `addr:mask` matches
+/// that accept exactly the owned low-bits buckets.
 pub fn owned_matches(
     cfg: &FreeBsdConfig,
     desired: &Desired,
-) -> Result<Vec<(u32, u32)>, DataPlaneError> {
-    match desired.bucket_fn {
-        BucketFn::Lowbits => {}
-        BucketFn::Jhash if cfg.ipfw_jhash => {
+) -> Result<Vec<OwnedMatch>, DataPlaneError> {
+    if cfg.buckets == IpfwBuckets::Srcjhash {
+        if desired.bucket_fn != BucketFn::Jhash {
             return Err(DataPlaneError::Unsupported(
-                "ipfw_jhash is set, but the ipfw source-hash option has no kernel patch yet \
-                 (see kernel-patches/README.md); use the lowbits bucket function"
+                "this kernel has ipfw's srcjhash option, which computes jhash buckets; \
+                 configure the jhash bucket function (or set the FreeBSD backend to masks)"
                     .into(),
-            ))
+            ));
         }
-        BucketFn::Jhash => {
-            return Err(DataPlaneError::Unsupported(
-                "stock ipfw cannot compute jhash buckets; use the lowbits bucket function".into(),
-            ))
-        }
+        return Ok(srcjhash_matches(cfg, desired));
+    }
+    masks(desired).map(|m| {
+        m.into_iter()
+            .map(|vm| OwnedMatch {
+                proto: "ip",
+                src: src_match(vm),
+                options: Vec::new(),
+                to_deny: false,
+            })
+            .collect()
+    })
+}
+
+/// The `(value, mask)` source matches (over the 32-bit address) that accept
+/// exactly the owned low-bits buckets.
+pub fn masks(desired: &Desired) -> Result<Vec<(u32, u32)>, DataPlaneError> {
+    if desired.bucket_fn == BucketFn::Jhash {
+        return Err(DataPlaneError::Unsupported(
+            "stock ipfw cannot compute jhash buckets: use the lowbits bucket function, or a \
+             kernel with kernel-patches/0003 (ipfw srcjhash)"
+                .into(),
+        ));
     }
     let shift = match desired.affinity {
         Affinity::Address => 0,
@@ -272,7 +407,7 @@ fn base_swap(cfg: &FreeBsdConfig, vips: &[VipConfig]) -> Vec<Step> {
 }
 
 /// Steps that replace the owned set with `matches` for `vips` and enable it.
-fn owned_swap(cfg: &FreeBsdConfig, vips: &[VipConfig], matches: &[(u32, u32)]) -> Vec<Step> {
+fn owned_swap(cfg: &FreeBsdConfig, vips: &[VipConfig], matches: &[OwnedMatch]) -> Vec<Step> {
     let r = cfg.rule_base;
     let stage = cfg.owned_staging_set.to_string();
     let mut steps = vec![Step::run_may_fail(ipfw(
@@ -282,25 +417,26 @@ fn owned_swap(cfg: &FreeBsdConfig, vips: &[VipConfig], matches: &[(u32, u32)]) -
     if !vips.is_empty() {
         let to = vip_list(vips);
         let end = (r + END_OFFSET).to_string();
-        for (i, &m) in matches.iter().enumerate() {
-            steps.push(Step::run(ipfw(
-                cfg,
-                &[
-                    "add",
-                    &(r + OWNED_OFFSET + i as u32).to_string(),
-                    "set",
-                    &stage,
-                    "skipto",
-                    &end,
-                    "ip",
-                    "from",
-                    &src_match(m),
-                    "to",
-                    &to,
-                    "in",
-                ]
-                .map(String::from),
-            )));
+        let deny = (r + DENY_OFFSET).to_string();
+        for (i, m) in matches.iter().enumerate() {
+            let mut args = [
+                "add",
+                &(r + OWNED_OFFSET + i as u32).to_string(),
+                "set",
+                &stage,
+                "skipto",
+                if m.to_deny { &deny } else { &end },
+                m.proto,
+                "from",
+                &m.src,
+                "to",
+                &to,
+                "in",
+            ]
+            .map(String::from)
+            .to_vec();
+            args.extend(m.options.iter().cloned());
+            steps.push(Step::run(ipfw(cfg, &args)));
         }
     }
     steps.push(Step::run(ipfw(
@@ -394,6 +530,12 @@ fn initialize(cfg: &FreeBsdConfig) -> Vec<Step> {
         Step::run([cfg.sysctl.as_str(), "net.inet.carp.allow=0"]),
         Step::run([cfg.sysctl.as_str(), "net.inet.tcp.accept_l2mcast=1"]),
     ];
+    if cfg.buckets == IpfwBuckets::Srcjhash {
+        steps.push(Step::run([
+            cfg.sysctl.as_str(),
+            &format!("{ENABLE_SYSCTL}=1"),
+        ]));
+    }
     for set in [cfg.owned_staging_set, cfg.base_staging_set] {
         steps.push(Step::run(ipfw(
             cfg,
@@ -426,7 +568,9 @@ pub fn plan_apply(
     vips.sort();
     let stop_after = desired.lease_remaining.saturating_sub(cfg.stop_margin);
     let accepting = !stop_after.is_zero() && !vips.is_empty() && !desired.owned.is_empty();
-    let matches = if accepting {
+    // The srcjhash rules stay while VIPs exist: the lease map decides.
+    let kernel_lease = cfg.buckets == IpfwBuckets::Srcjhash;
+    let matches = if accepting || (kernel_lease && !vips.is_empty()) {
         owned_matches(cfg, desired)?
     } else {
         // Still reject what cannot be expressed, so a config error shows at once.
@@ -437,13 +581,32 @@ pub fn plan_apply(
     let fresh = installed.is_none();
     let empty = Installed::default();
     let old = installed.unwrap_or(&empty);
+    let leased: BTreeSet<u32> = if accepting && kernel_lease {
+        desired.owned.clone()
+    } else {
+        BTreeSet::new()
+    };
     let mut steps = Vec::new();
     if fresh {
         steps.extend(initialize(cfg));
     }
-    if accepting {
+    if accepting && !kernel_lease {
         // First, so the deadline covers everything the plan installs.
         steps.push(Step::ArmWatchdog { stop_after });
+    }
+    if kernel_lease && (accepting || fresh || !old.leased.is_empty()) {
+        // Before the rules: a new rule finds the map already written. Every
+        // apply renews (a fresh deadline); losing the lease clears the map.
+        steps.push(Step::SetLease {
+            sysctl: cfg.sysctl.clone(),
+            map: cfg.srcjhash_map,
+            stop_after: if accepting {
+                stop_after
+            } else {
+                Duration::ZERO
+            },
+            buckets: leased.clone(),
+        });
     }
 
     let old_addrs: BTreeSet<Ipv4Addr> = old.vips.iter().map(|v| v.addr).collect();
@@ -492,10 +655,14 @@ pub fn plan_apply(
     if !removed.is_empty() {
         steps.extend(base_swap(cfg, &vips));
     }
-    let changed = steps
-        .iter()
-        .any(|s| !matches!(s, Step::ArmWatchdog { .. } | Step::DisarmWatchdog));
-    if accepting && !swap_owned {
+    let changed = old.leased != leased
+        || steps.iter().any(|s| {
+            !matches!(
+                s,
+                Step::ArmWatchdog { .. } | Step::DisarmWatchdog | Step::SetLease { .. }
+            )
+        });
+    if accepting && !swap_owned && !kernel_lease {
         // Renewal: the watchdog may have disabled the owned set when an earlier
         // lease ran out; this lease is fresh, so switch it back on (a no-op
         // otherwise). Comes after the arm, so the new deadline covers it.
@@ -505,7 +672,7 @@ pub fn plan_apply(
         )));
     }
     let had_ownership = old.owned_enabled && !old.owned_matches.is_empty();
-    if !accepting && (fresh || had_ownership) {
+    if !accepting && !kernel_lease && (fresh || had_ownership) {
         steps.push(Step::DisarmWatchdog);
     }
     Ok(Plan {
@@ -513,6 +680,7 @@ pub fn plan_apply(
         next: Installed {
             vips,
             owned_matches: matches,
+            leased,
             owned_enabled: swap_owned || old.owned_enabled || accepting,
         },
         changed,
@@ -531,6 +699,25 @@ pub fn withdraw_argv(cfg: &FreeBsdConfig) -> Vec<String> {
 
 /// Plans a withdraw: stop accepting new flows now, keep VIPs and the deny.
 pub fn plan_withdraw(cfg: &FreeBsdConfig, installed: Option<&Installed>) -> Plan {
+    if cfg.buckets == IpfwBuckets::Srcjhash {
+        // Emptying the lease map withdraws at once; the rules stay.
+        let steps = vec![Step::SetLease {
+            sysctl: cfg.sysctl.clone(),
+            map: cfg.srcjhash_map,
+            stop_after: Duration::ZERO,
+            buckets: BTreeSet::new(),
+        }];
+        let next = installed.map_or_else(Installed::default, |i| Installed {
+            leased: BTreeSet::new(),
+            ..i.clone()
+        });
+        return Plan {
+            steps,
+            next,
+            changed: true,
+            stop_after: None,
+        };
+    }
     let mut steps = vec![
         Step::Run {
             argv: withdraw_argv(cfg),
@@ -553,6 +740,7 @@ pub fn plan_withdraw(cfg: &FreeBsdConfig, installed: Option<&Installed>) -> Plan
         next: Installed {
             vips,
             owned_matches: Vec::new(),
+            leased: BTreeSet::new(),
             owned_enabled: false,
         },
         changed: true,
