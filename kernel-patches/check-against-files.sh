@@ -19,6 +19,11 @@ shift
 if [ $# -eq 0 ]; then
 	set -- "$here"/*.patch
 fi
+# Absolute patch paths: the checks run in a scratch directory.
+for p in "$@"; do
+	shift
+	set -- "$@" "$(cd "$(dirname "$p")" && pwd)/$(basename "$p")"
+done
 
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/vipshare-patchcheck.XXXXXX")
 trap 'rm -rf "$scratch"' EXIT INT TERM

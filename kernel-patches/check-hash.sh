@@ -14,7 +14,10 @@ scratch=$(mktemp -d "${TMPDIR:-/tmp}/vipshare-jhash.XXXXXX")
 trap 'rm -rf "$scratch"' EXIT INT TERM
 bin=${1:-$scratch/jhash_test}
 
-patch=$(ls "$here"/0003-*.patch 2>/dev/null | head -n 1)
+patch=
+for p in "$here"/0003-*.patch; do
+	[ -f "$p" ] && patch=$p
+done
 if [ -n "$patch" ]; then
 	# The new file's hunk: every '+' line after its header, '+' removed.
 	awk '/^\+\+\+ b\/sys\/netpfil\/ipfw\/ip_fw_jhash.h/ { on = 1; next }

@@ -16,6 +16,8 @@ step "format";  cargo fmt --all -- --check
 step "lint";    cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build";   cargo build --workspace --bins --locked
 step "test";    cargo test --workspace --locked --no-fail-fast -- --test-threads=2
+step "kernel patches: git apply --check against the stored FreeBSD texts, the srcjhash hash in C"
+kernel-patches/check.sh
 step "simulator: 500 seeds"
 cargo run --release --locked -p vipshare-sim -- --seeds 500
 step "shell scripts"
