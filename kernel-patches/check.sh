@@ -8,12 +8,12 @@
 #
 # The texts are verbatim excerpts of public FreeBSD files and are not
 # committed (this project commits no fetched source); they live in
-# ${VIPSHARE_FREEBSD_TEXTS:-kernel-patches/upstream/freebsd-src}. Without
+# ${VIPSHARE_FREEBSD_TEXTS:-kernel-patches/upstream/texts}. Without
 # them step 1 prints "skipped" (and fails if VIPSHARE_REQUIRE_FREEBSD_TEXTS=1).
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
-texts=${VIPSHARE_FREEBSD_TEXTS:-$here/upstream/freebsd-src}
+texts=${VIPSHARE_FREEBSD_TEXTS:-$here/upstream/texts}
 
 if [ -d "$texts" ]; then
 	(cd "$texts" && sha256sum --quiet -c "$here/texts.sha256")
