@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use vipshare_agent::dataplane::freebsd::exec::{Executor, RecordingExecutor};
 use vipshare_agent::dataplane::freebsd::plan::{masks, plan_apply, plan_withdraw};
 use vipshare_agent::dataplane::freebsd::{
-    FreeBsdConfig, FreeBsdDataPlane, Installed, IpfwBuckets, Step,
+    FreeBsdConfig, FreeBsdDataPlane, Installed, IpfwBuckets, SharedAddress, Step,
 };
 use vipshare_agent::dataplane::{
     Affinity, BucketFn, DataPlane, DataPlaneError, Desired, LeaseEnforcement, VipConfig,
@@ -270,9 +270,11 @@ fn dataplane_runs_plans_and_recovers_from_failure() {
 // ---------------------------------------------------------------------------
 // Kernels with kernel-patches/0003 (ipfw srcjhash, kernel lease deadlines).
 
+/// A kernel with all three patches: the flag and srcjhash.
 fn srcjhash_cfg() -> FreeBsdConfig {
     FreeBsdConfig {
         buckets: IpfwBuckets::Srcjhash,
+        address: SharedAddress::Flag,
         ..cfg()
     }
 }
@@ -319,7 +321,9 @@ impl Executor for PatchedKernel {
     }
 
     fn probe_sysctl(&mut self, _sysctl: &str, name: &str) -> Option<String> {
-        (name == "net.inet.ip.fw.srcjhash_enable").then(|| "0".into())
+        ["net.inet.ip.fw.srcjhash_enable", "net.inet.ip.shared_addr"]
+            .contains(&name)
+            .then(|| "0".into())
     }
 }
 
@@ -330,6 +334,7 @@ fn the_backend_probes_the_kernel_and_lets_it_enforce_the_lease() {
     let r = stock.apply(&desired(0..8)).unwrap();
     assert_eq!(r.lease_enforcement, LeaseEnforcement::Watchdog);
     assert_eq!(stock.config().buckets, IpfwBuckets::Masks);
+    assert_eq!(stock.config().address, SharedAddress::CarpInit);
     assert!(
         stock.apply(&jhash(0..8)).is_err(),
         "stock ipfw has no jhash"
@@ -339,6 +344,16 @@ fn the_backend_probes_the_kernel_and_lets_it_enforce_the_lease() {
     let mut dp = FreeBsdDataPlane::new(cfg(), PatchedKernel(RecordingExecutor::default()));
     let r = dp.apply(&jhash(64..128)).unwrap();
     assert_eq!(dp.config().buckets, IpfwBuckets::Srcjhash);
+    assert_eq!(dp.config().address, SharedAddress::Flag);
+    assert!(dp.executor().0.steps.iter().any(
+        |s| matches!(s, Step::AddSharedAddress { addr, .. } if addr.octets() == [192, 0, 2, 10])
+    ));
+    assert!(!dp
+        .executor()
+        .0
+        .steps
+        .iter()
+        .any(|s| s.to_string().contains("carp") || s.to_string().contains("vhid")));
     assert_eq!(r.lease_enforcement, LeaseEnforcement::KernelTimeout);
     assert_eq!(r.owned_rules, 1);
     let steps = &dp.executor().0.steps;

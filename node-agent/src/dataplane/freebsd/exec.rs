@@ -117,6 +117,11 @@ impl<W: WatchdogLink> Executor for OsExecutor<W> {
                 .watchdog
                 .arm(stop_after.saturating_sub(started.elapsed())),
             Step::DisarmWatchdog => self.watchdog.disarm(),
+            Step::AddSharedAddress {
+                interface,
+                addr,
+                prefix_len,
+            } => super::shared_addr::add_shared_address(interface, *addr, *prefix_len),
             Step::SetLease {
                 sysctl,
                 map,

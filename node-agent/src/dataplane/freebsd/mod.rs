@@ -4,6 +4,10 @@
 //! rules over low-bits buckets with a watchdog process for the lease.
 //!
 //! # Per VIP
+//! On a kernel with kernel-patches/0001 ([`SharedAddress::Flag`], probed by
+//! `sysctl net.inet.ip.shared_addr`): the VIP is added with the shared-address
+//! flag ([`shared_addr`]), which gives what the CARP-INIT recipe below gives
+//! without touching CARP. Otherwise:
 //! - `ifconfig IF vhid N advskew 254` and `ifconfig IF inet VIP/32 alias vhid N`
 //!   with `net.inet.carp.allow=0`: CARP stays in INIT, so the address is local
 //!   (in the address hash: IP delivers to it) but exempt from ARP conflict
@@ -14,7 +18,7 @@
 //!   cluster's multicast MAC.
 //! - membership of the 239/8 group that maps to the MAC (a socket held by the
 //!   executor), so the NIC's filter and IGMP-snooping switches pass the frames.
-//! - a kernel with kernel-patches/0001 and `net.inet.tcp.accept_l2mcast=1`, or
+//! - a kernel with kernel-patches/0002 and `net.inet.tcp.accept_l2mcast=2`, or
 //!   TCP drops every SYN that arrived in a multicast frame.
 //!
 //! # Buckets
@@ -43,6 +47,7 @@
 pub mod exec;
 pub mod masks;
 pub mod plan;
+pub mod shared_addr;
 pub mod watchdog;
 
 use std::time::{Duration, Instant};
@@ -60,6 +65,17 @@ pub enum IpfwBuckets {
     Masks,
     /// ipfw's srcjhash option and kernel lease maps (kernel-patches/0003).
     Srcjhash,
+}
+
+/// How the FreeBSD backend configures a VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedAddress {
+    /// Probe on the first apply: the flag when the kernel has it, else CARP-INIT.
+    Auto,
+    /// A CARP vhid kept in INIT (`net.inet.carp.allow=0`) and `alias vhid`.
+    CarpInit,
+    /// The shared-address flag of kernel-patches/0001 (`net.inet.ip.shared_addr`).
+    Flag,
 }
 
 /// Settings of the FreeBSD backend.
@@ -80,6 +96,8 @@ pub struct FreeBsdConfig {
     pub carp_vhid: u8,
     /// How owned buckets are matched ([`IpfwBuckets::Auto`]: probe the kernel).
     pub buckets: IpfwBuckets,
+    /// How VIPs are configured ([`SharedAddress::Auto`]: probe the kernel).
+    pub address: SharedAddress,
     /// srcjhash lease map (0..=15) this agent writes.
     pub srcjhash_map: u8,
     /// How much earlier than the lease end the watchdog withdraws (the `delta`
@@ -102,6 +120,7 @@ impl Default for FreeBsdConfig {
             base_staging_set: 6,
             carp_vhid: 200,
             buckets: IpfwBuckets::Auto,
+            address: SharedAddress::Auto,
             srcjhash_map: 0,
             stop_margin: Duration::from_millis(50),
             ipfw: "/sbin/ipfw".into(),
@@ -180,6 +199,27 @@ impl<E: Executor> FreeBsdDataPlane<E> {
         &self.exec
     }
 
+    /// Resolves the `Auto` settings from the kernel's sysctls, once.
+    fn probe_kernel(&mut self) {
+        let sysctl = self.cfg.sysctl.clone();
+        if self.cfg.buckets == IpfwBuckets::Auto {
+            let found = self.exec.probe_sysctl(&sysctl, plan::ENABLE_SYSCTL);
+            self.cfg.buckets = if found.is_some() {
+                IpfwBuckets::Srcjhash
+            } else {
+                IpfwBuckets::Masks
+            };
+        }
+        if self.cfg.address == SharedAddress::Auto {
+            let found = self.exec.probe_sysctl(&sysctl, plan::SHARED_ADDR_SYSCTL);
+            self.cfg.address = if found.is_some() {
+                SharedAddress::Flag
+            } else {
+                SharedAddress::CarpInit
+            };
+        }
+    }
+
     fn run(&mut self, plan: &Plan, started: Instant) -> Result<(), DataPlaneError> {
         for step in &plan.steps {
             if let Err(e) = self.exec.execute(step, started) {
@@ -195,16 +235,7 @@ impl<E: Executor> FreeBsdDataPlane<E> {
 impl<E: Executor> DataPlane for FreeBsdDataPlane<E> {
     fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DataPlaneError> {
         let started = Instant::now();
-        if self.cfg.buckets == IpfwBuckets::Auto {
-            let found = self
-                .exec
-                .probe_sysctl(&self.cfg.sysctl, plan::ENABLE_SYSCTL);
-            self.cfg.buckets = if found.is_some() {
-                IpfwBuckets::Srcjhash
-            } else {
-                IpfwBuckets::Masks
-            };
-        }
+        self.probe_kernel();
         let plan = plan_apply(&self.cfg, self.installed.as_ref(), desired)?;
         self.run(&plan, started)?;
         let report = ApplyReport {

@@ -33,7 +33,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use super::masks::{compress, Cube};
-use super::{FreeBsdConfig, IpfwBuckets};
+use super::{FreeBsdConfig, IpfwBuckets, SharedAddress};
 use crate::dataplane::{
     format_mac, igmp_group_for_mac, Affinity, BucketFn, DataPlaneError, Desired, VipConfig,
 };
@@ -69,6 +69,13 @@ pub enum Step {
     ArmWatchdog { stop_after: Duration },
     /// Nothing to withdraw any more.
     DisarmWatchdog,
+    /// Add `addr/prefix_len` to `interface` with the shared-address flag
+    /// (kernel-patches/0001; [`super::shared_addr`]).
+    AddSharedAddress {
+        interface: String,
+        addr: Ipv4Addr,
+        prefix_len: u8,
+    },
     /// Write srcjhash lease map `map`: `buckets` owned until `stop_after` from
     /// the start of this apply (an absolute kernel-uptime deadline, so a late
     /// write does not extend it), every other bucket not owned.
@@ -111,6 +118,9 @@ pub fn lease_assignment(map: u8, deadline_ns: u64, buckets: &BTreeSet<u32>) -> S
     )
 }
 
+/// The shared-address switch (kernel-patches/0001); its presence is how the
+/// agent detects the flag.
+pub const SHARED_ADDR_SYSCTL: &str = "net.inet.ip.shared_addr";
 /// The kernel's lease map sysctl (kernel-patches/0003).
 pub const LEASE_SYSCTL: &str = "net.inet.ip.fw.srcjhash_lease";
 /// The kernel's srcjhash switch; its presence is how the agent detects the patch.
@@ -157,6 +167,14 @@ impl fmt::Display for Step {
                 write!(f, "watchdog arm {}ms", stop_after.as_millis())
             }
             Step::DisarmWatchdog => f.write_str("watchdog disarm"),
+            Step::AddSharedAddress {
+                interface,
+                addr,
+                prefix_len,
+            } => write!(
+                f,
+                "ioctl SIOCAIFADDR {interface} inet {addr}/{prefix_len} shared"
+            ),
             Step::SetLease {
                 sysctl,
                 map,
@@ -460,8 +478,38 @@ fn owned_swap(cfg: &FreeBsdConfig, vips: &[VipConfig], matches: &[OwnedMatch]) -
 }
 
 fn add_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
+    let publish = Step::run([
+        cfg.arp.as_str(),
+        "-S",
+        &vip.addr.to_string(),
+        &format_mac(&vip.mac),
+        "pub",
+    ]);
+    let mut steps = if cfg.address == SharedAddress::Flag {
+        vec![
+            Step::AddSharedAddress {
+                interface: vip.interface.clone(),
+                addr: vip.addr,
+                prefix_len: vip.prefix_len,
+            },
+            publish,
+        ]
+    } else {
+        carp_init_vip(cfg, vip, publish)
+    };
+    if let Some(group) = igmp_group_for_mac(&vip.mac) {
+        steps.push(Step::JoinGroup {
+            group,
+            via: vip.addr,
+            interface: vip.interface.clone(),
+        });
+    }
+    steps
+}
+
+fn carp_init_vip(cfg: &FreeBsdConfig, vip: &VipConfig, publish: Step) -> Vec<Step> {
     let vhid = cfg.carp_vhid.to_string();
-    let mut steps = vec![
+    vec![
         // Creates the vhid if needed; CARP stays in INIT (net.inet.carp.allow=0),
         // which keeps the address out of conflict defence and gratuitous ARP.
         Step::run([
@@ -481,22 +529,8 @@ fn add_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
             "vhid",
             &vhid,
         ]),
-        Step::run([
-            cfg.arp.as_str(),
-            "-S",
-            &vip.addr.to_string(),
-            &format_mac(&vip.mac),
-            "pub",
-        ]),
-    ];
-    if let Some(group) = igmp_group_for_mac(&vip.mac) {
-        steps.push(Step::JoinGroup {
-            group,
-            via: vip.addr,
-            interface: vip.interface.clone(),
-        });
-    }
-    steps
+        publish,
+    ]
 }
 
 fn remove_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
@@ -527,8 +561,21 @@ fn remove_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
 /// vipshare relies on, staging sets disabled and empty.
 fn initialize(cfg: &FreeBsdConfig) -> Vec<Step> {
     let mut steps = vec![
-        Step::run([cfg.sysctl.as_str(), "net.inet.carp.allow=0"]),
-        Step::run([cfg.sysctl.as_str(), "net.inet.tcp.accept_l2mcast=1"]),
+        if cfg.address == SharedAddress::Flag {
+            Step::run([cfg.sysctl.as_str(), &format!("{SHARED_ADDR_SYSCTL}=1")])
+        } else {
+            Step::run([cfg.sysctl.as_str(), "net.inet.carp.allow=0"])
+        },
+        // 1: SYNs in multicast frames to shared (flag) addresses; the CARP-INIT
+        // recipe needs a kernel with 0002 too and uses 2 (any local address).
+        Step::run([
+            cfg.sysctl.as_str(),
+            if cfg.address == SharedAddress::Flag {
+                "net.inet.tcp.accept_l2mcast=1"
+            } else {
+                "net.inet.tcp.accept_l2mcast=2"
+            },
+        ]),
     ];
     if cfg.buckets == IpfwBuckets::Srcjhash {
         steps.push(Step::run([
