@@ -3,7 +3,8 @@
 # (hash/ip_fw_jhash.h, the file patch 0003 adds to the kernel) with
 # gcc -Wall -Wextra -Werror and runs its self-test against the Linux kernel's
 # vectors. Also checks that the header in the patch is byte for byte
-# hash/ip_fw_jhash.h, so the test covers the code the kernel would build.
+# hash/ip_fw_jhash.h, so the test covers the code the kernel would build, and
+# tests the patch's lease-map code (hash/srcjhash_kernel_test.c).
 #
 # usage: check-hash.sh [OUTPUT_BINARY]   (default: a temporary file)
 set -eu
@@ -35,3 +36,17 @@ fi
 "$cc" -std=c99 -D_DEFAULT_SOURCE -O2 -Wall -Wextra -Werror -pedantic \
     -o "$bin" "$here/hash/jhash_test.c"
 "$bin"
+
+# The lease-map code 0003 adds to ip_fw2.c, from its comment to the end of
+# ipfw_srcjhash_match(), against stubbed kernel interfaces.
+if [ -n "$patch" ]; then
+	awk '/^\+ \* O_SRCJHASH: per-bucket leases/ { on = 1; print "/*" }
+	     on { line = $0; sub(/^\+/, "", line); print line }
+	     on && /^\+ipfw_srcjhash_match\(/ { last = 1 }
+	     on && last && /^\+}$/ { exit }' "$patch" >"$scratch/srcjhash_glue.c"
+	# As the kernel is built: no strict aliasing, unused parameters allowed.
+	"$cc" -std=c11 -D_DEFAULT_SOURCE -O2 -Wall -Wextra -Werror \
+	    -fno-strict-aliasing -Wno-unused-parameter -I"$here/hash" -I"$scratch" \
+	    -o "$scratch/srcjhash_kernel_test" "$here/hash/srcjhash_kernel_test.c"
+	"$scratch/srcjhash_kernel_test"
+fi
