@@ -3,35 +3,39 @@
 # guest-test.sh inside it (vnet jails + epair + if_bridge). Run on a FreeBSD
 # host as root. Not run in this project's CI (which is Linux).
 #
-# usage: run.sh -i IMAGE -k KERNEL_DIR [-m MEMORY] [-c CPUS] [-t TIMEOUT_S] [-K]
+# usage: run.sh -i IMAGE -k KERNEL_DIR [-u IPFW] [-m MEMORY] [-c CPUS] [-t TIMEOUT_S] [-K]
 #   -i  FreeBSD 14.4 VM image (raw, e.g. FreeBSD-14.4-RELEASE-amd64-ufs.raw,
 #       uncompressed); a copy is used, the image itself is not modified
 #   -k  directory holding the patched kernel (e.g. the `kernel` and modules
 #       installed by `make installkernel DESTDIR=...`: DESTDIR/boot/kernel)
+#   -u  the patched ipfw(8) binary (kernel-patches/0004); with it the guest
+#       also runs the scenarios in "patched" mode (flag + srcjhash)
 #   -m  guest memory (default 2G), -c guest CPUs (default 2)
 #   -t  give up after this many seconds (default 900)
 #   -K  keep the work directory (disk copy, console log)
 #
-# Prints the guest's report ("N passed, M failed") and exits 0 only if every
-# scenario passed.
+# Prints the guest's reports ("N passed, M failed" per mode) and exits 0 only
+# if every scenario of every mode passed.
 set -eu
 
 image=""
 kernel=""
+ipfw_bin=""
 mem=2G
 cpus=2
 timeout=900
 keep=0
-while getopts i:k:m:c:t:K opt; do
+while getopts i:k:u:m:c:t:K opt; do
 	case $opt in
 	i) image=$OPTARG ;;
 	k) kernel=$OPTARG ;;
+	u) ipfw_bin=$OPTARG ;;
 	m) mem=$OPTARG ;;
 	c) cpus=$OPTARG ;;
 	t) timeout=$OPTARG ;;
 	K) keep=1 ;;
 	*)
-		sed -n '8,17p' "$0" >&2
+		sed -n '6,19p' "$0" >&2
 		exit 2
 		;;
 	esac
@@ -46,6 +50,7 @@ die() {
 [ "$(id -u)" = 0 ] || die "needs root"
 [ -f "$image" ] || die "no image (-i)"
 [ -f "$kernel/kernel" ] || die "no kernel in $kernel (-k)"
+[ -z "$ipfw_bin" ] || [ -x "$ipfw_bin" ] || die "-u $ipfw_bin is not an executable"
 here=$(cd "$(dirname "$0")" && pwd)
 
 kldload -n vmm nmdm
@@ -91,13 +96,23 @@ rm -rf "$mnt/boot/kernel.old"
 mv "$mnt/boot/kernel" "$mnt/boot/kernel.old"
 cp -R "$kernel" "$mnt/boot/kernel"
 mkdir -p "$mnt/root/vipshare"
-cp "$here/guest-test.sh" "$mnt/root/vipshare/guest-test.sh"
-cat >"$mnt/etc/rc.local" <<'RC'
+cp "$here/guest-test.sh" "$here/helper.c" \
+    "$here/../../kernel-patches/hash/ip_fw_jhash.h" "$mnt/root/vipshare/"
+modes=recipe
+if [ -n "$ipfw_bin" ]; then
+	cp "$ipfw_bin" "$mnt/root/vipshare/ipfw"
+	modes="recipe patched"
+fi
+cat >"$mnt/etc/rc.local" <<RC
 #!/bin/sh
-# vipshare bhyve harness: run the scenarios once, then power off.
-sh /root/vipshare/guest-test.sh /root/vipshare/report.txt \
-    >/root/vipshare/console.txt 2>&1
-echo "vipshare-guest-exit=$?" >>/root/vipshare/report.txt
+# vipshare bhyve harness: run the scenarios once per mode, then power off.
+status=0
+for m in $modes; do
+	sh /root/vipshare/guest-test.sh -m "\$m" /root/vipshare/report-\$m.txt \\
+	    >/root/vipshare/console-\$m.txt 2>&1 || status=1
+	cat /root/vipshare/report-\$m.txt >>/root/vipshare/report.txt
+done
+echo "vipshare-guest-exit=\$status" >>/root/vipshare/report.txt
 rm -f /etc/rc.local
 shutdown -p now
 RC
