@@ -4,7 +4,7 @@
 #     of freebsd/freebsd-src named in README.md, after checking that the texts
 #     are the recorded ones (texts.sha256);
 #  2. the srcjhash hash in C builds with gcc -Wall -Wextra -Werror and gives
-#     Linux's marks (check-hash.sh).
+#     Linux's marks (check-c.sh).
 #
 # The texts are verbatim excerpts of public FreeBSD files and are not
 # committed (this project commits no fetched source); they live in
@@ -24,4 +24,4 @@ elif [ "${VIPSHARE_REQUIRE_FREEBSD_TEXTS:-0}" = 1 ]; then
 else
 	echo "skipped: git apply --check (no FreeBSD texts in $texts; see kernel-patches/README.md)"
 fi
-"$here/check-hash.sh"
+"$here/check-c.sh"

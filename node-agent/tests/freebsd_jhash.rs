@@ -75,7 +75,7 @@ fn expected(affinity: Affinity, modulus: u32, seed: u32, addr: IpAddr, port: u16
 fn build_c() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("jhash_test");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-patches/check-hash.sh");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-patches/check-c.sh");
     let built = Command::new("sh").arg(&script).arg(&bin).output().unwrap();
     assert!(
         built.status.success(),

@@ -1,7 +1,7 @@
 /*
  * User-space test of ip_fw_jhash.h, the bucket function of the ipfw
  * O_SRCJHASH opcode (kernel-patches/0003). Built on Linux with
- * gcc -Wall -Wextra -Werror by check-hash.sh.
+ * gcc -Wall -Wextra -Werror by check-c.sh.
  *
  *   jhash_test            self-test: lookup3 reference values and marks the
  *                         Linux kernel computed (core/src/bucket.rs)

@@ -1,7 +1,7 @@
 /*
  * User-space test of the kernel code patch 0003 adds to ip_fw2.c for the
  * srcjhash lease maps: the sysctl parser, the map writer and the match
- * (deadline in kernel uptime). check-hash.sh extracts that code from the
+ * (deadline in kernel uptime). check-c.sh extracts that code from the
  * patch into srcjhash_glue.c; the kernel interfaces it uses are stubbed
  * here, with getsbinuptime() driven by the test.
  */

@@ -1,12 +1,15 @@
 #!/bin/sh
-# Builds the user-space test of the ipfw O_SRCJHASH bucket function
-# (hash/ip_fw_jhash.h, the file patch 0003 adds to the kernel) with
-# gcc -Wall -Wextra -Werror and runs its self-test against the Linux kernel's
-# vectors. Also checks that the header in the patch is byte for byte
-# hash/ip_fw_jhash.h, so the test covers the code the kernel would build, and
-# tests the patch's lease-map code (hash/srcjhash_kernel_test.c).
+# User-space C tests of the patches' code, built with gcc -Wall -Wextra
+# -Werror:
+#  - hash/ip_fw_jhash.h (the file 0003 adds; checked to be byte for byte the
+#    one in the patch) against lookup3's reference values and marks captured
+#    from Linux nftables (tests/jhash_test.c);
+#  - 0003's lease-map code, extracted from the patch, against stubbed kernel
+#    interfaces (tests/srcjhash_kernel_test.c);
+#  - 0002's tcp_l2mcast_syn_ok() with 0001's in_shared.h, extracted from the
+#    patches, against stubs (tests/tcp_l2mcast_test.c).
 #
-# usage: check-hash.sh [OUTPUT_BINARY]   (default: a temporary file)
+# usage: check-c.sh [OUTPUT_BINARY]   (default: a temporary file)
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -34,7 +37,7 @@ if [ -n "$patch" ]; then
 fi
 
 "$cc" -std=c99 -D_DEFAULT_SOURCE -O2 -Wall -Wextra -Werror -pedantic \
-    -o "$bin" "$here/hash/jhash_test.c"
+    -I"$here/hash" -o "$bin" "$here/tests/jhash_test.c"
 "$bin"
 
 # The lease-map code 0003 adds to ip_fw2.c, from its comment to the end of
@@ -47,6 +50,25 @@ if [ -n "$patch" ]; then
 	# As the kernel is built: no strict aliasing, unused parameters allowed.
 	"$cc" -std=c11 -D_DEFAULT_SOURCE -O2 -Wall -Wextra -Werror \
 	    -fno-strict-aliasing -Wno-unused-parameter -I"$here/hash" -I"$scratch" \
-	    -o "$scratch/srcjhash_kernel_test" "$here/hash/srcjhash_kernel_test.c"
+	    -o "$scratch/srcjhash_kernel_test" "$here/tests/srcjhash_kernel_test.c"
 	"$scratch/srcjhash_kernel_test"
+fi
+
+# tcp_l2mcast_syn_ok() of 0002 with in_shared.h of 0001, against stubs.
+p1=
+p2=
+for p in "$here"/0001-*.patch; do [ -f "$p" ] && p1=$p; done
+for p in "$here"/0002-*.patch; do [ -f "$p" ] && p2=$p; done
+if [ -n "$p1" ] && [ -n "$p2" ]; then
+	awk '/^\+\+\+ b\/sys\/netinet\/in_shared.h/ { on = 1; next }
+	     on && /^diff --git/ { exit }
+	     on && /^@@/ { next }
+	     on { sub(/^\+/, ""); print }' "$p1" >"$scratch/in_shared.h"
+	awk '/^\+tcp_l2mcast_syn_ok\(/ { on = 1; print "static bool" }
+	     on { line = $0; sub(/^\+/, "", line); print line }
+	     on && /^\+}$/ { exit }' "$p2" >"$scratch/tcp_l2mcast_glue.c"
+	"$cc" -std=c11 -D_DEFAULT_SOURCE -O2 -Wall -Wextra -Werror \
+	    -fno-strict-aliasing -I"$scratch" \
+	    -o "$scratch/tcp_l2mcast_test" "$here/tests/tcp_l2mcast_test.c"
+	"$scratch/tcp_l2mcast_test"
 fi
