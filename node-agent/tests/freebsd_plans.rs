@@ -378,3 +378,21 @@ fn the_backend_probes_the_kernel_and_lets_it_enforce_the_lease() {
         Some(Step::SetLease { buckets, .. }) if buckets.is_empty()
     ));
 }
+
+#[test]
+fn lease_map_writes_are_compact_and_absolute() {
+    use vipshare_agent::dataplane::freebsd::plan::{bucket_ranges, lease_assignment};
+    let set = |v: &[u32]| v.iter().copied().collect::<BTreeSet<u32>>();
+    assert_eq!(bucket_ranges(&set(&[])), "-");
+    assert_eq!(bucket_ranges(&set(&[7])), "7");
+    assert_eq!(bucket_ranges(&set(&[0, 1, 2, 3, 8, 10, 11])), "0-3,8,10-11");
+    assert_eq!(bucket_ranges(&(0..4096).collect()), "0-4095");
+    assert_eq!(
+        lease_assignment(2, 123_456_789_000, &set(&[5, 6])),
+        "net.inet.ip.fw.srcjhash_lease=2 123456789000 5-6"
+    );
+    // Every other bucket of 4096: the longest write, well under the kernel's
+    // 32768-byte limit.
+    let worst = lease_assignment(15, u64::MAX / 8, &(0..4096).step_by(2).collect());
+    assert!(worst.len() < 32768, "{}", worst.len());
+}
