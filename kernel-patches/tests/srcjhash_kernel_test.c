@@ -27,6 +27,7 @@ static sbintime_t test_now;
 static sbintime_t getsbinuptime(void) { return (test_now); }
 static sbintime_t nstosbt(uint64_t ns) { return ((sbintime_t)(ns * 4)); }
 #define	__unused	__attribute__((unused))
+#define	__PAST_END(a, o)	((a)[o])
 #define	VNET_DEFINE_STATIC(t, n)	static t n
 #define	VNET(n)			n
 #define	VNET_NAME(n)		n
