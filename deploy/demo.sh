@@ -2,13 +2,13 @@
 # vipshare demo: 3 controllers and 4 hosts sharing one VIP in network namespaces on
 # this machine, real certificates, client traffic, a host crash and its failover.
 #
-#   sudo deploy/demo.sh            # builds, runs, cleans up on exit or Ctrl-C
-#   KEEP=1 sudo deploy/demo.sh     # leave the lab running at the end (lab_down later)
+#   deploy/demo.sh                 # as root (or: sudo deploy/demo.sh); builds, runs, cleans up on exit or Ctrl-C
+#   KEEP=1 deploy/demo.sh          # leave the lab running at the end (lab_down later)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "demo: needs root for network namespaces and nftables: sudo $0" >&2
+  echo "demo: needs root for network namespaces and nftables: run it as root (or sudo $0)" >&2
   exit 1
 fi
 if ! ip netns add vsd-probe 2>/dev/null; then
@@ -18,6 +18,8 @@ if ! ip netns add vsd-probe 2>/dev/null; then
 fi
 ip netns delete vsd-probe
 
+# shellcheck source=scripts/lib/cargo-path.sh
+source scripts/lib/cargo-path.sh
 scripts/install-deps.sh
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
