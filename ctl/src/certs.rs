@@ -216,5 +216,9 @@ fn describe(cert: &Path) -> anyhow::Result<()> {
         s.serial,
         s.expires
     );
+    match &s.cluster_id {
+        Some(id) => println!("  cluster ID {id}"),
+        None => println!("  no cluster ID (made before cluster IDs; rotate the CA to get one)"),
+    }
     Ok(())
 }

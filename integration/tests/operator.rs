@@ -1,0 +1,136 @@
+//! What an operator meets: identities that cannot be confused, processes that fail
+//! fast, a CLI that tells the truth, and a lifecycle without traps (issue 12).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use vipshare_integration::{bin, netns, Lab};
+use vipshare_proto::pki::{self, Role};
+
+const ELECTION: Duration = Duration::from_secs(15);
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Replace `ROLE-NAME.{crt,key}` in `dir` with a fresh pair from the CA in `from`.
+fn replace_leaf(
+    dir: &Path,
+    from: &Path,
+    role: Role,
+    name: &str,
+    ips: &[std::net::IpAddr],
+) -> anyhow::Result<()> {
+    let files = pki::issue(from, role, name, ips, &[], 30)?;
+    std::fs::copy(&files.cert, dir.join(format!("{role}-{name}.crt")))?;
+    std::fs::copy(&files.key, dir.join(format!("{role}-{name}.key")))?;
+    std::fs::remove_file(&files.cert)?;
+    std::fs::remove_file(&files.key)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_data_directory_with_the_same_name_is_refused() -> anyhow::Result<()> {
+    // Cluster A ("lab") runs once and leaves its data directory behind.
+    let mut a = Lab::new("127.0.40", 1)?;
+    a.start_founders(1)?;
+    a.wait_leader(ELECTION).await?;
+    a.stop(1)?;
+    let a_data = a.controllers[&1].data_dir.clone();
+
+    // Cluster B has the same name, the same controller id, its own CA.
+    let mut b = Lab::new("127.0.40", 1)?;
+    assert_eq!(a.cluster, b.cluster);
+    b.configure(1, &[1], false)?;
+    let b_data = b.controllers[&1].data_dir.clone();
+    let copy = Command::new("cp")
+        .arg("-a")
+        .arg(&a_data)
+        .arg(&b_data)
+        .status()?;
+    assert!(copy.success());
+    let before = std::fs::read(b_data.join("raft.redb"))?;
+    let (status, log) = b.run_to_exit(1)?;
+    assert!(!status.success(), "served a foreign data directory:\n{log}");
+    assert!(log.contains("foreign data directory"), "{log}");
+    let id_a = pki::ca_cluster_id(&a.certs.join("ca.crt"))?.expect("A has an ID");
+    let id_b = pki::ca_cluster_id(&b.certs.join("ca.crt"))?.expect("B has an ID");
+    assert!(
+        log.contains(id_a.as_str()) && log.contains(id_b.as_str()),
+        "{log}"
+    );
+    assert_eq!(std::fs::read(b_data.join("raft.redb"))?, before);
+
+    // A's own controller still opens it.
+    a.start(1)?;
+    a.wait_leader(ELECTION).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_with_mismatched_certificate_is_refused_at_start() -> anyhow::Result<()> {
+    let mut lab = Lab::new("127.0.41", 2)?;
+    let other = tempfile::tempdir()?;
+    let other_ca = other.path().join("pki");
+    pki::init_ca(&other_ca, &lab.cluster, 30)?;
+
+    // Controller 1's certificate comes from another CA (same cluster name, right IP).
+    let ip1 = lab.address(1).rsplit_once(':').unwrap().0.parse()?;
+    replace_leaf(&lab.certs, &other_ca, Role::Controller, "1", &[ip1])?;
+    lab.configure(1, &[1], false)?;
+    let (status, log) = lab.run_to_exit(1)?;
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("not valid under the cluster CA"), "{log}");
+    assert!(log.contains("controller-1.crt"), "{log}");
+
+    // Controller 2's certificate is from the right CA but does not name its listen address.
+    std::fs::remove_file(lab.certs.join("controller-2.crt"))?;
+    std::fs::remove_file(lab.certs.join("controller-2.key"))?;
+    pki::issue(&lab.certs, Role::Controller, "2", &[], &[], 30)?;
+    lab.configure(2, &[2], false)?;
+    let (status, log) = lab.run_to_exit(2)?;
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("does not name listen address"), "{log}");
+    assert!(!lab.controllers[&2].data_dir.exists(), "data dir created");
+    Ok(())
+}
+
+#[test]
+fn agent_with_another_members_certificate_or_no_interface_is_refused() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let certs = tmp.path().join("pki");
+    pki::init_ca(&certs, "lab", 30)?;
+    pki::issue(&certs, Role::Agent, "web-1", &[], &[], 30)?;
+    let controllers = [(1, "127.0.0.1:7001".to_string())];
+    let run = |config: &Path| {
+        Command::new(bin("vipshare-agent"))
+            .arg("--config")
+            .arg(config)
+            .output()
+    };
+
+    // The certificate is web-1's, the config says web-2.
+    let cfg = netns::write_agent_config(&tmp.path().join("a"), "web-2", &certs, &controllers, "")?;
+    let text = std::fs::read_to_string(&cfg)?
+        .replace("agent-web-2", "agent-web-1")
+        .replace("interface = \"eth0\"", "interface = \"lo\"");
+    std::fs::write(&cfg, text)?;
+    let out = run(&cfg)?;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("member") && err.contains("web-1"), "{err}");
+
+    // Right certificate, an interface that does not exist.
+    let cfg = netns::write_agent_config(&tmp.path().join("b"), "web-1", &certs, &controllers, "")?;
+    let text = std::fs::read_to_string(&cfg)?.replace("\"eth0\"", "\"vsnone0\"");
+    std::fs::write(&cfg, text)?;
+    let out = run(&cfg)?;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("interface") && err.contains("vsnone0") && err.contains("does not exist"),
+        "{err}"
+    );
+    Ok(())
+}
