@@ -134,3 +134,33 @@ fn agent_with_another_members_certificate_or_no_interface_is_refused() -> anyhow
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_raft_task_ends_the_process() -> anyhow::Result<()> {
+    let mut lab = Lab::new("127.0.42", 3)?;
+    lab.start_founders(3)?;
+    let leader = lab.wait_leader(ELECTION).await?;
+    for i in 0..20u8 {
+        lab.noop(&[i]).await?;
+    }
+    // Wipe a follower and start it as a founder again: it bootstraps a one-entry log,
+    // and the leader's next heartbeat commits past its end, which raft treats as a
+    // broken invariant (a panic in the node task).
+    let victim = if leader == 3 { 2 } else { 3 };
+    lab.kill(victim)?;
+    std::fs::remove_dir_all(&lab.controllers[&victim].data_dir)?;
+    lab.start(victim)?;
+    let status = vipshare_integration::wait_for(
+        Duration::from_secs(30),
+        "the wiped controller to exit",
+        || {
+            let r = lab.exited(victim).ok().flatten();
+            async move { r }
+        },
+    )
+    .await?;
+    let log = lab.controllers[&victim].log_text();
+    assert_eq!(status.code(), Some(101), "{log}");
+    assert!(log.contains("panic"), "{log}");
+    Ok(())
+}
