@@ -36,10 +36,7 @@ lab_certs
 for i in 1 2 3; do lab_start_controller "$i"; done
 
 say "waiting for a raft leader"
-for _ in $(seq 1 100); do
-  ctl status --json 2>/dev/null | grep -q '"leader_id": [1-9]' && break
-  sleep 0.2
-done
+ctl status --wait 20 >/dev/null
 ctl cluster init --vip "$VIP" --buckets 256
 for i in 1 2 3 4; do
   ctl member add "h$i"
@@ -48,11 +45,8 @@ for i in 1 2 3 4; do
 done
 
 say "waiting until every bucket has an owner"
-for _ in $(seq 1 100); do
-  ctl status --json | grep -q '"unowned_buckets": 0' && break
-  sleep 0.2
-done
-ctl status
+# Exit status 0 only when healthy: a leader, no unowned bucket, no member down.
+ctl status --wait 20 || echo "  not healthy after 20 s (exit status $?)"
 ctl members
 ctl buckets
 

@@ -164,3 +164,95 @@ async fn a_panicking_raft_task_ends_the_process() -> anyhow::Result<()> {
     assert!(log.contains("panic"), "{log}");
     Ok(())
 }
+
+fn code(out: &std::process::Output) -> Option<i32> {
+    out.status.code()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_exit_codes_local_view_and_refusals() -> anyhow::Result<()> {
+    let mut lab = Lab::new("127.0.43", 3)?;
+    lab.start_founders(3)?;
+    let leader = lab.wait_leader(ELECTION).await?;
+
+    // A leader and nothing to serve yet: healthy.
+    let out = lab.ctl(&["status"])?;
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let out = lab.ctl(&["cluster", "init", "--vip", "192.0.2.10", "--buckets", "16"])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Every bucket unowned (no members): 4, also after waiting for better.
+    let out = lab.ctl(&["status", "--json"])?;
+    assert_eq!(code(&out), Some(4), "{}", stderr(&out));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(j["health"]["exit_code"], 4);
+    assert_eq!(j["unowned_buckets"], 16);
+    let t = std::time::Instant::now();
+    let out = lab.ctl(&["status", "--wait", "1"])?;
+    assert_eq!(code(&out), Some(4), "{}", stderr(&out));
+    assert!(t.elapsed() >= Duration::from_secs(1));
+
+    // Refusals with the reason: multicast, broadcast, unspecified VIPs; an existing voter.
+    for bad in ["224.0.0.1", "255.255.255.255", "0.0.0.0"] {
+        let out = lab.ctl(&["vip", "add", bad])?;
+        assert_eq!(code(&out), Some(1), "vip add {bad} accepted");
+        assert!(stderr(&out).contains("unicast"), "{}", stderr(&out));
+    }
+    let addr2 = lab.address(2);
+    let out = lab.ctl(&["controller", "add", "--id", "2", "--address", &addr2])?;
+    assert_eq!(code(&out), Some(1), "controller add of a voter accepted");
+    assert!(stderr(&out).contains("already a voter"), "{}", stderr(&out));
+
+    // A certificate of another CA is named before any connection.
+    let other = tempfile::tempdir()?;
+    pki::init_ca(other.path(), &lab.cluster, 30)?;
+    replace_leaf(&lab.certs, other.path(), Role::Admin, "mallory", &[])?;
+    let out = lab.ctl(&["--user", "admin-mallory", "status"])?;
+    assert_eq!(code(&out), Some(1));
+    assert!(
+        stderr(&out).contains("not valid under the cluster CA"),
+        "{}",
+        stderr(&out)
+    );
+    // A revoked one: the controllers' reason, from every controller in turn.
+    pki::issue(&lab.certs, Role::Admin, "eve", &[], &[], 30)?;
+    let eve = lab.certs.join("admin-eve.crt");
+    let out = lab.ctl(&["certs", "revoke", "--cert", eve.to_str().unwrap()])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let refused = vipshare_integration::wait_for(Duration::from_secs(10), "eve refused", || {
+        let out = lab.ctl(&["--user", "admin-eve", "members"]);
+        async move { out.ok().filter(|o| !o.status.success()) }
+    })
+    .await?;
+    let err = stderr(&refused);
+    assert!(err.contains("revoked"), "{err}");
+    for id in 1..=3 {
+        assert!(
+            err.contains(&lab.address(id)),
+            "controller {id} not tried: {err}"
+        );
+    }
+
+    // No quorum: the default read says so (3) and points at --local; --local
+    // answers from one controller and says it is local.
+    let survivor = if leader == 1 { 2 } else { 1 };
+    for id in 1..=3 {
+        if id != survivor {
+            lab.kill(id)?;
+        }
+    }
+    vipshare_integration::wait_for(ELECTION, "the survivor to lose its leader", || async {
+        lab.local_status(survivor)
+            .await
+            .filter(|s| s.leader_id == 0)
+    })
+    .await?;
+    let out = lab.ctl(&["status"])?;
+    assert_eq!(code(&out), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--local"), "{}", stderr(&out));
+    let out = lab.ctl(&["status", "--local"])?;
+    assert_eq!(code(&out), Some(3), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("LOCAL VIEW of controller"), "{text}");
+    assert!(text.contains("unowned 16"), "{text}");
+    Ok(())
+}

@@ -751,10 +751,14 @@ pub struct OwnCert {
     pub dns: Vec<String>,
 }
 
-/// Check a daemon's own certificate before it serves: it must chain to the CA in
-/// `ca` (a certificate from another cluster's CA is otherwise only noticed when
-/// every peer refuses it), carry a vipshare identity, and carry the CA's cluster ID.
-pub fn check_own_cert(cert: &Path, ca: &Path) -> Result<OwnCert, PkiError> {
+/// Verify that the first certificate in `cert` chains to a CA in `ca` and is valid
+/// now (not expired, not yet valid, or signed by another CA are named as such).
+/// Returns the certificate chain and the CA certificates.
+#[allow(clippy::type_complexity)]
+pub fn verify_chain(
+    cert: &Path,
+    ca: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, Vec<CertificateDer<'static>>), PkiError> {
     let cas = load_certs(ca)?;
     let mut roots = rustls::RootCertStore::empty();
     for der in &cas {
@@ -776,6 +780,14 @@ pub fn check_own_cert(cert: &Path, ca: &Path) -> Result<OwnCert, PkiError> {
                 format!("is not valid under the cluster CA {}: {e}", ca.display()),
             )
         })?;
+    Ok((chain, cas))
+}
+
+/// Check a daemon's own certificate before it serves: it must chain to the CA in
+/// `ca` (a certificate from another cluster's CA is otherwise only noticed when
+/// every peer refuses it), carry a vipshare identity, and carry the CA's cluster ID.
+pub fn check_own_cert(cert: &Path, ca: &Path) -> Result<OwnCert, PkiError> {
+    let (chain, cas) = verify_chain(cert, ca)?;
     let identity = cert_identity(&chain[0]).map_err(|e| PkiError::invalid(cert, e.to_string()))?;
     let summary = describe_cert(cert)?;
     let ca_id = ca_cluster_id(ca)?;
