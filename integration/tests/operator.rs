@@ -256,3 +256,64 @@ async fn status_exit_codes_local_view_and_refusals() -> anyhow::Result<()> {
     assert!(text.contains("unowned 16"), "{text}");
     Ok(())
 }
+
+/// The body of an HTTP/1.0 `/metrics` answer.
+fn body(response: &str) -> &str {
+    response.split_once("\r\n\r\n").map_or(response, |(_, b)| b)
+}
+
+fn promtool_check(what: &str, exposition: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            anyhow::anyhow!("promtool (Debian package prometheus; scripts/install-deps.sh): {e}")
+        })?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(exposition.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics on the {what}:\n{said}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_and_agent_metrics_pass_promtool() -> anyhow::Result<()> {
+    netns::require_root();
+    let cluster = netns::Cluster::start(2, 4, 16).await?;
+    let members = vec![cluster.member(0), cluster.member(1)];
+    cluster
+        .wait_converged(&members, Duration::from_secs(30))
+        .await?;
+    let leader = cluster.lab.wait_leader(ELECTION).await?;
+    let controller = cluster.lab.metrics(leader).await?;
+    let agent = cluster.agent_metrics(0).await?;
+    for (what, text) in [("controller", body(&controller)), ("agent", body(&agent))] {
+        for needle in [
+            "# HELP vipshare_build_info",
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+        ] {
+            assert!(text.contains(needle), "{what} lacks {needle}:\n{text}");
+        }
+        promtool_check(what, text)?;
+    }
+    assert!(body(&controller).contains("# HELP vipshare_raft_term"));
+    assert!(body(&controller).contains("# HELP vipshare_cert_expiry_seconds"));
+    assert!(body(&agent).contains("# HELP vipshare_agent_buckets_owned"));
+    Ok(())
+}
