@@ -8,6 +8,7 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import yaml' >/dev/null 2>&1 || need+=(python3-yaml)
 command -v keepalived >/dev/null 2>&1 || need+=(keepalived)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
