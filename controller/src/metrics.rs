@@ -180,7 +180,10 @@ pub fn record_view(v: &NodeView) {
     gauge!("vipshare_buckets_unowned").set(s.unowned() as f64);
     gauge!("vipshare_members_suppressed")
         .set(s.members.values().filter(|m| m.suppressed).count() as f64);
-    gauge!("vipshare_members_down").set(s.members.values().filter(|m| m.down).count() as f64);
+    // A member stopped on purpose (agent SIGTERM) is not down.
+    gauge!("vipshare_members_down")
+        .set(s.members.values().filter(|m| m.down && !m.stopped).count() as f64);
+    gauge!("vipshare_members_stopped").set(s.members.values().filter(|m| m.stopped).count() as f64);
     for name in s.members.keys() {
         gauge!("vipshare_buckets_owned", "member" => name.clone())
             .set(s.owned_by(name).count() as f64);

@@ -88,7 +88,7 @@ enum Cmd {
     /// Add or remove virtual IP addresses.
     #[command(subcommand)]
     Vip(VipCmd),
-    /// Add members (hosts running an agent).
+    /// Add members (hosts running an agent) or reset their flap penalty.
     #[command(subcommand)]
     Member(MemberCmd),
     /// Stop giving new flows to a member; its buckets move away, connections kept.
@@ -177,6 +177,12 @@ enum MemberCmd {
         /// Relative weight, 1-1000.
         #[arg(long, default_value_t = 100)]
         weight: u32,
+    },
+    /// Forget a member's flap penalty and suppression; it gets buckets again once
+    /// its agent heartbeats steadily.
+    Reset {
+        /// Member name.
+        name: String,
     },
 }
 
@@ -296,6 +302,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Member(MemberCmd::Add { name, weight }) => {
             Op::AddMember(pb::AddMember { name, weight })
         }
+        Cmd::Member(MemberCmd::Reset { name }) => Op::ResetMember(pb::ResetMember { name }),
         Cmd::Drain { name } => Op::Drain(pb::Drain { name }),
         Cmd::Undrain { name } => Op::Undrain(pb::Undrain { name }),
         Cmd::Weight { name, weight } => Op::SetWeight(pb::SetWeight { name, weight }),

@@ -101,6 +101,8 @@ impl AdminApi for AdminService {
                 weight: m.weight,
                 state: if m.suppressed {
                     "suppressed"
+                } else if m.stopped {
+                    "stopped"
                 } else if m.down {
                     "down"
                 } else if m.evicted {
@@ -200,6 +202,7 @@ fn op_summary(op: &Op) -> String {
         Op::SetWeight(w) => format!("set_weight {:?} {}", w.name, w.weight),
         Op::Drain(d) => format!("drain {:?}", d.name),
         Op::Undrain(u) => format!("undrain {:?}", u.name),
+        Op::ResetMember(r) => format!("reset_member {:?}", r.name),
         Op::Noop(n) => format!("noop ({} payload bytes)", n.payload.len()),
         Op::Revoke(r) => format!("revoke serial {:?}", r.serial),
         Op::Unrevoke(u) => format!("unrevoke serial {:?}", u.serial),
@@ -266,6 +269,7 @@ fn to_action(op: Op) -> Result<Action, Status> {
         },
         Op::Drain(d) => Command::Drain { name: d.name },
         Op::Undrain(u) => Command::Undrain { name: u.name },
+        Op::ResetMember(r) => Command::ResetMember { name: r.name },
         Op::Noop(n) => Command::Noop { payload: n.payload },
         Op::Revoke(r) => Command::Revoke {
             serial: serial(&r.serial)?,
