@@ -317,3 +317,103 @@ async fn controller_and_agent_metrics_pass_promtool() -> anyhow::Result<()> {
     assert!(body(&agent).contains("# HELP vipshare_agent_buckets_owned"));
     Ok(())
 }
+
+/// name -> (state, buckets, penalty) from `vipsharectl members --json`.
+fn members(lab: &Lab) -> anyhow::Result<std::collections::BTreeMap<String, (String, u64, f64)>> {
+    let out = lab.ctl(&["members", "--json"])?;
+    anyhow::ensure!(out.status.success(), "members: {}", stderr(&out));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut m = std::collections::BTreeMap::new();
+    for x in j["members"].as_array().into_iter().flatten() {
+        m.insert(
+            x["name"].as_str().unwrap_or_default().to_string(),
+            (
+                x["state"].as_str().unwrap_or_default().to_string(),
+                x["buckets"].as_u64().unwrap_or(0),
+                x["penalty"].as_f64().unwrap_or(f64::NAN),
+            ),
+        );
+    }
+    Ok(m)
+}
+
+async fn wait_state(c: &netns::Cluster, name: &str, state: &str) -> anyhow::Result<()> {
+    vipshare_integration::wait_for(Duration::from_secs(30), &format!("{name} {state}"), || {
+        let m = members(&c.lab).ok();
+        async move { m.filter(|m| m[name].0 == state).map(|_| ()) }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_early_add_restart_home_and_reset() -> anyhow::Result<()> {
+    netns::require_root();
+    let mut c = netns::Cluster::start(2, 4, 16).await?;
+    let both = vec![c.member(0), c.member(1)];
+    c.wait_converged(&both, Duration::from_secs(30)).await?;
+
+    // A member added before its agent runs: nothing granted, nothing black-holed,
+    // no penalty, however long its agent takes. (A busy host may fence h1 or h2 on
+    // its own meanwhile; this looks at h9 only.)
+    pki::issue(&c.lab.certs, Role::Agent, "h9", &[], &[], 30)?;
+    let out = c.lab.ctl(&["member", "add", "h9"])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        let m = members(&c.lab)?;
+        assert_eq!(m["h9"].1, 0, "h9 granted buckets before its agent ran");
+        assert_eq!(m["h9"].2, 0.0, "h9 penalised");
+        assert_eq!(m["h9"].0, "active", "h9 fenced");
+        assert!(!c.bucket_map()?.contains(&"h9".to_string()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Restart h1's agent (SIGTERM = planned stop): back home, no penalty added.
+    let before = c.wait_converged(&both, Duration::from_secs(30)).await?;
+    let penalty_before = members(&c.lab)?["h1"].2;
+    let status = c.agents[0].terminate(Duration::from_secs(30))?;
+    assert!(status.success(), "agent exit {status}");
+    wait_state(&c, "h1", "stopped").await?;
+    assert!(
+        members(&c.lab)?["h1"].2 <= penalty_before,
+        "a planned stop was penalised"
+    );
+    c.agents[0].restart()?;
+    let home =
+        |map: &[String]| -> Vec<usize> { (0..map.len()).filter(|&i| map[i] == "h1").collect() };
+    vipshare_integration::wait_for(Duration::from_secs(30), "h1 back home", || {
+        let map = c.bucket_map().ok();
+        let want = home(&before);
+        async move { map.filter(|m| home(m) == want).map(|_| ()) }
+    })
+    .await?;
+    let m = members(&c.lab)?;
+    assert_eq!(m["h1"].0, "active", "{m:?}");
+    assert!(m["h1"].2 <= penalty_before, "{m:?}");
+
+    // Crashes of h2 in a row suppress it; `member reset` lets it back at once
+    // (suppression would otherwise last minutes).
+    for _ in 0..4 {
+        c.agents[1].kill();
+        vipshare_integration::wait_for(Duration::from_secs(30), "h2 fenced", || {
+            let m = members(&c.lab).ok();
+            async move { m.filter(|m| m["h2"].0 != "active").map(|_| ()) }
+        })
+        .await?;
+        if members(&c.lab)?["h2"].0 == "suppressed" {
+            break;
+        }
+        c.agents[1].restart()?;
+        wait_state(&c, "h2", "active").await?;
+    }
+    let m = members(&c.lab)?;
+    assert_eq!(m["h2"].0, "suppressed", "{m:?}");
+    assert!(m["h2"].2 > 2000.0, "{m:?}");
+    let out = c.lab.ctl(&["member", "reset", "h2"])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = members(&c.lab)?;
+    assert_eq!((m["h2"].0.as_str(), m["h2"].2), ("down", 0.0), "{m:?}");
+    c.agents[1].restart()?;
+    c.wait_converged(&both, Duration::from_secs(30)).await?;
+    Ok(())
+}
