@@ -79,6 +79,11 @@ fn describe() {
         "Members fenced after missing their lease."
     );
     g!(
+        "vipshare_members_stopped",
+        Unit::Count,
+        "Members whose agent stopped on purpose (drained; back in service on restart)."
+    );
+    g!(
         "vipshare_buckets_owned",
         Unit::Count,
         "Buckets owned, by member."
