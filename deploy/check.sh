@@ -49,6 +49,45 @@ else
 	missing "promtool" "promtool not found (Debian package prometheus; scripts/install-deps.sh installs it)"
 fi
 
+# Every alert: severity, summary, description, and a runbook_url whose anchor is
+# a section of deploy/RUNBOOK.md.
+alert_annotations() {
+	python3 - deploy/prometheus/alerts.yml deploy/RUNBOOK.md <<'EOF'
+import re, sys, yaml
+
+rules_path, runbook_path = sys.argv[1], sys.argv[2]
+with open(rules_path, encoding="utf-8") as f:
+    groups = yaml.safe_load(f)["groups"]
+with open(runbook_path, encoding="utf-8") as f:
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+               for h in re.findall(r"^#+ (.+)$", f.read(), re.M)}
+errors = []
+for g in groups:
+    for r in g["rules"]:
+        name = r.get("alert")
+        if not name:
+            continue
+        if r.get("labels", {}).get("severity") not in ("critical", "warning"):
+            errors.append(f"{name}: severity must be critical or warning")
+        ann = r.get("annotations", {})
+        for key in ("summary", "description", "runbook_url"):
+            if not ann.get(key):
+                errors.append(f"{name}: no {key}")
+        anchor = ann.get("runbook_url", "").partition("#")[2]
+        if anchor and anchor not in anchors:
+            errors.append(f"{name}: runbook_url anchor #{anchor} is not a heading of {runbook_path}")
+for e in errors:
+    print(f"{rules_path}: {e}")
+sys.exit(1 if errors else 0)
+EOF
+}
+
+if command -v python3 >/dev/null 2>&1 && python3 -c 'import yaml' 2>/dev/null; then
+	run "alerts: severity, summary, description, runbook_url" alert_annotations
+else
+	missing "alert annotations" "needs python3 with yaml (Debian: python3-yaml)"
+fi
+
 # --- Grafana ------------------------------------------------------------------
 dashboard=deploy/grafana/vipshare.json
 

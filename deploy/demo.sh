@@ -2,13 +2,13 @@
 # vipshare demo: 3 controllers and 4 hosts sharing one VIP in network namespaces on
 # this machine, real certificates, client traffic, a host crash and its failover.
 #
-#   sudo deploy/demo.sh            # builds, runs, cleans up on exit or Ctrl-C
-#   KEEP=1 sudo deploy/demo.sh     # leave the lab running at the end (lab_down later)
+#   deploy/demo.sh                 # as root (or: sudo deploy/demo.sh); builds, runs, cleans up on exit or Ctrl-C
+#   KEEP=1 deploy/demo.sh          # leave the lab running at the end (lab_down later)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "demo: needs root for network namespaces and nftables: sudo $0" >&2
+  echo "demo: needs root for network namespaces and nftables: run it as root (or sudo $0)" >&2
   exit 1
 fi
 if ! ip netns add vsd-probe 2>/dev/null; then
@@ -18,6 +18,8 @@ if ! ip netns add vsd-probe 2>/dev/null; then
 fi
 ip netns delete vsd-probe
 
+# shellcheck source=scripts/lib/cargo-path.sh
+source scripts/lib/cargo-path.sh
 scripts/install-deps.sh
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -34,10 +36,7 @@ lab_certs
 for i in 1 2 3; do lab_start_controller "$i"; done
 
 say "waiting for a raft leader"
-for _ in $(seq 1 100); do
-  ctl status --json 2>/dev/null | grep -q '"leader_id": [1-9]' && break
-  sleep 0.2
-done
+ctl status --wait 20 >/dev/null
 ctl cluster init --vip "$VIP" --buckets 256
 for i in 1 2 3 4; do
   ctl member add "h$i"
@@ -46,11 +45,8 @@ for i in 1 2 3 4; do
 done
 
 say "waiting until every bucket has an owner"
-for _ in $(seq 1 100); do
-  ctl status --json | grep -q '"unowned_buckets": 0' && break
-  sleep 0.2
-done
-ctl status
+# Exit status 0 only when healthy: a leader, no unowned bucket, no member down.
+ctl status --wait 20 || echo "  not healthy after 20 s (exit status $?)"
 ctl members
 ctl buckets
 

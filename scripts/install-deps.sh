@@ -8,10 +8,11 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import yaml' >/dev/null 2>&1 || need+=(python3-yaml)
 command -v keepalived >/dev/null 2>&1 || need+=(keepalived)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
-    echo "install-deps: missing ${need[*]}; run as root (sudo $0) or install them yourself" >&2
+    echo "install-deps: missing ${need[*]}; run as root (or sudo $0) or install them yourself" >&2
     exit 1
   fi
   export DEBIAN_FRONTEND=noninteractive

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The one command that runs every vipshare test: `sudo scripts/test.sh`.
+# The one command that runs every vipshare test, as root: `scripts/test.sh`
+# (or `sudo scripts/test.sh`).
 # Installs what the tests need, checks formatting and lints, builds, runs the unit,
 # property, kernel (network namespace) and multi-process tests, then the simulator.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
-  echo "test.sh: the data-plane tests need root (network namespaces, nftables): run sudo $0" >&2
+  echo "test.sh: the data-plane tests need root (network namespaces, nftables): run it as root (or sudo $0)" >&2
   exit 1
 fi
+# shellcheck source=scripts/lib/cargo-path.sh
+source scripts/lib/cargo-path.sh
 scripts/install-deps.sh
 
 step() { printf '\n==> %s\n' "$*"; }

@@ -1,10 +1,11 @@
 //! `controller.toml`: parsed strictly (unknown keys are errors) and validated
 //! before anything starts, so a typo stops the daemon with the file, key and reason.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use vipshare_proto::pki::{self, ClusterId};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -181,6 +182,40 @@ impl ControllerConfig {
         self.advertise
             .clone()
             .unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// Checks the own certificate before serving: it chains to the configured CA and
+    /// names the address peers dial (`advertise`, else `listen`), so a certificate from
+    /// another cluster or host stops the start with a reason instead of failing every
+    /// peer's handshake. Returns the cluster ID the certificates carry.
+    pub fn check_certificate(&self) -> anyhow::Result<ClusterId> {
+        let own = pki::check_own_cert(&self.tls.cert, &self.tls.ca)?;
+        let advertised = self.advertised();
+        let host = advertised
+            .rsplit_once(':')
+            .map_or(advertised.as_str(), |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let named = match host.parse::<IpAddr>() {
+            Ok(ip) => own.ips.contains(&ip),
+            Err(_) => own.dns.iter().any(|d| d.eq_ignore_ascii_case(host)),
+        };
+        if !named {
+            let key = if self.advertise.is_some() {
+                "advertise"
+            } else {
+                "listen"
+            };
+            anyhow::bail!(
+                "{}: does not name {key} address {host} (its IP SANs: {:?}, DNS SANs: {:?}); \
+                 peers dial that address, so reissue the certificate with `--ip {host}` or \
+                 set `advertise` to an address it names",
+                self.tls.cert.display(),
+                own.ips,
+                own.dns
+            );
+        }
+        Ok(own.cluster_id)
     }
 
     pub fn tls_files(&self) -> vipshare_proto::tls::TlsFiles {

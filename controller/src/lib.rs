@@ -53,6 +53,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
     // First, so that a SIGHUP from now on reloads certificates instead of killing us.
     let tls = Arc::new(TlsReloader::new(cfg.tls_files()).context("TLS setup")?);
     check_identity(&cfg, tls.identity())?;
+    let cluster_id = cfg.check_certificate()?;
     let mut stop_watcher = shutdown.clone();
     tls.clone().spawn_watcher(TLS_POLL, async move {
         let _ = stop_watcher.wait_for(|s| *s).await;
@@ -61,6 +62,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
 
     let id = StoreIdentity {
         cluster: cfg.cluster.clone(),
+        cluster_id,
         node_id: cfg.id,
     };
     let (disk, recovered) = DiskLog::open(&cfg.data_dir, &id)?;

@@ -25,6 +25,7 @@ async fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,raft=warn")),
         )
         .init();
+    exit_on_panic();
     let args = Args::parse();
     let cfg = ControllerConfig::load(&args.config)?;
     if let Some(addr) = cfg.metrics_listen {
@@ -53,4 +54,17 @@ async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// Fail fast: after a panic in any task (the raft node, the ownership runtime, a
+/// service) the process is in a state nobody tested, and tokio would keep serving
+/// around the dead task. End it non-zero so the supervisor restarts a clean one.
+/// Panics that storage.rs contains (redb's, turned into errors) never get here.
+fn exit_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        tracing::error!(%info, "panic: exiting (code 101) for the supervisor to restart");
+        std::process::exit(101);
+    }));
 }

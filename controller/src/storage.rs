@@ -7,7 +7,8 @@
 //! | table        | key (type)                            | value payload                               |
 //! |--------------|---------------------------------------|---------------------------------------------|
 //! | `meta`       | `"format_version"` (`&str`)           | `u32` little endian ([`FORMAT_VERSION`])    |
-//! |              | `"cluster"`                           | cluster id, UTF-8                           |
+//! |              | `"cluster"`                           | cluster name, UTF-8                         |
+//! |              | `"cluster_id"`                        | random cluster ID from the CA, UTF-8 hex    |
 //! |              | `"node_id"`                           | `u64` little endian                         |
 //! | `hard_state` | `"hard_state"`                        | `eraftpb::HardState`, protobuf              |
 //! | `snapshot`   | `"metadata"`                          | `eraftpb::SnapshotMetadata`, protobuf       |
@@ -59,6 +60,7 @@ use redb::{
     TableDefinition, TableError,
 };
 use vipshare_core::storage::{Durable, DurableError, Recovered};
+use vipshare_proto::pki::ClusterId;
 
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "raft.redb";
@@ -78,6 +80,7 @@ const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new(T_ENTRIES);
 
 const META_FORMAT: &str = "format_version";
 const META_CLUSTER: &str = "cluster";
+const META_CLUSTER_ID: &str = "cluster_id";
 const META_NODE: &str = "node_id";
 const HS_KEY: &str = "hard_state";
 const SNAP_META: &str = "metadata";
@@ -90,6 +93,8 @@ const CACHE_BYTES: usize = 32 << 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreIdentity {
     pub cluster: String,
+    /// From the certificates: names repeat across clusters, this does not.
+    pub cluster_id: ClusterId,
     pub node_id: u64,
 }
 
@@ -149,6 +154,18 @@ pub enum StorageError {
         path: PathBuf,
         found: String,
         expected: String,
+    },
+    #[error(
+        "{}: foreign data directory: it belongs to cluster ID {found} (named {name:?}), but \
+         this controller's certificates are for cluster ID {expected}; a data directory \
+         from another cluster (same name or not) is never served",
+        path.display()
+    )]
+    ForeignClusterId {
+        path: PathBuf,
+        name: String,
+        found: String,
+        expected: ClusterId,
     },
     #[error(
         "{}: foreign data directory: it belongs to node id {found}, this controller is \
@@ -546,9 +563,10 @@ fn initialize(dir: &Path, id: &StoreIdentity) -> Result<(), StorageError> {
         let mut meta = txn
             .open_table(META)
             .map_err(|e| err("opening table meta")(e.into()))?;
-        let rows: [(&str, Vec<u8>); 3] = [
+        let rows: [(&str, Vec<u8>); 4] = [
             (META_FORMAT, FORMAT_VERSION.to_le_bytes().to_vec()),
             (META_CLUSTER, id.cluster.as_bytes().to_vec()),
+            (META_CLUSTER_ID, id.cluster_id.as_str().as_bytes().to_vec()),
             (META_NODE, id.node_id.to_le_bytes().to_vec()),
         ];
         for (key, payload) in rows {
@@ -624,6 +642,7 @@ fn open_existing(path: PathBuf, id: &StoreIdentity) -> Result<(DiskLog, Recovere
             .map_err(|e| classify(&path, "beginning read transaction", e.into()))?;
         let recovered = load(&txn, &path, id)?;
         drop(txn);
+        adopt_cluster_id(&db, &path, id)?;
         Ok((db, recovered))
     })?;
     if !clean {
@@ -642,6 +661,41 @@ fn open_existing(path: PathBuf, id: &StoreIdentity) -> Result<(DiskLog, Recovere
         two_phase_commit: true,
     };
     Ok((log, recovered))
+}
+
+/// Record the cluster ID in a directory created before cluster IDs existed (name and
+/// node already matched), so that from now on only this cluster's controller opens it.
+fn adopt_cluster_id(db: &Database, path: &Path, id: &StoreIdentity) -> Result<(), StorageError> {
+    let err = |op: &'static str| move |e: redb::Error| classify(path, op, e);
+    let txn = db
+        .begin_write()
+        .map_err(|e| err("beginning write transaction")(e.into()))?;
+    {
+        let mut meta = txn
+            .open_table(META)
+            .map_err(|e| err("opening table meta")(e.into()))?;
+        if meta
+            .get(META_CLUSTER_ID)
+            .map_err(|e| err("reading meta")(e.into()))?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let record = seal(
+            T_META,
+            META_CLUSTER_ID.as_bytes(),
+            id.cluster_id.as_str().as_bytes(),
+        );
+        meta.insert(META_CLUSTER_ID, record.as_slice())
+            .map_err(|e| err("writing meta")(e.into()))?;
+    }
+    let mut txn = txn;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| err("setting durability")(e.into()))?;
+    txn.commit()
+        .map_err(|e| err("committing cluster ID")(e.into()))?;
+    tracing::info!(path = %path.display(), cluster_id = %id.cluster_id, "recorded the cluster ID in a data directory made before cluster IDs");
+    Ok(())
 }
 
 fn builder() -> Builder {
@@ -742,6 +796,27 @@ fn load(txn: &ReadTransaction, path: &Path, id: &StoreIdentity) -> Result<Recove
             found: node,
             expected: id.node_id,
         });
+    }
+
+    // Absent only in a directory made before cluster IDs: `adopt_cluster_id` records it.
+    if let Some(guard) = meta.get(META_CLUSTER_ID).map_err(read_err(T_META))? {
+        let key = format!("{META_CLUSTER_ID:?}");
+        let payload = unseal(
+            path,
+            T_META,
+            META_CLUSTER_ID.as_bytes(),
+            &key,
+            guard.value(),
+        )?;
+        let found = String::from_utf8_lossy(payload).into_owned();
+        if found != id.cluster_id.as_str() {
+            return Err(StorageError::ForeignClusterId {
+                path: path.to_path_buf(),
+                name: cluster,
+                found,
+                expected: id.cluster_id.clone(),
+            });
+        }
     }
 
     let mut recovered = Recovered::default();
@@ -994,9 +1069,12 @@ mod tests {
     use redb::WriteTransaction;
     use vipshare_core::storage::{bootstrap_snapshot, RaftStorage};
 
+    const ID_A: &str = "0123456789abcdef0123456789abcdef";
+
     fn id() -> StoreIdentity {
         StoreIdentity {
             cluster: "cluster-a".to_string(),
+            cluster_id: ID_A.parse().unwrap(),
             node_id: 1,
         }
     }
@@ -1263,6 +1341,7 @@ mod tests {
         let before = fs::read(&path).unwrap();
         let other = StoreIdentity {
             cluster: "cluster-b".to_string(),
+            cluster_id: ID_A.parse().unwrap(),
             node_id: 1,
         };
         let err = open_err(tmp.path(), &other);
@@ -1277,11 +1356,34 @@ mod tests {
     }
 
     #[test]
+    fn same_name_other_cluster_id_is_refused_untouched() {
+        let tmp = tempfile::tempdir().unwrap();
+        synced_store(tmp.path());
+        let path = tmp.path().join(DB_FILE);
+        let before = fs::read(&path).unwrap();
+        let other = StoreIdentity {
+            cluster_id: "fedcba9876543210fedcba9876543210".parse().unwrap(),
+            ..id()
+        };
+        let err = open_err(tmp.path(), &other);
+        assert!(
+            matches!(err, StorageError::ForeignClusterId { .. }),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains(ID_A) && msg.contains("fedcba98"), "{msg}");
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert_eq!(fs::read(&path).unwrap(), before);
+        open(tmp.path());
+    }
+
+    #[test]
     fn foreign_node_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         synced_store(tmp.path());
         let other = StoreIdentity {
             cluster: "cluster-a".to_string(),
+            cluster_id: ID_A.parse().unwrap(),
             node_id: 2,
         };
         let err = open_err(tmp.path(), &other);

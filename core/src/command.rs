@@ -67,6 +67,16 @@ pub enum Command {
     Undrain {
         name: String,
     },
+    /// The member's agent is stopping on purpose (SIGTERM): drain it like `Drain`,
+    /// but its coming fence is not a flap (no penalty) and its return undrains it.
+    StopSelf {
+        name: String,
+    },
+    /// Operator: forget a member's flap penalty and suppression (it is re-admitted
+    /// once it heartbeats steadily, like any fenced member).
+    ResetMember {
+        name: String,
+    },
     /// Give unowned buckets to members. Refused for a bucket that has an owner:
     /// owned buckets move only by `Release` + `Transfer`, or by `FenceMember`.
     SetOwners {

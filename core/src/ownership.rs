@@ -74,10 +74,13 @@ pub struct Planner {
     /// Members in the state at the previous plan.
     seen: BTreeSet<String>,
     planned: bool,
-    /// Members added to the state since this planner's first plan, and when: not
-    /// silent before their agent could have been acked (a never-acked member's
-    /// `last_ack` is the controller's start, long ago).
+    /// Members added to the state since this planner's first plan, and when, until
+    /// their agent's first acknowledged heartbeat: neither fenced (they hold nothing,
+    /// and a fence would cost them a flap penalty) nor given buckets (their agent may
+    /// not run yet: the buckets would be black-holed).
     joined: BTreeMap<String, u64>,
+    /// Members stopped on purpose that this leader fenced, and when.
+    stop_fenced: BTreeMap<String, u64>,
 }
 
 impl Planner {
@@ -166,7 +169,7 @@ impl Planner {
         }
         self.seen.retain(|n| state.members.contains_key(n));
         self.joined
-            .retain(|n, t| state.members.contains_key(n) && now < *t + wait);
+            .retain(|n, _| state.members.contains_key(n) && promises.steady_for(now, n).is_none());
         let up: Vec<&String> = state
             .members
             .iter()
@@ -213,15 +216,40 @@ impl Planner {
             });
         }
 
+        // 1b. A member stopped on purpose (SIGTERM) whose buckets have all moved
+        // away is fenced at once: it holds nothing, so nothing waits on its lease,
+        // and the fence is what lets its restarted agent come back (step 2).
+        for (name, m) in state.members.iter().filter(|(_, m)| m.stopped && !m.down) {
+            if state.owned_by(name).next().is_none()
+                && self.due(format!("stopped:{name}:{}", m.epoch), now)
+            {
+                self.stop_fenced.insert(name.clone(), now);
+                actions.push(Action::Propose(Command::FenceMember {
+                    name: name.clone(),
+                    epoch: m.epoch,
+                    at_ms: wall_ms,
+                }));
+            }
+        }
+
         // 2. Re-admit fenced members that heartbeat steadily and are not damped.
         // Steadiness is each controller's own record, so a leader change does not
-        // restart the clock.
+        // restart the clock. Back from a planned stop, no damping wait: acked two
+        // leases after this leader fenced it means acked after the fence, so by a
+        // restarted agent (the stopping one exits as soon as it is drained).
+        self.stop_fenced
+            .retain(|n, _| state.members.get(n).is_some_and(|m| m.stopped));
         for (name, m) in state.members.iter().filter(|(_, m)| m.down) {
             let Some(steady) = promises.steady_for(now, name) else {
                 continue;
             };
             let damped = m.suppressed && damping.current(m.penalty, wall_ms) > damping.reuse;
-            if steady >= damping.min_stable_ms
+            let back = m.stopped
+                && self
+                    .stop_fenced
+                    .get(name)
+                    .is_some_and(|&t| now >= t + 2 * timing.lease_ms);
+            if (back || steady >= damping.min_stable_ms)
                 && !damped
                 && self.due(format!("readmit:{name}:{}", m.epoch), now)
             {
@@ -233,7 +261,12 @@ impl Planner {
         }
 
         // 3.-5. Move buckets towards the policy's target.
-        let members = Self::eligible(state, promises, now);
+        let mut members = Self::eligible(state, promises, now);
+        for m in &mut members {
+            if self.joined.contains_key(&m.name) {
+                m.eligible = false;
+            }
+        }
         let Ok(target) = policy::assign(&state.buckets, &members) else {
             return actions;
         };
@@ -492,10 +525,94 @@ mod tests {
                 "b fenced at {now}"
             );
         }
-        // Still silent a promise after it joined: fenced.
-        let now = 5050 + lc;
-        heartbeat_all(&mut pr, &s, now, &["b"]);
-        assert!(fenced(&step(&mut p, &mut s, &pr, now)));
+        // Still silent long after it joined (its agent not started yet): never
+        // fenced, so no flap penalty, and given nothing to black-hole.
+        for now in (5000 + lc..5000 + 5 * lc).step_by(50) {
+            heartbeat_all(&mut pr, &s, now, &["b"]);
+            assert!(
+                !fenced(&step(&mut p, &mut s, &pr, now)),
+                "b fenced at {now}"
+            );
+            assert_eq!(s.owned_by("b").count(), 0, "b granted buckets at {now}");
+        }
+        assert_eq!(s.members["b"].penalty, Default::default());
+        // Its agent starts: after the first acknowledged heartbeat it gets its share.
+        let mut now = 5000 + 5 * lc;
+        for _ in 0..40 {
+            now += 50;
+            heartbeat_all(&mut pr, &s, now, &[]);
+            for a in step(&mut p, &mut s, &pr, now) {
+                if let Action::Propose(Command::Release { buckets, .. }) = a {
+                    for b in buckets {
+                        p.released("a", b, s.buckets[b as usize].epoch);
+                    }
+                }
+            }
+        }
+        assert!(s.owned_by("b").count() > 0, "b never got buckets");
+        // From then on silence is fenced as for everyone.
+        let fenced_later = (now..now + 3 * lc).step_by(50).any(|t| {
+            heartbeat_all(&mut pr, &s, t, &["b"]);
+            fenced(&step(&mut p, &mut s, &pr, t))
+        });
+        assert!(fenced_later);
+    }
+
+    #[test]
+    fn a_planned_stop_returns_home_without_penalty() {
+        let mut s = cluster(&["a", "b"]);
+        let t = LeaseTiming::default();
+        let mut pr = Promises::new(t, 0, BTreeMap::new());
+        let mut p = Planner::new(PlannerConfig::default());
+        heartbeat_all(&mut pr, &s, 0, &[]);
+        step(&mut p, &mut s, &pr, 0);
+        let home: Vec<u32> = s.owned_by("b").collect();
+        assert!(!home.is_empty());
+        // SIGTERM: b's agent asks to be drained, confirms its releases, then exits.
+        s.apply(Command::StopSelf { name: "b".into() }).unwrap();
+        let mut now = 0;
+        while s.owned_by("b").next().is_some() {
+            now += 50;
+            assert!(now < 10_000, "b never drained");
+            heartbeat_all(&mut pr, &s, now, &[]);
+            for a in step(&mut p, &mut s, &pr, now) {
+                if let Action::Propose(Command::Release { buckets, .. }) = a {
+                    for b in buckets {
+                        p.released("b", b, s.buckets[b as usize].epoch);
+                    }
+                }
+            }
+        }
+        // Drained, it is fenced at once (it holds nothing), without a penalty.
+        for _ in 0..10 {
+            now += 50;
+            heartbeat_all(&mut pr, &s, now, &["b"]);
+            step(&mut p, &mut s, &pr, now);
+        }
+        assert!(
+            s.members["b"].down && s.members["b"].stopped,
+            "{:?}",
+            s.members["b"]
+        );
+        assert_eq!(s.members["b"].penalty, Default::default());
+        // The restarted agent heartbeats: one lease later b is back, undrained, and
+        // its home buckets return.
+        for _ in 0..100 {
+            now += 50;
+            heartbeat_all(&mut pr, &s, now, &[]);
+            for a in step(&mut p, &mut s, &pr, now) {
+                if let Action::Propose(Command::Release { name, buckets }) = a {
+                    for b in buckets {
+                        p.released(&name, b, s.buckets[b as usize].epoch);
+                    }
+                }
+            }
+        }
+        let m = &s.members["b"];
+        assert!(!m.down && !m.stopped && m.state == crate::state::MemberState::Active);
+        let back: Vec<u32> = s.owned_by("b").collect();
+        assert_eq!(back, home, "not home");
+        assert_eq!(m.penalty, Default::default());
     }
 
     #[test]

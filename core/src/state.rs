@@ -59,6 +59,9 @@ pub struct Member {
     pub evicted: bool,
     #[serde(default)]
     pub penalty: Penalty,
+    /// Drained by its own agent stopping (`Command::StopSelf`), not by an operator.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 impl Member {
@@ -71,6 +74,7 @@ impl Member {
             suppressed: false,
             evicted: false,
             penalty: Penalty::default(),
+            stopped: false,
         }
     }
 
@@ -283,11 +287,30 @@ impl ClusterState {
                 Ok(())
             }
             Command::Drain { name } => {
-                self.member_mut(&name)?.state = MemberState::Draining;
+                let m = self.member_mut(&name)?;
+                m.state = MemberState::Draining;
+                m.stopped = false;
                 Ok(())
             }
             Command::Undrain { name } => {
-                self.member_mut(&name)?.state = MemberState::Active;
+                let m = self.member_mut(&name)?;
+                m.state = MemberState::Active;
+                m.stopped = false;
+                Ok(())
+            }
+            Command::StopSelf { name } => {
+                let m = self.member_mut(&name)?;
+                // An operator's drain stays an operator's drain.
+                if m.state == MemberState::Active {
+                    m.state = MemberState::Draining;
+                    m.stopped = true;
+                }
+                Ok(())
+            }
+            Command::ResetMember { name } => {
+                let m = self.member_mut(&name)?;
+                m.penalty = Penalty::default();
+                m.suppressed = false;
                 Ok(())
             }
             Command::SetOwners { changes } => self.set_owners(changes),
@@ -301,8 +324,11 @@ impl ClusterState {
                 m.down = true;
                 m.evicted = false;
                 m.epoch += 1;
-                m.penalty = damping.add_loss(m.penalty, at_ms);
-                m.suppressed = damping.current(m.penalty, at_ms) > damping.suppress;
+                // A planned stop is not a flap.
+                if !m.stopped {
+                    m.penalty = damping.add_loss(m.penalty, at_ms);
+                    m.suppressed = damping.current(m.penalty, at_ms) > damping.suppress;
+                }
                 for b in &mut self.buckets {
                     if b.owner.as_deref() == Some(name.as_str()) {
                         b.owner = None;
@@ -316,6 +342,11 @@ impl ClusterState {
                 let m = self.member_at(&name, epoch)?;
                 m.down = false;
                 m.suppressed = false;
+                // Back from a planned stop: in service again, home buckets return.
+                if m.stopped {
+                    m.state = MemberState::Active;
+                    m.stopped = false;
+                }
                 Ok(())
             }
             Command::Evict { name, epoch } => {
@@ -339,6 +370,8 @@ impl ClusterState {
                     }
                 }
 
+                // Drained by a planned stop: the buckets stay home for its return.
+                let keep_home = self.members.get(&from).is_some_and(|m| m.stopped);
                 for (bucket, epoch) in buckets {
                     let b = self.bucket_mut(bucket)?;
                     // Stale confirmations (another epoch, no longer releasing) are
@@ -351,7 +384,7 @@ impl ClusterState {
                         // A rebalancing move is where the bucket belongs in the
                         // balanced map; a failover (SetOwners) keeps the old home
                         // so a returning member gets its buckets back.
-                        if to.is_some() {
+                        if to.is_some() && !keep_home {
                             b.home = to.clone();
                         }
                     }
@@ -494,6 +527,34 @@ mod tests {
             bucket,
             owner: owner.map(String::from),
         }
+    }
+
+    #[test]
+    fn reset_forgets_penalty_and_an_operators_drain_survives_a_stop() {
+        let mut s = cluster();
+        for epoch in 1..=3 {
+            s.apply(Command::FenceMember {
+                name: "a".into(),
+                epoch,
+                at_ms: 1000,
+            })
+            .unwrap();
+        }
+        assert!(s.members["a"].suppressed);
+        s.apply(Command::ResetMember { name: "a".into() }).unwrap();
+        let a = &s.members["a"];
+        assert!(!a.suppressed && a.penalty == Penalty::default() && a.down);
+
+        s.apply(Command::Drain { name: "a".into() }).unwrap();
+        s.apply(Command::StopSelf { name: "a".into() }).unwrap();
+        assert!(!s.members["a"].stopped);
+        let epoch = s.members["a"].epoch;
+        s.apply(Command::Readmit {
+            name: "a".into(),
+            epoch,
+        })
+        .unwrap();
+        assert_eq!(s.members["a"].state, MemberState::Draining);
     }
 
     #[test]

@@ -50,8 +50,10 @@ pub enum CertsCmd {
         /// Certificate directory holding ca.crt, ca.key and the certificate.
         #[arg(long)]
         dir: PathBuf,
+        /// controller, agent, admin or reader.
         #[arg(long, value_parser = parse_role)]
         role: Role,
+        /// Identity name, as issued.
         #[arg(long)]
         name: String,
         /// Validity in days from now (capped at the CA's expiry).
@@ -77,6 +79,7 @@ pub enum CertsCmd {
     /// the old key kept as ca.key.old. Then distribute ca.crt, renew every leaf, and
     /// finish with `certs ca-prune`.
     CaRotate {
+        /// Certificate directory holding ca.crt and ca.key.
         #[arg(long)]
         dir: PathBuf,
         /// Validity of the new CA in days.
@@ -85,6 +88,7 @@ pub enum CertsCmd {
     },
     /// Finish a CA rotation: DIR/ca.crt keeps only the new CA; ca.key.old is deleted.
     CaPrune {
+        /// Certificate directory holding ca.crt and ca.key.
         #[arg(long)]
         dir: PathBuf,
     },
@@ -216,5 +220,9 @@ fn describe(cert: &Path) -> anyhow::Result<()> {
         s.serial,
         s.expires
     );
+    match &s.cluster_id {
+        Some(id) => println!("  cluster ID {id}"),
+        None => println!("  no cluster ID (made before cluster IDs; rotate the CA to get one)"),
+    }
     Ok(())
 }

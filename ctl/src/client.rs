@@ -11,10 +11,10 @@ use vipshare_proto::v1::admin_api_client::AdminApiClient;
 use vipshare_proto::v1::{self as pb};
 use vipshare_proto::PROTOCOL_VERSION;
 
-fn read_request() -> pb::ReadRequest {
+fn read_request(local: bool) -> pb::ReadRequest {
     pb::ReadRequest {
         protocol_version: PROTOCOL_VERSION,
-        local: false,
+        local,
     }
 }
 
@@ -44,6 +44,8 @@ pub struct Connection {
 pub struct Admin {
     tls: Arc<rustls::ClientConfig>,
     addresses: Vec<String>,
+    /// Read each controller's own state instead of a linearizable (quorum) read.
+    pub local: bool,
 }
 
 pub type AdminClient = AdminApiClient<Channel>;
@@ -63,11 +65,16 @@ impl Admin {
             cert: dir.join(format!("{}.crt", c.user)),
             key: dir.join(format!("{}.key", c.user)),
         };
+        // An expired certificate or one of another cluster's CA is named here; the
+        // controllers could only say "transport error".
+        vipshare_proto::pki::verify_chain(&files.cert, &files.ca)
+            .context("your certificate would be refused")?;
         let tls = vipshare_proto::tls::client_config(&files)
             .with_context(|| format!("loading certificates from {}", dir.display()))?;
         Ok(Admin {
             tls,
             addresses: c.controllers.clone(),
+            local: false,
         })
     }
 
@@ -90,24 +97,39 @@ impl Admin {
         bail!("no controller reachable:\n  {}", errors.join("\n  "))
     }
 
-    /// A linearizable read on the first controller that answers.
+    /// A read on the first controller that answers it, trying the next one when a
+    /// controller is unreachable, refuses the connection or has no quorum.
     async fn read<T, F, Fut>(&self, call: F) -> anyhow::Result<T>
     where
-        F: FnOnce(AdminClient) -> Fut,
+        F: Fn(AdminClient) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let (address, client) = self.any().await?;
-        call(client)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| explain(s, &address))
+        let mut errors = Vec::new();
+        for address in &self.addresses {
+            let client = match self.connect_to(address).await {
+                Ok(c) => c,
+                Err(e) => {
+                    errors.push(format!("{e:#}"));
+                    continue;
+                }
+            };
+            match call(client).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if another_may_answer(&s) => {
+                    errors.push(format!("{:#}", explain(s, address)))
+                }
+                Err(s) => return Err(explain(s, address)),
+            }
+        }
+        Err(NoAnswer(errors).into())
     }
 
     pub async fn status(&self) -> anyhow::Result<pb::StatusReply> {
+        let local = self.local;
         self.read(|mut c| async move {
             c.status(pb::StatusRequest {
                 protocol_version: PROTOCOL_VERSION,
-                local: false,
+                local,
             })
             .await
         })
@@ -115,12 +137,14 @@ impl Admin {
     }
 
     pub async fn members(&self) -> anyhow::Result<pb::MembersReply> {
-        self.read(|mut c| async move { c.members(read_request()).await })
+        let local = self.local;
+        self.read(|mut c| async move { c.members(read_request(local)).await })
             .await
     }
 
     pub async fn buckets(&self) -> anyhow::Result<pb::BucketsReply> {
-        self.read(|mut c| async move { c.buckets(read_request()).await })
+        let local = self.local;
+        self.read(|mut c| async move { c.buckets(read_request(local)).await })
             .await
     }
 
@@ -131,6 +155,7 @@ impl Admin {
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let (mut address, mut client) = self.any().await?;
+        let mut refusals = Vec::new();
         for _ in 0..5 {
             match call(client.clone()).await {
                 Ok(r) => return Ok(r.into_inner()),
@@ -150,6 +175,19 @@ impl Admin {
                             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
                             (address, client) = self.any().await?;
                         }
+                        // Refused at the TLS layer: the request never reached the
+                        // service, so another controller may be asked safely.
+                        _ if certificate_refusal(&s).is_some() => {
+                            refusals.push(format!("{:#}", explain(s, &address)));
+                            let next = self.addresses.iter().find(|a| {
+                                **a != address && !refusals.iter().any(|r| r.contains(a.as_str()))
+                            });
+                            let Some(next) = next else {
+                                return Err(NoAnswer(refusals).into());
+                            };
+                            address = next.clone();
+                            client = self.connect_to(&address).await?;
+                        }
                         _ => return Err(explain(s, &address)),
                     }
                 }
@@ -159,7 +197,80 @@ impl Admin {
     }
 }
 
+/// Every controller failed a read; each one's reason, in order.
+#[derive(Debug)]
+pub struct NoAnswer(pub Vec<String>);
+
+impl std::fmt::Display for NoAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no controller answered:")?;
+        for e in &self.0 {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for NoAnswer {}
+
+/// Failures where another controller may well answer: unreachable, no quorum or
+/// leader here, the connection refused. Not refusals of the request itself.
+fn another_may_answer(s: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Unauthenticated
+    )
+}
+
+/// The reason in a TLS alert the controller sent when it refused our certificate
+/// (with TLS 1.3 it arrives after the handshake, as a "transport error").
+fn certificate_refusal(s: &tonic::Status) -> Option<&'static str> {
+    let mut text = s.message().to_string();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        text.push_str(&format!(": {e} {e:?}"));
+        source = e.source();
+    }
+    let alert = text.split("alert").skip(1).collect::<String>();
+    let reasons = [
+        (
+            "CertificateRevoked",
+            "your certificate is revoked (see `vipsharectl status` for the deny-list)",
+        ),
+        (
+            "CertificateExpired",
+            "your certificate has expired (renew it: `vipsharectl certs renew`)",
+        ),
+        (
+            "UnknownCA",
+            "your certificate is not from this cluster's CA",
+        ),
+        (
+            "DecryptError",
+            "your certificate is not from this cluster's CA",
+        ),
+        ("AccessDenied", "your certificate's identity is not allowed"),
+        ("BadCertificate", "the controller refused your certificate"),
+        (
+            "CertificateUnknown",
+            "the controller refused your certificate",
+        ),
+    ];
+    reasons
+        .iter()
+        .find(|(k, _)| alert.contains(k))
+        .map(|(_, r)| *r)
+}
+
 pub fn explain(s: tonic::Status, address: &str) -> anyhow::Error {
+    if let Some(reason) = certificate_refusal(&s) {
+        return anyhow!("controller {address}: {reason} ({})", s.message());
+    }
     let hint = match s.code() {
         tonic::Code::PermissionDenied => {
             " (your certificate's role may not do this; mutations need an admin certificate)"

@@ -3,8 +3,10 @@
 mod bench;
 mod certs;
 mod client;
+mod status;
 
 use std::io::IsTerminal;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -15,7 +17,13 @@ use vipshare_proto::PROTOCOL_VERSION;
 use client::{Admin, Connection};
 
 #[derive(Parser)]
-#[command(name = "vipsharectl", version, about = "Operate a vipshare cluster")]
+#[command(
+    name = "vipsharectl",
+    version,
+    about = "Operate a vipshare cluster",
+    after_help = "Connection flags may be set in the environment: VIPSHARE_CONTROLLERS, \
+                  VIPSHARE_TLS_DIR, VIPSHARE_USER."
+)]
 struct Cli {
     #[command(flatten)]
     conn: Connection,
@@ -23,56 +31,86 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// `--json` and `--local`, shared by the read commands.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct ReadFlags {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Ask one controller for its own state: works without quorum (a minority, or
+    /// during an election), may be stale, and says so.
+    #[arg(long)]
+    local: bool,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create the cluster CA; issue, renew, show and revoke certificates.
     #[command(subcommand)]
     Certs(certs::CertsCmd),
-    /// Leader, term and the health of every controller.
+    /// Leader, term, the health of every controller, and the members.
+    #[command(
+        after_help = "Exit status, the first that applies: 3 no leader or no quorum \
+                            answered, 4 buckets without an owner, 5 members down, suppressed \
+                            or evicted, 0 healthy. 1 is any other error, 2 a usage error."
+    )]
     Status {
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        read: ReadFlags,
+        /// Retry for up to this many seconds until the cluster is healthy (exit 0),
+        /// e.g. after starting it; then print what was seen last.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
     },
-    /// Members with state, weight and bucket counts.
+    /// Members with state, weight, bucket counts, penalty and last acknowledgement.
     Members {
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        read: ReadFlags,
     },
-    /// The bucket map.
+    /// The bucket map: one character per bucket, a letter per owner.
     Buckets {
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        read: ReadFlags,
     },
     /// Which bucket a client address falls in, and who owns it.
     Which {
+        /// Client (source) address.
         address: std::net::IpAddr,
         /// Source port (affinity address_port only).
         #[arg(long)]
         port: Option<u16>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        read: ReadFlags,
     },
     /// Cluster-wide settings.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Add or remove virtual IP addresses.
     #[command(subcommand)]
     Vip(VipCmd),
+    /// Add members (hosts running an agent) or reset their flap penalty.
     #[command(subcommand)]
     Member(MemberCmd),
     /// Stop giving new flows to a member; its buckets move away, connections kept.
     Drain {
+        /// Member name.
         name: String,
     },
+    /// Give a drained member buckets again.
     Undrain {
+        /// Member name.
         name: String,
     },
-    /// Set a member's weight (1-1000).
+    /// Set a member's weight (1-1000): its share of the buckets.
     Weight {
+        /// Member name.
         name: String,
+        /// Relative weight, 1-1000.
         weight: u32,
     },
-    /// Remove a member.
+    /// Remove a member; its buckets move to the others.
     Remove {
+        /// Member name.
         name: String,
     },
     /// Add or remove controllers (raft voters) at run time.
@@ -86,8 +124,10 @@ enum Cmd {
 enum ClusterCmd {
     /// Initialise settings once: VIPs, bucket count and function.
     Init {
+        /// A virtual IP address (repeatable); unicast only.
         #[arg(long = "vip", required = true)]
         vips: Vec<String>,
+        /// Number of buckets the source addresses are hashed into.
         #[arg(long, default_value_t = 256)]
         buckets: u32,
         /// jhash (nftables-compatible) or lowbits (FreeBSD ipfw masks).
@@ -110,38 +150,56 @@ enum ClusterCmd {
 
 #[derive(Subcommand)]
 enum VipCmd {
+    /// Add a virtual IP address (unicast; not multicast, broadcast, unspecified or loopback).
     Add {
+        /// The address.
         address: String,
+        /// Prefix length configured with it (default: a host address, /32 or /128).
         #[arg(long, default_value_t = 0)]
         prefix: u32,
         /// Multicast MAC answered in ARP; derived from the address when omitted.
         #[arg(long, default_value = "")]
         mac: String,
     },
+    /// Remove a virtual IP address.
     Remove {
+        /// The address.
         address: String,
     },
 }
 
 #[derive(Subcommand)]
 enum MemberCmd {
+    /// Add a member; it gets buckets once its agent's first heartbeat is acknowledged.
     Add {
+        /// Member name, the name in its agent certificate.
         name: String,
+        /// Relative weight, 1-1000.
         #[arg(long, default_value_t = 100)]
         weight: u32,
+    },
+    /// Forget a member's flap penalty and suppression; it gets buckets again once
+    /// its agent heartbeats steadily.
+    Reset {
+        /// Member name.
+        name: String,
     },
 }
 
 #[derive(Subcommand)]
 enum ControllerCmd {
+    /// Add a controller as a learner, then a voter once it caught up.
     Add {
+        /// Its raft id (the name in its certificate).
         #[arg(long)]
         id: u64,
         /// host:port the new controller listens on.
         #[arg(long)]
         address: String,
     },
+    /// Remove a controller from the raft group.
     Remove {
+        /// Its raft id.
         #[arg(long)]
         id: u64,
     },
@@ -169,27 +227,51 @@ fn vip(address: String, prefix: u32, mac: String) -> pb::Vip {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run(cli).await {
-        eprintln!("vipsharectl: {e:#}");
-        std::process::exit(1);
+    match run(cli).await {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("vipsharectl: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+fn admin(conn: &Connection, local: bool) -> anyhow::Result<Admin> {
+    let mut a = Admin::new(conn)?;
+    a.local = local;
+    Ok(a)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
     let op = match cli.cmd {
         Cmd::Certs(c) => match certs::run(c)? {
             Some(op) => op,
-            None => return Ok(()),
+            None => return Ok(0),
         },
-        Cmd::Status { json } => return status(&Admin::new(&cli.conn)?, json).await,
-        Cmd::Members { json } => return members(&Admin::new(&cli.conn)?, json).await,
-        Cmd::Buckets { json } => return buckets(&Admin::new(&cli.conn)?, json).await,
+        Cmd::Status { read, wait } => {
+            let a = admin(&cli.conn, read.local)?;
+            return status::status(&a, read.json, wait.map(Duration::from_secs)).await;
+        }
+        Cmd::Members { read } => {
+            status::members(&admin(&cli.conn, read.local)?, read.json).await?;
+            return Ok(0);
+        }
+        Cmd::Buckets { read } => {
+            buckets(&admin(&cli.conn, read.local)?, read.json).await?;
+            return Ok(0);
+        }
         Cmd::Which {
             address,
             port,
-            json,
-        } => return which(&Admin::new(&cli.conn)?, address, port, json).await,
-        Cmd::Bench(args) => return bench::run(&Admin::new(&cli.conn)?, args).await,
+            read,
+        } => {
+            which(&admin(&cli.conn, read.local)?, address, port, read.json).await?;
+            return Ok(0);
+        }
+        Cmd::Bench(args) => {
+            bench::run(&Admin::new(&cli.conn)?, args).await?;
+            return Ok(0);
+        }
         Cmd::Cluster(ClusterCmd::Init {
             vips,
             buckets,
@@ -220,6 +302,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Member(MemberCmd::Add { name, weight }) => {
             Op::AddMember(pb::AddMember { name, weight })
         }
+        Cmd::Member(MemberCmd::Reset { name }) => Op::ResetMember(pb::ResetMember { name }),
         Cmd::Drain { name } => Op::Drain(pb::Drain { name }),
         Cmd::Undrain { name } => Op::Undrain(pb::Undrain { name }),
         Cmd::Weight { name, weight } => Op::SetWeight(pb::SetWeight { name, weight }),
@@ -234,7 +317,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let admin = Admin::new(&cli.conn)?;
     let reply = mutate(&admin, op).await?;
     println!("ok: applied at index {}", reply.index);
-    Ok(())
+    Ok(0)
 }
 
 pub async fn mutate(admin: &Admin, op: Op) -> anyhow::Result<pb::MutateReply> {
@@ -250,135 +333,6 @@ pub async fn mutate(admin: &Admin, op: Op) -> anyhow::Result<pb::MutateReply> {
             }
         })
         .await
-}
-
-async fn status(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
-    // The authoritative picture, through a linearizable read on any controller.
-    let main = admin.status().await?;
-    // Each controller's own view, for health.
-    let mut rows = Vec::new();
-    for c in &main.controllers {
-        let local = match admin.connect_to(&c.address).await {
-            Ok(mut cl) => cl
-                .status(pb::StatusRequest {
-                    protocol_version: PROTOCOL_VERSION,
-                    local: true,
-                })
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| s.message().to_string()),
-            Err(e) => Err(format!("{e:#}")),
-        };
-        rows.push((c.clone(), local));
-    }
-    if as_json {
-        let controllers: Vec<_> = rows
-            .iter()
-            .map(|(c, l)| match l {
-                Ok(s) => json!({"id": c.id, "address": c.address, "raft_role": c.role,
-                    "reachable": true, "role": s.role, "term": s.term, "leader_id": s.leader_id,
-                    "commit_index": s.commit_index, "applied_index": s.applied_index}),
-                Err(e) => json!({"id": c.id, "address": c.address, "raft_role": c.role,
-                    "reachable": false, "error": e}),
-            })
-            .collect();
-        let out = json!({
-            "leader_id": main.leader_id,
-            "term": main.term,
-            "commit_index": main.commit_index,
-            "applied_index": main.applied_index,
-            "initialized": main.initialized,
-            "members": main.members,
-            "unowned_buckets": main.unowned_buckets,
-            "revoked": main.revoked_serials,
-            "settings": main.settings.as_ref().map(|s| json!({
-                "vips": s.vips.iter().map(|v| json!({"address": v.address, "prefix_len": v.prefix_len, "mac": v.mac})).collect::<Vec<_>>(),
-                "bucket_count": s.bucket_count, "bucket_function": s.bucket_function,
-                "affinity": s.affinity, "seed": s.seed})),
-            "controllers": controllers,
-        });
-        println!("{}", serde_json::to_string_pretty(&out).context("json")?);
-        return Ok(());
-    }
-    println!(
-        "leader {}  term {}  commit {}  applied {}",
-        main.leader_id, main.term, main.commit_index, main.applied_index
-    );
-    if let Some(s) = &main.settings {
-        let vips: Vec<_> = s.vips.iter().map(|v| v.address.as_str()).collect();
-        println!(
-            "VIPs {}  buckets {} ({}, {}, seed {:#x})  members {}  unowned {}",
-            vips.join(","),
-            s.bucket_count,
-            s.bucket_function,
-            s.affinity,
-            s.seed,
-            main.members,
-            main.unowned_buckets
-        );
-    } else {
-        println!("cluster not initialised: run `vipsharectl cluster init --vip ADDR`");
-    }
-    if !main.revoked_serials.is_empty() {
-        println!("revoked certificates: {}", main.revoked_serials.join(", "));
-    }
-    println!(
-        "{:<4} {:<22} {:<8} {:<14} {:>6} {:>9} {:>9}",
-        "ID", "ADDRESS", "VOTER", "ROLE", "TERM", "COMMIT", "APPLIED"
-    );
-    for (c, l) in rows {
-        match l {
-            Ok(s) => println!(
-                "{:<4} {:<22} {:<8} {:<14} {:>6} {:>9} {:>9}",
-                c.id, c.address, c.role, s.role, s.term, s.commit_index, s.applied_index
-            ),
-            Err(e) => println!(
-                "{:<4} {:<22} {:<8} unreachable: {e}",
-                c.id, c.address, c.role
-            ),
-        }
-    }
-    if main.members > 0 {
-        println!();
-        members(admin, false).await?;
-    }
-    Ok(())
-}
-
-async fn members(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
-    let r = admin.members().await?;
-    if as_json {
-        let rows: Vec<_> = r
-            .members
-            .iter()
-            .map(|m| {
-                json!({"name": m.name, "weight": m.weight, "state": m.state,
-                "epoch": m.epoch, "buckets": m.buckets, "penalty": m.penalty,
-                "returns_in_ms": m.returns_in_ms, "last_ack_ms_ago": m.last_ack_ms_ago})
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"members": rows}))?
-        );
-        return Ok(());
-    }
-    println!(
-        "{:<20} {:<10} {:>6} {:>8} {:>6} {:>8} {:>10}  RETURNS IN",
-        "MEMBER", "STATE", "WEIGHT", "BUCKETS", "EPOCH", "PENALTY", "LAST ACK"
-    );
-    for m in r.members {
-        let returns = if m.returns_in_ms > 0 {
-            format!("{:.0} s", m.returns_in_ms as f64 / 1e3)
-        } else {
-            "-".into()
-        };
-        println!(
-            "{:<20} {:<10} {:>6} {:>8} {:>6} {:>8.0} {:>8} ms  {returns}",
-            m.name, m.state, m.weight, m.buckets, m.epoch, m.penalty, m.last_ack_ms_ago
-        );
-    }
-    Ok(())
 }
 
 async fn buckets(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
@@ -491,6 +445,29 @@ async fn which(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_subcommand_and_flag_has_help() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let sub_path = format!("{path} {}", sub.get_name());
+                if sub.get_name() != "help" && sub.get_about().is_none() {
+                    missing.push(sub_path.clone());
+                }
+                walk(sub, &sub_path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "vipsharectl", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
 
     #[test]
     fn bucket_map_fits_80_columns_and_names_owners() {

@@ -261,6 +261,22 @@ impl Lab {
         Ok(())
     }
 
+    /// The exit status of controller `id` if it has exited on its own (reaped then).
+    pub fn exited(&mut self, id: u64) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let c = self
+            .controllers
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("no controller {id}"))?;
+        let Some(child) = c.child.as_mut() else {
+            return Ok(None);
+        };
+        let status = child.try_wait()?;
+        if status.is_some() {
+            c.child = None;
+        }
+        Ok(status)
+    }
+
     /// SIGTERM and wait for a clean exit; returns the exit status.
     pub fn stop(&mut self, id: u64) -> anyhow::Result<std::process::ExitStatus> {
         let c = self

@@ -700,11 +700,11 @@ async fn rotating_every_certificate_and_the_ca_under_load() -> anyhow::Result<()
         let line = metrics
             .lines()
             .find(|l| {
-                l.starts_with("vipshare_cert_expiry_days{")
+                l.starts_with("vipshare_cert_expiry_seconds{")
                     && l.contains(&format!("file=\"{}\"", file.display()))
             })
             .ok_or_else(|| anyhow::anyhow!("no expiry gauge for {}", file.display()))?;
-        let days: f64 = line.rsplit(' ').next().unwrap_or("").parse()?;
+        let days = line.rsplit(' ').next().unwrap_or("").parse::<f64>()? / 86_400.0;
         assert!((29.0..=30.0).contains(&days), "{line}");
     }
     Ok(())

@@ -27,6 +27,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use vipshare_proto::pki;
 
 use crate::dataplane::linux::LinuxConfig;
 
@@ -124,7 +125,48 @@ impl AgentConfig {
             key: "(file)".into(),
             reason: e.to_string(),
         })?;
-        Self::parse(path, &text)
+        let cfg = Self::parse(path, &text)?;
+        cfg.check_host(path)?;
+        Ok(cfg)
+    }
+
+    /// What the file alone cannot tell: the certificate must be issued to `member`
+    /// (controllers would refuse every call otherwise, with a less obvious reason), be
+    /// valid under the CA, and `interface` must exist in this network namespace.
+    pub fn check_host(&self, path: &Path) -> Result<(), ConfigError> {
+        let err = |key: &str, reason: String| ConfigError {
+            file: path.to_path_buf(),
+            key: key.to_string(),
+            reason,
+        };
+        let own = pki::check_own_cert(&self.tls.cert, &self.tls.ca)
+            .map_err(|e| err("tls.cert", e.to_string()))?;
+        if own.identity.role != pki::Role::Agent || own.identity.name != self.member {
+            return Err(err(
+                "member",
+                format!(
+                    "{:?}, but {} is issued to {} (expected role agent, name {:?})",
+                    self.member,
+                    self.tls.cert.display(),
+                    own.identity,
+                    self.member
+                ),
+            ));
+        }
+        let name = std::ffi::CString::new(self.interface.as_str())
+            .map_err(|_| err("interface", "contains a NUL byte".into()))?;
+        // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
+        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+            return Err(err(
+                "interface",
+                format!(
+                    "{:?} does not exist in this network namespace ({})",
+                    self.interface,
+                    std::io::Error::last_os_error()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {

@@ -77,6 +77,13 @@ fn plane(cfg: &AgentConfig, config_path: &std::path::Path) -> anyhow::Result<Pla
 }
 
 fn main() -> ExitCode {
+    // Fail fast: a panicked task (lease keeping, data plane) must not leave an agent
+    // that looks alive; exit non-zero for the supervisor to restart it.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::exit(101);
+    }));
     let cli = Cli::parse();
     let cfg = match AgentConfig::load(&cli.config) {
         Ok(c) => c,

@@ -16,14 +16,68 @@ pub const LEASE_RENEWALS: &str = "vipshare_agent_lease_renewals_total";
 pub const ASSIGNMENT_APPLY_SECONDS: &str = "vipshare_agent_assignment_apply_seconds";
 pub const EPOCH_CHANGES: &str = "vipshare_agent_member_epoch_changes_total";
 
-/// Serve `/metrics` on `addr` (needs a tokio runtime).
+/// Serve `/metrics` on `addr`, every metric described (needs a tokio runtime).
 pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets(&[
             0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
         ])?
-        .install()
+        .install()?;
+    describe();
+    vipshare_proto::telemetry::describe_common("agent");
+    vipshare_proto::telemetry::spawn_process_metrics();
+    Ok(())
+}
+
+/// HELP text and unit of every agent metric (promtool check metrics).
+fn describe() {
+    use metrics::{describe_counter as c, describe_gauge as g, describe_histogram as h, Unit};
+    g!(
+        BUCKETS_OWNED,
+        Unit::Count,
+        "Buckets this host accepts new flows for (in the kernel's owned set)."
+    );
+    g!(
+        LEASE_REMAINING,
+        Unit::Seconds,
+        "Time left on the lease granted by a majority of controllers."
+    );
+    h!(
+        RECONCILE_SECONDS,
+        Unit::Seconds,
+        "Time of one reconciliation of the kernel state (nftables or ipfw)."
+    );
+    c!(
+        NFT_ERRORS,
+        Unit::Count,
+        "Failed kernel updates (nft or ipfw commands)."
+    );
+    c!(
+        PACKETS,
+        Unit::Count,
+        "Packets to a VIP seen by the data plane, by vip and verdict."
+    );
+    c!(
+        ASSIGNMENTS_REFUSED,
+        Unit::Count,
+        "Assignments refused (stale epoch or from a non-leader)."
+    );
+    c!(
+        LEASE_RENEWALS,
+        Unit::Count,
+        "Leases renewed (a majority acknowledged a heartbeat round)."
+    );
+    h!(
+        ASSIGNMENT_APPLY_SECONDS,
+        Unit::Seconds,
+        "Time from receiving an assignment to the kernel holding it."
+    );
+    c!(
+        EPOCH_CHANGES,
+        Unit::Count,
+        "Member epoch changes seen (each one a fencing: every bucket dropped)."
+    );
 }
 
 pub fn lease(owned: usize, remaining: Duration) {

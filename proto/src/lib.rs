@@ -3,6 +3,7 @@
 //! certificate tooling that mints identities (`pki`).
 
 pub mod pki;
+pub mod telemetry;
 pub mod tls;
 
 /// Generated from `proto/vipshare.proto`.

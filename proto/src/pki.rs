@@ -8,6 +8,11 @@
 //! both files atomically; [`rotate_ca`] puts a new CA in front of the old one in
 //! `ca.crt` (so both are trusted while leaves are renewed) and [`prune_ca`] drops
 //! the old one afterwards. Revocation is by certificate serial ([`cert_serial`]).
+//!
+//! Cluster ID: `certs init` draws a random [`ClusterId`] and writes it into the CA as a
+//! second SAN URI `urn:vipshare:cluster-id:HEX`; every leaf the CA signs (and every CA
+//! a rotation creates) carries the same URI. Names like "prod" repeat across clusters,
+//! the ID does not: controllers record it in their data directory and refuse another.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -40,10 +45,71 @@ pub const MAX_DAYS: u32 = 36_500;
 /// Where [`rotate_ca`] keeps the previous CA key until [`prune_ca`].
 pub const OLD_CA_KEY_FILE: &str = "ca.key.old";
 
+/// Prefix of the SAN URI carrying the [`ClusterId`].
+pub const CLUSTER_ID_URN: &str = "urn:vipshare:cluster-id:";
+
 /// Role and name of the CA's own URI, which records the cluster it belongs to.
 const CA_URI_TAIL: &str = "ca/ca";
 /// Issued certificates start this long in the past to tolerate clock skew between hosts.
 const BACKDATE: time::Duration = time::Duration::hours(1);
+
+/// The random identity of one cluster (128 bits, lowercase hex), fixed at `certs init`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClusterId(String);
+
+impl ClusterId {
+    /// A fresh ID from the system's random source.
+    pub fn generate() -> io::Result<ClusterId> {
+        let mut bytes = [0u8; 16];
+        File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        Ok(ClusterId(
+            bytes.iter().map(|b| format!("{b:02x}")).collect(),
+        ))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    fn to_uri(&self) -> String {
+        format!("{CLUSTER_ID_URN}{}", self.0)
+    }
+}
+
+impl FromStr for ClusterId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(ClusterId(s.to_string()))
+        } else {
+            Err(format!(
+                "{s:?} is not a cluster ID (32 lowercase hex digits)"
+            ))
+        }
+    }
+}
+
+impl fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The cluster ID among a certificate's SAN names, if it carries one.
+fn find_cluster_id(names: &[GeneralName<'_>]) -> Result<Option<ClusterId>, String> {
+    let ids: Vec<&str> = names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => u.strip_prefix(CLUSTER_ID_URN),
+            _ => None,
+        })
+        .collect();
+    match ids.as_slice() {
+        [] => Ok(None),
+        [id] => id.parse().map(Some),
+        many => Err(format!("several cluster IDs: {many:?}")),
+    }
+}
 
 /// What a certificate holder may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -269,13 +335,18 @@ pub fn init_ca(dir: &Path, cluster: &str, days: u32) -> Result<CertFiles, PkiErr
     };
     create_dir(dir)?;
     refuse_existing(&[&files.cert, &files.key])?;
-    let (cert_pem, key_pem) = new_ca(cluster, validity)?;
+    let id = ClusterId::generate().map_err(PkiError::io(
+        "read random bytes from",
+        Path::new("/dev/urandom"),
+    ))?;
+    let (cert_pem, key_pem) = new_ca(cluster, &id, validity)?;
     write_pair(&files, &cert_pem, &key_pem)?;
     Ok(files)
 }
 
 fn new_ca(
     cluster: &str,
+    id: &ClusterId,
     (not_before, not_after): (OffsetDateTime, OffsetDateTime),
 ) -> Result<(String, String), PkiError> {
     let key = KeyPair::generate().map_err(|source| PkiError::Generate {
@@ -299,14 +370,10 @@ fn new_ca(
     params
         .distinguished_name
         .push(DnType::OrganizationName, "vipshare");
-    params.subject_alt_names = vec![SanType::URI(
-        format!("{URI_SCHEME}://{cluster}/{CA_URI_TAIL}")
-            .try_into()
-            .map_err(|source| PkiError::Generate {
-                what: "CA URI",
-                source,
-            })?,
-    )];
+    params.subject_alt_names = vec![
+        uri_san(&format!("{URI_SCHEME}://{cluster}/{CA_URI_TAIL}"))?,
+        uri_san(&id.to_uri())?,
+    ];
     // Path length 0: the CA signs leaves only, never another CA.
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
@@ -419,7 +486,15 @@ pub fn rotate_ca(dir: &Path, days: u32) -> Result<CertFiles, PkiError> {
     let signer = CaSigner::open(dir)?;
     let old_bundle = read_file(&files.cert)?;
     let old_key = read_key_pem(&files.key)?;
-    let (cert_pem, key_pem) = new_ca(&signer.cluster, validity)?;
+    // A CA from before cluster IDs gets one now; its leaves get it when renewed.
+    let id = match &signer.cluster_id {
+        Some(id) => id.clone(),
+        None => ClusterId::generate().map_err(PkiError::io(
+            "read random bytes from",
+            Path::new("/dev/urandom"),
+        ))?,
+    };
+    let (cert_pem, key_pem) = new_ca(&signer.cluster, &id, validity)?;
     let mut bundle = cert_pem;
     if !bundle.ends_with('\n') {
         bundle.push('\n');
@@ -475,6 +550,7 @@ fn leaf_files(dir: &Path, identity: &Identity) -> CertFiles {
 /// key, checked to belong together.
 struct CaSigner {
     cluster: String,
+    cluster_id: Option<ClusterId>,
     not_after: OffsetDateTime,
     issuer: Issuer<'static, KeyPair>,
 }
@@ -509,6 +585,7 @@ impl CaSigner {
         })?;
         Ok(CaSigner {
             cluster: ca.cluster,
+            cluster_id: ca.cluster_id,
             not_after: ca.not_after,
             issuer,
         })
@@ -524,6 +601,9 @@ impl CaSigner {
     ) -> Result<(String, String), PkiError> {
         let (not_before, mut not_after) = validity(days)?;
         let mut sans = vec![uri_san(&identity.to_uri())?];
+        if let Some(id) = &self.cluster_id {
+            sans.push(uri_san(&id.to_uri())?);
+        }
         sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         for host in dns {
             // webpki matches DNS SANs only if they are syntactically valid names.
@@ -595,7 +675,10 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError>
 pub struct CertSummary {
     pub subject: String,
     pub issuer: String,
+    /// SAN URIs other than the cluster ID's.
     pub uris: Vec<String>,
+    /// The cluster ID SAN, when the certificate carries one.
+    pub cluster_id: Option<ClusterId>,
     pub ips: Vec<IpAddr>,
     pub dns: Vec<String>,
     pub is_ca: bool,
@@ -620,6 +703,7 @@ pub fn describe_cert(path: &Path) -> Result<CertSummary, PkiError> {
         subject: cert.subject().to_string(),
         issuer: cert.issuer().to_string(),
         uris: Vec::new(),
+        cluster_id: find_cluster_id(&names).map_err(|e| PkiError::invalid(path, e))?,
         ips: Vec::new(),
         dns: Vec::new(),
         is_ca: cert.is_ca(),
@@ -630,6 +714,7 @@ pub fn describe_cert(path: &Path) -> Result<CertSummary, PkiError> {
     };
     for name in names {
         match name {
+            GeneralName::URI(u) if u.starts_with(CLUSTER_ID_URN) => {}
             GeneralName::URI(u) => summary.uris.push(u.to_string()),
             GeneralName::DNSName(d) => summary.dns.push(d.to_string()),
             GeneralName::IPAddress(b) => {
@@ -648,6 +733,92 @@ pub fn ca_cluster(path: &Path) -> Result<String, PkiError> {
     let pem = read_file(path)?;
     let der = first_cert(path, &pem)?;
     Ok(CaInfo::parse(path, &der)?.cluster)
+}
+
+/// The cluster ID of a CA certificate (PEM file); `None` for a CA made before IDs.
+pub fn ca_cluster_id(path: &Path) -> Result<Option<ClusterId>, PkiError> {
+    let pem = read_file(path)?;
+    let der = first_cert(path, &pem)?;
+    Ok(CaInfo::parse(path, &der)?.cluster_id)
+}
+
+/// What a daemon's own certificate says about it, once checked against the CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnCert {
+    pub identity: Identity,
+    pub cluster_id: ClusterId,
+    pub ips: Vec<IpAddr>,
+    pub dns: Vec<String>,
+}
+
+/// Verify that the first certificate in `cert` chains to a CA in `ca` and is valid
+/// now (not expired, not yet valid, or signed by another CA are named as such).
+/// Returns the certificate chain and the CA certificates.
+#[allow(clippy::type_complexity)]
+pub fn verify_chain(
+    cert: &Path,
+    ca: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, Vec<CertificateDer<'static>>), PkiError> {
+    let cas = load_certs(ca)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for der in &cas {
+        roots
+            .add(der.clone())
+            .map_err(|e| PkiError::invalid(ca, format!("unusable CA certificate: {e}")))?;
+    }
+    let chain = load_certs(cert)?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .map_err(|e| PkiError::invalid(ca, format!("cannot build a verifier: {e}")))?;
+    verifier
+        .verify_client_cert(&chain[0], &chain[1..], rustls_pki_types::UnixTime::now())
+        .map_err(|e| {
+            PkiError::invalid(
+                cert,
+                format!("is not valid under the cluster CA {}: {e}", ca.display()),
+            )
+        })?;
+    Ok((chain, cas))
+}
+
+/// Check a daemon's own certificate before it serves: it must chain to the CA in
+/// `ca` (a certificate from another cluster's CA is otherwise only noticed when
+/// every peer refuses it), carry a vipshare identity, and carry the CA's cluster ID.
+pub fn check_own_cert(cert: &Path, ca: &Path) -> Result<OwnCert, PkiError> {
+    let (chain, cas) = verify_chain(cert, ca)?;
+    let identity = cert_identity(&chain[0]).map_err(|e| PkiError::invalid(cert, e.to_string()))?;
+    let summary = describe_cert(cert)?;
+    let ca_id = ca_cluster_id(ca)?;
+    let cluster_id = match (summary.cluster_id, ca_id) {
+        (Some(mine), Some(theirs)) if mine == theirs => mine,
+        // During a CA rotation the leaf may still be signed by the old CA (listed
+        // after the new one in the bundle); both carry the same ID.
+        (Some(mine), _) if cas.len() > 1 => mine,
+        (Some(mine), Some(theirs)) => {
+            return Err(PkiError::invalid(
+                cert,
+                format!(
+                    "carries cluster ID {mine}, but the CA {} is cluster {theirs}",
+                    ca.display()
+                ),
+            ))
+        }
+        (None, _) | (_, None) => {
+            return Err(PkiError::invalid(
+                cert,
+                "carries no cluster ID (issued before cluster IDs existed); create the PKI \
+                 with `vipsharectl certs init` or rotate the CA and renew this certificate",
+            ))
+        }
+    };
+    Ok(OwnCert {
+        identity,
+        cluster_id,
+        ips: summary.ips,
+        dns: summary.dns,
+    })
 }
 
 /// Why a certificate does not carry a usable identity.
@@ -755,6 +926,7 @@ fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
 
 struct CaInfo {
     cluster: String,
+    cluster_id: Option<ClusterId>,
     not_after: OffsetDateTime,
     /// The public key bits, to check the CA key belongs to this certificate.
     public_key: Vec<u8>,
@@ -785,8 +957,10 @@ impl CaInfo {
                 )
             })?;
         validate_part("cluster name", cluster)?;
+        let cluster_id = find_cluster_id(&names).map_err(|e| PkiError::invalid(path, e))?;
         Ok(CaInfo {
             cluster: cluster.to_string(),
+            cluster_id,
             not_after: cert.validity().not_after.to_datetime(),
             public_key: cert.public_key().subject_public_key.data.to_vec(),
         })
@@ -1229,6 +1403,50 @@ mod tests {
         assert_eq!(describe_cert(&dir.join(CA_CERT_FILE)).unwrap(), new_ca);
         assert!(!dir.join(OLD_CA_KEY_FILE).exists());
         issue(dir, Role::Admin, "bob", &[], &[], 10).unwrap();
+    }
+
+    #[test]
+    fn cluster_id_is_random_carried_by_leaves_and_kept_by_rotation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        init_ca(&a, "prod", 30).unwrap();
+        init_ca(&b, "prod", 30).unwrap();
+        let id_a = ca_cluster_id(&a.join(CA_CERT_FILE)).unwrap().unwrap();
+        let id_b = ca_cluster_id(&b.join(CA_CERT_FILE)).unwrap().unwrap();
+        assert_ne!(id_a, id_b, "two clusters named prod share an ID");
+        assert_eq!(id_a.as_str().parse::<ClusterId>().unwrap(), id_a);
+
+        let leaf = issue(&a, Role::Controller, "1", &[], &[], 10).unwrap();
+        let own = check_own_cert(&leaf.cert, &a.join(CA_CERT_FILE)).unwrap();
+        assert_eq!(own.cluster_id, id_a);
+        assert_eq!(
+            own.identity,
+            Identity::new("prod", Role::Controller, "1").unwrap()
+        );
+
+        rotate_ca(&a, 60).unwrap();
+        assert_eq!(
+            ca_cluster_id(&a.join(CA_CERT_FILE)).unwrap(),
+            Some(id_a.clone())
+        );
+        // The old leaf is still valid under the bundle, and so is a renewed one.
+        check_own_cert(&leaf.cert, &a.join(CA_CERT_FILE)).unwrap();
+        renew(&a, Role::Controller, "1", 10).unwrap();
+        assert_eq!(describe_cert(&leaf.cert).unwrap().cluster_id, Some(id_a));
+    }
+
+    #[test]
+    fn own_cert_from_another_ca_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        init_ca(&a, "prod", 30).unwrap();
+        init_ca(&b, "prod", 30).unwrap();
+        let leaf = issue(&b, Role::Controller, "1", &[], &[], 10).unwrap();
+        let err = check_own_cert(&leaf.cert, &a.join(CA_CERT_FILE))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not valid under the cluster CA"), "{err}");
+        assert!(err.contains("controller-1.crt"), "{err}");
     }
 
     #[test]

@@ -62,7 +62,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const HANDSHAKE_FAILURES_METRIC: &str = "vipshare_tls_handshake_failures_total";
 /// Gauge: days until `notAfter` of the own certificate and of the CA bundle (its
 /// earliest-expiring CA), labelled by `file`. Set at load, reload and every poll.
-pub const CERT_EXPIRY_METRIC: &str = "vipshare_cert_expiry_days";
+pub const CERT_EXPIRY_METRIC: &str = "vipshare_cert_expiry_seconds";
 /// Counter of TLS file reloads, labelled by `result` (`ok` or `failed`).
 pub const RELOADS_METRIC: &str = "vipshare_tls_reloads_total";
 /// How often [`TlsReloader::spawn_watcher`] looks at the files' metadata by default.
@@ -1312,7 +1312,7 @@ impl TlsReloader {
                     serial = %in_use.serial,
                     previous_serial = %previous.serial,
                     cas = in_use.cas,
-                    expires_in_days = days_until(in_use.cert_not_after).floor(),
+                    expires_in_days = (seconds_until(in_use.cert_not_after) / 86_400.0).floor(),
                     "TLS files reloaded; new connections use them"
                 );
                 Ok(in_use)
@@ -1365,7 +1365,7 @@ impl TlsReloader {
             (&self.files.ca, in_use.ca_not_after),
         ] {
             metrics::gauge!(CERT_EXPIRY_METRIC, "file" => file.display().to_string())
-                .set(days_until(t));
+                .set(seconds_until(t));
         }
     }
 
@@ -1460,9 +1460,9 @@ fn in_use(l: &Loaded) -> TlsInUse {
     }
 }
 
-fn days_until(not_after: i64) -> f64 {
+fn seconds_until(not_after: i64) -> f64 {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    (not_after - now) as f64 / 86_400.0
+    (not_after - now) as f64
 }

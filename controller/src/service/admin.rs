@@ -101,6 +101,8 @@ impl AdminApi for AdminService {
                 weight: m.weight,
                 state: if m.suppressed {
                     "suppressed"
+                } else if m.stopped {
+                    "stopped"
                 } else if m.down {
                     "down"
                 } else if m.evicted {
@@ -162,7 +164,12 @@ impl AdminApi for AdminService {
         let op = req
             .op
             .ok_or_else(|| Status::invalid_argument("mutation without an operation"))?;
-        tracing::info!(admin = %who.to_uri(), ?op, "mutation requested");
+        // Debug: one line per proposal would flood the log at INFO, and payloads are
+        // never logged, only their size.
+        tracing::debug!(admin = %who.to_uri(), op = %op_summary(&op), "mutation requested");
+        if let Op::AddController(a) = &op {
+            refuse_duplicate_controller(&self.node.view(), a)?;
+        }
         let result = match to_action(op)? {
             Action::Command(cmd) => self.node.propose(cmd).await,
             Action::Controllers(change) => self.node.change_controllers(change).await,
@@ -175,6 +182,59 @@ impl AdminApi for AdminService {
             leader_id: v.role.leader,
         }))
     }
+}
+
+/// What an operation is, for logs: names and numbers, never a payload.
+fn op_summary(op: &Op) -> String {
+    match op {
+        Op::InitCluster(i) => format!(
+            "init_cluster vips={:?}",
+            i.settings.as_ref().map(|s| s
+                .vips
+                .iter()
+                .map(|v| v.address.as_str())
+                .collect::<Vec<_>>())
+        ),
+        Op::AddVip(a) => format!("add_vip {:?}", a.vip.as_ref().map(|v| &v.address)),
+        Op::RemoveVip(r) => format!("remove_vip {:?}", r.address),
+        Op::AddMember(a) => format!("add_member {:?} weight {}", a.name, a.weight),
+        Op::RemoveMember(r) => format!("remove_member {:?}", r.name),
+        Op::SetWeight(w) => format!("set_weight {:?} {}", w.name, w.weight),
+        Op::Drain(d) => format!("drain {:?}", d.name),
+        Op::Undrain(u) => format!("undrain {:?}", u.name),
+        Op::ResetMember(r) => format!("reset_member {:?}", r.name),
+        Op::Noop(n) => format!("noop ({} payload bytes)", n.payload.len()),
+        Op::Revoke(r) => format!("revoke serial {:?}", r.serial),
+        Op::Unrevoke(u) => format!("unrevoke serial {:?}", u.serial),
+        Op::AddController(a) => format!("add_controller {} at {:?}", a.id, a.address),
+        Op::RemoveController(r) => format!("remove_controller {}", r.id),
+    }
+}
+
+/// `controller add` of a voter that exists, or at an address another controller
+/// has, would answer "ok" and change nothing (or confuse the peers' transport).
+#[allow(clippy::result_large_err)]
+fn refuse_duplicate_controller(v: &NodeView, a: &pb::AddController) -> Result<(), Status> {
+    if let Some(address) = v.state.controllers.get(&a.id) {
+        if !v.learners.contains(&a.id) {
+            return Err(Status::already_exists(format!(
+                "controller {} is already a voter (at {address}); remove it first to move it",
+                a.id
+            )));
+        }
+    }
+    if let Some((other, _)) = v
+        .state
+        .controllers
+        .iter()
+        .find(|(id, addr)| **id != a.id && **addr == a.address)
+    {
+        return Err(Status::already_exists(format!(
+            "address {} already belongs to controller {other}",
+            a.address
+        )));
+    }
+    Ok(())
 }
 
 enum Action {
@@ -209,6 +269,7 @@ fn to_action(op: Op) -> Result<Action, Status> {
         },
         Op::Drain(d) => Command::Drain { name: d.name },
         Op::Undrain(u) => Command::Undrain { name: u.name },
+        Op::ResetMember(r) => Command::ResetMember { name: r.name },
         Op::Noop(n) => Command::Noop { payload: n.payload },
         Op::Revoke(r) => Command::Revoke {
             serial: serial(&r.serial)?,
@@ -260,6 +321,24 @@ fn vip_from_pb(v: pb::Vip) -> Result<Vip, Status> {
     let addr: std::net::IpAddr = v.address.parse().map_err(|_| {
         Status::invalid_argument(format!("VIP {:?} is not an IP address", v.address))
     })?;
+    // Hosts answer ARP for the VIP and accept flows to it: these never are one host's
+    // service address, and the kernel would treat them specially.
+    let special = if addr.is_multicast() {
+        Some("a multicast address")
+    } else if addr.is_unspecified() {
+        Some("the unspecified address")
+    } else if addr.is_loopback() {
+        Some("a loopback address")
+    } else if matches!(addr, std::net::IpAddr::V4(a) if a.is_broadcast()) {
+        Some("the broadcast address")
+    } else {
+        None
+    };
+    if let Some(what) = special {
+        return Err(Status::invalid_argument(format!(
+            "VIP {addr} is {what}; a VIP must be a unicast address"
+        )));
+    }
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let prefix_len = if v.prefix_len == 0 { max } else { v.prefix_len };
     if prefix_len > max {
@@ -411,6 +490,21 @@ mod tests {
             .unwrap_err()
             .message()
             .contains("192.0.2.300"));
+        for bad in [
+            "224.0.0.1",
+            "255.255.255.255",
+            "0.0.0.0",
+            "::",
+            "ff02::1",
+            "127.0.0.1",
+        ] {
+            let e = v(bad, "").unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(
+                e.message().contains(bad) && e.message().contains("unicast"),
+                "{e:?}"
+            );
+        }
         assert!(v("192.0.2.10", "00:11:22:33:44:55")
             .unwrap_err()
             .message()

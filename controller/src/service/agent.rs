@@ -196,7 +196,8 @@ impl AgentApi for AgentService {
         own_member(&req, &req.get_ref().member, &self.node)?;
         let r = req.into_inner();
         check_version(r.protocol_version)?;
-        let drain = vipshare_core::command::Command::Drain { name: r.member };
+        // Not an operator's drain: the member's return undrains it, without penalty.
+        let drain = vipshare_core::command::Command::StopSelf { name: r.member };
         if let Err(e) = self.node.propose(drain).await {
             let v = self.node.view();
             return Err(super::node_status(e, v.leader_address()));
