@@ -111,6 +111,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
         released: released_rx,
     };
 
+    raise_fd_limit();
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
@@ -166,6 +167,44 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
     ownership_task.await.context("ownership task panicked")?;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// Open files this controller wants: every connection is one, and a flood of idle
+/// ones must meet the handshake admission's eviction, not EMFILE at accept.
+const WANTED_FDS: u64 = 65_536;
+
+/// Raises the soft open-file limit towards [`WANTED_FDS`] (never above the hard
+/// limit); logs what it got, since pending handshakes plus peers must fit in it.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write/read only the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "getrlimit(RLIMIT_NOFILE)");
+        return;
+    }
+    let want = WANTED_FDS.min(lim.rlim_max);
+    if lim.rlim_cur < want {
+        let old = lim.rlim_cur;
+        lim.rlim_cur = want;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), old, want, "setrlimit(RLIMIT_NOFILE)");
+            return;
+        }
+    }
+    let min = 4 * vipshare_proto::tls::DEFAULT_MAX_PENDING_HANDSHAKES as u64;
+    if lim.rlim_cur < min {
+        tracing::warn!(
+            limit = lim.rlim_cur,
+            min,
+            "open-file limit is low: a flood of idle connections can exhaust it (raise LimitNOFILE)"
+        );
+    } else {
+        tracing::debug!(limit = lim.rlim_cur, "open-file limit");
+    }
 }
 
 /// The certificate must name this controller of this cluster: with another id its
