@@ -3,6 +3,7 @@
 //! certificate tooling that mints identities (`pki`).
 
 pub mod pki;
+pub mod priority;
 pub mod tls;
 
 /// Generated from `proto/vipshare.proto`.
