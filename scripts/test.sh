@@ -16,6 +16,8 @@ step "format";  cargo fmt --all -- --check
 step "lint";    cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build";   cargo build --workspace --bins --locked
 step "test";    cargo test --workspace --locked --no-fail-fast -- --test-threads=2
+step "busy hosts: scenarios with the CPUs oversubscribed 2x (stress-ng)"
+cargo test -p vipshare-integration --locked --test scenarios -- --ignored --test-threads=1 oversubscribed
 step "simulator: 500 seeds"
 cargo run --release --locked -p vipshare-sim -- --seeds 500
 step "shell scripts"

@@ -20,7 +20,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     // Before the runtime's threads exist, so that they inherit it: promises and
     // fences keep their timing on a busy host.
-    let priority = vipshare_proto::priority::prioritise();
+    let priority = vipshare_proto::priority::prioritise(None);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

@@ -459,6 +459,57 @@ impl Drop for DoubleWatch {
     }
 }
 
+// ------------------------------------------------------------------ busy hosts
+
+/// A background CPU load: `stress-ng --cpu N` at normal priority, the way web
+/// servers keep the hosts sharing a VIP busy. Stopped (SIGTERM, so that
+/// stress-ng stops its workers) on drop; `--timeout` ends it should the test
+/// process die first.
+pub struct CpuHog {
+    child: std::process::Child,
+    pub workers: usize,
+}
+
+impl CpuHog {
+    /// `factor` busy workers per CPU (2 oversubscribes the CPUs twice).
+    pub fn oversubscribe(factor: usize) -> anyhow::Result<Self> {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let workers = factor * cpus;
+        let child = Command::new("stress-ng")
+            .args([
+                "--cpu",
+                &workers.to_string(),
+                "--timeout",
+                "1800s",
+                "--quiet",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("stress-ng (scripts/install-deps.sh installs it)")?;
+        let hog = CpuHog { child, workers };
+        // Its workers run once it has forked them; wait for them.
+        let pid = hog.child.id();
+        poll(Duration::from_secs(10), "stress-ng workers", || {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            (children.split_whitespace().count() >= workers).then_some(())
+        })?;
+        Ok(hog)
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own unreaped child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
 // ------------------------------------------------------------------ the bucket map
 
 /// How to run `vipsharectl` as the admin, from any thread.

@@ -90,7 +90,8 @@ fn main() -> ExitCode {
     }
     // Before any thread exists: the runtime's threads and the nft/ip processes
     // inherit it, so the whole lease path keeps its timing on a busy host.
-    let priority = vipshare_proto::priority::prioritise();
+    let priority =
+        vipshare_proto::priority::prioritise(Some(vipshare_proto::priority::AGENT_RT_PRIORITY));
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
