@@ -1187,6 +1187,10 @@ pub struct LabOptions {
     pub heartbeat_ms: Option<u64>,
     /// `cluster init --lease-ms`.
     pub lease_ms: Option<u64>,
+    /// delta and m of the lease arithmetic (`vipshare_core::lease`); like
+    /// `damping`, only settable through the admin API, which is then used.
+    pub kernel_delay_ms: Option<u64>,
+    pub margin_ms: Option<u64>,
     /// Damping settings; `vipsharectl cluster init` cannot set them, so when
     /// given the cluster is initialised through the admin API directly.
     pub damping: Option<pb::Damping>,
@@ -1201,6 +1205,8 @@ impl Default for LabOptions {
             buckets: 64,
             heartbeat_ms: None,
             lease_ms: None,
+            kernel_delay_ms: None,
+            margin_ms: None,
             damping: None,
         }
     }
@@ -1270,9 +1276,9 @@ impl NetnsProvider {
                 lease: Some(pb::LeaseTiming {
                     heartbeat_ms: o.heartbeat_ms.unwrap_or(d.heartbeat_ms),
                     lease_ms: o.lease_ms.unwrap_or(d.lease_ms),
-                    kernel_delay_ms: d.kernel_delay_ms,
+                    kernel_delay_ms: o.kernel_delay_ms.unwrap_or(d.kernel_delay_ms),
                     clock_rate_ppm: d.clock_rate_ppm,
-                    margin_ms: d.margin_ms,
+                    margin_ms: o.margin_ms.unwrap_or(d.margin_ms),
                 }),
                 damping: Some(damping),
             };
