@@ -16,8 +16,6 @@ step "format";  cargo fmt --all -- --check
 step "lint";    cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build";   cargo build --workspace --bins --locked
 step "test";    cargo test --workspace --locked --no-fail-fast -- --test-threads=2
-step "busy hosts: scenarios with the CPUs oversubscribed 2x (stress-ng)"
-cargo test -p vipshare-integration --locked --test scenarios -- --ignored --test-threads=1 oversubscribed
 step "simulator: 500 seeds"
 cargo run --release --locked -p vipshare-sim -- --seeds 500
 step "shell scripts"
@@ -25,4 +23,7 @@ mapfile -t scripts < <(git ls-files '*.sh' 'deploy/freebsd/rc.d/*')
 shellcheck -x "${scripts[@]}"
 step "deployment files (promtool, dashboard, units)"
 deploy/check.sh
+# Last, alone: its load would disturb everything else.
+step "busy hosts: scenarios with the CPUs oversubscribed 2x (stress-ng)"
+cargo test -p vipshare-integration --locked --test scenarios -- --ignored --test-threads=1 oversubscribed
 step "all tests passed in ${SECONDS}s"
