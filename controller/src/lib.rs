@@ -151,9 +151,9 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_server.wait_for(|s| *s).await;
         });
-    let ownership_task = tokio::spawn(ownership.run(shutdown.clone()));
+    let ownership_task = spawn_dedicated("vipshare-fence", ownership.run(shutdown.clone()))?;
     let mut stopping = shutdown.clone();
-    let node_task = tokio::spawn(node.run(shutdown));
+    let node_task = spawn_dedicated("vipshare-raft", node.run(shutdown))?;
     // Graceful shutdown waits for clients to close their connections; a crashed
     // host's agent never does, so give them a bounded time.
     tokio::select! {
@@ -167,6 +167,30 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
     ownership_task.await.context("ownership task panicked")?;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// Runs `fut` on a thread and current-thread runtime of its own. The raft Ready
+/// loop (which fsyncs synchronously) and the promise/fence path then neither
+/// block a gRPC worker nor queue behind them, whatever a flood of connections
+/// or a burst of heartbeats costs the shared runtime.
+fn spawn_dedicated<F>(
+    name: &str,
+    fut: F,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<F::Output>>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .with_context(|| format!("runtime for {name}"))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || drop(tx.send(rt.block_on(fut))))
+        .with_context(|| format!("thread {name}"))?;
+    Ok(rx)
 }
 
 /// Open files this controller wants: every connection is one, and a flood of idle
