@@ -113,6 +113,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
         released: released_rx,
     };
 
+    raise_fd_limit();
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
@@ -152,9 +153,9 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_server.wait_for(|s| *s).await;
         });
-    let ownership_task = tokio::spawn(ownership.run(shutdown.clone()));
+    let ownership_task = spawn_dedicated("vipshare-fence", ownership.run(shutdown.clone()))?;
     let mut stopping = shutdown.clone();
-    let node_task = tokio::spawn(node.run(shutdown));
+    let node_task = spawn_dedicated("vipshare-raft", node.run(shutdown))?;
     // Graceful shutdown waits for clients to close their connections; a crashed
     // host's agent never does, so give them a bounded time.
     tokio::select! {
@@ -168,6 +169,68 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
     ownership_task.await.context("ownership task panicked")?;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// Runs `fut` on a thread and current-thread runtime of its own. The raft Ready
+/// loop (which fsyncs synchronously) and the promise/fence path then neither
+/// block a gRPC worker nor queue behind them, whatever a flood of connections
+/// or a burst of heartbeats costs the shared runtime.
+fn spawn_dedicated<F>(
+    name: &str,
+    fut: F,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<F::Output>>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .with_context(|| format!("runtime for {name}"))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || drop(tx.send(rt.block_on(fut))))
+        .with_context(|| format!("thread {name}"))?;
+    Ok(rx)
+}
+
+/// Open files this controller wants: every connection is one, and a flood of idle
+/// ones must meet the handshake admission's eviction, not EMFILE at accept.
+const WANTED_FDS: u64 = 65_536;
+
+/// Raises the soft open-file limit towards [`WANTED_FDS`] (never above the hard
+/// limit); logs what it got, since pending handshakes plus peers must fit in it.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write/read only the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "getrlimit(RLIMIT_NOFILE)");
+        return;
+    }
+    let want = WANTED_FDS.min(lim.rlim_max);
+    if lim.rlim_cur < want {
+        let old = lim.rlim_cur;
+        lim.rlim_cur = want;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), old, want, "setrlimit(RLIMIT_NOFILE)");
+            return;
+        }
+    }
+    let min = 4 * vipshare_proto::tls::DEFAULT_MAX_PENDING_HANDSHAKES as u64;
+    if lim.rlim_cur < min {
+        tracing::warn!(
+            limit = lim.rlim_cur,
+            min,
+            "open-file limit is low: a flood of idle connections can exhaust it (raise LimitNOFILE)"
+        );
+    } else {
+        tracing::debug!(limit = lim.rlim_cur, "open-file limit");
+    }
 }
 
 /// The certificate must name this controller of this cluster: with another id its

@@ -17,8 +17,17 @@ struct Args {
     config: std::path::PathBuf,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime's threads exist, so that they inherit it: promises and
+    // fences keep their timing on a busy host.
+    let priority = vipshare_proto::priority::prioritise(None);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(priority))
+}
+
+async fn run(priority: vipshare_proto::priority::Priority) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
@@ -26,6 +35,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     exit_on_panic();
+    if priority.is_degraded() {
+        tracing::warn!(%priority, "controller runs with less than the intended priority");
+    } else {
+        tracing::info!(%priority, "controller priority");
+    }
     let args = Args::parse();
     let cfg = ControllerConfig::load(&args.config)?;
     if let Some(addr) = cfg.metrics_listen {

@@ -459,6 +459,57 @@ impl Drop for DoubleWatch {
     }
 }
 
+// ------------------------------------------------------------------ busy hosts
+
+/// A background CPU load: `stress-ng --cpu N` at normal priority, the way web
+/// servers keep the hosts sharing a VIP busy. Stopped (SIGTERM, so that
+/// stress-ng stops its workers) on drop; `--timeout` ends it should the test
+/// process die first.
+pub struct CpuHog {
+    child: std::process::Child,
+    pub workers: usize,
+}
+
+impl CpuHog {
+    /// `factor` busy workers per CPU (2 oversubscribes the CPUs twice).
+    pub fn oversubscribe(factor: usize) -> anyhow::Result<Self> {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let workers = factor * cpus;
+        let child = Command::new("stress-ng")
+            .args([
+                "--cpu",
+                &workers.to_string(),
+                "--timeout",
+                "1800s",
+                "--quiet",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("stress-ng (scripts/install-deps.sh installs it)")?;
+        let hog = CpuHog { child, workers };
+        // Its workers run once it has forked them; wait for them.
+        let pid = hog.child.id();
+        poll(Duration::from_secs(10), "stress-ng workers", || {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            (children.split_whitespace().count() >= workers).then_some(())
+        })?;
+        Ok(hog)
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own unreaped child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
 // ------------------------------------------------------------------ the bucket map
 
 /// How to run `vipsharectl` as the admin, from any thread.
@@ -1142,6 +1193,10 @@ pub struct LabOptions {
     pub heartbeat_ms: Option<u64>,
     /// `cluster init --lease-ms`.
     pub lease_ms: Option<u64>,
+    /// delta and m of the lease arithmetic (`vipshare_core::lease`); like
+    /// `damping`, only settable through the admin API, which is then used.
+    pub kernel_delay_ms: Option<u64>,
+    pub margin_ms: Option<u64>,
     /// Damping settings; `vipsharectl cluster init` cannot set them, so when
     /// given the cluster is initialised through the admin API directly.
     pub damping: Option<pb::Damping>,
@@ -1156,6 +1211,8 @@ impl Default for LabOptions {
             buckets: 64,
             heartbeat_ms: None,
             lease_ms: None,
+            kernel_delay_ms: None,
+            margin_ms: None,
             damping: None,
         }
     }
@@ -1225,9 +1282,9 @@ impl NetnsProvider {
                 lease: Some(pb::LeaseTiming {
                     heartbeat_ms: o.heartbeat_ms.unwrap_or(d.heartbeat_ms),
                     lease_ms: o.lease_ms.unwrap_or(d.lease_ms),
-                    kernel_delay_ms: d.kernel_delay_ms,
+                    kernel_delay_ms: o.kernel_delay_ms.unwrap_or(d.kernel_delay_ms),
                     clock_rate_ppm: d.clock_rate_ppm,
-                    margin_ms: d.margin_ms,
+                    margin_ms: o.margin_ms.unwrap_or(d.margin_ms),
                 }),
                 damping: Some(damping),
             };

@@ -201,8 +201,13 @@ fn steady_state_split_follows_the_weights() {
 /// buckets move, to the others; only connections to it fail, and only until
 /// its buckets are served elsewhere. It boots again: re-admitted no earlier
 /// than the damping's min-stable time, and its home buckets come back (shares
-/// are whole numbers: all of them), with no failed connection.
-fn crash_and_return<P: HostProvider>(p: &mut P, victim: &str, strict_homes: bool) -> R {
+/// are whole numbers: all of them), with no failed connection. Returns, per
+/// bucket of the victim, the time from the crash to its first answer elsewhere.
+fn crash_and_return<P: HostProvider>(
+    p: &mut P,
+    victim: &str,
+    strict_homes: bool,
+) -> anyhow::Result<Vec<Duration>> {
     let hosts = names(p);
     let m0 = wait_converged(p, &refs(&hosts), CONVERGE)?;
     let sources = pick_sources(p, &m0, &[], 2);
@@ -278,14 +283,24 @@ fn crash_and_return<P: HostProvider>(p: &mut P, victim: &str, strict_homes: bool
             not_home.len(),
             history.changes(crashed).join("\n")
         ),
-    )
+    )?;
+    let silent: Vec<u32> = sources
+        .iter()
+        .map(|&s| p.bucket_of(s))
+        .filter(|b| victim_buckets.contains(b) && !first_new.contains_key(b))
+        .collect();
+    ensure!(
+        silent.is_empty(),
+        "buckets {silent:?} of {victim} never answered elsewhere"
+    );
+    Ok(first_new.into_values().collect())
 }
 
 #[test]
 fn host_crash_and_return() {
     let mut p = lab(LabOptions::default());
     run("crash and return", &mut p, |p| {
-        crash_and_return(p, "h2", true)
+        crash_and_return(p, "h2", true).map(drop)
     });
 }
 
@@ -1057,4 +1072,60 @@ fn intruder_with_a_foreign_ca_is_refused_and_changes_nothing() {
         ..Default::default()
     });
     run("intruder", &mut p, intruder);
+}
+
+// ------------------------------------------------------------------ 9. busy hosts
+
+/// Failover goal with the CPUs oversubscribed (issue 13): p99 over the victims'
+/// buckets of the time from a crash to the bucket's first answer elsewhere.
+const BUSY_FAILOVER_P99: Duration = Duration::from_secs(1);
+
+/// The scenarios where busy hosts used to lapse, with the CPUs oversubscribed
+/// twice by stress-ng for the whole run: steady state (nothing moves, every
+/// connection answered by its owner, which a lapsing lease would break), then
+/// two host crashes and returns (only the victim's buckets move; failover p99
+/// within [`BUSY_FAILOVER_P99`]).
+/// Ignored in the plain run (its load would disturb the scenarios running next
+/// to it); `scripts/test.sh` runs it alone.
+#[test]
+#[ignore = "loads every CPU: run alone (scripts/test.sh does)"]
+fn oversubscribed_cpus_steady_state_and_crashes() {
+    // The instrument (servers, client, vipsharectl: threads and children of this
+    // one) runs at the daemons' nice value, so that what fails is the product
+    // starving, not the stand-in web servers the hog competes with.
+    // SAFETY: setpriority on the calling thread.
+    let raised = unsafe {
+        libc::setpriority(
+            libc::PRIO_PROCESS,
+            0,
+            vipshare_proto::priority::DEFAULT_NICE,
+        )
+    };
+    assert_eq!(
+        raised,
+        0,
+        "setpriority: {}",
+        std::io::Error::last_os_error()
+    );
+    let hog = vipshare_integration::scenario::CpuHog::oversubscribe(2).expect("CPU load");
+    let mut p = lab(LabOptions::default());
+    run("busy hosts", &mut p, |p| {
+        steady_state(p, &[100; 4])?;
+        let mut times = crash_and_return(p, "h2", true)?;
+        times.extend(crash_and_return(p, "h4", true)?);
+        times.sort();
+        let p99 = times[(times.len() * 99).div_ceil(100) - 1];
+        eprintln!(
+            "[busy] {} stress-ng workers: failover per bucket p50 {:?}, p99 {p99:?}, max {:?} (n={})",
+            hog.workers,
+            times[times.len() / 2],
+            times[times.len() - 1],
+            times.len()
+        );
+        ensure!(
+            p99 <= BUSY_FAILOVER_P99,
+            "failover p99 {p99:?} with the CPUs oversubscribed, goal {BUSY_FAILOVER_P99:?}"
+        );
+        Ok(())
+    });
 }

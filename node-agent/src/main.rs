@@ -95,12 +95,21 @@ fn main() -> ExitCode {
     if let Some(Cmd::Watchdog) = cli.cmd {
         return watchdog(&cfg);
     }
+    // Before any thread exists: the runtime's threads and the nft/ip processes
+    // inherit it, so the whole lease path keeps its timing on a busy host.
+    let priority =
+        vipshare_proto::priority::prioritise(Some(vipshare_proto::priority::AGENT_RT_PRIORITY));
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    if priority.is_degraded() {
+        tracing::warn!(%priority, "lease path runs with less than the intended priority");
+    } else {
+        tracing::info!(%priority, "lease path priority");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -3,6 +3,7 @@
 //! certificate tooling that mints identities (`pki`).
 
 pub mod pki;
+pub mod priority;
 pub mod telemetry;
 pub mod tls;
 

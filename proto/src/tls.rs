@@ -43,23 +43,35 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::pki::{self, CertIdentityError, Identity, PkiError, Role};
+
+mod admission;
+mod refusals;
+
+use admission::Admission;
+use refusals::RefusalLog;
 
 /// ALPN protocol id of HTTP/2, the only protocol spoken.
 const ALPN_H2: &[u8] = b"h2";
 /// How long a client may take from TCP accept to a completed handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Handshakes in flight at once; more connections are dropped rather than queued.
+/// Handshakes in flight at once; a newcomer beyond it evicts the oldest pending
+/// handshake of the source holding the most (see `admission`).
 pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
+/// Handshakes in flight at once from one source address; a newcomer beyond it
+/// evicts that source's oldest.
+pub const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 16;
 /// Client TCP + TLS connect timeout.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Metric counting rejected incoming connections, labelled by `reason`.
 pub const HANDSHAKE_FAILURES_METRIC: &str = "vipshare_tls_handshake_failures_total";
+/// Gauge: handshakes in flight (set at every accept and every 10 s).
+pub const PENDING_HANDSHAKES_METRIC: &str = "vipshare_tls_pending_handshakes";
 /// Gauge: days until `notAfter` of the own certificate and of the CA bundle (its
 /// earliest-expiring CA), labelled by `file`. Set at load, reload and every poll.
 pub const CERT_EXPIRY_METRIC: &str = "vipshare_cert_expiry_seconds";
@@ -521,7 +533,9 @@ pub enum FailureReason {
     Protocol,
     /// The connection failed or closed mid-handshake.
     Io,
-    /// Too many handshakes in flight.
+    /// Evicted while handshaking to make room for a newer connection (its source
+    /// held too many pending handshakes, or all slots were taken and its source
+    /// held the most).
     Overloaded,
     /// The certificate's serial is on the deny-list.
     Revoked,
@@ -568,6 +582,7 @@ pub struct HandshakeFailure {
 pub struct ServeOptions {
     pub handshake_timeout: Duration,
     pub max_pending_handshakes: usize,
+    pub max_pending_per_source: usize,
     /// Also send every failure here (tests, diagnostics); logging and the metric
     /// happen regardless.
     pub failures: Option<mpsc::UnboundedSender<HandshakeFailure>>,
@@ -578,6 +593,7 @@ impl Default for ServeOptions {
         ServeOptions {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
+            max_pending_per_source: DEFAULT_MAX_PENDING_PER_SOURCE,
             failures: None,
         }
     }
@@ -612,7 +628,9 @@ pub fn serve_incoming(
 
 /// [`serve_incoming`] with explicit options. Must be called inside a tokio runtime.
 /// Every connection is handshaken in its own task under a timeout, so a slow or
-/// hostile client delays nobody; failures are logged, counted and never yielded.
+/// hostile client delays nobody; pending handshakes are admitted fairly by source
+/// (`admission`), so idle connections cannot lock peers out; failures are counted,
+/// logged at a bounded rate and never yielded.
 pub fn serve_incoming_with(
     listener: TcpListener,
     config: impl Into<ServerTls>,
@@ -625,9 +643,13 @@ pub fn serve_incoming_with(
         cluster,
         timeout: options.handshake_timeout,
         failures: options.failures,
+        log: RefusalLog::new(),
     });
-    let pending = Arc::new(Semaphore::new(options.max_pending_handshakes.max(1)));
-    tokio::spawn(accept_loop(listener, tx, ctx, pending));
+    let admission = Admission::new(
+        options.max_pending_handshakes,
+        options.max_pending_per_source,
+    );
+    tokio::spawn(accept_loop(listener, tx, ctx, admission));
     TlsIncoming { rx }
 }
 
@@ -636,11 +658,12 @@ struct AcceptCtx {
     cluster: String,
     timeout: Duration,
     failures: Option<mpsc::UnboundedSender<HandshakeFailure>>,
+    log: RefusalLog,
 }
 
 impl AcceptCtx {
     fn report(&self, peer: SocketAddr, reason: FailureReason, detail: String) {
-        tracing::warn!(%peer, reason = reason.as_str(), %detail, "TLS connection rejected");
+        self.log.record(peer, reason.as_str(), &detail);
         metrics::counter!(HANDSHAKE_FAILURES_METRIC, "reason" => reason.as_str()).increment(1);
         if let Some(tx) = &self.failures {
             let _ = tx.send(HandshakeFailure {
@@ -656,11 +679,18 @@ async fn accept_loop(
     listener: TcpListener,
     tx: mpsc::Sender<TlsConn>,
     ctx: Arc<AcceptCtx>,
-    pending: Arc<Semaphore>,
+    admission: Arc<Admission>,
 ) {
+    let mut summaries = tokio::time::interval(refusals::WINDOW);
+    summaries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let accepted = tokio::select! {
             _ = tx.closed() => return,
+            _ = summaries.tick() => {
+                ctx.log.tick();
+                metrics::gauge!(PENDING_HANDSHAKES_METRIC).set(admission.pending() as f64);
+                continue;
+            }
             accepted = listener.accept() => accepted,
         };
         let (tcp, addr) = match accepted {
@@ -674,22 +704,38 @@ async fn accept_loop(
                 }
             }
         };
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            ctx.report(
-                addr,
-                FailureReason::Overloaded,
-                "too many handshakes in flight".into(),
-            );
-            continue;
-        };
+        let (mut ticket, eviction) = admission.admit(addr.ip());
+        metrics::gauge!(PENDING_HANDSHAKES_METRIC).set(admission.pending() as f64);
+        if let Some(eviction) = eviction {
+            tracing::debug!(%addr, ?eviction, "a pending handshake was evicted to admit this one");
+        }
         let ctx = ctx.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let result = tokio::time::timeout(ctx.timeout, handshake(tcp, addr, &ctx)).await;
-            drop(permit);
+            let result = tokio::select! {
+                r = tokio::time::timeout(ctx.timeout, handshake(tcp, addr, &ctx)) => r,
+                _ = &mut ticket.evicted => Ok(Err((
+                    FailureReason::Overloaded,
+                    "evicted while handshaking: newer connections needed the slot \
+                     (this source, or the busiest one, held too many pending handshakes)"
+                        .into(),
+                ))),
+            };
             match result {
-                // A send error only means the server is shutting down.
-                Ok(Ok(conn)) => drop(tx.send(conn).await),
+                Ok(Ok(conn)) => {
+                    // Only a connection that still holds its slot goes on; the slot
+                    // itself is freed either way (authenticated peers hold none).
+                    if ticket.complete() {
+                        // A send error only means the server is shutting down.
+                        drop(tx.send(conn).await);
+                    } else {
+                        ctx.report(
+                            addr,
+                            FailureReason::Overloaded,
+                            "evicted as the handshake completed".into(),
+                        );
+                    }
+                }
                 Ok(Err((reason, detail))) => ctx.report(addr, reason, detail),
                 Err(_) => ctx.report(
                     addr,
