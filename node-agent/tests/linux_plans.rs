@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use vipshare_agent::dataplane::linux::{
-    plan_apply, plan_teardown, plan_withdraw, LinuxConfig, LinuxDataPlane, RecordingExecutor, Step,
+    objects_of, plan_apply, plan_teardown, plan_withdraw, LinuxConfig, LinuxDataPlane, Present,
+    RecordingExecutor, Step,
 };
 use vipshare_agent::dataplane::{
     Affinity, BucketFn, DataPlane, Desired, LeaseEnforcement, VipConfig,
@@ -63,13 +64,26 @@ fn golden(name: &str, actual: &str) {
     );
 }
 
-/// Applies each desired state in turn and renders every plan.
+/// Plans over an empty kernel.
+fn plan_fresh(
+    cfg: &LinuxConfig,
+    d: &Desired,
+    reset: &BTreeSet<u32>,
+) -> Result<vipshare_agent::dataplane::linux::Plan, vipshare_agent::dataplane::DataPlaneError> {
+    plan_apply(cfg, None, d, reset, &Present::default())
+}
+
+/// Applies each desired state in turn and renders every plan; the kernel holds
+/// what the previous plan installed.
 fn scenario(steps: &[(&str, Desired)]) -> String {
     let cfg = cfg();
-    let mut installed = None;
+    let mut installed: Option<vipshare_agent::dataplane::linux::Installed> = None;
     let mut out = String::new();
     for (title, d) in steps {
-        let plan = plan_apply(&cfg, installed.as_ref(), d, &BTreeSet::new()).unwrap();
+        let present = installed.as_ref().map_or(Present::default(), |i| {
+            objects_of(i, cfg.arp_egress).unwrap()
+        });
+        let plan = plan_apply(&cfg, installed.as_ref(), d, &BTreeSet::new(), &present).unwrap();
         out.push_str(&format!(
             "## {title} (changed: {}, stop after: {:?})\n",
             plan.changed, plan.stop_after
@@ -125,7 +139,7 @@ fn lowbits_and_address_port() {
 #[test]
 fn withdraw_and_teardown() {
     let cfg = cfg();
-    let first = plan_apply(&cfg, None, &desired([1], 400), &BTreeSet::from([1, 9])).unwrap();
+    let first = plan_fresh(&cfg, &desired([1], 400), &BTreeSet::from([1, 9])).unwrap();
     let mut out = String::from("## apply with bucket 1 reset-on-invalid\n");
     out.push_str(&first.render());
     let w = plan_withdraw(&cfg, first.next.as_ref());
@@ -142,7 +156,7 @@ fn withdraw_and_teardown() {
 #[test]
 fn vip_addresses_come_after_their_filter_and_leave_before_it() {
     let cfg = cfg();
-    let first = plan_apply(&cfg, None, &desired([1], 400), &BTreeSet::new()).unwrap();
+    let first = plan_fresh(&cfg, &desired([1], 400), &BTreeSet::new()).unwrap();
     let nft = first
         .steps
         .iter()
@@ -156,7 +170,14 @@ fn vip_addresses_come_after_their_filter_and_leave_before_it() {
     assert!(nft < add);
     let mut two = desired([1], 400);
     two.vips = vec![vip(11)];
-    let second = plan_apply(&cfg, first.next.as_ref(), &two, &BTreeSet::new()).unwrap();
+    let second = plan_apply(
+        &cfg,
+        first.next.as_ref(),
+        &two,
+        &BTreeSet::new(),
+        &Present::default(),
+    )
+    .unwrap();
     let del = second
         .steps
         .iter()
@@ -219,11 +240,11 @@ fn backend_renews_cheaply_and_rebuilds_after_a_failure() {
 fn invalid_desired_states_are_refused() {
     let cfg = cfg();
     let mut d = desired([300], 400);
-    assert!(plan_apply(&cfg, None, &d, &BTreeSet::new()).is_err());
+    assert!(plan_fresh(&cfg, &d, &BTreeSet::new()).is_err());
     d = desired([1], 400);
     d.bucket_fn = BucketFn::Lowbits;
     d.affinity = Affinity::AddressPort;
-    assert!(plan_apply(&cfg, None, &d, &BTreeSet::new()).is_err());
+    assert!(plan_fresh(&cfg, &d, &BTreeSet::new()).is_err());
     let bad = LinuxConfig {
         table: "vip share".into(),
         ..cfg

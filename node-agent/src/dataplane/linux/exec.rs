@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::plan::{NftBatch, Step};
+use super::plan::{NftBatch, Present, Step};
 use super::LinuxConfig;
 use crate::dataplane::{format_mac, DataPlaneError, VipConfig};
 
@@ -29,6 +29,9 @@ pub trait Executor {
     fn remembered_vips(&self) -> Vec<VipConfig> {
         Vec::new()
     }
+    /// The objects the kernel holds in the agent's tables now, read before a
+    /// rebuild so that it can replace them in place.
+    fn present(&mut self, table: &str) -> Result<Present, DataPlaneError>;
 }
 
 /// What survives an agent restart.
@@ -396,6 +399,14 @@ impl Executor for OsExecutor {
         }
     }
 
+    fn present(&mut self, table: &str) -> Result<Present, DataPlaneError> {
+        let out = run(&self.nft, &["-j", "list", "ruleset"], None)?;
+        Present::from_listing(&out.stdout, table).map_err(|detail| DataPlaneError::Command {
+            command: format!("{} -j list ruleset", self.nft),
+            detail,
+        })
+    }
+
     fn remembered_vips(&self) -> Vec<VipConfig> {
         self.state
             .vips
@@ -425,6 +436,11 @@ pub type RecordingExecutor = crate::dataplane::RecordingExecutor<Step>;
 impl Executor for RecordingExecutor {
     fn execute(&mut self, step: &Step, _started: Instant) -> Result<(), DataPlaneError> {
         self.record(step)
+    }
+
+    /// An empty kernel: every rebuild is planned as a first start.
+    fn present(&mut self, _table: &str) -> Result<Present, DataPlaneError> {
+        Ok(Present::default())
     }
 }
 

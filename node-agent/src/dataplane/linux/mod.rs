@@ -36,6 +36,62 @@
 //! let a stale timeout stand until that rewrite, a few milliseconds after the
 //! agent runs again.
 //!
+//! # Rebuilds: one transaction, base chains kept (issue 16)
+//! A packet's verdict in the bucket filter must come from one ruleset, old or
+//! new. nf_tables swaps rules atomically per *base chain* evaluation: each
+//! hook invocation reads the generation once. Two base chains on the same hook
+//! are two reads. A rebuild that replaced the table (`add table` + `delete
+//! table` + the full definition, as before) registered a second `input` base
+//! chain; at equal priority the kernel runs the newer hook first. A packet
+//! evaluated by the new chain just before the commit (its rules not yet
+//! active: empty, policy accept) and by the old chain just after it (its rules
+//! deleted: empty, policy accept) was accepted whatever its bucket. That is the
+//! double answer seen in issue 16: a few microseconds per rebuild, only under a
+//! SYN flood and a rebuild racing on another CPU.
+//!
+//! A second window of the same kind, found by the test after the first was
+//! closed: a set lookup reads the generation when it runs, not when its chain
+//! started, and a transaction that deletes a rule deactivates the elements of
+//! the rule's anonymous *map* in the next generation. The old `input` rule
+//! `ip daddr vmap { VIP : jump .. }`, evaluated with the old rules just as the
+//! commit landed, found no element, jumped nowhere and fell through to the
+//! chain's accept policy. `input` now has one plain `ip daddr VIP jump` rule
+//! per VIP; the only lookup on the accept path is the named `owned` set, and a
+//! rebuild deletes it whole and creates a new one: an old-generation rule looks
+//! up the old set's elements, and if those were inactive it would drop (a miss
+//! is "not owned"), never accept.
+//!
+//! So a rebuild ([`plan::plan_apply`] when anything besides the owned elements
+//! changes) is one transaction that keeps the tables and their base chains and
+//! replaces what is inside them: it flushes every chain, deletes the sets (and
+//! chains and counters no longer wanted) and adds the new sets, chains, rules
+//! and elements. The executor lists the tables' objects first
+//! ([`Executor::present`]). Every packet then sees, within one evaluation of
+//! `input`, either the old rules with the old sets or the new rules with the
+//! new sets (sets are always recreated, so an old-generation rule never looks
+//! up a new element under an old key).
+//!
+//! The kernel states of each path, in order (each line is what a packet can
+//! see; none accepts a new flow the final state would not, except where noted):
+//! - first start: (no table: the VIP is not configured yet) -> sysctls ->
+//!   filter with elements (one transaction) -> `tcp_loose=0` -> VIP address
+//!   added, maddr, IGMP. Between the filter and `tcp_loose=0` there is no VIP.
+//! - periodic reconcile, repair after a failed step, restart with adopted
+//!   elements (all `invalidate`d or nothing installed): old filter -> new
+//!   filter in one transaction (base chains kept) -> VIP re-asserted. A failed
+//!   step leaves the old or the new filter, never a mix.
+//! - change of VIPs: VIPs that go are removed first (old filter still there),
+//!   then the rebuild above, then the new VIPs are added.
+//! - renewal or owned-bucket change: one transaction `flush set` + `add
+//!   element`; the filter does one lookup per packet.
+//! - withdraw: one transaction flushing the sets.
+//! - teardown: VIP addresses removed first; only then are the tables deleted
+//!   (a packet for a VIP that is no longer local never reaches `input`).
+//!
+//! Not covered: a base chain whose hook or priority was changed by hand (or by
+//! a future version) makes `add chain` fail; the rebuild then fails and is
+//! retried, leaving the old filter in place.
+//!
 //! # Resetting flows of a dead owner
 //! [`LinuxDataPlane::set_reset_buckets`] marks owned buckets whose previous
 //! owner is known to be dead: mid-stream TCP packets of flows this host does
@@ -58,7 +114,10 @@ use std::time::{Duration, Instant};
 
 use crate::dataplane::{ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnforcement};
 pub use exec::{Executor, OsExecutor, RecordingExecutor};
-pub use plan::{plan_apply, plan_teardown, plan_withdraw, Installed, Plan, Step};
+pub use plan::{
+    needs_rebuild, objects_of, plan_apply, plan_teardown, plan_withdraw, Installed, Plan, Present,
+    Step,
+};
 
 /// Settings of the Linux backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,7 +265,19 @@ impl LinuxDataPlane<OsExecutor> {
 impl<E: Executor> DataPlane for LinuxDataPlane<E> {
     fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DataPlaneError> {
         let started = Instant::now();
-        let plan = plan_apply(&self.cfg, self.installed.as_ref(), desired, &self.reset)?;
+        let present = if needs_rebuild(self.installed.as_ref(), desired) {
+            desired.validate()?;
+            self.exec.present(&self.cfg.table)?
+        } else {
+            Present::default()
+        };
+        let plan = plan_apply(
+            &self.cfg,
+            self.installed.as_ref(),
+            desired,
+            &self.reset,
+            &present,
+        )?;
         self.run(&plan, started)?;
         let next = plan.next.clone();
         let owned_rules = next.as_ref().map_or(0, |n| n.owned.len());
