@@ -1,6 +1,7 @@
-//! The executor: the only code of the Linux backend that touches the OS. It runs
-//! `nft` (one transaction per batch, on stdin), `ip`, writes /proc/sys, and holds
-//! one UDP socket per joined multicast group.
+//! The executor: the only code of the Linux backend that touches the OS. It
+//! sends nftables transactions in process ([`super::libnft`], one batch per
+//! step), runs `ip`, writes /proc/sys, and holds one UDP socket per joined
+//! multicast group.
 //!
 //! Sysctl values it replaces, and the VIPs it added, are remembered in a small
 //! JSON state file (`<state_dir>/linux-<table>.json`) so that an agent restarted
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::libnft::Nft;
 use super::plan::{NftBatch, Present, Step};
 use super::LinuxConfig;
 use crate::dataplane::{format_mac, DataPlaneError, VipConfig};
@@ -45,7 +47,7 @@ struct State {
 
 /// The real executor.
 pub struct OsExecutor {
-    nft: String,
+    nft: Nft,
     ip: String,
     sysctl_root: PathBuf,
     state_file: Option<PathBuf>,
@@ -74,7 +76,7 @@ impl OsExecutor {
             _ => State::default(),
         };
         Ok(OsExecutor {
-            nft: cfg.nft.clone(),
+            nft: Nft::new()?,
             ip: cfg.ip.clone(),
             sysctl_root: cfg.sysctl_root.clone(),
             state_file,
@@ -280,16 +282,6 @@ pub struct Output {
 /// Runs `program args`, feeding `stdin` if given; fails with the command line
 /// and its stderr unless it exits 0.
 pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, DataPlaneError> {
-    run_with(program, args, stdin.map(|s| move || s.to_string()))
-}
-
-/// [`run`], with the input produced only once the process is running: a
-/// script carrying relative timeouts is rendered at the last moment.
-fn run_with<F: FnOnce() -> String>(
-    program: &str,
-    args: &[&str],
-    stdin: Option<F>,
-) -> Result<Output, DataPlaneError> {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdout(Stdio::piped())
@@ -300,20 +292,17 @@ fn run_with<F: FnOnce() -> String>(
             Stdio::null()
         });
     let mut child = cmd.spawn().map_err(io_err(format!("running {program}")))?;
-    let mut input = None;
-    if let Some(render) = stdin {
-        let text = render();
+    if let Some(text) = stdin {
         let mut pipe = child.stdin.take().expect("piped stdin");
         pipe.write_all(text.as_bytes())
             .map_err(io_err(format!("writing to {program}")))?;
-        input = Some(text);
     }
     let out = child
         .wait_with_output()
         .map_err(io_err(format!("waiting for {program}")))?;
     if !out.status.success() {
         let mut command = format!("{program} {}", args.join(" "));
-        if let Some(input) = input {
+        if let Some(input) = stdin {
             command.push_str(&format!(" <<EOF\n{input}EOF"));
         }
         return Err(DataPlaneError::Command {
@@ -330,40 +319,27 @@ fn run_with<F: FnOnce() -> String>(
     })
 }
 
-/// Runs one nft transaction.
-pub fn nft_batch(nft: &str, script: &str) -> Result<(), DataPlaneError> {
-    run(nft, &["-f", "-"], Some(script)).map(|_| ())
-}
-
-/// Longest time from rendering element timeouts to nft having committed them
-/// that is let stand; beyond it the timeouts are written again.
+/// Longest time from rendering element timeouts to the kernel having
+/// committed them that is let stand; beyond it the timeouts are written again.
 pub const RENDER_LAG_LIMIT: Duration = Duration::from_millis(20);
 
-/// Runs a batch whose element timeouts are relative to `started`. They are
-/// rendered only once nft is running, just before the script is written to
-/// it. If the commit still came late (the agent was frozen or starved between
-/// rendering and writing), the elements would outlive the lease by that delay:
+/// Sends a batch whose element timeouts are relative to `started`, rendered
+/// just before the send. If the commit still came late (the agent was frozen
+/// or starved in between), the elements would outlive the lease by that delay:
 /// they are written again at once with what is really left (none if the lease
 /// ran out meanwhile).
 pub fn nft_timed_batch(
-    nft: &str,
+    nft: &mut Nft,
     batch: &NftBatch,
     started: Instant,
 ) -> Result<(), DataPlaneError> {
-    let mut rendered_at = None;
-    run_with(
-        nft,
-        &["-f", "-"],
-        Some(|| {
-            rendered_at = Some(Instant::now());
-            batch.render(started.elapsed())
-        }),
-    )?;
-    let lag = rendered_at.map_or(Duration::ZERO, |t| t.elapsed());
+    let rendered_at = Instant::now();
+    nft.run(&batch.render(started.elapsed()))?;
+    let lag = rendered_at.elapsed();
     if lag > RENDER_LAG_LIMIT && batch.elements.is_some() {
         tracing::warn!(?lag, "nft committed late; rewriting the lease timeouts");
         let fix = batch.renewal();
-        run_with(nft, &["-f", "-"], Some(|| fix.render(started.elapsed())))?;
+        nft.run(&fix.render(started.elapsed()))?;
     }
     Ok(())
 }
@@ -371,7 +347,7 @@ pub fn nft_timed_batch(
 impl Executor for OsExecutor {
     fn execute(&mut self, step: &Step, started: Instant) -> Result<(), DataPlaneError> {
         match step {
-            Step::Nft(batch) => nft_timed_batch(&self.nft, batch, started),
+            Step::Nft(batch) => nft_timed_batch(&mut self.nft, batch, started),
             Step::Sysctl { key, value } => self.set_sysctl(key, value),
             Step::RestoreSysctls => self.restore_sysctls(),
             Step::AddAddress(v) => self.add_address(v),
@@ -400,9 +376,9 @@ impl Executor for OsExecutor {
     }
 
     fn present(&mut self, table: &str) -> Result<Present, DataPlaneError> {
-        let out = run(&self.nft, &["-j", "list", "ruleset"], None)?;
-        Present::from_listing(&out.stdout, table).map_err(|detail| DataPlaneError::Command {
-            command: format!("{} -j list ruleset", self.nft),
+        let out = self.nft.run_json("list ruleset")?;
+        Present::from_listing(&out, table).map_err(|detail| DataPlaneError::Command {
+            command: "nft -j list ruleset".into(),
             detail,
         })
     }

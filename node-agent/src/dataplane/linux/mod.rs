@@ -27,14 +27,12 @@
 //! [`LeaseEnforcement::KernelTimeout`]. Established flows are accepted before
 //! the bucket check and so survive every change.
 //!
-//! The timeouts are rendered only once `nft` is running, right before the
-//! script is written to it; if the commit still lands more than
-//! [`exec::RENDER_LAG_LIMIT`] after rendering (the agent was stopped or starved
-//! in between), the elements are rewritten at once with what is really left.
-//! What remains is the `kernel_delay_ms` assumption of the lease protocol: a
-//! freeze in the microseconds between rendering and the write to the pipe can
-//! let a stale timeout stand until that rewrite, a few milliseconds after the
-//! agent runs again.
+//! nftables is driven in process through libnftables ([`libnft`]): one
+//! netlink batch per step, no `nft` process on the lease path. The timeouts
+//! are rendered immediately before the batch is sent; if the commit still
+//! lands more than [`exec::RENDER_LAG_LIMIT`] after rendering (the agent was
+//! stopped or starved in between), the elements are rewritten at once with
+//! what is really left.
 //!
 //! # Rebuilds: one transaction, base chains kept (issue 16)
 //! A packet's verdict in the bucket filter must come from one ruleset, old or
@@ -106,6 +104,7 @@
 //! would avoid it).
 
 pub mod exec;
+pub mod libnft;
 pub mod plan;
 
 use std::collections::BTreeSet;
