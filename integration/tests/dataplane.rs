@@ -598,7 +598,7 @@ mod direct {
             affinity: Affinity::Address,
             seed: 7,
             owned: owned.into_iter().collect(),
-            lease_remaining: lease,
+            lease_until: std::time::Instant::now() + lease,
         }
     }
 

@@ -332,7 +332,7 @@ fn full_rebuilds_never_answer_a_foreign_bucket() {
         affinity: Affinity::Address,
         seed: SEED,
         owned: owned.clone(),
-        lease_remaining: Duration::from_secs(30),
+        lease_until: Instant::now() + Duration::from_secs(600),
     };
     let d_all = desired(&owned);
     let mut plane = host

@@ -15,6 +15,7 @@ pub const ASSIGNMENTS_REFUSED: &str = "vipshare_agent_assignments_refused_total"
 pub const LEASE_RENEWALS: &str = "vipshare_agent_lease_renewals_total";
 pub const ASSIGNMENT_APPLY_SECONDS: &str = "vipshare_agent_assignment_apply_seconds";
 pub const EPOCH_CHANGES: &str = "vipshare_agent_member_epoch_changes_total";
+pub const LATE_KERNEL_WRITES: &str = "vipshare_agent_late_kernel_writes_total";
 
 /// Serve `/metrics` on `addr` (needs a tokio runtime).
 pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
@@ -49,6 +50,12 @@ pub fn refused() {
 
 pub fn renewed() {
     counter!(LEASE_RENEWALS).increment(1);
+}
+
+/// A lease write acknowledged by the kernel later than the kernel-delay budget
+/// (its elements were deleted at once).
+pub fn late_kernel_write() {
+    counter!(LATE_KERNEL_WRITES).increment(1);
 }
 
 pub fn epoch_changed() {

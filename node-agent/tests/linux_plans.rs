@@ -8,7 +8,13 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// The moment every plan is made at (plans are pure in it).
+fn t0() -> Instant {
+    static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *T0.get_or_init(Instant::now)
+}
 
 use vipshare_agent::dataplane::linux::{
     objects_of, plan_apply, plan_teardown, plan_withdraw, LinuxConfig, LinuxDataPlane, Present,
@@ -35,7 +41,7 @@ fn desired(owned: impl IntoIterator<Item = u32>, lease_ms: u64) -> Desired {
         affinity: Affinity::Address,
         seed: 0x4e4c4221,
         owned: owned.into_iter().collect(),
-        lease_remaining: Duration::from_millis(lease_ms),
+        lease_until: t0() + Duration::from_millis(lease_ms),
     }
 }
 
@@ -70,7 +76,7 @@ fn plan_fresh(
     d: &Desired,
     reset: &BTreeSet<u32>,
 ) -> Result<vipshare_agent::dataplane::linux::Plan, vipshare_agent::dataplane::DataPlaneError> {
-    plan_apply(cfg, None, d, reset, &Present::default())
+    plan_apply(cfg, None, d, reset, &Present::default(), t0())
 }
 
 /// Applies each desired state in turn and renders every plan; the kernel holds
@@ -83,7 +89,15 @@ fn scenario(steps: &[(&str, Desired)]) -> String {
         let present = installed.as_ref().map_or(Present::default(), |i| {
             objects_of(i, cfg.arp_egress).unwrap()
         });
-        let plan = plan_apply(&cfg, installed.as_ref(), d, &BTreeSet::new(), &present).unwrap();
+        let plan = plan_apply(
+            &cfg,
+            installed.as_ref(),
+            d,
+            &BTreeSet::new(),
+            &present,
+            t0(),
+        )
+        .unwrap();
         out.push_str(&format!(
             "## {title} (changed: {}, stop after: {:?})\n",
             plan.changed, plan.stop_after
@@ -176,6 +190,7 @@ fn vip_addresses_come_after_their_filter_and_leave_before_it() {
         &two,
         &BTreeSet::new(),
         &Present::default(),
+        t0(),
     )
     .unwrap();
     let del = second
@@ -210,7 +225,12 @@ fn backend_renews_cheaply_and_rebuilds_after_a_failure() {
     assert!(r.changed);
     assert_eq!(r.owned_rules, 2);
     assert_eq!(r.lease_enforcement, LeaseEnforcement::KernelTimeout);
-    assert_eq!(r.stop_after, Some(Duration::from_millis(450)));
+    // The backend plans from its own clock reading, a little after t0.
+    let stop = r.stop_after.expect("a deadline");
+    assert!(
+        stop <= Duration::from_millis(450) && stop > Duration::from_millis(400),
+        "{stop:?}"
+    );
     let n = p.executor().steps.len();
     let r = p.apply(&desired([1, 2], 440)).unwrap();
     assert!(!r.changed);

@@ -371,7 +371,7 @@ impl Runtime {
             // An earlier agent's elements still accept; don't cut them short.
             return;
         }
-        let Some(desired) = self.core.desired(now, &self.cfg.interface) else {
+        let Some(desired) = self.core.desired(now, self.start, &self.cfg.interface) else {
             self.dirty = false;
             return;
         };
@@ -393,7 +393,10 @@ impl Runtime {
                     info!(owned = ?desired.owned, "kernel accepts new flows for these buckets");
                 }
                 self.applied_owned = desired.owned;
-                self.applied_until = now + desired.lease_remaining.as_millis() as u64;
+                self.applied_until = desired
+                    .lease_until
+                    .saturating_duration_since(self.start)
+                    .as_millis() as u64;
                 if let Some((at, index)) = self.assignment_pending.take() {
                     let took = at.elapsed();
                     metrics::assignment_applied(took);

@@ -4,10 +4,12 @@
 //! # Contract
 //! [`DataPlane::apply`] makes the kernel accept NEW flows to the VIPs exactly for
 //! the source addresses whose bucket is in [`Desired::owned`], and only until the
-//! lease runs out: [`Desired::lease_remaining`] is measured by the caller on its
-//! monotonic clock just before the call, and the backend must arrange that the
-//! kernel stops accepting new flows no later than that, even if the agent
-//! process freezes or dies right after `apply` returns. How well a backend can
+//! lease runs out: [`Desired::lease_until`] is an absolute deadline on the
+//! monotonic clock, and the backend must arrange that the kernel stops
+//! accepting new flows no later than that, even if the agent process freezes
+//! or dies right after `apply` returns. Being absolute, a stall between
+//! computing the desired state and writing it cannot stretch the deadline: the
+//! backend reads the clock immediately before the write. How well a backend can
 //! keep that promise is reported in [`ApplyReport::lease_enforcement`].
 //!
 //! Established flows are never cut: a host keeps the flows it accepted when it
@@ -27,7 +29,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use vipshare_core::bucket::{Affinity, BucketFn};
 
@@ -65,12 +67,18 @@ pub struct Desired {
     pub seed: u32,
     /// Buckets this host owns (each `< bucket_count`).
     pub owned: BTreeSet<u32>,
-    /// Time left on the lease, measured on the agent's monotonic clock just
-    /// before `apply`. Zero means "no lease": accept no new flows.
-    pub lease_remaining: Duration,
+    /// When the lease ends, on the monotonic clock (already net of the kernel
+    /// delay the lease protocol allows for). At or before the moment of the
+    /// write means "no lease": accept no new flows.
+    pub lease_until: Instant,
 }
 
 impl Desired {
+    /// Time left on the lease at `now` (zero once it has run out).
+    pub fn lease_left(&self, now: Instant) -> Duration {
+        self.lease_until.saturating_duration_since(now)
+    }
+
     /// Checks what every backend relies on: a valid bucket configuration, owned
     /// buckets in range, sane VIP entries without duplicates.
     pub fn validate(&self) -> Result<(), DataPlaneError> {
@@ -165,6 +173,11 @@ pub enum DataPlaneError {
     /// A command failed; the kernel state is unknown until the next full apply.
     #[error("`{command}` failed: {detail}")]
     Command { command: String, detail: String },
+    /// A lease write reached the kernel later than the kernel-delay budget
+    /// after its timeouts were computed; the elements were deleted at once,
+    /// since the kernel would have kept them past the lease by that delay.
+    #[error("kernel write took {lag:?}, over the {budget:?} budget; owned elements deleted")]
+    LateWrite { lag: Duration, budget: Duration },
     /// An OS call failed.
     #[error("{context}: {source}")]
     Io {
@@ -265,7 +278,7 @@ mod tests {
             affinity: Affinity::Address,
             seed: 0,
             owned: (0..8).collect(),
-            lease_remaining: Duration::from_millis(500),
+            lease_until: Instant::now() + Duration::from_millis(500),
         }
     }
 

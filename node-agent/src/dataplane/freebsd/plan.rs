@@ -23,7 +23,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::masks::{compress, Cube};
 use super::FreeBsdConfig;
@@ -409,6 +409,7 @@ pub fn plan_apply(
     cfg: &FreeBsdConfig,
     installed: Option<&Installed>,
     desired: &Desired,
+    now: Instant,
 ) -> Result<Plan, DataPlaneError> {
     desired.validate()?;
     cfg.validate()?;
@@ -424,7 +425,7 @@ pub fn plan_apply(
     }
     let mut vips = desired.vips.clone();
     vips.sort();
-    let stop_after = desired.lease_remaining.saturating_sub(cfg.stop_margin);
+    let stop_after = desired.lease_left(now).saturating_sub(cfg.stop_margin);
     let accepting = !stop_after.is_zero() && !vips.is_empty() && !desired.owned.is_empty();
     let matches = if accepting {
         owned_matches(cfg, desired)?

@@ -48,6 +48,7 @@ struct State {
 /// The real executor.
 pub struct OsExecutor {
     nft: Nft,
+    budget: Duration,
     ip: String,
     sysctl_root: PathBuf,
     state_file: Option<PathBuf>,
@@ -77,12 +78,21 @@ impl OsExecutor {
         };
         Ok(OsExecutor {
             nft: Nft::new()?,
+            budget: KERNEL_DELAY_BUDGET,
             ip: cfg.ip.clone(),
             sysctl_root: cfg.sysctl_root.clone(),
             state_file,
             state,
             groups: HashMap::new(),
         })
+    }
+
+    /// Sets the longest lease-write round trip let stand (default
+    /// [`KERNEL_DELAY_BUDGET`]); keep it below the lease protocol's
+    /// `kernel_delay_ms`.
+    pub fn with_kernel_delay_budget(mut self, budget: Duration) -> Self {
+        self.budget = budget;
+        self
     }
 
     fn save(&self) -> Result<(), DataPlaneError> {
@@ -319,27 +329,38 @@ pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, 
     })
 }
 
-/// Longest time from rendering element timeouts to the kernel having
-/// committed them that is let stand; beyond it the timeouts are written again.
-pub const RENDER_LAG_LIMIT: Duration = Duration::from_millis(20);
+/// Default longest round trip, from reading the clock for the element
+/// timeouts to the kernel's ack, that is let stand (below the lease protocol's
+/// default `kernel_delay_ms` of 50 ms, which must cover it).
+pub const KERNEL_DELAY_BUDGET: Duration = Duration::from_millis(20);
 
-/// Sends a batch whose element timeouts are relative to `started`, rendered
-/// just before the send. If the commit still came late (the agent was frozen
-/// or starved in between), the elements would outlive the lease by that delay:
-/// they are written again at once with what is really left (none if the lease
-/// ran out meanwhile).
+/// Sends a batch whose element timeouts are relative to `started`: the clock
+/// is read immediately before the send and the timeouts rendered from it. The
+/// kernel counts a timeout from its insert, somewhere between that reading and
+/// the ack, so an element can outlive the lease by at most the round trip. If
+/// the round trip exceeded `budget` (the agent was stopped or starved in
+/// between), the owned elements are deleted at once and the write reported
+/// as [`DataPlaneError::LateWrite`]; the next apply writes them afresh.
 pub fn nft_timed_batch(
     nft: &mut Nft,
     batch: &NftBatch,
     started: Instant,
+    budget: Duration,
 ) -> Result<(), DataPlaneError> {
-    let rendered_at = Instant::now();
-    nft.run(&batch.render(started.elapsed()))?;
-    let lag = rendered_at.elapsed();
-    if lag > RENDER_LAG_LIMIT && batch.elements.is_some() {
-        tracing::warn!(?lag, "nft committed late; rewriting the lease timeouts");
-        let fix = batch.renewal();
-        nft.run(&fix.render(started.elapsed()))?;
+    let read_at = Instant::now();
+    let text = batch.render(read_at.saturating_duration_since(started));
+    nft.run(&text)?;
+    let lag = read_at.elapsed();
+    if lag > budget && batch.writes_elements(read_at.saturating_duration_since(started)) {
+        crate::metrics::late_kernel_write();
+        tracing::warn!(
+            ?lag,
+            ?budget,
+            "lease write acknowledged late; owned elements deleted"
+        );
+        let table = batch.elements.as_ref().map_or("", |e| e.table.as_str());
+        nft.run(&super::plan::flush_sets(table))?;
+        return Err(DataPlaneError::LateWrite { lag, budget });
     }
     Ok(())
 }
@@ -347,7 +368,7 @@ pub fn nft_timed_batch(
 impl Executor for OsExecutor {
     fn execute(&mut self, step: &Step, started: Instant) -> Result<(), DataPlaneError> {
         match step {
-            Step::Nft(batch) => nft_timed_batch(&mut self.nft, batch, started),
+            Step::Nft(batch) => nft_timed_batch(&mut self.nft, batch, started, self.budget),
             Step::Sysctl { key, value } => self.set_sysctl(key, value),
             Step::RestoreSysctls => self.restore_sysctls(),
             Step::AddAddress(v) => self.add_address(v),

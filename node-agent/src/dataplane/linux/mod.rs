@@ -276,6 +276,7 @@ impl<E: Executor> DataPlane for LinuxDataPlane<E> {
             desired,
             &self.reset,
             &present,
+            started,
         )?;
         self.run(&plan, started)?;
         let next = plan.next.clone();

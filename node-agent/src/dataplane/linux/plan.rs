@@ -37,7 +37,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
 use std::net::Ipv4Addr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vipshare_core::bucket::{nft_hash_expr, IpFamily};
 
@@ -102,7 +102,7 @@ pub struct Elements {
     pub key: KeyKind,
     pub owned: Vec<u32>,
     pub reset: Vec<u32>,
-    /// Lease left, from the start of the apply.
+    /// Lease left at the start of the apply (the executor's `started`).
     pub until: Duration,
 }
 
@@ -151,19 +151,6 @@ impl NftBatch {
             }
         }
         s
-    }
-
-    /// Just the element rewrite of this batch (flush the sets, add the
-    /// elements), for correcting timeouts that were committed late.
-    pub fn renewal(&self) -> NftBatch {
-        let fixed = self
-            .elements
-            .as_ref()
-            .map_or(String::new(), |e| flush_sets(&e.table));
-        NftBatch {
-            fixed,
-            elements: self.elements.clone(),
-        }
     }
 
     /// Whether the batch writes any element when rendered `elapsed` after start.
@@ -699,7 +686,7 @@ fn vip_minus(a: &Base, b: Option<&Base>) -> Base {
 }
 
 /// Empties the owned and dead sets (the first half of a renewal or withdraw).
-fn flush_sets(table: &str) -> String {
+pub fn flush_sets(table: &str) -> String {
     format!("flush set {FILTER_FAMILY} {table} owned\nflush set {FILTER_FAMILY} {table} dead\n")
 }
 
@@ -714,19 +701,22 @@ pub fn needs_rebuild(installed: Option<&Installed>, desired: &Desired) -> bool {
 /// dead: mid-stream TCP packets of their unknown flows get a RST instead of
 /// silence, so clients reconnect at once. `present` is what the kernel holds in
 /// the agent's tables (used only when the plan rebuilds, see [`needs_rebuild`]).
+/// `now` is when the apply started: element timeouts are planned relative to it
+/// and rendered from the clock again immediately before the write.
 pub fn plan_apply(
     cfg: &LinuxConfig,
     installed: Option<&Installed>,
     desired: &Desired,
     reset: &BTreeSet<u32>,
     present: &Present,
+    now: Instant,
 ) -> Result<Plan, DataPlaneError> {
     desired.validate()?;
     let base = Base::of(desired);
     // Fails early on combinations the rules cannot express.
     key(&base)?;
     let table = &cfg.table;
-    let until = desired.lease_remaining;
+    let until = desired.lease_left(now);
     let owned = if until.is_zero() {
         BTreeSet::new()
     } else {
