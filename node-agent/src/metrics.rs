@@ -16,6 +16,7 @@ pub const LEASE_RENEWALS: &str = "vipshare_agent_lease_renewals_total";
 pub const ASSIGNMENT_APPLY_SECONDS: &str = "vipshare_agent_assignment_apply_seconds";
 pub const EPOCH_CHANGES: &str = "vipshare_agent_member_epoch_changes_total";
 pub const LATE_KERNEL_WRITES: &str = "vipshare_agent_late_kernel_writes_total";
+pub const FOREIGN_EDITS: &str = "vipshare_agent_foreign_nft_edits_total";
 
 /// Serve `/metrics` on `addr` (needs a tokio runtime).
 pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
@@ -56,6 +57,12 @@ pub fn renewed() {
 /// (its elements were deleted at once).
 pub fn late_kernel_write() {
     counter!(LATE_KERNEL_WRITES).increment(1);
+}
+
+/// Another process changed the agent's nftables tables (the filter was
+/// restored).
+pub fn foreign_edit() {
+    counter!(FOREIGN_EDITS).increment(1);
 }
 
 pub fn epoch_changed() {

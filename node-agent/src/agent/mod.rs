@@ -87,6 +87,12 @@ impl Plane {
         }
     }
 
+    fn invalidate_filter(&mut self) {
+        if let Plane::Linux(p) = self {
+            p.invalidate_filter();
+        }
+    }
+
     /// How long owned elements left by an earlier run keep accepting.
     pub fn adopted_window(&self) -> Duration {
         match self {
@@ -649,6 +655,10 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
         info!(window = ?adopted, "adopting kernel state of an earlier agent");
     }
     let counters = plane.linux_config().map(|c| tokio::spawn(counters_loop(c)));
+    let (foreign_tx, mut foreign) = mpsc::channel(16);
+    if let Some(c) = plane.linux_config() {
+        linux::watch::spawn(c.table, move |e| foreign_tx.blocking_send(e).is_ok());
+    }
     let mut rt = Runtime {
         core: Core::new(&cfg.member, configured),
         tls: tls_cfg,
@@ -694,6 +704,13 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
                 }
             }
             _ = house.tick() => rt.housekeeping(),
+            Some(edit) = foreign.recv() => {
+                warn!(thread = ?edit.pid, process = %edit.process,
+                    "another process changed the agent's nftables tables; restoring the filter");
+                metrics::foreign_edit();
+                rt.plane.invalidate_filter();
+                rt.dirty = true;
+            }
             _ = full.tick() => {
                 rt.plane.invalidate();
                 rt.dirty = true;

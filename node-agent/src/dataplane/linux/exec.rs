@@ -78,7 +78,7 @@ impl OsExecutor {
         };
         Ok(OsExecutor {
             nft: Nft::new()?,
-            budget: KERNEL_DELAY_BUDGET,
+            budget: default_kernel_delay_budget(),
             ip: cfg.ip.clone(),
             sysctl_root: cfg.sysctl_root.clone(),
             state_file,
@@ -88,7 +88,7 @@ impl OsExecutor {
     }
 
     /// Sets the longest lease-write round trip let stand (default
-    /// [`KERNEL_DELAY_BUDGET`]); keep it below the lease protocol's
+    /// [`default_kernel_delay_budget`]); at most the cluster's
     /// `kernel_delay_ms`.
     pub fn with_kernel_delay_budget(mut self, budget: Duration) -> Self {
         self.budget = budget;
@@ -330,9 +330,12 @@ pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, 
 }
 
 /// Default longest round trip, from reading the clock for the element
-/// timeouts to the kernel's ack, that is let stand (below the lease protocol's
-/// default `kernel_delay_ms` of 50 ms, which must cover it).
-pub const KERNEL_DELAY_BUDGET: Duration = Duration::from_millis(20);
+/// timeouts to the kernel's ack, that is let stand: the lease protocol's
+/// default `kernel_delay_ms` ("worst time from the agent deciding to the
+/// kernel enforcing it"), which the lease already allows for.
+pub fn default_kernel_delay_budget() -> Duration {
+    Duration::from_millis(vipshare_core::lease::LeaseTiming::default().kernel_delay_ms)
+}
 
 /// Sends a batch whose element timeouts are relative to `started`: the clock
 /// is read immediately before the send and the timeouts rendered from it. The

@@ -29,10 +29,16 @@
 //!
 //! nftables is driven in process through libnftables ([`libnft`]): one
 //! netlink batch per step, no `nft` process on the lease path. The timeouts
-//! are rendered immediately before the batch is sent; if the commit still
-//! lands more than [`exec::RENDER_LAG_LIMIT`] after rendering (the agent was
-//! stopped or starved in between), the elements are rewritten at once with
-//! what is really left.
+//! are rendered from the deadline immediately before the batch is sent; if
+//! the kernel's ack comes later than the kernel-delay budget (the agent was
+//! stopped or starved in between), the owned elements are deleted at once and
+//! the apply fails with [`DataPlaneError::LateWrite`] (see
+//! [`exec::nft_timed_batch`]).
+//!
+//! Another process editing the agent's tables (`nft flush ruleset`, a
+//! reloaded nftables.service) is seen through netlink notifications
+//! ([`watch`]); the agent then calls [`LinuxDataPlane::invalidate_filter`] and
+//! the next apply restores the filter in one transaction.
 //!
 //! # Rebuilds: one transaction, base chains kept (issue 16)
 //! A packet's verdict in the bucket filter must come from one ruleset, old or
@@ -106,6 +112,7 @@
 pub mod exec;
 pub mod libnft;
 pub mod plan;
+pub mod watch;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -114,8 +121,8 @@ use std::time::{Duration, Instant};
 use crate::dataplane::{ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnforcement};
 pub use exec::{Executor, OsExecutor, RecordingExecutor};
 pub use plan::{
-    needs_rebuild, objects_of, plan_apply, plan_teardown, plan_withdraw, Installed, Plan, Present,
-    Step,
+    needs_rebuild, objects_of, plan_apply, plan_filter_repair, plan_teardown, plan_withdraw,
+    Installed, Plan, Present, Step,
 };
 
 /// Settings of the Linux backend.
@@ -179,6 +186,8 @@ pub struct LinuxDataPlane<E: Executor> {
     exec: E,
     installed: Option<Installed>,
     reset: BTreeSet<u32>,
+    /// Someone else changed the agent's tables (see [`watch`]).
+    filter_lost: bool,
 }
 
 impl<E: Executor> LinuxDataPlane<E> {
@@ -189,6 +198,7 @@ impl<E: Executor> LinuxDataPlane<E> {
             exec,
             installed: None,
             reset: BTreeSet::new(),
+            filter_lost: false,
         })
     }
 
@@ -217,6 +227,13 @@ impl<E: Executor> LinuxDataPlane<E> {
     /// reconcile, repairing state someone else changed).
     pub fn invalidate(&mut self) {
         self.installed = None;
+    }
+
+    /// Another process edited the agent's tables ([`watch::Watcher`]): the
+    /// next apply rewrites the whole filter in one transaction, without the
+    /// slower address and sysctl steps.
+    pub fn invalidate_filter(&mut self) {
+        self.filter_lost = true;
     }
 
     fn run(&mut self, plan: &Plan, started: Instant) -> Result<(), DataPlaneError> {
@@ -264,21 +281,27 @@ impl LinuxDataPlane<OsExecutor> {
 impl<E: Executor> DataPlane for LinuxDataPlane<E> {
     fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DataPlaneError> {
         let started = Instant::now();
-        let present = if needs_rebuild(self.installed.as_ref(), desired) {
+        let rebuild = needs_rebuild(self.installed.as_ref(), desired);
+        let present = if rebuild || self.filter_lost {
             desired.validate()?;
             self.exec.present(&self.cfg.table)?
         } else {
             Present::default()
         };
-        let plan = plan_apply(
-            &self.cfg,
-            self.installed.as_ref(),
-            desired,
-            &self.reset,
-            &present,
-            started,
-        )?;
+        let plan = if self.filter_lost && !rebuild {
+            plan_filter_repair(&self.cfg, desired, &self.reset, &present, started)?
+        } else {
+            plan_apply(
+                &self.cfg,
+                self.installed.as_ref(),
+                desired,
+                &self.reset,
+                &present,
+                started,
+            )?
+        };
         self.run(&plan, started)?;
+        self.filter_lost = false;
         let next = plan.next.clone();
         let owned_rules = next.as_ref().map_or(0, |n| n.owned.len());
         self.installed = next;

@@ -419,7 +419,7 @@ const FAMILIES: [&str; 3] = [FILTER_FAMILY, "arp", "netdev"];
 
 /// The nftables family of the bucket filter, and with it of every address the
 /// rules match (`ip saddr`, `ip daddr`). IPv6 (issue 14) changes it here, with
-/// [`IP_FAMILY`] and the `ip ...` selectors of [`key`] and [`Tables::of`].
+/// `IP_FAMILY` and the `ip ...` selectors of `key` and `Tables::of`.
 pub const FILTER_FAMILY: &str = "ip";
 const IP_FAMILY: IpFamily = IpFamily::V4;
 
@@ -794,6 +794,23 @@ pub fn plan_apply(
         changed: true,
         stop_after,
     })
+}
+
+/// Plans restoring the filter alone after a foreign nftables edit (a `flush
+/// ruleset`, a deleted table, an edited set): the rebuild transaction of
+/// [`plan_apply`] over what the kernel holds, without the address, sysctl and
+/// multicast steps that such an edit cannot have changed (the periodic full
+/// reconcile still re-asserts those).
+pub fn plan_filter_repair(
+    cfg: &LinuxConfig,
+    desired: &Desired,
+    reset: &BTreeSet<u32>,
+    present: &Present,
+    now: Instant,
+) -> Result<Plan, DataPlaneError> {
+    let mut plan = plan_apply(cfg, None, desired, reset, present, now)?;
+    plan.steps.retain(|s| matches!(s, Step::Nft(_)));
+    Ok(plan)
 }
 
 /// Plans a withdraw: no new flows from now on; VIPs, rules and established flows
