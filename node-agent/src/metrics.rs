@@ -17,6 +17,8 @@ pub const ASSIGNMENT_APPLY_SECONDS: &str = "vipshare_agent_assignment_apply_seco
 pub const EPOCH_CHANGES: &str = "vipshare_agent_member_epoch_changes_total";
 pub const LATE_KERNEL_WRITES: &str = "vipshare_agent_late_kernel_writes_total";
 pub const FOREIGN_EDITS: &str = "vipshare_agent_foreign_nft_edits_total";
+pub const DATAPLANE_HEALTHY: &str = "vipshare_agent_dataplane_healthy";
+pub const DATAPLANE_PROBLEM: &str = "vipshare_agent_dataplane_problem";
 
 /// Serve `/metrics` on `addr` (needs a tokio runtime).
 pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
@@ -63,6 +65,15 @@ pub fn late_kernel_write() {
 /// restored).
 pub fn foreign_edit() {
     counter!(FOREIGN_EDITS).increment(1);
+}
+
+/// The data plane's health: 1/0 overall, and 1 per problem found.
+pub fn dataplane_health(problems: &std::collections::BTreeSet<crate::dataplane::Problem>) {
+    gauge!(DATAPLANE_HEALTHY).set(if problems.is_empty() { 1.0 } else { 0.0 });
+    for p in crate::dataplane::Problem::ALL {
+        let found = if problems.contains(&p) { 1.0 } else { 0.0 };
+        gauge!(DATAPLANE_PROBLEM, "problem" => p.name()).set(found);
+    }
 }
 
 pub fn epoch_changed() {

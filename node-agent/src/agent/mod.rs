@@ -87,6 +87,14 @@ impl Plane {
         }
     }
 
+    /// The data plane's problems (Linux; `None` before the first apply).
+    fn health(&mut self) -> Option<BTreeSet<crate::dataplane::Problem>> {
+        match self {
+            Plane::Linux(p) => p.health(),
+            Plane::FreeBsd(_) => None,
+        }
+    }
+
     fn invalidate_filter(&mut self) {
         if let Plane::Linux(p) = self {
             p.invalidate_filter();
@@ -693,6 +701,8 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
     let mut full = tokio::time::interval(FULL_RECONCILE);
     full.tick().await;
     let mut forced = false;
+    let mut health_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_health = None;
     loop {
         tokio::select! {
             _ = hb.tick() => rt.heartbeat(),
@@ -704,6 +714,21 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
                 }
             }
             _ = house.tick() => rt.housekeeping(),
+            _ = health_tick.tick() => {
+                let health = tokio::task::block_in_place(|| rt.plane.health());
+                if let Some(problems) = &health {
+                    metrics::dataplane_health(problems);
+                    if health != last_health {
+                        let names: Vec<&str> = problems.iter().map(|p| p.name()).collect();
+                        if names.is_empty() {
+                            info!("data plane healthy");
+                        } else {
+                            warn!(problems = ?names, "data plane cannot serve");
+                        }
+                    }
+                }
+                last_health = health;
+            }
             Some(edit) = foreign.recv() => {
                 warn!(thread = ?edit.pid, process = %edit.process,
                     "another process changed the agent's nftables tables; restoring the filter");

@@ -161,6 +161,85 @@ pub struct ApplyReport {
     pub lease_enforcement: LeaseEnforcement,
 }
 
+/// Something that keeps this host's data plane from serving the buckets it
+/// is given (issue 11 item 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Problem {
+    /// A VIP's interface does not exist.
+    InterfaceMissing,
+    /// A VIP's interface exists but is down (not `IFF_UP` and `IFF_RUNNING`).
+    InterfaceDown,
+    /// A VIP is not an address of its interface.
+    VipMissing,
+    /// The filter (tables, chains, sets) is not in the kernel.
+    FilterMissing,
+    /// The last apply failed.
+    LastApplyFailed,
+}
+
+impl Problem {
+    pub const ALL: [Problem; 5] = [
+        Problem::InterfaceMissing,
+        Problem::InterfaceDown,
+        Problem::VipMissing,
+        Problem::FilterMissing,
+        Problem::LastApplyFailed,
+    ];
+
+    /// Metric label and report text.
+    pub fn name(self) -> &'static str {
+        match self {
+            Problem::InterfaceMissing => "interface_missing",
+            Problem::InterfaceDown => "interface_down",
+            Problem::VipMissing => "vip_missing",
+            Problem::FilterMissing => "filter_missing",
+            Problem::LastApplyFailed => "last_apply_failed",
+        }
+    }
+}
+
+/// One interface as the OS reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Interface {
+    /// Administratively up and with carrier.
+    pub up: bool,
+    pub ipv4: BTreeSet<Ipv4Addr>,
+}
+
+/// The data plane's health: the problems found (none = healthy). Pure, so the
+/// backends and the tests share one judgement.
+pub fn assess(
+    vips: &[VipConfig],
+    interfaces: &std::collections::BTreeMap<String, Interface>,
+    filter_present: bool,
+    last_apply_ok: bool,
+) -> BTreeSet<Problem> {
+    let mut p = BTreeSet::new();
+    for vip in vips {
+        match interfaces.get(&vip.interface) {
+            None => {
+                p.insert(Problem::InterfaceMissing);
+                p.insert(Problem::VipMissing);
+            }
+            Some(i) => {
+                if !i.up {
+                    p.insert(Problem::InterfaceDown);
+                }
+                if !i.ipv4.contains(&vip.addr) {
+                    p.insert(Problem::VipMissing);
+                }
+            }
+        }
+    }
+    if !filter_present {
+        p.insert(Problem::FilterMissing);
+    }
+    if !last_apply_ok {
+        p.insert(Problem::LastApplyFailed);
+    }
+    p
+}
+
 /// Data plane failures.
 #[derive(Debug, thiserror::Error)]
 pub enum DataPlaneError {
@@ -300,6 +379,39 @@ mod tests {
         let mut d = desired();
         d.vips.push(d.vips[0].clone());
         assert!(d.validate().is_err());
+    }
+
+    #[test]
+    fn health_names_each_problem() {
+        let vips = desired().vips;
+        let up = Interface {
+            up: true,
+            ipv4: [vips[0].addr].into(),
+        };
+        let ifs = |i: Interface| std::collections::BTreeMap::from([("vtnet0".to_string(), i)]);
+        assert!(assess(&vips, &ifs(up.clone()), true, true).is_empty());
+        assert_eq!(
+            assess(&vips, &Default::default(), true, true),
+            [Problem::InterfaceMissing, Problem::VipMissing].into()
+        );
+        let down = Interface {
+            up: false,
+            ..up.clone()
+        };
+        assert_eq!(
+            assess(&vips, &ifs(down), true, true),
+            [Problem::InterfaceDown].into()
+        );
+        assert_eq!(
+            assess(&vips, &ifs(Interface::default()), false, false),
+            [
+                Problem::InterfaceDown,
+                Problem::VipMissing,
+                Problem::FilterMissing,
+                Problem::LastApplyFailed
+            ]
+            .into()
+        );
     }
 
     #[test]

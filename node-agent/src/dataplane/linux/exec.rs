@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::libnft::Nft;
 use super::plan::{NftBatch, Present, Step};
 use super::LinuxConfig;
-use crate::dataplane::{format_mac, DataPlaneError, VipConfig};
+use crate::dataplane::{format_mac, DataPlaneError, Interface, VipConfig};
 
 /// Runs plan steps. `started` is when the apply began: element timeouts are
 /// rendered relative to it.
@@ -34,6 +34,10 @@ pub trait Executor {
     /// The objects the kernel holds in the agent's tables now, read before a
     /// rebuild so that it can replace them in place.
     fn present(&mut self, table: &str) -> Result<Present, DataPlaneError>;
+    /// The host's interfaces (name, up, IPv4 addresses), for health reports.
+    fn interfaces(&mut self) -> Result<BTreeMap<String, Interface>, DataPlaneError> {
+        Ok(BTreeMap::new())
+    }
 }
 
 /// What survives an agent restart.
@@ -405,6 +409,41 @@ impl Executor for OsExecutor {
             command: "nft -j list ruleset".into(),
             detail,
         })
+    }
+
+    fn interfaces(&mut self) -> Result<BTreeMap<String, Interface>, DataPlaneError> {
+        let mut out: BTreeMap<String, Interface> = BTreeMap::new();
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: getifaddrs fills `head` with a list freed below.
+        if unsafe { libc::getifaddrs(&mut head) } != 0 {
+            return Err(io_err("listing interfaces")(std::io::Error::last_os_error()));
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            // SAFETY: a node of the list getifaddrs returned, not yet freed.
+            let ifa = unsafe { &*cur };
+            // SAFETY: ifa_name is a NUL-terminated string of the node.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+                .to_string_lossy()
+                .into_owned();
+            let up_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_uint;
+            let entry = out.entry(name).or_default();
+            entry.up |= ifa.ifa_flags & up_flags == up_flags;
+            if !ifa.ifa_addr.is_null()
+                // SAFETY: a non-NULL sockaddr of the node.
+                && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
+            {
+                // SAFETY: an AF_INET address is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                entry
+                    .ipv4
+                    .insert(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+            cur = ifa.ifa_next;
+        }
+        // SAFETY: the list from getifaddrs, freed once.
+        unsafe { libc::freeifaddrs(head) };
+        Ok(out)
     }
 
     fn remembered_vips(&self) -> Vec<VipConfig> {

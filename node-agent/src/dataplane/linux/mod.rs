@@ -118,7 +118,9 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::dataplane::{ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnforcement};
+use crate::dataplane::{
+    assess, ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnforcement, Problem, VipConfig,
+};
 pub use exec::{Executor, OsExecutor, RecordingExecutor};
 pub use plan::{
     needs_rebuild, objects_of, plan_apply, plan_filter_repair, plan_teardown, plan_withdraw,
@@ -182,23 +184,27 @@ impl LinuxConfig {
 
 /// The Linux backend: plans with [`plan`] and runs plans with one [`Executor`].
 pub struct LinuxDataPlane<E: Executor> {
-    cfg: LinuxConfig,
+    // Boxed: keeps the agent's backend enum small.
+    cfg: Box<LinuxConfig>,
     exec: E,
     installed: Option<Installed>,
     reset: BTreeSet<u32>,
     /// Someone else changed the agent's tables (see [`watch`]).
     filter_lost: bool,
+    /// VIPs of the last apply and whether it succeeded (`None` before one).
+    last_apply: Option<(Vec<VipConfig>, bool)>,
 }
 
 impl<E: Executor> LinuxDataPlane<E> {
     pub fn new(cfg: LinuxConfig, exec: E) -> Result<Self, DataPlaneError> {
         cfg.validate()?;
         Ok(LinuxDataPlane {
-            cfg,
+            cfg: Box::new(cfg),
             exec,
             installed: None,
             reset: BTreeSet::new(),
             filter_lost: false,
+            last_apply: None,
         })
     }
 
@@ -234,6 +240,29 @@ impl<E: Executor> LinuxDataPlane<E> {
     /// slower address and sysctl steps.
     pub fn invalidate_filter(&mut self) {
         self.filter_lost = true;
+    }
+
+    /// What keeps the data plane from serving (empty = healthy), for the
+    /// agent's reports; `None` before the first apply. Reads the interfaces
+    /// and lists the tables (in process, well under a millisecond).
+    pub fn health(&mut self) -> Option<BTreeSet<Problem>> {
+        let (vips, ok) = self.last_apply.clone()?;
+        let interfaces = self.exec.interfaces().unwrap_or_default();
+        let filter_present = match &self.installed {
+            Some(i) if !self.filter_lost => {
+                let wanted = objects_of(i, self.cfg.arp_egress).unwrap_or_default();
+                match self.exec.present(&self.cfg.table) {
+                    Ok(p) => {
+                        wanted.chains.is_subset(&p.chains)
+                            && wanted.sets.is_subset(&p.sets)
+                            && wanted.counters.is_subset(&p.counters)
+                    }
+                    Err(_) => false,
+                }
+            }
+            _ => false,
+        };
+        Some(assess(&vips, &interfaces, filter_present, ok))
     }
 
     fn run(&mut self, plan: &Plan, started: Instant) -> Result<(), DataPlaneError> {
@@ -281,6 +310,7 @@ impl LinuxDataPlane<OsExecutor> {
 impl<E: Executor> DataPlane for LinuxDataPlane<E> {
     fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DataPlaneError> {
         let started = Instant::now();
+        self.last_apply = Some((desired.vips.clone(), false));
         let rebuild = needs_rebuild(self.installed.as_ref(), desired);
         let present = if rebuild || self.filter_lost {
             desired.validate()?;
@@ -302,6 +332,7 @@ impl<E: Executor> DataPlane for LinuxDataPlane<E> {
         };
         self.run(&plan, started)?;
         self.filter_lost = false;
+        self.last_apply = Some((desired.vips.clone(), true));
         let next = plan.next.clone();
         let owned_rules = next.as_ref().map_or(0, |n| n.owned.len());
         self.installed = next;
