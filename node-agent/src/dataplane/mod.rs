@@ -252,9 +252,10 @@ pub enum DataPlaneError {
     /// A command failed; the kernel state is unknown until the next full apply.
     #[error("`{command}` failed: {detail}")]
     Command { command: String, detail: String },
-    /// A lease write reached the kernel later than the kernel-delay budget
-    /// after its timeouts were computed; the elements were deleted at once,
-    /// since the kernel would have kept them past the lease by that delay.
+    /// A lease write, and the rewrite that followed it, each reached the
+    /// kernel later than the kernel-delay budget after their timeouts were
+    /// computed; the elements were deleted, since the kernel would have kept
+    /// them past the lease by that delay.
     #[error("kernel write took {lag:?}, over the {budget:?} budget; owned elements deleted")]
     LateWrite { lag: Duration, budget: Duration },
     /// An OS call failed.

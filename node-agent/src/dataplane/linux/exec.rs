@@ -346,30 +346,56 @@ pub fn default_kernel_delay_budget() -> Duration {
 /// kernel counts a timeout from its insert, somewhere between that reading and
 /// the ack, so an element can outlive the lease by at most the round trip. If
 /// the round trip exceeded `budget` (the agent was stopped or starved in
-/// between), the owned elements are deleted at once and the write reported
-/// as [`DataPlaneError::LateWrite`]; the next apply writes them afresh.
+/// between), the write is counted and the elements are written again at once
+/// from a fresh clock reading (which replaces the stale timeouts as soon as a
+/// delete would); if that write is late as well, the owned elements are
+/// deleted and the write reported as [`DataPlaneError::LateWrite`], so a host
+/// too slow to keep within the budget serves nothing rather than too long.
 pub fn nft_timed_batch(
     nft: &mut Nft,
     batch: &NftBatch,
     started: Instant,
     budget: Duration,
 ) -> Result<(), DataPlaneError> {
-    let read_at = Instant::now();
-    let text = batch.render(read_at.saturating_duration_since(started));
-    nft.run(&text)?;
-    let lag = read_at.elapsed();
-    if lag > budget && batch.writes_elements(read_at.saturating_duration_since(started)) {
-        crate::metrics::late_kernel_write();
-        tracing::warn!(
-            ?lag,
-            ?budget,
-            "lease write acknowledged late; owned elements deleted"
-        );
-        let table = batch.elements.as_ref().map_or("", |e| e.table.as_str());
-        nft.run(&super::plan::flush_sets(table))?;
-        return Err(DataPlaneError::LateWrite { lag, budget });
+    let lag = timed_send(nft, batch, started)?;
+    if lag <= budget || batch.elements.is_none() {
+        return Ok(());
     }
-    Ok(())
+    crate::metrics::late_kernel_write();
+    tracing::warn!(
+        ?lag,
+        ?budget,
+        "lease write acknowledged late; writing it again"
+    );
+    let table = batch.elements.as_ref().map_or("", |e| e.table.as_str());
+    let again = NftBatch {
+        fixed: super::plan::flush_sets(table),
+        elements: batch.elements.clone(),
+    };
+    let lag = timed_send(nft, &again, started)?;
+    if lag <= budget {
+        return Ok(());
+    }
+    crate::metrics::late_kernel_write();
+    tracing::warn!(
+        ?lag,
+        ?budget,
+        "lease write late again; owned elements deleted"
+    );
+    nft.run(&super::plan::flush_sets(table))?;
+    Err(DataPlaneError::LateWrite { lag, budget })
+}
+
+/// Renders `batch` from the clock read now and sends it; returns the time
+/// from that reading to the kernel's ack.
+fn timed_send(
+    nft: &mut Nft,
+    batch: &NftBatch,
+    started: Instant,
+) -> Result<Duration, DataPlaneError> {
+    let read_at = Instant::now();
+    nft.run(&batch.render(read_at.saturating_duration_since(started)))?;
+    Ok(read_at.elapsed())
 }
 
 impl Executor for OsExecutor {

@@ -31,9 +31,22 @@
 //! netlink batch per step, no `nft` process on the lease path. The timeouts
 //! are rendered from the deadline immediately before the batch is sent; if
 //! the kernel's ack comes later than the kernel-delay budget (the agent was
-//! stopped or starved in between), the owned elements are deleted at once and
-//! the apply fails with [`DataPlaneError::LateWrite`] (see
+//! stopped or starved in between), the elements are written again at once from
+//! a fresh clock reading, and deleted (the apply failing with
+//! [`DataPlaneError::LateWrite`]) if that write is late too (see
 //! [`exec::nft_timed_batch`]).
+//!
+//! What remains: an agent stopped (SIGSTOP, a frozen cgroup) after reading
+//! the clock but before libnftables has sent the batch writes the stale
+//! timeouts when it runs again; they are replaced right after the ack, so the
+//! host can accept for the few milliseconds from resuming to that rewrite. A
+//! deadline the kernel checks itself would close this: `meta time` compares
+//! the packet's wall-clock time in nanoseconds (kernel >= 5.4), and a rule
+//! `meta time >= DEADLINE drop` before the owned lookup, rewritten with each
+//! renewal, would stop a late write from extending anything (short of a
+//! wall-clock step back during the stall). nft's text syntax only takes whole
+//! seconds for it, too coarse for a 500 ms lease, so it needs the expression
+//! encoded below the text layer (a netlink-level writer); not done yet.
 //!
 //! Another process editing the agent's tables (`nft flush ruleset`, a
 //! reloaded nftables.service) is seen through netlink notifications
