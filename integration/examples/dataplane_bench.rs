@@ -4,7 +4,9 @@
 //!    `undrain h1`); measured from the commit to h1's kernel set being empty
 //!    (the release applied), to every bucket being in h2's or h3's kernel set
 //!    (the whole planned move: release, Released, transfer, apply), and, inside
-//!    the agents, from receiving an assignment to the kernel holding it;
+//!    the agents, from receiving an assignment to the kernel holding it; and,
+//!    per moved bucket, from its removal in the old owner's kernel to its
+//!    install in the new owner's (both kernels polled in process, ~1 ms apart);
 //! 2. TCP throughput to the VIP (multicast MAC flooded to 3 hosts, filtered)
 //!    versus to a host's own address (unicast, untouched), same client, same
 //!    receiving host.
@@ -25,10 +27,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use vipshare_agent::dataplane::linux::libnft::Nft;
 use vipshare_integration::netns::{Cluster, Netns};
 use vipshare_proto::v1::{self as pb, mutate_request::Op};
 
-const ROUNDS: usize = 30;
+/// Drain/undrain rounds (VIPSHARE_BENCH_ROUNDS overrides).
+fn rounds() -> usize {
+    std::env::var("VIPSHARE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(30)
+}
 const BUCKETS: u32 = 64;
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -78,6 +87,72 @@ fn parse_set(json: &str) -> BTreeSet<u32> {
         }
     }
     set
+}
+
+/// Every change of one host's owned set, read by polling the kernel in
+/// process (libnftables, about 1 ms apart) from a thread in its namespace:
+/// (when, the set then).
+type SetHistory = Vec<(Instant, BTreeSet<u32>)>;
+
+fn record_sets(ns: &Netns, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<SetHistory> {
+    ns.spawn(move || {
+        let mut nft = Nft::new().expect("libnftables");
+        let mut history: SetHistory = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(out) = nft.run("list set ip vipshare owned") {
+                let at = Instant::now();
+                // `elements = { 0x00000003 timeout 500ms expires 312ms, .. }`
+                let set: BTreeSet<u32> = out
+                    .split(|c: char| c.is_whitespace() || c == ',' || c == '{')
+                    .filter_map(|w| w.strip_prefix("0x"))
+                    .filter_map(|h| u32::from_str_radix(h, 16).ok())
+                    .collect();
+                if history.last().map(|(_, s)| s) != Some(&set) {
+                    history.push((at, set));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        history
+    })
+}
+
+/// Per moved bucket: from its removal from one host's kernel to its install
+/// in another's (ms); negative when two kernels held it at once.
+fn move_gaps(histories: &[SetHistory]) -> Vec<f64> {
+    // (time, bucket, host, added?)
+    let mut events = Vec::new();
+    for (host, h) in histories.iter().enumerate() {
+        for pair in h.windows(2) {
+            let ((_, before), (at, after)) = (&pair[0], &pair[1]);
+            events.extend(after.difference(before).map(|&b| (*at, b, host, true)));
+            events.extend(before.difference(after).map(|&b| (*at, b, host, false)));
+        }
+    }
+    events.sort_by_key(|e| e.0);
+    let mut gaps = Vec::new();
+    let mut holder: std::collections::BTreeMap<u32, usize> = Default::default();
+    let mut removed: std::collections::BTreeMap<u32, (Instant, usize)> = Default::default();
+    for (at, b, host, added) in events {
+        if added {
+            if let Some(&other) = holder.get(&b) {
+                if other != host {
+                    gaps.push(-0.001); // two kernels at once: reported as an overlap
+                }
+            } else if let Some((t, from)) = removed.remove(&b) {
+                if from != host {
+                    gaps.push(at.duration_since(t).as_secs_f64() * 1e3);
+                }
+            }
+            holder.insert(b, host);
+        } else {
+            if holder.get(&b) == Some(&host) {
+                holder.remove(&b);
+            }
+            removed.insert(b, (at, host));
+        }
+    }
+    gaps
 }
 
 async fn mutate(c: &Cluster, op: Op) -> anyhow::Result<Instant> {
@@ -147,10 +222,18 @@ async fn main() -> anyhow::Result<()> {
     c.wait_converged(&all, Duration::from_secs(30)).await?;
 
     // 1. Assignment change -> kernel state.
+    let rec_stop = Arc::new(AtomicBool::new(false));
+    let recorders: Vec<_> = c
+        .net
+        .hosts
+        .iter()
+        .map(|ns| record_sets(ns, rec_stop.clone()))
+        .collect();
     let mut release = Vec::new();
     let mut moved = Vec::new();
     let mut back = Vec::new();
-    for _ in 0..ROUNDS {
+    let rounds = rounds();
+    for _ in 0..rounds {
         let h1_before = c.bucket_map()?.iter().filter(|o| *o == "h1").count();
         let t0 = mutate(&c, Op::Drain(pb::Drain { name: "h1".into() })).await?;
         poll_set(&c.net.hosts[0], |s| s.is_empty());
@@ -175,6 +258,13 @@ async fn main() -> anyhow::Result<()> {
         c.wait_converged(&all, Duration::from_secs(60)).await?;
         back.push(t1.elapsed().as_secs_f64() * 1e3);
     }
+    rec_stop.store(true, Ordering::Relaxed);
+    let histories: Vec<SetHistory> = recorders
+        .into_iter()
+        .map(|r| r.join().expect("recorder"))
+        .collect();
+    let mut gaps = move_gaps(&histories);
+    let overlaps = gaps.iter().filter(|g| **g < 0.0).count();
     let mut inside: Vec<f64> = Vec::new();
     for a in &c.agents {
         for line in a.log_text().lines() {
@@ -190,11 +280,16 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    println!("\n== assignment change -> kernel ({ROUNDS} drain/undrain rounds of h1, {BUCKETS} buckets, 3 hosts)");
+    println!("\n== assignment change -> kernel ({rounds} drain/undrain rounds of h1, {BUCKETS} buckets, 3 hosts)");
     summary("commit of drain -> release in h1's kernel", &mut release);
     summary("commit of drain -> all buckets on h2/h3", &mut moved);
     summary("commit of undrain -> rebalanced (incl. polling)", &mut back);
     summary("agent: assignment received -> kernel applied", &mut inside);
+    summary("planned move: removal -> install (kernels)", &mut gaps);
+    println!(
+        "{:<44} {overlaps} (buckets in two kernels at once; must be 0)",
+        "overlaps seen"
+    );
 
     // 2. Throughput through the filter vs a plain address.
     let stop = Arc::new(AtomicBool::new(false));

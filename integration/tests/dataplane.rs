@@ -560,9 +560,17 @@ async fn frozen_agent_loses_its_buckets_without_two_hosts_accepting() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (doubles, _) = watch.finish();
+    // h1's warnings and errors (a late lease write at thaw shows here).
+    let h1_log: Vec<String> = c.agents[0]
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .map(str::to_string)
+        .collect();
     assert!(
         doubles.is_empty(),
-        "two hosts answered: {doubles:?} (frozen at {frozen:?}, thawed at {thawed:?})"
+        "two hosts answered: {doubles:?} (frozen at {frozen:?}, thawed at {thawed:?}); \
+         h1 logged: {h1_log:#?}"
     );
     assert!(overlaps.is_empty(), "kernel sets overlapped: {overlaps:?}");
     let log = c.agents[0].log_text();
@@ -598,7 +606,7 @@ mod direct {
             affinity: Affinity::Address,
             seed: 7,
             owned: owned.into_iter().collect(),
-            lease_remaining: lease,
+            lease_until: std::time::Instant::now() + lease,
         }
     }
 

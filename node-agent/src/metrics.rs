@@ -15,6 +15,10 @@ pub const ASSIGNMENTS_REFUSED: &str = "vipshare_agent_assignments_refused_total"
 pub const LEASE_RENEWALS: &str = "vipshare_agent_lease_renewals_total";
 pub const ASSIGNMENT_APPLY_SECONDS: &str = "vipshare_agent_assignment_apply_seconds";
 pub const EPOCH_CHANGES: &str = "vipshare_agent_member_epoch_changes_total";
+pub const LATE_KERNEL_WRITES: &str = "vipshare_agent_late_kernel_writes_total";
+pub const FOREIGN_EDITS: &str = "vipshare_agent_foreign_nft_edits_total";
+pub const DATAPLANE_HEALTHY: &str = "vipshare_agent_dataplane_healthy";
+pub const DATAPLANE_PROBLEM: &str = "vipshare_agent_dataplane_problem";
 
 /// Serve `/metrics` on `addr`, every metric described (needs a tokio runtime).
 pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
@@ -103,6 +107,27 @@ pub fn refused() {
 
 pub fn renewed() {
     counter!(LEASE_RENEWALS).increment(1);
+}
+
+/// A lease write acknowledged by the kernel later than the kernel-delay budget
+/// (its elements were deleted at once).
+pub fn late_kernel_write() {
+    counter!(LATE_KERNEL_WRITES).increment(1);
+}
+
+/// Another process changed the agent's nftables tables (the filter was
+/// restored).
+pub fn foreign_edit() {
+    counter!(FOREIGN_EDITS).increment(1);
+}
+
+/// The data plane's health: 1/0 overall, and 1 per problem found.
+pub fn dataplane_health(problems: &std::collections::BTreeSet<crate::dataplane::Problem>) {
+    gauge!(DATAPLANE_HEALTHY).set(if problems.is_empty() { 1.0 } else { 0.0 });
+    for p in crate::dataplane::Problem::ALL {
+        let found = if problems.contains(&p) { 1.0 } else { 0.0 };
+        gauge!(DATAPLANE_PROBLEM, "problem" => p.name()).set(found);
+    }
 }
 
 pub fn epoch_changed() {

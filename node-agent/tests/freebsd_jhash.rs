@@ -177,9 +177,16 @@ fn linux_view(d: &Desired) -> (Affinity, u32, u32, BTreeSet<u32>) {
         state_dir: None,
         ..linux::LinuxConfig::default()
     };
-    let text = linux::plan_apply(&cfg, None, d, &BTreeSet::new())
-        .unwrap()
-        .render();
+    let text = linux::plan_apply(
+        &cfg,
+        None,
+        d,
+        &BTreeSet::new(),
+        &linux::Present::default(),
+        std::time::Instant::now(),
+    )
+    .unwrap()
+    .render();
     let hash = after(&text, "meta mark set jhash ip saddr", "jhash");
     let affinity = if hash.contains(&"sport") {
         Affinity::AddressPort
@@ -201,7 +208,9 @@ fn freebsd_view(d: &Desired) -> (Affinity, u32, u32, BTreeSet<u32>) {
         buckets: IpfwBuckets::Srcjhash,
         ..FreeBsdConfig::default()
     };
-    let text = freebsd::plan_apply(&cfg, None, d).unwrap().render();
+    let text = freebsd::plan_apply(&cfg, None, d, std::time::Instant::now())
+        .unwrap()
+        .render();
     // The first srcjhash rule: `ip` (address), or `tcp` (address_port).
     let rule = after(&text, " in srcjhash ", "srcjhash");
     let value = |k: &str| rule[rule.iter().position(|w| *w == k).unwrap() + 1];
@@ -238,7 +247,7 @@ fn linux_and_freebsd_plans_accept_the_same_sources() {
             owned: (0..256)
                 .filter(|b| b % 3 == 0 || (100..140).contains(b))
                 .collect(),
-            lease_remaining: Duration::from_millis(500),
+            lease_until: std::time::Instant::now() + Duration::from_millis(500),
         };
         let lx = linux_view(&d);
         let bsd = freebsd_view(&d);

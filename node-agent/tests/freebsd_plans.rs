@@ -10,6 +10,12 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// The moment every plan is made at (plans are pure in it).
+fn t0() -> Instant {
+    static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *T0.get_or_init(Instant::now)
+}
+
 use vipshare_agent::dataplane::freebsd::exec::{Executor, RecordingExecutor};
 use vipshare_agent::dataplane::freebsd::plan::{masks, plan_apply, plan_withdraw};
 use vipshare_agent::dataplane::freebsd::{
@@ -37,7 +43,7 @@ fn desired(owned: impl IntoIterator<Item = u32>) -> Desired {
         affinity: Affinity::Address,
         seed: 0,
         owned: owned.into_iter().collect(),
-        lease_remaining: Duration::from_millis(500),
+        lease_until: t0() + Duration::from_millis(500),
     }
 }
 
@@ -60,7 +66,7 @@ fn render_with(cfg: &FreeBsdConfig, steps: &[(&str, Desired)]) -> String {
     let mut installed: Option<Installed> = None;
     let mut out = String::new();
     for (title, d) in steps {
-        let plan = plan_apply(cfg, installed.as_ref(), d).expect("plan");
+        let plan = plan_apply(cfg, installed.as_ref(), d, t0()).expect("plan");
         out.push_str(&format!(
             "# {title} (changed: {}, stop after: {:?})\n",
             plan.changed, plan.stop_after
@@ -129,21 +135,21 @@ fn golden_vip_changes() {
 fn golden_lease_expiry_and_withdraw() {
     let cfg = cfg();
     let mut out = String::new();
-    let p1 = plan_apply(&cfg, None, &desired(0..64)).unwrap();
+    let p1 = plan_apply(&cfg, None, &desired(0..64), t0()).unwrap();
     out.push_str("# start\n");
     out.push_str(&p1.render());
     let mut expired = desired(0..64);
-    expired.lease_remaining = Duration::from_millis(40); // below the 50 ms margin
-    let p2 = plan_apply(&cfg, Some(&p1.next), &expired).unwrap();
+    expired.lease_until = t0() + Duration::from_millis(40); // below the 50 ms margin
+    let p2 = plan_apply(&cfg, Some(&p1.next), &expired, t0()).unwrap();
     out.push_str("\n# lease nearly gone: accept nothing\n");
     out.push_str(&p2.render());
-    let p3 = plan_apply(&cfg, Some(&p2.next), &desired(0..64)).unwrap();
+    let p3 = plan_apply(&cfg, Some(&p2.next), &desired(0..64), t0()).unwrap();
     out.push_str("\n# fresh lease again\n");
     out.push_str(&p3.render());
     let w = plan_withdraw(&cfg, Some(&p3.next));
     out.push_str("\n# withdraw\n");
     out.push_str(&w.render());
-    let p4 = plan_apply(&cfg, Some(&w.next), &desired(0..64)).unwrap();
+    let p4 = plan_apply(&cfg, Some(&w.next), &desired(0..64), t0()).unwrap();
     out.push_str("\n# apply after withdraw\n");
     out.push_str(&p4.render());
     golden("lease_and_withdraw", &out);
@@ -157,9 +163,9 @@ fn golden_wide_buckets_and_network24() {
     net24.affinity = Affinity::Network24;
     let cfg = cfg();
     let mut out = String::from("# 1024 buckets, own 512..768\n");
-    out.push_str(&plan_apply(&cfg, None, &wide).unwrap().render());
+    out.push_str(&plan_apply(&cfg, None, &wide, t0()).unwrap().render());
     out.push_str("\n# network24 affinity, even /24s\n");
-    out.push_str(&plan_apply(&cfg, None, &net24).unwrap().render());
+    out.push_str(&plan_apply(&cfg, None, &net24, t0()).unwrap().render());
     golden("wide_and_network24", &out);
 }
 
@@ -201,31 +207,33 @@ fn rejects_what_ipfw_cannot_do() {
     let mut jhash = desired(0..8);
     jhash.bucket_fn = BucketFn::Jhash;
     assert!(matches!(
-        plan_apply(&cfg, None, &jhash),
+        plan_apply(&cfg, None, &jhash, t0()),
         Err(DataPlaneError::Unsupported(_))
     ));
-    let err = plan_apply(&cfg, None, &jhash).unwrap_err().to_string();
+    let err = plan_apply(&cfg, None, &jhash, t0())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("kernel-patches/0003"), "{err}");
     // A srcjhash kernel computes jhash only.
     let srcjhash = FreeBsdConfig {
         buckets: IpfwBuckets::Srcjhash,
         ..cfg.clone()
     };
-    let err = plan_apply(&srcjhash, None, &desired(0..8))
+    let err = plan_apply(&srcjhash, None, &desired(0..8), t0())
         .unwrap_err()
         .to_string();
     assert!(err.contains("jhash bucket function"), "{err}");
     let mut odd_mac = desired(0..8);
     odd_mac.vips[0].mac = [0x03, 0xbf, 0, 0, 0, 1];
     assert!(matches!(
-        plan_apply(&cfg, None, &odd_mac),
+        plan_apply(&cfg, None, &odd_mac, t0()),
         Err(DataPlaneError::Unsupported(_))
     ));
     let bad_sets = FreeBsdConfig {
         owned_staging_set: 3,
         ..cfg.clone()
     };
-    assert!(plan_apply(&bad_sets, None, &desired(0..8)).is_err());
+    assert!(plan_apply(&bad_sets, None, &desired(0..8), t0()).is_err());
 }
 
 #[test]
@@ -236,7 +244,12 @@ fn dataplane_runs_plans_and_recovers_from_failure() {
     assert!(r.changed);
     assert_eq!(r.owned_rules, 1);
     assert_eq!(r.lease_enforcement, LeaseEnforcement::Watchdog);
-    assert_eq!(r.stop_after, Some(Duration::from_millis(450)));
+    // The lease end is absolute: the backend's clock reading comes after t0.
+    let stop = r.stop_after.expect("a deadline");
+    assert!(
+        stop <= Duration::from_millis(450) && stop > Duration::from_millis(400),
+        "{stop:?}"
+    );
     let first = dp.executor().steps.len();
     // Renewal: arm + re-enable only.
     let r = dp.apply(&desired(64..128)).unwrap();
@@ -291,7 +304,7 @@ fn jhash(owned: impl IntoIterator<Item = u32>) -> Desired {
 fn golden_srcjhash_leases_in_the_kernel() {
     let cfg = srcjhash_cfg();
     let mut nearly_gone = jhash(0..64);
-    nearly_gone.lease_remaining = Duration::from_millis(40); // below the 50 ms margin
+    nearly_gone.lease_until = t0() + Duration::from_millis(40); // below the 50 ms margin
     let mut port = jhash((0..256).step_by(2));
     port.affinity = Affinity::AddressPort;
     let mut out = render_with(
@@ -306,7 +319,7 @@ fn golden_srcjhash_leases_in_the_kernel() {
             ("address_port affinity: rules change", port),
         ],
     );
-    let p = plan_apply(&cfg, None, &jhash(0..8)).unwrap();
+    let p = plan_apply(&cfg, None, &jhash(0..8), t0()).unwrap();
     out.push_str("# withdraw\n");
     out.push_str(&plan_withdraw(&cfg, Some(&p.next)).render());
     golden("srcjhash_leases", &out);

@@ -8,10 +8,17 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// The moment every plan is made at (plans are pure in it).
+fn t0() -> Instant {
+    static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *T0.get_or_init(Instant::now)
+}
 
 use vipshare_agent::dataplane::linux::{
-    plan_apply, plan_teardown, plan_withdraw, LinuxConfig, LinuxDataPlane, RecordingExecutor, Step,
+    objects_of, plan_apply, plan_teardown, plan_withdraw, LinuxConfig, LinuxDataPlane, Present,
+    RecordingExecutor, Step,
 };
 use vipshare_agent::dataplane::{
     Affinity, BucketFn, DataPlane, Desired, LeaseEnforcement, VipConfig,
@@ -34,7 +41,7 @@ fn desired(owned: impl IntoIterator<Item = u32>, lease_ms: u64) -> Desired {
         affinity: Affinity::Address,
         seed: 0x4e4c4221,
         owned: owned.into_iter().collect(),
-        lease_remaining: Duration::from_millis(lease_ms),
+        lease_until: t0() + Duration::from_millis(lease_ms),
     }
 }
 
@@ -63,13 +70,34 @@ fn golden(name: &str, actual: &str) {
     );
 }
 
-/// Applies each desired state in turn and renders every plan.
+/// Plans over an empty kernel.
+fn plan_fresh(
+    cfg: &LinuxConfig,
+    d: &Desired,
+    reset: &BTreeSet<u32>,
+) -> Result<vipshare_agent::dataplane::linux::Plan, vipshare_agent::dataplane::DataPlaneError> {
+    plan_apply(cfg, None, d, reset, &Present::default(), t0())
+}
+
+/// Applies each desired state in turn and renders every plan; the kernel holds
+/// what the previous plan installed.
 fn scenario(steps: &[(&str, Desired)]) -> String {
     let cfg = cfg();
-    let mut installed = None;
+    let mut installed: Option<vipshare_agent::dataplane::linux::Installed> = None;
     let mut out = String::new();
     for (title, d) in steps {
-        let plan = plan_apply(&cfg, installed.as_ref(), d, &BTreeSet::new()).unwrap();
+        let present = installed.as_ref().map_or(Present::default(), |i| {
+            objects_of(i, cfg.arp_egress).unwrap()
+        });
+        let plan = plan_apply(
+            &cfg,
+            installed.as_ref(),
+            d,
+            &BTreeSet::new(),
+            &present,
+            t0(),
+        )
+        .unwrap();
         out.push_str(&format!(
             "## {title} (changed: {}, stop after: {:?})\n",
             plan.changed, plan.stop_after
@@ -125,7 +153,7 @@ fn lowbits_and_address_port() {
 #[test]
 fn withdraw_and_teardown() {
     let cfg = cfg();
-    let first = plan_apply(&cfg, None, &desired([1], 400), &BTreeSet::from([1, 9])).unwrap();
+    let first = plan_fresh(&cfg, &desired([1], 400), &BTreeSet::from([1, 9])).unwrap();
     let mut out = String::from("## apply with bucket 1 reset-on-invalid\n");
     out.push_str(&first.render());
     let w = plan_withdraw(&cfg, first.next.as_ref());
@@ -142,7 +170,7 @@ fn withdraw_and_teardown() {
 #[test]
 fn vip_addresses_come_after_their_filter_and_leave_before_it() {
     let cfg = cfg();
-    let first = plan_apply(&cfg, None, &desired([1], 400), &BTreeSet::new()).unwrap();
+    let first = plan_fresh(&cfg, &desired([1], 400), &BTreeSet::new()).unwrap();
     let nft = first
         .steps
         .iter()
@@ -156,7 +184,15 @@ fn vip_addresses_come_after_their_filter_and_leave_before_it() {
     assert!(nft < add);
     let mut two = desired([1], 400);
     two.vips = vec![vip(11)];
-    let second = plan_apply(&cfg, first.next.as_ref(), &two, &BTreeSet::new()).unwrap();
+    let second = plan_apply(
+        &cfg,
+        first.next.as_ref(),
+        &two,
+        &BTreeSet::new(),
+        &Present::default(),
+        t0(),
+    )
+    .unwrap();
     let del = second
         .steps
         .iter()
@@ -189,7 +225,12 @@ fn backend_renews_cheaply_and_rebuilds_after_a_failure() {
     assert!(r.changed);
     assert_eq!(r.owned_rules, 2);
     assert_eq!(r.lease_enforcement, LeaseEnforcement::KernelTimeout);
-    assert_eq!(r.stop_after, Some(Duration::from_millis(450)));
+    // The backend plans from its own clock reading, a little after t0.
+    let stop = r.stop_after.expect("a deadline");
+    assert!(
+        stop <= Duration::from_millis(450) && stop > Duration::from_millis(400),
+        "{stop:?}"
+    );
     let n = p.executor().steps.len();
     let r = p.apply(&desired([1, 2], 440)).unwrap();
     assert!(!r.changed);
@@ -219,11 +260,11 @@ fn backend_renews_cheaply_and_rebuilds_after_a_failure() {
 fn invalid_desired_states_are_refused() {
     let cfg = cfg();
     let mut d = desired([300], 400);
-    assert!(plan_apply(&cfg, None, &d, &BTreeSet::new()).is_err());
+    assert!(plan_fresh(&cfg, &d, &BTreeSet::new()).is_err());
     d = desired([1], 400);
     d.bucket_fn = BucketFn::Lowbits;
     d.affinity = Affinity::AddressPort;
-    assert!(plan_apply(&cfg, None, &d, &BTreeSet::new()).is_err());
+    assert!(plan_fresh(&cfg, &d, &BTreeSet::new()).is_err());
     let bad = LinuxConfig {
         table: "vip share".into(),
         ..cfg

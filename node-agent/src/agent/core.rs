@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vipshare_core::bucket::{self, Affinity, BucketFn};
 use vipshare_core::lease::{AgentLease, LeaseTiming};
@@ -329,7 +329,9 @@ impl Core {
     }
 
     /// The kernel state wanted at `now`; `None` before the cluster has settings.
-    pub fn desired(&self, now: u64, interface: &str) -> Option<Desired> {
+    /// `start` is the instant `now` counts from: the lease end becomes an
+    /// absolute deadline, so a stall before the write cannot stretch it.
+    pub fn desired(&self, now: u64, start: Instant, interface: &str) -> Option<Desired> {
         let s = self.current.as_ref()?.settings.as_ref()?;
         let left = self.kernel_timeout_ms(now).unwrap_or(0);
         Some(Desired {
@@ -352,7 +354,7 @@ impl Core {
             } else {
                 BTreeSet::new()
             },
-            lease_remaining: Duration::from_millis(left),
+            lease_until: start + Duration::from_millis(now + left),
         })
     }
 
@@ -479,7 +481,10 @@ mod tests {
         );
         assert!(!c.lease_valid(101));
         assert!(c.owned().is_empty(), "owned at the old epoch");
-        assert_eq!(c.desired(101, "eth0").unwrap().owned, BTreeSet::new());
+        assert_eq!(
+            c.desired(101, Instant::now(), "eth0").unwrap().owned,
+            BTreeSet::new()
+        );
         // A stale assignment at the old epoch is ignored; the new one counts.
         assert_eq!(
             c.on_assignment(&assignment(11, 2, &[(1, 1)])).unwrap(),

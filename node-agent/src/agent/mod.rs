@@ -87,6 +87,20 @@ impl Plane {
         }
     }
 
+    /// The data plane's problems (Linux; `None` before the first apply).
+    fn health(&mut self) -> Option<BTreeSet<crate::dataplane::Problem>> {
+        match self {
+            Plane::Linux(p) => p.health(),
+            Plane::FreeBsd(_) => None,
+        }
+    }
+
+    fn invalidate_filter(&mut self) {
+        if let Plane::Linux(p) = self {
+            p.invalidate_filter();
+        }
+    }
+
     /// How long owned elements left by an earlier run keep accepting.
     pub fn adopted_window(&self) -> Duration {
         match self {
@@ -371,7 +385,7 @@ impl Runtime {
             // An earlier agent's elements still accept; don't cut them short.
             return;
         }
-        let Some(desired) = self.core.desired(now, &self.cfg.interface) else {
+        let Some(desired) = self.core.desired(now, self.start, &self.cfg.interface) else {
             self.dirty = false;
             return;
         };
@@ -393,7 +407,10 @@ impl Runtime {
                     info!(owned = ?desired.owned, "kernel accepts new flows for these buckets");
                 }
                 self.applied_owned = desired.owned;
-                self.applied_until = now + desired.lease_remaining.as_millis() as u64;
+                self.applied_until = desired
+                    .lease_until
+                    .saturating_duration_since(self.start)
+                    .as_millis() as u64;
                 if let Some((at, index)) = self.assignment_pending.take() {
                     let took = at.elapsed();
                     metrics::assignment_applied(took);
@@ -646,6 +663,10 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
         info!(window = ?adopted, "adopting kernel state of an earlier agent");
     }
     let counters = plane.linux_config().map(|c| tokio::spawn(counters_loop(c)));
+    let (foreign_tx, mut foreign) = mpsc::channel(16);
+    if let Some(c) = plane.linux_config() {
+        linux::watch::spawn(c.table, move |e| foreign_tx.blocking_send(e).is_ok());
+    }
     let mut rt = Runtime {
         core: Core::new(&cfg.member, configured),
         tls: tls_cfg,
@@ -680,6 +701,8 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
     let mut full = tokio::time::interval(FULL_RECONCILE);
     full.tick().await;
     let mut forced = false;
+    let mut health_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_health = None;
     loop {
         tokio::select! {
             _ = hb.tick() => rt.heartbeat(),
@@ -691,6 +714,28 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
                 }
             }
             _ = house.tick() => rt.housekeeping(),
+            _ = health_tick.tick() => {
+                let health = tokio::task::block_in_place(|| rt.plane.health());
+                if let Some(problems) = &health {
+                    metrics::dataplane_health(problems);
+                    if health != last_health {
+                        let names: Vec<&str> = problems.iter().map(|p| p.name()).collect();
+                        if names.is_empty() {
+                            info!("data plane healthy");
+                        } else {
+                            warn!(problems = ?names, "data plane cannot serve");
+                        }
+                    }
+                }
+                last_health = health;
+            }
+            Some(edit) = foreign.recv() => {
+                warn!(thread = ?edit.pid, process = %edit.process,
+                    "another process changed the agent's nftables tables; restoring the filter");
+                metrics::foreign_edit();
+                rt.plane.invalidate_filter();
+                rt.dirty = true;
+            }
             _ = full.tick() => {
                 rt.plane.invalidate();
                 rt.dirty = true;

@@ -4,10 +4,12 @@
 //! # Contract
 //! [`DataPlane::apply`] makes the kernel accept NEW flows to the VIPs exactly for
 //! the source addresses whose bucket is in [`Desired::owned`], and only until the
-//! lease runs out: [`Desired::lease_remaining`] is measured by the caller on its
-//! monotonic clock just before the call, and the backend must arrange that the
-//! kernel stops accepting new flows no later than that, even if the agent
-//! process freezes or dies right after `apply` returns. How well a backend can
+//! lease runs out: [`Desired::lease_until`] is an absolute deadline on the
+//! monotonic clock, and the backend must arrange that the kernel stops
+//! accepting new flows no later than that, even if the agent process freezes
+//! or dies right after `apply` returns. Being absolute, a stall between
+//! computing the desired state and writing it cannot stretch the deadline: the
+//! backend reads the clock immediately before the write. How well a backend can
 //! keep that promise is reported in [`ApplyReport::lease_enforcement`].
 //!
 //! Established flows are never cut: a host keeps the flows it accepted when it
@@ -27,7 +29,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use vipshare_core::bucket::{Affinity, BucketFn};
 
@@ -65,12 +67,18 @@ pub struct Desired {
     pub seed: u32,
     /// Buckets this host owns (each `< bucket_count`).
     pub owned: BTreeSet<u32>,
-    /// Time left on the lease, measured on the agent's monotonic clock just
-    /// before `apply`. Zero means "no lease": accept no new flows.
-    pub lease_remaining: Duration,
+    /// When the lease ends, on the monotonic clock (already net of the kernel
+    /// delay the lease protocol allows for). At or before the moment of the
+    /// write means "no lease": accept no new flows.
+    pub lease_until: Instant,
 }
 
 impl Desired {
+    /// Time left on the lease at `now` (zero once it has run out).
+    pub fn lease_left(&self, now: Instant) -> Duration {
+        self.lease_until.saturating_duration_since(now)
+    }
+
     /// Checks what every backend relies on: a valid bucket configuration, owned
     /// buckets in range, sane VIP entries without duplicates.
     pub fn validate(&self) -> Result<(), DataPlaneError> {
@@ -153,6 +161,85 @@ pub struct ApplyReport {
     pub lease_enforcement: LeaseEnforcement,
 }
 
+/// Something that keeps this host's data plane from serving the buckets it
+/// is given (issue 11 item 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Problem {
+    /// A VIP's interface does not exist.
+    InterfaceMissing,
+    /// A VIP's interface exists but is down (not `IFF_UP` and `IFF_RUNNING`).
+    InterfaceDown,
+    /// A VIP is not an address of its interface.
+    VipMissing,
+    /// The filter (tables, chains, sets) is not in the kernel.
+    FilterMissing,
+    /// The last apply failed.
+    LastApplyFailed,
+}
+
+impl Problem {
+    pub const ALL: [Problem; 5] = [
+        Problem::InterfaceMissing,
+        Problem::InterfaceDown,
+        Problem::VipMissing,
+        Problem::FilterMissing,
+        Problem::LastApplyFailed,
+    ];
+
+    /// Metric label and report text.
+    pub fn name(self) -> &'static str {
+        match self {
+            Problem::InterfaceMissing => "interface_missing",
+            Problem::InterfaceDown => "interface_down",
+            Problem::VipMissing => "vip_missing",
+            Problem::FilterMissing => "filter_missing",
+            Problem::LastApplyFailed => "last_apply_failed",
+        }
+    }
+}
+
+/// One interface as the OS reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Interface {
+    /// Administratively up and with carrier.
+    pub up: bool,
+    pub ipv4: BTreeSet<Ipv4Addr>,
+}
+
+/// The data plane's health: the problems found (none = healthy). Pure, so the
+/// backends and the tests share one judgement.
+pub fn assess(
+    vips: &[VipConfig],
+    interfaces: &std::collections::BTreeMap<String, Interface>,
+    filter_present: bool,
+    last_apply_ok: bool,
+) -> BTreeSet<Problem> {
+    let mut p = BTreeSet::new();
+    for vip in vips {
+        match interfaces.get(&vip.interface) {
+            None => {
+                p.insert(Problem::InterfaceMissing);
+                p.insert(Problem::VipMissing);
+            }
+            Some(i) => {
+                if !i.up {
+                    p.insert(Problem::InterfaceDown);
+                }
+                if !i.ipv4.contains(&vip.addr) {
+                    p.insert(Problem::VipMissing);
+                }
+            }
+        }
+    }
+    if !filter_present {
+        p.insert(Problem::FilterMissing);
+    }
+    if !last_apply_ok {
+        p.insert(Problem::LastApplyFailed);
+    }
+    p
+}
+
 /// Data plane failures.
 #[derive(Debug, thiserror::Error)]
 pub enum DataPlaneError {
@@ -165,6 +252,12 @@ pub enum DataPlaneError {
     /// A command failed; the kernel state is unknown until the next full apply.
     #[error("`{command}` failed: {detail}")]
     Command { command: String, detail: String },
+    /// A lease write, and the rewrite that followed it, each reached the
+    /// kernel later than the kernel-delay budget after their timeouts were
+    /// computed; the elements were deleted, since the kernel would have kept
+    /// them past the lease by that delay.
+    #[error("kernel write took {lag:?}, over the {budget:?} budget; owned elements deleted")]
+    LateWrite { lag: Duration, budget: Duration },
     /// An OS call failed.
     #[error("{context}: {source}")]
     Io {
@@ -265,7 +358,7 @@ mod tests {
             affinity: Affinity::Address,
             seed: 0,
             owned: (0..8).collect(),
-            lease_remaining: Duration::from_millis(500),
+            lease_until: Instant::now() + Duration::from_millis(500),
         }
     }
 
@@ -287,6 +380,39 @@ mod tests {
         let mut d = desired();
         d.vips.push(d.vips[0].clone());
         assert!(d.validate().is_err());
+    }
+
+    #[test]
+    fn health_names_each_problem() {
+        let vips = desired().vips;
+        let up = Interface {
+            up: true,
+            ipv4: [vips[0].addr].into(),
+        };
+        let ifs = |i: Interface| std::collections::BTreeMap::from([("vtnet0".to_string(), i)]);
+        assert!(assess(&vips, &ifs(up.clone()), true, true).is_empty());
+        assert_eq!(
+            assess(&vips, &Default::default(), true, true),
+            [Problem::InterfaceMissing, Problem::VipMissing].into()
+        );
+        let down = Interface {
+            up: false,
+            ..up.clone()
+        };
+        assert_eq!(
+            assess(&vips, &ifs(down), true, true),
+            [Problem::InterfaceDown].into()
+        );
+        assert_eq!(
+            assess(&vips, &ifs(Interface::default()), false, false),
+            [
+                Problem::InterfaceDown,
+                Problem::VipMissing,
+                Problem::FilterMissing,
+                Problem::LastApplyFailed
+            ]
+            .into()
+        );
     }
 
     #[test]

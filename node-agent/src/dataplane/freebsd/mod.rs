@@ -236,7 +236,7 @@ impl<E: Executor> DataPlane for FreeBsdDataPlane<E> {
     fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DataPlaneError> {
         let started = Instant::now();
         self.probe_kernel();
-        let plan = plan_apply(&self.cfg, self.installed.as_ref(), desired)?;
+        let plan = plan_apply(&self.cfg, self.installed.as_ref(), desired, started)?;
         self.run(&plan, started)?;
         let report = ApplyReport {
             backend: self.name(),

@@ -30,7 +30,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::masks::{compress, Cube};
 use super::{FreeBsdConfig, IpfwBuckets, SharedAddress};
@@ -598,6 +598,7 @@ pub fn plan_apply(
     cfg: &FreeBsdConfig,
     installed: Option<&Installed>,
     desired: &Desired,
+    now: Instant,
 ) -> Result<Plan, DataPlaneError> {
     desired.validate()?;
     cfg.validate()?;
@@ -613,7 +614,7 @@ pub fn plan_apply(
     }
     let mut vips = desired.vips.clone();
     vips.sort();
-    let stop_after = desired.lease_remaining.saturating_sub(cfg.stop_margin);
+    let stop_after = desired.lease_left(now).saturating_sub(cfg.stop_margin);
     let accepting = !stop_after.is_zero() && !vips.is_empty() && !desired.owned.is_empty();
     // The srcjhash rules stay while VIPs exist: the lease map decides.
     let kernel_lease = cfg.buckets == IpfwBuckets::Srcjhash;

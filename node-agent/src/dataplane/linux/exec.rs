@@ -1,6 +1,7 @@
-//! The executor: the only code of the Linux backend that touches the OS. It runs
-//! `nft` (one transaction per batch, on stdin), `ip`, writes /proc/sys, and holds
-//! one UDP socket per joined multicast group.
+//! The executor: the only code of the Linux backend that touches the OS. It
+//! sends nftables transactions in process ([`super::libnft`], one batch per
+//! step), runs `ip`, writes /proc/sys, and holds one UDP socket per joined
+//! multicast group.
 //!
 //! Sysctl values it replaces, and the VIPs it added, are remembered in a small
 //! JSON state file (`<state_dir>/linux-<table>.json`) so that an agent restarted
@@ -17,9 +18,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::plan::{NftBatch, Step};
+use super::libnft::Nft;
+use super::plan::{NftBatch, Present, Step};
 use super::LinuxConfig;
-use crate::dataplane::{format_mac, DataPlaneError, VipConfig};
+use crate::dataplane::{format_mac, DataPlaneError, Interface, VipConfig};
 
 /// Runs plan steps. `started` is when the apply began: element timeouts are
 /// rendered relative to it.
@@ -28,6 +30,13 @@ pub trait Executor {
     /// VIPs added by an earlier run of the agent (from its state file).
     fn remembered_vips(&self) -> Vec<VipConfig> {
         Vec::new()
+    }
+    /// The objects the kernel holds in the agent's tables now, read before a
+    /// rebuild so that it can replace them in place.
+    fn present(&mut self, table: &str) -> Result<Present, DataPlaneError>;
+    /// The host's interfaces (name, up, IPv4 addresses), for health reports.
+    fn interfaces(&mut self) -> Result<BTreeMap<String, Interface>, DataPlaneError> {
+        Ok(BTreeMap::new())
     }
 }
 
@@ -42,7 +51,8 @@ struct State {
 
 /// The real executor.
 pub struct OsExecutor {
-    nft: String,
+    nft: Nft,
+    budget: Duration,
     ip: String,
     sysctl_root: PathBuf,
     state_file: Option<PathBuf>,
@@ -71,13 +81,22 @@ impl OsExecutor {
             _ => State::default(),
         };
         Ok(OsExecutor {
-            nft: cfg.nft.clone(),
+            nft: Nft::new()?,
+            budget: default_kernel_delay_budget(),
             ip: cfg.ip.clone(),
             sysctl_root: cfg.sysctl_root.clone(),
             state_file,
             state,
             groups: HashMap::new(),
         })
+    }
+
+    /// Sets the longest lease-write round trip let stand (default
+    /// [`default_kernel_delay_budget`]); at most the cluster's
+    /// `kernel_delay_ms`.
+    pub fn with_kernel_delay_budget(mut self, budget: Duration) -> Self {
+        self.budget = budget;
+        self
     }
 
     fn save(&self) -> Result<(), DataPlaneError> {
@@ -277,16 +296,6 @@ pub struct Output {
 /// Runs `program args`, feeding `stdin` if given; fails with the command line
 /// and its stderr unless it exits 0.
 pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, DataPlaneError> {
-    run_with(program, args, stdin.map(|s| move || s.to_string()))
-}
-
-/// [`run`], with the input produced only once the process is running: a
-/// script carrying relative timeouts is rendered at the last moment.
-fn run_with<F: FnOnce() -> String>(
-    program: &str,
-    args: &[&str],
-    stdin: Option<F>,
-) -> Result<Output, DataPlaneError> {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdout(Stdio::piped())
@@ -297,20 +306,17 @@ fn run_with<F: FnOnce() -> String>(
             Stdio::null()
         });
     let mut child = cmd.spawn().map_err(io_err(format!("running {program}")))?;
-    let mut input = None;
-    if let Some(render) = stdin {
-        let text = render();
+    if let Some(text) = stdin {
         let mut pipe = child.stdin.take().expect("piped stdin");
         pipe.write_all(text.as_bytes())
             .map_err(io_err(format!("writing to {program}")))?;
-        input = Some(text);
     }
     let out = child
         .wait_with_output()
         .map_err(io_err(format!("waiting for {program}")))?;
     if !out.status.success() {
         let mut command = format!("{program} {}", args.join(" "));
-        if let Some(input) = input {
+        if let Some(input) = stdin {
             command.push_str(&format!(" <<EOF\n{input}EOF"));
         }
         return Err(DataPlaneError::Command {
@@ -327,48 +333,75 @@ fn run_with<F: FnOnce() -> String>(
     })
 }
 
-/// Runs one nft transaction.
-pub fn nft_batch(nft: &str, script: &str) -> Result<(), DataPlaneError> {
-    run(nft, &["-f", "-"], Some(script)).map(|_| ())
+/// Default longest round trip, from reading the clock for the element
+/// timeouts to the kernel's ack, that is let stand: the lease protocol's
+/// default `kernel_delay_ms` ("worst time from the agent deciding to the
+/// kernel enforcing it"), which the lease already allows for.
+pub fn default_kernel_delay_budget() -> Duration {
+    Duration::from_millis(vipshare_core::lease::LeaseTiming::default().kernel_delay_ms)
 }
 
-/// Longest time from rendering element timeouts to nft having committed them
-/// that is let stand; beyond it the timeouts are written again.
-pub const RENDER_LAG_LIMIT: Duration = Duration::from_millis(20);
-
-/// Runs a batch whose element timeouts are relative to `started`. They are
-/// rendered only once nft is running, just before the script is written to
-/// it. If the commit still came late (the agent was frozen or starved between
-/// rendering and writing), the elements would outlive the lease by that delay:
-/// they are written again at once with what is really left (none if the lease
-/// ran out meanwhile).
+/// Sends a batch whose element timeouts are relative to `started`: the clock
+/// is read immediately before the send and the timeouts rendered from it. The
+/// kernel counts a timeout from its insert, somewhere between that reading and
+/// the ack, so an element can outlive the lease by at most the round trip. If
+/// the round trip exceeded `budget` (the agent was stopped or starved in
+/// between), the write is counted and the elements are written again at once
+/// from a fresh clock reading (which replaces the stale timeouts as soon as a
+/// delete would); if that write is late as well, the owned elements are
+/// deleted and the write reported as [`DataPlaneError::LateWrite`], so a host
+/// too slow to keep within the budget serves nothing rather than too long.
 pub fn nft_timed_batch(
-    nft: &str,
+    nft: &mut Nft,
     batch: &NftBatch,
     started: Instant,
+    budget: Duration,
 ) -> Result<(), DataPlaneError> {
-    let mut rendered_at = None;
-    run_with(
-        nft,
-        &["-f", "-"],
-        Some(|| {
-            rendered_at = Some(Instant::now());
-            batch.render(started.elapsed())
-        }),
-    )?;
-    let lag = rendered_at.map_or(Duration::ZERO, |t| t.elapsed());
-    if lag > RENDER_LAG_LIMIT && batch.elements.is_some() {
-        tracing::warn!(?lag, "nft committed late; rewriting the lease timeouts");
-        let fix = batch.renewal();
-        run_with(nft, &["-f", "-"], Some(|| fix.render(started.elapsed())))?;
+    let lag = timed_send(nft, batch, started)?;
+    if lag <= budget || batch.elements.is_none() {
+        return Ok(());
     }
-    Ok(())
+    crate::metrics::late_kernel_write();
+    tracing::warn!(
+        ?lag,
+        ?budget,
+        "lease write acknowledged late; writing it again"
+    );
+    let table = batch.elements.as_ref().map_or("", |e| e.table.as_str());
+    let again = NftBatch {
+        fixed: super::plan::flush_sets(table),
+        elements: batch.elements.clone(),
+    };
+    let lag = timed_send(nft, &again, started)?;
+    if lag <= budget {
+        return Ok(());
+    }
+    crate::metrics::late_kernel_write();
+    tracing::warn!(
+        ?lag,
+        ?budget,
+        "lease write late again; owned elements deleted"
+    );
+    nft.run(&super::plan::flush_sets(table))?;
+    Err(DataPlaneError::LateWrite { lag, budget })
+}
+
+/// Renders `batch` from the clock read now and sends it; returns the time
+/// from that reading to the kernel's ack.
+fn timed_send(
+    nft: &mut Nft,
+    batch: &NftBatch,
+    started: Instant,
+) -> Result<Duration, DataPlaneError> {
+    let read_at = Instant::now();
+    nft.run(&batch.render(read_at.saturating_duration_since(started)))?;
+    Ok(read_at.elapsed())
 }
 
 impl Executor for OsExecutor {
     fn execute(&mut self, step: &Step, started: Instant) -> Result<(), DataPlaneError> {
         match step {
-            Step::Nft(batch) => nft_timed_batch(&self.nft, batch, started),
+            Step::Nft(batch) => nft_timed_batch(&mut self.nft, batch, started, self.budget),
             Step::Sysctl { key, value } => self.set_sysctl(key, value),
             Step::RestoreSysctls => self.restore_sysctls(),
             Step::AddAddress(v) => self.add_address(v),
@@ -394,6 +427,49 @@ impl Executor for OsExecutor {
                 Ok(())
             }
         }
+    }
+
+    fn present(&mut self, table: &str) -> Result<Present, DataPlaneError> {
+        let out = self.nft.run_json("list ruleset")?;
+        Present::from_listing(&out, table).map_err(|detail| DataPlaneError::Command {
+            command: "nft -j list ruleset".into(),
+            detail,
+        })
+    }
+
+    fn interfaces(&mut self) -> Result<BTreeMap<String, Interface>, DataPlaneError> {
+        let mut out: BTreeMap<String, Interface> = BTreeMap::new();
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: getifaddrs fills `head` with a list freed below.
+        if unsafe { libc::getifaddrs(&mut head) } != 0 {
+            return Err(io_err("listing interfaces")(std::io::Error::last_os_error()));
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            // SAFETY: a node of the list getifaddrs returned, not yet freed.
+            let ifa = unsafe { &*cur };
+            // SAFETY: ifa_name is a NUL-terminated string of the node.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+                .to_string_lossy()
+                .into_owned();
+            let up_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_uint;
+            let entry = out.entry(name).or_default();
+            entry.up |= ifa.ifa_flags & up_flags == up_flags;
+            if !ifa.ifa_addr.is_null()
+                // SAFETY: a non-NULL sockaddr of the node.
+                && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
+            {
+                // SAFETY: an AF_INET address is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                entry
+                    .ipv4
+                    .insert(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+            cur = ifa.ifa_next;
+        }
+        // SAFETY: the list from getifaddrs, freed once.
+        unsafe { libc::freeifaddrs(head) };
+        Ok(out)
     }
 
     fn remembered_vips(&self) -> Vec<VipConfig> {
@@ -425,6 +501,11 @@ pub type RecordingExecutor = crate::dataplane::RecordingExecutor<Step>;
 impl Executor for RecordingExecutor {
     fn execute(&mut self, step: &Step, _started: Instant) -> Result<(), DataPlaneError> {
         self.record(step)
+    }
+
+    /// An empty kernel: every rebuild is planned as a first start.
+    fn present(&mut self, _table: &str) -> Result<Present, DataPlaneError> {
+        Ok(Present::default())
     }
 }
 

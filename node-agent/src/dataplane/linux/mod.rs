@@ -27,14 +27,87 @@
 //! [`LeaseEnforcement::KernelTimeout`]. Established flows are accepted before
 //! the bucket check and so survive every change.
 //!
-//! The timeouts are rendered only once `nft` is running, right before the
-//! script is written to it; if the commit still lands more than
-//! [`exec::RENDER_LAG_LIMIT`] after rendering (the agent was stopped or starved
-//! in between), the elements are rewritten at once with what is really left.
-//! What remains is the `kernel_delay_ms` assumption of the lease protocol: a
-//! freeze in the microseconds between rendering and the write to the pipe can
-//! let a stale timeout stand until that rewrite, a few milliseconds after the
-//! agent runs again.
+//! nftables is driven in process through libnftables ([`libnft`]): one
+//! netlink batch per step, no `nft` process on the lease path. The timeouts
+//! are rendered from the deadline immediately before the batch is sent; if
+//! the kernel's ack comes later than the kernel-delay budget (the agent was
+//! stopped or starved in between), the elements are written again at once from
+//! a fresh clock reading, and deleted (the apply failing with
+//! [`DataPlaneError::LateWrite`]) if that write is late too (see
+//! [`exec::nft_timed_batch`]).
+//!
+//! What remains: an agent stopped (SIGSTOP, a frozen cgroup) after reading
+//! the clock but before libnftables has sent the batch writes the stale
+//! timeouts when it runs again; they are replaced right after the ack, so the
+//! host can accept for the few milliseconds from resuming to that rewrite. A
+//! deadline the kernel checks itself would close this: `meta time` compares
+//! the packet's wall-clock time in nanoseconds (kernel >= 5.4), and a rule
+//! `meta time >= DEADLINE drop` before the owned lookup, rewritten with each
+//! renewal, would stop a late write from extending anything (short of a
+//! wall-clock step back during the stall). nft's text syntax only takes whole
+//! seconds for it, too coarse for a 500 ms lease, so it needs the expression
+//! encoded below the text layer (a netlink-level writer); not done yet.
+//!
+//! Another process editing the agent's tables (`nft flush ruleset`, a
+//! reloaded nftables.service) is seen through netlink notifications
+//! ([`watch`]); the agent then calls [`LinuxDataPlane::invalidate_filter`] and
+//! the next apply restores the filter in one transaction.
+//!
+//! # Rebuilds: one transaction, base chains kept (issue 16)
+//! A packet's verdict in the bucket filter must come from one ruleset, old or
+//! new. nf_tables swaps rules atomically per *base chain* evaluation: each
+//! hook invocation reads the generation once. Two base chains on the same hook
+//! are two reads. A rebuild that replaced the table (`add table` + `delete
+//! table` + the full definition, as before) registered a second `input` base
+//! chain; at equal priority the kernel runs the newer hook first. A packet
+//! evaluated by the new chain just before the commit (its rules not yet
+//! active: empty, policy accept) and by the old chain just after it (its rules
+//! deleted: empty, policy accept) was accepted whatever its bucket. That is the
+//! double answer seen in issue 16: a few microseconds per rebuild, only under a
+//! SYN flood and a rebuild racing on another CPU.
+//!
+//! A second window of the same kind, found by the test after the first was
+//! closed: a set lookup reads the generation when it runs, not when its chain
+//! started, and a transaction that deletes a rule deactivates the elements of
+//! the rule's anonymous *map* in the next generation. The old `input` rule
+//! `ip daddr vmap { VIP : jump .. }`, evaluated with the old rules just as the
+//! commit landed, found no element, jumped nowhere and fell through to the
+//! chain's accept policy. `input` now has one plain `ip daddr VIP jump` rule
+//! per VIP; the only lookup on the accept path is the named `owned` set, and a
+//! rebuild deletes it whole and creates a new one: an old-generation rule looks
+//! up the old set's elements, and if those were inactive it would drop (a miss
+//! is "not owned"), never accept.
+//!
+//! So a rebuild ([`plan::plan_apply`] when anything besides the owned elements
+//! changes) is one transaction that keeps the tables and their base chains and
+//! replaces what is inside them: it flushes every chain, deletes the sets (and
+//! chains and counters no longer wanted) and adds the new sets, chains, rules
+//! and elements. The executor lists the tables' objects first
+//! ([`Executor::present`]). Every packet then sees, within one evaluation of
+//! `input`, either the old rules with the old sets or the new rules with the
+//! new sets (sets are always recreated, so an old-generation rule never looks
+//! up a new element under an old key).
+//!
+//! The kernel states of each path, in order (each line is what a packet can
+//! see; none accepts a new flow the final state would not, except where noted):
+//! - first start: (no table: the VIP is not configured yet) -> sysctls ->
+//!   filter with elements (one transaction) -> `tcp_loose=0` -> VIP address
+//!   added, maddr, IGMP. Between the filter and `tcp_loose=0` there is no VIP.
+//! - periodic reconcile, repair after a failed step, restart with adopted
+//!   elements (all `invalidate`d or nothing installed): old filter -> new
+//!   filter in one transaction (base chains kept) -> VIP re-asserted. A failed
+//!   step leaves the old or the new filter, never a mix.
+//! - change of VIPs: VIPs that go are removed first (old filter still there),
+//!   then the rebuild above, then the new VIPs are added.
+//! - renewal or owned-bucket change: one transaction `flush set` + `add
+//!   element`; the filter does one lookup per packet.
+//! - withdraw: one transaction flushing the sets.
+//! - teardown: VIP addresses removed first; only then are the tables deleted
+//!   (a packet for a VIP that is no longer local never reaches `input`).
+//!
+//! Not covered: a base chain whose hook or priority was changed by hand (or by
+//! a future version) makes `add chain` fail; the rebuild then fails and is
+//! retried, leaving the old filter in place.
 //!
 //! # Resetting flows of a dead owner
 //! [`LinuxDataPlane::set_reset_buckets`] marks owned buckets whose previous
@@ -50,15 +123,22 @@
 //! would avoid it).
 
 pub mod exec;
+pub mod libnft;
 pub mod plan;
+pub mod watch;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::dataplane::{ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnforcement};
+use crate::dataplane::{
+    assess, ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnforcement, Problem, VipConfig,
+};
 pub use exec::{Executor, OsExecutor, RecordingExecutor};
-pub use plan::{plan_apply, plan_teardown, plan_withdraw, Installed, Plan, Step};
+pub use plan::{
+    needs_rebuild, objects_of, plan_apply, plan_filter_repair, plan_teardown, plan_withdraw,
+    Installed, Plan, Present, Step,
+};
 
 /// Settings of the Linux backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,20 +197,27 @@ impl LinuxConfig {
 
 /// The Linux backend: plans with [`plan`] and runs plans with one [`Executor`].
 pub struct LinuxDataPlane<E: Executor> {
-    cfg: LinuxConfig,
+    // Boxed: keeps the agent's backend enum small.
+    cfg: Box<LinuxConfig>,
     exec: E,
     installed: Option<Installed>,
     reset: BTreeSet<u32>,
+    /// Someone else changed the agent's tables (see [`watch`]).
+    filter_lost: bool,
+    /// VIPs of the last apply and whether it succeeded (`None` before one).
+    last_apply: Option<(Vec<VipConfig>, bool)>,
 }
 
 impl<E: Executor> LinuxDataPlane<E> {
     pub fn new(cfg: LinuxConfig, exec: E) -> Result<Self, DataPlaneError> {
         cfg.validate()?;
         Ok(LinuxDataPlane {
-            cfg,
+            cfg: Box::new(cfg),
             exec,
             installed: None,
             reset: BTreeSet::new(),
+            filter_lost: false,
+            last_apply: None,
         })
     }
 
@@ -159,6 +246,36 @@ impl<E: Executor> LinuxDataPlane<E> {
     /// reconcile, repairing state someone else changed).
     pub fn invalidate(&mut self) {
         self.installed = None;
+    }
+
+    /// Another process edited the agent's tables ([`watch::Watcher`]): the
+    /// next apply rewrites the whole filter in one transaction, without the
+    /// slower address and sysctl steps.
+    pub fn invalidate_filter(&mut self) {
+        self.filter_lost = true;
+    }
+
+    /// What keeps the data plane from serving (empty = healthy), for the
+    /// agent's reports; `None` before the first apply. Reads the interfaces
+    /// and lists the tables (in process, well under a millisecond).
+    pub fn health(&mut self) -> Option<BTreeSet<Problem>> {
+        let (vips, ok) = self.last_apply.clone()?;
+        let interfaces = self.exec.interfaces().unwrap_or_default();
+        let filter_present = match &self.installed {
+            Some(i) if !self.filter_lost => {
+                let wanted = objects_of(i, self.cfg.arp_egress).unwrap_or_default();
+                match self.exec.present(&self.cfg.table) {
+                    Ok(p) => {
+                        wanted.chains.is_subset(&p.chains)
+                            && wanted.sets.is_subset(&p.sets)
+                            && wanted.counters.is_subset(&p.counters)
+                    }
+                    Err(_) => false,
+                }
+            }
+            _ => false,
+        };
+        Some(assess(&vips, &interfaces, filter_present, ok))
     }
 
     fn run(&mut self, plan: &Plan, started: Instant) -> Result<(), DataPlaneError> {
@@ -206,8 +323,29 @@ impl LinuxDataPlane<OsExecutor> {
 impl<E: Executor> DataPlane for LinuxDataPlane<E> {
     fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DataPlaneError> {
         let started = Instant::now();
-        let plan = plan_apply(&self.cfg, self.installed.as_ref(), desired, &self.reset)?;
+        self.last_apply = Some((desired.vips.clone(), false));
+        let rebuild = needs_rebuild(self.installed.as_ref(), desired);
+        let present = if rebuild || self.filter_lost {
+            desired.validate()?;
+            self.exec.present(&self.cfg.table)?
+        } else {
+            Present::default()
+        };
+        let plan = if self.filter_lost && !rebuild {
+            plan_filter_repair(&self.cfg, desired, &self.reset, &present, started)?
+        } else {
+            plan_apply(
+                &self.cfg,
+                self.installed.as_ref(),
+                desired,
+                &self.reset,
+                &present,
+                started,
+            )?
+        };
         self.run(&plan, started)?;
+        self.filter_lost = false;
+        self.last_apply = Some((desired.vips.clone(), true));
         let next = plan.next.clone();
         let owned_rules = next.as_ref().map_or(0, |n| n.owned.len());
         self.installed = next;

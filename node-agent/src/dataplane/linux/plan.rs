@@ -8,7 +8,7 @@
 //!   set owned { type mark; flags timeout }   (lowbits: type ipv4_addr)
 //!   set dead { type mark; flags timeout }    owned buckets whose old owner is dead
 //!   chain prerouting (raw)   ip daddr {VIPs} meta pkttype multicast meta pkttype set host
-//!   chain input (filter)     ip daddr vmap { VIP : jump vip_A_B_C_D }
+//!   chain input (filter)     ip daddr VIP jump vip_A_B_C_D     per VIP
 //!   chain vip_A_B_C_D        ct state established,related accept
 //!                            <key>                         (jhash: meta mark set jhash ..)
 //!                            ct state invalid <key> @dead reject with tcp reset
@@ -23,9 +23,10 @@
 //! The owned set's elements carry the lease as their `timeout`: the kernel stops
 //! accepting new flows when the lease runs out even if the agent is frozen or dead.
 //! A renewal is one transaction `flush set` + `add element`; any other change
-//! rebuilds all three tables in one transaction (`add table` + `delete table` +
-//! the full definition + the elements), so packets see the old or the new
-//! ruleset, never a mix. Named counters restart from zero on a rebuild.
+//! rebuilds the contents of all three tables in one transaction that keeps the
+//! tables and their base chains (see [`super`] for why a replaced base chain is
+//! unsafe), so packets see the old or the new ruleset, never a mix. Counters
+//! that stay keep counting across rebuilds.
 //!
 //! # Order of steps
 //! VIP addresses leave before the rules that filter them, and arrive after: a VIP
@@ -36,7 +37,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
 use std::net::Ipv4Addr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vipshare_core::bucket::{nft_hash_expr, IpFamily};
 
@@ -101,7 +102,7 @@ pub struct Elements {
     pub key: KeyKind,
     pub owned: Vec<u32>,
     pub reset: Vec<u32>,
-    /// Lease left, from the start of the apply.
+    /// Lease left at the start of the apply (the executor's `started`).
     pub until: Duration,
 }
 
@@ -142,7 +143,7 @@ impl NftBatch {
                         .collect();
                     let _ = writeln!(
                         s,
-                        "add element ip {} {set} {{ {} }}",
+                        "add element {FILTER_FAMILY} {} {set} {{ {} }}",
                         e.table,
                         items.join(", ")
                     );
@@ -150,21 +151,6 @@ impl NftBatch {
             }
         }
         s
-    }
-
-    /// Just the element rewrite of this batch (flush the sets, add the
-    /// elements), for correcting timeouts that were committed late.
-    pub fn renewal(&self) -> NftBatch {
-        let fixed = self.elements.as_ref().map_or(String::new(), |e| {
-            format!(
-                "flush set ip {t} owned\nflush set ip {t} dead\n",
-                t = e.table
-            )
-        });
-        NftBatch {
-            fixed,
-            elements: self.elements.clone(),
-        }
     }
 
     /// Whether the batch writes any element when rendered `elapsed` after start.
@@ -335,13 +321,13 @@ fn key(base: &Base) -> Result<Key, DataPlaneError> {
     let count = base.bucket_count;
     match base.bucket_fn {
         BucketFn::Jhash => {
-            let expr = nft_hash_expr(base.affinity, IpFamily::V4, count, base.seed)
+            let expr = nft_hash_expr(base.affinity, IP_FAMILY, count, base.seed)
                 .map_err(|e| DataPlaneError::InvalidDesired(e.to_string()))?;
             let compute = if base.affinity == Affinity::AddressPort {
                 // `th sport` reads the first bytes of any transport header (ICMP's
                 // type and code); only TCP and UDP have ports. Other protocols
                 // hash the address alone, so exactly one host still answers.
-                let addr_only = nft_hash_expr(Affinity::Address, IpFamily::V4, count, base.seed)
+                let addr_only = nft_hash_expr(Affinity::Address, IP_FAMILY, count, base.seed)
                     .map_err(|e| DataPlaneError::InvalidDesired(e.to_string()))?;
                 vec![
                     format!("meta l4proto {{ tcp, udp }} meta mark set {expr}"),
@@ -386,105 +372,257 @@ fn arp_rewrite(vip: &VipConfig) -> String {
     )
 }
 
-/// The full definition of the three tables.
-fn ruleset(table: &str, base: &Base, arp_egress: bool) -> Result<String, DataPlaneError> {
-    let k = key(base)?;
-    let mut s = String::new();
-    for family in ["ip", "arp", "netdev"] {
-        let _ = writeln!(s, "add table {family} {table}");
-        let _ = writeln!(s, "delete table {family} {table}");
-    }
-    let _ = writeln!(s, "table ip {table} {{");
-    for vip in &base.vips {
-        for v in VERDICTS {
-            let _ = writeln!(s, "\tcounter {} {{ }}", counter_name(vip.addr, v));
-        }
-    }
-    for set in ["owned", "dead"] {
-        let _ = writeln!(s, "\tset {set} {{ type {}; flags timeout; }}", k.set_type);
-    }
-    let addrs: Vec<String> = base.vips.iter().map(|v| v.addr.to_string()).collect();
-    let _ = writeln!(
-        s,
-        "\tchain prerouting {{\n\t\ttype filter hook prerouting priority raw; policy accept;"
-    );
-    if !addrs.is_empty() {
-        let _ = writeln!(
-            s,
-            "\t\tip daddr {{ {} }} meta pkttype multicast meta pkttype set host",
-            addrs.join(", ")
-        );
-    }
-    let _ = writeln!(s, "\t}}");
-    let _ = writeln!(
-        s,
-        "\tchain input {{\n\t\ttype filter hook input priority filter; policy accept;"
-    );
-    if !base.vips.is_empty() {
-        let jumps: Vec<String> = base
-            .vips
-            .iter()
-            .map(|v| format!("{} : jump {}", v.addr, vip_ident(v.addr)))
-            .collect();
-        let _ = writeln!(s, "\t\tip daddr vmap {{ {} }}", jumps.join(", "));
-    }
-    let _ = writeln!(s, "\t}}");
-    for vip in &base.vips {
-        let c = |v: &str| counter_name(vip.addr, v);
-        let _ = writeln!(s, "\tchain {} {{", vip_ident(vip.addr));
-        let _ = writeln!(s, "\t\tct state established,related accept");
-        for stmt in &k.compute {
-            let _ = writeln!(s, "\t\t{stmt}");
-        }
-        let _ = writeln!(
-            s,
-            "\t\tct state invalid meta l4proto tcp {} @dead counter name \"{}\" reject with tcp reset",
-            k.lookup,
-            c("reset")
-        );
-        let _ = writeln!(
-            s,
-            "\t\tct state invalid counter name \"{}\" drop",
-            c("invalid")
-        );
-        let _ = writeln!(
-            s,
-            "\t\ttcp flags & (fin | syn | rst | ack) != syn counter name \"{}\" drop",
-            c("invalid")
-        );
-        let _ = writeln!(
-            s,
-            "\t\t{} @owned counter name \"{}\" accept",
-            k.lookup,
-            c("accepted")
-        );
-        let _ = writeln!(s, "\t\tcounter name \"{}\" drop", c("not_owned"));
-        let _ = writeln!(s, "\t}}");
-    }
-    let _ = writeln!(s, "}}");
-    let _ = writeln!(s, "table arp {table} {{");
-    let _ = writeln!(
-        s,
-        "\tchain output {{\n\t\ttype filter hook output priority filter; policy accept;"
-    );
-    for vip in &base.vips {
-        let _ = writeln!(s, "\t\t{}", arp_rewrite(vip));
-    }
-    let _ = writeln!(s, "\t}}\n}}");
-    let _ = writeln!(s, "table netdev {table} {{");
-    if arp_egress {
-        for (i, ifname) in base.interfaces().into_iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "\tchain egress_{i} {{\n\t\ttype filter hook egress device \"{ifname}\" priority filter; policy accept;"
-            );
-            for vip in base.vips.iter().filter(|v| v.interface == ifname) {
-                let _ = writeln!(s, "\t\t{}", arp_rewrite(vip));
+/// The objects of the agent's tables, by (family, name): what the kernel holds
+/// now (listed by the executor before a rebuild) or what a rebuild creates.
+/// Anonymous sets are not listed: they live and die with their rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Present {
+    /// Base and regular chains.
+    pub chains: BTreeSet<(String, String)>,
+    pub sets: BTreeSet<(String, String)>,
+    pub counters: BTreeSet<(String, String)>,
+}
+
+impl Present {
+    /// The objects of the agent's `table` in an `nft -j list ruleset` listing.
+    pub fn from_listing(json: &str, table: &str) -> Result<Present, String> {
+        let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        let items = v
+            .get("nftables")
+            .and_then(|n| n.as_array())
+            .ok_or("no \"nftables\" array")?;
+        let mut p = Present::default();
+        for item in items {
+            for (kind, into) in [
+                ("chain", &mut p.chains),
+                ("set", &mut p.sets),
+                ("counter", &mut p.counters),
+            ] {
+                let Some(o) = item.get(kind) else { continue };
+                let field = |f: &str| o.get(f).and_then(|x| x.as_str());
+                let (Some(family), Some(t), Some(name)) =
+                    (field("family"), field("table"), field("name"))
+                else {
+                    continue;
+                };
+                if t == table && FAMILIES.contains(&family) && !name.starts_with("__") {
+                    into.insert((family.to_string(), name.to_string()));
+                }
             }
-            let _ = writeln!(s, "\t}}");
+        }
+        Ok(p)
+    }
+}
+
+/// The families of the agent's tables. The filter is in [`FILTER_FAMILY`].
+const FAMILIES: [&str; 3] = [FILTER_FAMILY, "arp", "netdev"];
+
+/// The nftables family of the bucket filter, and with it of every address the
+/// rules match (`ip saddr`, `ip daddr`). IPv6 (issue 14) changes it here, with
+/// `IP_FAMILY` and the `ip ...` selectors of `key` and `Tables::of`.
+pub const FILTER_FAMILY: &str = "ip";
+const IP_FAMILY: IpFamily = IpFamily::V4;
+
+/// A base chain: name and hook specification.
+struct BaseChain {
+    family: &'static str,
+    name: String,
+    spec: String,
+}
+
+/// Everything a rebuild defines, before rendering.
+struct Tables {
+    base_chains: Vec<BaseChain>,
+    /// Regular chains (family, name).
+    chains: Vec<(&'static str, String)>,
+    /// (family, name, definition)
+    sets: Vec<(&'static str, &'static str, String)>,
+    counters: Vec<(&'static str, String)>,
+    /// (family, chain, rule)
+    rules: Vec<(&'static str, String, String)>,
+}
+
+impl Tables {
+    fn of(base: &Base, arp_egress: bool) -> Result<Tables, DataPlaneError> {
+        let k = key(base)?;
+        let ip = FILTER_FAMILY;
+        let mut t = Tables {
+            base_chains: vec![
+                BaseChain {
+                    family: ip,
+                    name: "prerouting".into(),
+                    spec: "type filter hook prerouting priority raw; policy accept;".into(),
+                },
+                BaseChain {
+                    family: ip,
+                    name: "input".into(),
+                    spec: "type filter hook input priority filter; policy accept;".into(),
+                },
+                BaseChain {
+                    family: "arp",
+                    name: "output".into(),
+                    spec: "type filter hook output priority filter; policy accept;".into(),
+                },
+            ],
+            chains: Vec::new(),
+            sets: ["owned", "dead"]
+                .map(|set| {
+                    (
+                        ip,
+                        set,
+                        format!("{{ type {}; flags timeout; }}", k.set_type),
+                    )
+                })
+                .into(),
+            counters: Vec::new(),
+            rules: Vec::new(),
+        };
+        let addrs: Vec<String> = base.vips.iter().map(|v| v.addr.to_string()).collect();
+        if !addrs.is_empty() {
+            t.rules.push((
+                ip,
+                "prerouting".into(),
+                format!(
+                    "ip daddr {{ {} }} meta pkttype multicast meta pkttype set host",
+                    addrs.join(", ")
+                ),
+            ));
+            // One rule per VIP, not a `vmap`: a set lookup reads the generation
+            // when it runs, and a rebuild deactivates the elements of the old
+            // rule's anonymous map in the new one, so an old-generation rule
+            // racing the commit would find no jump and fall through to accept.
+            for v in &base.vips {
+                t.rules.push((
+                    ip,
+                    "input".into(),
+                    format!("ip daddr {} jump {}", v.addr, vip_ident(v.addr)),
+                ));
+            }
+        }
+        for vip in &base.vips {
+            let chain = vip_ident(vip.addr);
+            let c = |v: &str| counter_name(vip.addr, v);
+            for v in VERDICTS {
+                t.counters.push((ip, c(v)));
+            }
+            let mut rules = vec!["ct state established,related accept".to_string()];
+            rules.extend(k.compute.iter().cloned());
+            rules.push(format!(
+                "ct state invalid meta l4proto tcp {} @dead counter name \"{}\" reject with tcp reset",
+                k.lookup,
+                c("reset")
+            ));
+            rules.push(format!(
+                "ct state invalid counter name \"{}\" drop",
+                c("invalid")
+            ));
+            rules.push(format!(
+                "tcp flags & (fin | syn | rst | ack) != syn counter name \"{}\" drop",
+                c("invalid")
+            ));
+            rules.push(format!(
+                "{} @owned counter name \"{}\" accept",
+                k.lookup,
+                c("accepted")
+            ));
+            rules.push(format!("counter name \"{}\" drop", c("not_owned")));
+            t.rules
+                .extend(rules.into_iter().map(|r| (ip, chain.clone(), r)));
+            t.chains.push((ip, chain));
+        }
+        for vip in &base.vips {
+            t.rules.push(("arp", "output".into(), arp_rewrite(vip)));
+        }
+        if arp_egress {
+            for ifname in base.interfaces() {
+                let name = format!("egress_{ifname}");
+                t.base_chains.push(BaseChain {
+                    family: "netdev",
+                    name: name.clone(),
+                    spec: format!(
+                        "type filter hook egress device \"{ifname}\" priority filter; policy accept;"
+                    ),
+                });
+                for vip in base.vips.iter().filter(|v| v.interface == ifname) {
+                    t.rules.push(("netdev", name.clone(), arp_rewrite(vip)));
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    fn objects(&self) -> Present {
+        let own = |f: &str, n: &str| (f.to_string(), n.to_string());
+        Present {
+            chains: self
+                .base_chains
+                .iter()
+                .map(|c| own(c.family, &c.name))
+                .chain(self.chains.iter().map(|(f, n)| own(f, n)))
+                .collect(),
+            sets: self.sets.iter().map(|(f, n, _)| own(f, n)).collect(),
+            counters: self.counters.iter().map(|(f, n)| own(f, n)).collect(),
         }
     }
-    let _ = writeln!(s, "}}");
+}
+
+/// What a rebuild with `base` leaves in the kernel (the golden tests' and the
+/// recording executor's stand-in for a listing).
+pub fn objects_of(installed: &Installed, arp_egress: bool) -> Result<Present, DataPlaneError> {
+    Ok(Tables::of(&installed.base, arp_egress)?.objects())
+}
+
+/// One transaction that turns whatever the agent's tables hold (`present`)
+/// into the full definition for `base`, in place: the tables and their base
+/// chains are kept (see the module docs of [`super`] for why), every chain that
+/// exists is flushed, chains and counters no longer wanted are deleted, the sets
+/// are always deleted and created anew, then the rules are added.
+fn rebuild(
+    table: &str,
+    base: &Base,
+    arp_egress: bool,
+    present: &Present,
+) -> Result<String, DataPlaneError> {
+    let t = Tables::of(base, arp_egress)?;
+    let wanted = t.objects();
+    let mut s = String::new();
+    for family in FAMILIES {
+        let _ = writeln!(s, "add table {family} {table}");
+    }
+    for c in &t.base_chains {
+        let _ = writeln!(
+            s,
+            "add chain {} {table} {} {{ {} }}",
+            c.family, c.name, c.spec
+        );
+    }
+    // No old rule may keep a reference to a chain, set or counter that goes.
+    for (family, name) in &present.chains {
+        let _ = writeln!(s, "flush chain {family} {table} {name}");
+    }
+    for (family, name) in present.chains.difference(&wanted.chains) {
+        let _ = writeln!(s, "delete chain {family} {table} {name}");
+    }
+    // New sets even when the type is unchanged: rules of the old generation then
+    // look up only the old elements, never new elements under an old key.
+    for (family, name) in &present.sets {
+        let _ = writeln!(s, "delete set {family} {table} {name}");
+    }
+    for (family, name) in present.counters.difference(&wanted.counters) {
+        let _ = writeln!(s, "delete counter {family} {table} {name}");
+    }
+    for (family, name) in &t.counters {
+        let _ = writeln!(s, "add counter {family} {table} {name}");
+    }
+    for (family, name, def) in &t.sets {
+        let _ = writeln!(s, "add set {family} {table} {name} {def}");
+    }
+    for (family, name) in &t.chains {
+        let _ = writeln!(s, "add chain {family} {table} {name}");
+    }
+    for (family, chain, rule) in &t.rules {
+        let _ = writeln!(s, "add rule {family} {table} {chain} {rule}");
+    }
     Ok(s)
 }
 
@@ -547,21 +685,38 @@ fn vip_minus(a: &Base, b: Option<&Base>) -> Base {
     }
 }
 
+/// Empties the owned and dead sets (the first half of a renewal or withdraw).
+pub fn flush_sets(table: &str) -> String {
+    format!("flush set {FILTER_FAMILY} {table} owned\nflush set {FILTER_FAMILY} {table} dead\n")
+}
+
+/// Whether applying `desired` over `installed` rebuilds the tables (and so
+/// needs a listing of what the kernel holds) rather than only rewriting the
+/// owned elements.
+pub fn needs_rebuild(installed: Option<&Installed>, desired: &Desired) -> bool {
+    installed.map(|i| &i.base) != Some(&Base::of(desired))
+}
+
 /// Plans an apply. `reset` are owned buckets whose previous owner is known to be
 /// dead: mid-stream TCP packets of their unknown flows get a RST instead of
-/// silence, so clients reconnect at once.
+/// silence, so clients reconnect at once. `present` is what the kernel holds in
+/// the agent's tables (used only when the plan rebuilds, see [`needs_rebuild`]).
+/// `now` is when the apply started: element timeouts are planned relative to it
+/// and rendered from the clock again immediately before the write.
 pub fn plan_apply(
     cfg: &LinuxConfig,
     installed: Option<&Installed>,
     desired: &Desired,
     reset: &BTreeSet<u32>,
+    present: &Present,
+    now: Instant,
 ) -> Result<Plan, DataPlaneError> {
     desired.validate()?;
     let base = Base::of(desired);
     // Fails early on combinations the rules cannot express.
     key(&base)?;
     let table = &cfg.table;
-    let until = desired.lease_remaining;
+    let until = desired.lease_left(now);
     let owned = if until.is_zero() {
         BTreeSet::new()
     } else {
@@ -578,12 +733,9 @@ pub fn plan_apply(
     let old = installed.map(|i| &i.base);
     if old == Some(&base) {
         // Renewal (or a change of owned buckets only): one small transaction.
-        let mut fixed = String::new();
-        let _ = writeln!(fixed, "flush set ip {table} owned");
-        let _ = writeln!(fixed, "flush set ip {table} dead");
         return Ok(Plan {
             steps: vec![Step::Nft(NftBatch {
-                fixed,
+                fixed: flush_sets(table),
                 elements: elems,
             })],
             next: Some(next),
@@ -616,7 +768,7 @@ pub fn plan_apply(
         steps.push(Step::Sysctl { key, value });
     }
     steps.push(Step::Nft(NftBatch {
-        fixed: ruleset(table, &base, cfg.arp_egress)?,
+        fixed: rebuild(table, &base, cfg.arp_egress, present)?,
         elements: elems,
     }));
     steps.push(Step::Sysctl {
@@ -644,13 +796,30 @@ pub fn plan_apply(
     })
 }
 
+/// Plans restoring the filter alone after a foreign nftables edit (a `flush
+/// ruleset`, a deleted table, an edited set): the rebuild transaction of
+/// [`plan_apply`] over what the kernel holds, without the address, sysctl and
+/// multicast steps that such an edit cannot have changed (the periodic full
+/// reconcile still re-asserts those).
+pub fn plan_filter_repair(
+    cfg: &LinuxConfig,
+    desired: &Desired,
+    reset: &BTreeSet<u32>,
+    present: &Present,
+    now: Instant,
+) -> Result<Plan, DataPlaneError> {
+    let mut plan = plan_apply(cfg, None, desired, reset, present, now)?;
+    plan.steps.retain(|s| matches!(s, Step::Nft(_)));
+    Ok(plan)
+}
+
 /// Plans a withdraw: no new flows from now on; VIPs, rules and established flows
 /// stay.
 pub fn plan_withdraw(cfg: &LinuxConfig, installed: Option<&Installed>) -> Plan {
     let table = &cfg.table;
     Plan {
         steps: vec![Step::Nft(NftBatch {
-            fixed: format!("flush set ip {table} owned\nflush set ip {table} dead\n"),
+            fixed: flush_sets(table),
             elements: None,
         })],
         next: installed.map(|i| Installed {
@@ -693,7 +862,7 @@ pub fn plan_teardown(
         }
     }
     let mut fixed = String::new();
-    for family in ["ip", "arp", "netdev"] {
+    for family in FAMILIES {
         let _ = writeln!(fixed, "add table {family} {table}");
         let _ = writeln!(fixed, "delete table {family} {table}");
     }
