@@ -18,6 +18,8 @@ SECONDS=0
 step "format";  cargo fmt --all -- --check
 step "lint";    cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build";   cargo build --workspace --bins --locked
+# Includes `promtool check metrics` on live controller and agent /metrics
+# (integration/tests/operator.rs, controller_and_agent_metrics_pass_promtool).
 step "test";    cargo test --workspace --locked --no-fail-fast -- --test-threads=2
 step "kernel patches: git apply --check against the stored FreeBSD texts, the srcjhash hash in C"
 kernel-patches/check.sh
