@@ -272,7 +272,13 @@ impl AgentLease {
         self.timing
     }
 
+    /// A shorter lease clips the one already earned: it was earned at send time
+    /// `expiry - lease_ms`, and the controllers now promise only the new length.
     pub fn set_timing(&mut self, timing: LeaseTiming) {
+        if let Some(e) = self.expiry {
+            let sent = e.saturating_sub(self.timing.lease_ms);
+            self.expiry = Some(e.min(sent + timing.lease_ms));
+        }
         self.timing = timing;
     }
 
@@ -393,6 +399,20 @@ mod tests {
         assert_eq!(a.ack(old, 1), None);
         assert_eq!(a.ack(old, 2), None);
         assert_eq!(a.expiry(), Some(1700));
+    }
+
+    #[test]
+    fn a_shorter_lease_clips_the_earned_expiry() {
+        let mut a = AgentLease::new(LeaseTiming::default(), [1].into());
+        let r = a.start_round(1000);
+        assert_eq!(a.ack(r, 1), Some(1500));
+        a.set_timing(LeaseTiming {
+            lease_ms: 300,
+            ..LeaseTiming::default()
+        });
+        assert_eq!(a.expiry(), Some(1300));
+        a.set_timing(LeaseTiming::default());
+        assert_eq!(a.expiry(), Some(1300), "a longer lease is not granted retroactively");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! vipshare's deterministic core. Nothing in this crate does I/O or reads a clock,
 //! so the controller and the simulator (`vipshare-sim`) run the very same code.
 //!
+//! - [`agent`]: the node agent's decisions (lease, floors, voters, yielding), sans-IO.
 //! - [`storage`]: the raft log in memory over a crash-safe [`storage::Durable`] backend.
 //! - [`replica`]: one controller's raft `RawNode` and its Ready loop, sans-IO.
 //! - [`command`]: the log entries the state machine understands.
@@ -11,6 +12,7 @@
 //! - [`bucket`]: bucket functions (nftables jhash, low bits), bit-exact with the kernel.
 //! - [`policy`]: the assignment policy (which member should own each bucket), pure.
 
+pub mod agent;
 pub mod bucket;
 pub mod command;
 pub mod damping;

@@ -103,7 +103,7 @@ fn agents_that_never_yield_can_get_stuck() {
     let mut stuck = Vec::new();
     for seed in [1, 14, 15, 25] {
         let mut cfg = SimConfig::new(seed);
-        cfg.agent_yields = false;
+        cfg.agent_faults.never_yield = true;
         cfg.fence_self_last = false;
         if let Err(f) = run_seed(cfg).result {
             assert_eq!(f.kind, FailureKind::Liveness, "{f:?}");
