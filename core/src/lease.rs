@@ -412,7 +412,11 @@ mod tests {
         });
         assert_eq!(a.expiry(), Some(1300));
         a.set_timing(LeaseTiming::default());
-        assert_eq!(a.expiry(), Some(1300), "a longer lease is not granted retroactively");
+        assert_eq!(
+            a.expiry(),
+            Some(1300),
+            "a longer lease is not granted retroactively"
+        );
     }
 
     #[test]

@@ -27,14 +27,21 @@ pub enum Event {
         assignment: Assignment,
     },
     /// The kernel applied a [`Command::Withdraw`].
-    Withdrawn { bucket: u32, epoch: u64 },
+    Withdrawn {
+        bucket: u32,
+        epoch: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// Write and fsync this state before carrying out the commands after it.
     Persist(AgentState),
-    Heartbeat { round: u64, epoch: u64, to: Vec<u64> },
+    Heartbeat {
+        round: u64,
+        epoch: u64,
+        to: Vec<u64>,
+    },
     /// Replace the kernel set by these (bucket, grant epoch), each timing out
     /// `timeout_ms` after it is written (nothing: accept no bucket).
     Install {
@@ -46,7 +53,10 @@ pub enum Command {
     /// the kernel applied it.
     Withdraw { bucket: u32, epoch: u64 },
     /// Tell the controllers these releases are out of the kernel.
-    Released { buckets: Vec<(u32, u64)>, to: Vec<u64> },
+    Released {
+        buckets: Vec<(u32, u64)>,
+        to: Vec<u64>,
+    },
     /// Heartbeat and watch exactly these controllers from now on.
     Watch { controllers: Vec<Controller> },
 }
