@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use vipshare_core::lease::{LeaseTiming, Promises, Refusal};
+use vipshare_core::heartbeat;
+use vipshare_core::lease::{LeaseTiming, Promises};
+use vipshare_core::state::ClusterState;
 
 pub struct Leases {
     started: Instant,
@@ -67,9 +69,16 @@ impl Leases {
         }
     }
 
-    pub fn heartbeat(&self, member: &str, epoch: u64, current: Option<u64>) -> Result<(), Refusal> {
+    /// Answers a heartbeat ([`heartbeat::answer`]) from the applied `state`.
+    pub fn heartbeat(
+        &self,
+        state: &ClusterState,
+        voter: bool,
+        member: &str,
+        epoch: u64,
+    ) -> heartbeat::Answer {
         let now = self.now_ms();
-        self.lock().heartbeat(now, member, epoch, current)
+        heartbeat::answer(&mut self.lock(), now, state, voter, member, epoch)
     }
 
     /// Milliseconds since this controller last acked `member`.

@@ -120,8 +120,17 @@ pub struct Promises {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     UnknownMember,
-    StaleEpoch { current: u64 },
-    Fenced { epoch: u64 },
+    StaleEpoch {
+        current: u64,
+    },
+    Fenced {
+        epoch: u64,
+    },
+    Evicted {
+        epoch: u64,
+    },
+    /// This controller is not in its own applied voter set.
+    NotAVoter,
 }
 
 impl std::fmt::Display for Refusal {
@@ -130,6 +139,8 @@ impl std::fmt::Display for Refusal {
             Refusal::UnknownMember => write!(f, "unknown member"),
             Refusal::StaleEpoch { current } => write!(f, "member epoch is now {current}"),
             Refusal::Fenced { epoch } => write!(f, "epoch {epoch} is fenced"),
+            Refusal::Evicted { epoch } => write!(f, "evicted at epoch {epoch}"),
+            Refusal::NotAVoter => write!(f, "this controller is not a voter"),
         }
     }
 }

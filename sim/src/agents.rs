@@ -172,16 +172,6 @@ impl Kernel {
     }
 }
 
-/// Whether a stream would send `new` after `old` (it sends on a change of
-/// anything but the applied index).
-pub fn differs(old: &Assignment, new: &Assignment) -> bool {
-    old.member_epoch != new.member_epoch
-        || old.timing != new.timing
-        || old.owned != new.owned
-        || old.release != new.release
-        || old.controllers != new.controllers
-}
-
 /// A message of the lease protocol (agent API and controller fencing RPCs).
 #[derive(Debug, Clone)]
 pub enum LeaseMsg {

@@ -256,7 +256,8 @@ impl Engine {
             && self.epoch > 0
             && r.member_epoch == self.epoch
             && self.epoch_round.is_some_and(|first| r.round >= first)
-            && (self.refused(r.round, r.controller) || r.leader == r.controller)
+            && (self.refused(r.round, r.controller)
+                || (r.leader == r.controller && self.state.voters.contains(&r.controller)))
         {
             // Refused for good at the current epoch (fence marks of rounds that
             // never completed, or eviction), by a majority or by the leader. A

@@ -30,6 +30,7 @@
 use std::collections::BTreeSet;
 
 use vipshare_core::damping::Damping;
+use vipshare_core::heartbeat;
 use vipshare_core::lease::{majority, LeaseTiming, Promises};
 use vipshare_core::ownership::{Action, Planner, PlannerConfig, PlannerFaults};
 use vipshare_core::policy;
@@ -41,7 +42,7 @@ use vipshare_core::agent::{
     Event as AgentEvent, Reply,
 };
 
-use crate::agents::{differs, Clock, Host, Kernel, KernelOp, LeaseMsg, AGENT_ID_BASE};
+use crate::agents::{Clock, Host, Kernel, KernelOp, LeaseMsg, AGENT_ID_BASE};
 use crate::faults::{AgentFault, AgentFaultPlan};
 
 /// Lease events of the world's queue.
@@ -176,38 +177,9 @@ fn draw_ppm(rng: &mut ChaCha8Rng, rho_ppm: u64) -> i64 {
     }
 }
 
-/// How the sim names controller `id` in an assignment.
-fn controller_ref(id: u64, voter: bool) -> AgentController {
-    AgentController {
-        id,
-        address: format!("n{id}"),
-        voter,
-    }
-}
-
 /// The assignment a controller streams to `member` from its applied state.
 fn assignment_of(r: &Replica<SimDisk>, member: &str) -> Assignment {
-    let s = r.state();
-    let voters = &r.conf_state().voters;
-    let grants = |releasing: bool| {
-        (0u32..)
-            .zip(&s.buckets)
-            .filter(|(_, b)| b.owner.as_deref() == Some(member) && b.releasing == releasing)
-            .map(|(i, b)| (i, b.epoch))
-            .collect()
-    };
-    Assignment {
-        member_epoch: s.members.get(member).map_or(0, |m| m.epoch),
-        applied_index: r.applied_index(),
-        timing: s.settings.as_ref().map(|st| st.lease),
-        owned: grants(false),
-        release: grants(true),
-        controllers: s
-            .controllers
-            .keys()
-            .map(|&id| controller_ref(id, voters.contains(&id)))
-            .collect(),
-    }
+    Assignment::of(r.state(), r.applied_index(), &r.conf_state().voters, member)
 }
 
 impl World {
@@ -762,7 +734,7 @@ impl World {
                 continue;
             }
             let a = assignment_of(r, &h.name);
-            if !force && c.streams.get(&i).is_some_and(|last| !differs(last, &a)) {
+            if !force && c.streams.get(&i).is_some_and(|last| !a.differs(last)) {
                 continue;
             }
             c.streams.insert(i, a.clone());
@@ -803,14 +775,10 @@ impl World {
                 let Some(p) = c.promises.as_mut() else {
                     return Ok(());
                 };
-                let m = r.state().members.get(&member);
-                let acked = match m {
-                    Some(m) if m.evicted && m.epoch == epoch => false,
-                    _ => p
-                        .heartbeat(c.clock.local(now), &member, epoch, m.map(|m| m.epoch))
-                        .is_ok(),
-                };
-                let member_epoch = m.map_or(0, |m| m.epoch);
+                let voter = r.conf_state().voters.contains(&id);
+                let local = c.clock.local(now);
+                let answer = heartbeat::answer(p, local, r.state(), voter, &member, epoch);
+                let (acked, member_epoch) = (answer.verdict.is_ok(), answer.member_epoch);
                 let leader = r.role().leader;
                 self.lease_reply(
                     id,
@@ -1083,7 +1051,11 @@ impl World {
             .nodes
             .iter()
             .filter(|(_, n)| !matches!(n.slot, Slot::Gone))
-            .map(|(&id, _)| controller_ref(id, true))
+            .map(|(&id, _)| AgentController {
+                id,
+                address: address(id),
+                voter: true,
+            })
             .collect();
         let known: Vec<u64> = seeds.iter().map(|c| c.id).collect();
         let faults = self.cfg.agent_faults;
