@@ -41,12 +41,26 @@ pub fn answer(
 mod tests {
     use super::*;
     use crate::command::Command;
+    use crate::bucket::{Affinity, BucketFn};
     use crate::lease::LeaseTiming;
+    use crate::state::Settings;
     use std::collections::BTreeMap;
 
     #[test]
     fn acks_only_as_a_voter_and_never_an_evicted_epoch() {
         let mut s = ClusterState::default();
+        s.apply(Command::InitCluster {
+            settings: Settings {
+                vips: vec![],
+                bucket_count: 16,
+                bucket_fn: BucketFn::Jhash,
+                affinity: Affinity::Address,
+                seed: 1,
+                lease: LeaseTiming::default(),
+                damping: Default::default(),
+            },
+        })
+        .unwrap();
         s.apply(Command::AddMember {
             name: "h1".into(),
             weight: 1,
