@@ -3,7 +3,8 @@
 //!
 //! A plain mutex is enough here: the hot path is one map update per heartbeat
 //! (members x 10 per second), and keeping the pure `Promises` type lets the
-//! simulator run exactly this logic.
+//! simulator run exactly this logic. The fence-file fsync happens outside that
+//! lock, on a blocking thread.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -18,6 +19,8 @@ use vipshare_core::state::ClusterState;
 pub struct Leases {
     started: Instant,
     promises: Mutex<Promises>,
+    /// Serialises fence-file writes (taken without the promises lock).
+    writer: Mutex<()>,
     fence_file: PathBuf,
 }
 
@@ -47,6 +50,7 @@ impl Leases {
         Ok(Leases {
             started: Instant::now(),
             promises: Mutex::new(Promises::new(LeaseTiming::default(), 0, fenced)),
+            writer: Mutex::new(()),
             fence_file,
         })
     }
@@ -106,18 +110,25 @@ impl Leases {
         self.lock().observe(now, members);
     }
 
-    /// Agree to fence if the promise ran out, persisting the mark first.
-    /// Returns `Ok(None)` on agreement, `Ok(Some(wait_ms))` when not yet.
+    /// Agree to fence if the promise ran out; returns once the mark is on disk.
+    /// `Ok(None)` on agreement, `Ok(Some(wait_ms))` when not yet. Blocking (an
+    /// fsync): call it from `spawn_blocking`. The mark holds in memory from the
+    /// moment it is made, so no ack slips in while it is written, and the lock
+    /// is not held across the fsync (heartbeats are not stalled by the disk).
     pub fn fence(&self, member: &str, epoch: u64) -> Result<Option<u64>, LeaseError> {
         let now = self.now_ms();
-        let mut p = self.lock();
-        let mut trial = p.clone();
-        if !trial.fence(now, member, epoch) {
-            let lc = p.timing().controller_promise_ms();
-            return Ok(Some((p.last_ack(member) + lc).saturating_sub(now)));
+        {
+            let mut p = self.lock();
+            if !p.fence(now, member, epoch) {
+                let lc = p.timing().controller_promise_ms();
+                return Ok(Some((p.last_ack(member) + lc).saturating_sub(now)));
+            }
         }
-        self.persist(trial.fenced())?;
-        *p = trial;
+        // Writers take turns and each writes the newest marks (which include
+        // this one), so an older set never overwrites a newer one.
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let newest = self.lock().fenced().clone();
+        self.persist(&newest)?;
         Ok(None)
     }
 

@@ -40,8 +40,8 @@ pub fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::Command;
     use crate::bucket::{Affinity, BucketFn};
+    use crate::command::Command;
     use crate::lease::LeaseTiming;
     use crate::state::Settings;
     use std::collections::BTreeMap;

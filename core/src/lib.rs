@@ -7,6 +7,7 @@
 //! - [`command`]: the log entries the state machine understands.
 //! - [`state`]: the replicated state machine (settings, members, bucket owners).
 //! - [`lease`]: quorum-lease arithmetic for agents and controllers.
+//! - [`fence`]: the leader's two-phase fence round.
 //! - [`heartbeat`]: a controller's answer to an agent's heartbeat.
 //! - [`damping`]: flap-damping penalties.
 //! - [`ownership`]: the leader's planner: fencing, re-admission, bucket moves.
@@ -17,6 +18,7 @@ pub mod agent;
 pub mod bucket;
 pub mod command;
 pub mod damping;
+pub mod fence;
 pub mod heartbeat;
 pub mod lease;
 pub mod ownership;

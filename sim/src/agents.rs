@@ -200,11 +200,14 @@ pub enum LeaseMsg {
         round: u64,
         member: String,
         epoch: u64,
+        /// False: could it agree (records nothing); true: agree for real.
+        commit: bool,
     },
     FenceReply {
         round: u64,
         controller: u64,
         agreed: bool,
+        commit: bool,
     },
 }
 
@@ -240,12 +243,14 @@ impl LeaseMsg {
                 round,
                 member,
                 epoch,
-            } => format!("FenceRequest {round} {member}@{epoch}"),
+                commit,
+            } => format!("FenceRequest {round} {member}@{epoch} commit={commit}"),
             LeaseMsg::FenceReply {
                 round,
                 controller,
                 agreed,
-            } => format!("FenceReply {round} n{controller} agreed={agreed}"),
+                commit,
+            } => format!("FenceReply {round} n{controller} agreed={agreed} commit={commit}"),
         }
     }
 }

@@ -103,7 +103,7 @@ fn config(args: &Args, seed: u64) -> SimConfig {
     cfg.agent_faults.forget_releases = args.bug == Some(Bug::AgentForgetsReleases);
     cfg.agent_faults.skip_persist = args.bug == Some(Bug::AgentSkipsPersist);
     cfg.agent_faults.never_yield = args.bug == Some(Bug::AgentNeverYields);
-    cfg.fence_self_last = args.bug != Some(Bug::LeaderFencesFirst);
+    cfg.fence_faults.leader_marks_first = args.bug == Some(Bug::LeaderFencesFirst);
     cfg.agents = !args.no_agents;
     cfg.agent_count = args.agents.map(|n| n as usize);
     cfg.fault_gap_ms = args.fault_gap_ms.max(4);

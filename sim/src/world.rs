@@ -22,6 +22,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use vipshare_core::agent::AgentFaults;
 use vipshare_core::command::{Command, ProposalId};
+use vipshare_core::fence::FenceFaults;
 use vipshare_core::replica::{
     is_snapshot, AppliedEntry, ControllerChange, Faults, Outcome, ReadyOutput, Replica,
     ReplicaConfig,
@@ -72,10 +73,9 @@ pub struct SimConfig {
     /// (`vipshare_core::agent::AgentFaults`): skip the persist, forget
     /// releases, never yield.
     pub agent_faults: AgentFaults,
-    /// The leader records its own agreement to a fence only once the others'
-    /// agreements make a majority with it (the controller records it first, so
-    /// a leader cut off from the agents marks every member it cannot hear).
-    pub fence_self_last: bool,
+    /// Deliberate bugs in the fence round (`vipshare_core::fence::FenceFaults`):
+    /// the leader marking itself first.
+    pub fence_faults: FenceFaults,
     /// Length of the fault-free window after convergence in which no bucket may move.
     pub quiet_ms: u64,
     /// Print the event trace to stdout.
@@ -100,7 +100,7 @@ impl SimConfig {
             agent_fault_gap_ms: 1200,
             skip_fence_wait: false,
             agent_faults: AgentFaults::default(),
-            fence_self_last: true,
+            fence_faults: FenceFaults::default(),
             quiet_ms: 3000,
             print_trace: false,
             hash_trace: false,

@@ -104,7 +104,7 @@ fn agents_that_never_yield_can_get_stuck() {
     for seed in [1, 14, 15, 25] {
         let mut cfg = SimConfig::new(seed);
         cfg.agent_faults.never_yield = true;
-        cfg.fence_self_last = false;
+        cfg.fence_faults.leader_marks_first = true;
         if let Err(f) = run_seed(cfg).result {
             assert_eq!(f.kind, FailureKind::Liveness, "{f:?}");
             stuck.push(seed);

@@ -29,7 +29,10 @@
 
 use std::collections::BTreeSet;
 
+use std::collections::VecDeque;
+
 use vipshare_core::damping::Damping;
+use vipshare_core::fence::{FenceCommand, FenceRound};
 use vipshare_core::heartbeat;
 use vipshare_core::lease::{majority, LeaseTiming, Promises};
 use vipshare_core::ownership::{Action, Planner, PlannerConfig, PlannerFaults};
@@ -96,16 +99,11 @@ pub(super) enum LeaseEvent {
     },
 }
 
-/// One fence round the leader runs.
+/// One fence round the leader runs ([`vipshare_core::fence::FenceRound`]).
 #[derive(Debug, Clone)]
-struct FenceRound {
-    member: String,
-    epoch: u64,
-    need: usize,
-    agreed: BTreeSet<u64>,
+struct Round {
+    fence: FenceRound,
     started: u64,
-    wall: u64,
-    proposed: bool,
 }
 
 /// A controller's lease side.
@@ -116,7 +114,7 @@ pub(super) struct CtlLease {
     fenced: BTreeMap<String, u64>,
     promises: Option<Promises>,
     planner: Option<Planner>,
-    rounds: BTreeMap<u64, FenceRound>,
+    rounds: BTreeMap<u64, Round>,
     next_round: u64,
     /// Last assignment sent on each agent's stream.
     streams: BTreeMap<usize, Assignment>,
@@ -804,6 +802,7 @@ impl World {
                 round,
                 member,
                 epoch,
+                commit,
             } => {
                 let Some(c) = self.ctl.get_mut(&id) else {
                     return Ok(());
@@ -811,14 +810,20 @@ impl World {
                 let Some(p) = c.promises.as_mut() else {
                     return Ok(());
                 };
-                let agreed = p.fence(c.clock.local(now), &member, epoch);
-                if agreed {
-                    // Persisted (fsync'd) before the answer.
-                    c.fenced = p.fenced().clone();
-                    self.trace(Some(id), || {
-                        format!("agrees to fence {member}@{epoch}: never acks it again")
-                    });
-                }
+                let local = c.clock.local(now);
+                let agreed = if commit {
+                    let agreed = p.fence(local, &member, epoch);
+                    if agreed {
+                        // Persisted (fsync'd) before the answer.
+                        c.fenced = p.fenced().clone();
+                        self.trace(Some(id), || {
+                            format!("agrees to fence {member}@{epoch}: never acks it again")
+                        });
+                    }
+                    agreed
+                } else {
+                    p.may_fence(local, &member)
+                };
                 self.lease_reply(
                     id,
                     from,
@@ -827,6 +832,7 @@ impl World {
                         round,
                         controller: id,
                         agreed,
+                        commit,
                     },
                 );
             }
@@ -834,13 +840,13 @@ impl World {
                 round,
                 controller,
                 agreed,
+                commit,
             } => {
-                if let Some(rd) = self.ctl.get_mut(&id).and_then(|c| c.rounds.get_mut(&round)) {
-                    if agreed {
-                        rd.agreed.insert(controller);
-                    }
-                }
-                self.check_round(id, round)?;
+                let Some(rd) = self.ctl.get_mut(&id).and_then(|c| c.rounds.get_mut(&round)) else {
+                    return Ok(());
+                };
+                let cmds = rd.fence.answer(controller, commit, agreed);
+                self.fence_commands(id, round, cmds)?;
             }
             LeaseMsg::HeartbeatReply { .. } | LeaseMsg::Assignment { .. } => {}
         }
@@ -949,7 +955,7 @@ impl World {
         }
     }
 
-    /// Asks every voter (the leader included) to fence `member` at `epoch`.
+    /// Starts a fence round of `member` at `epoch` over every voter.
     fn fence_round(
         &mut self,
         id: u64,
@@ -958,90 +964,92 @@ impl World {
         voters: &[u64],
     ) -> Result<(), Failure> {
         let now = self.now;
+        let faults = self.cfg.fence_faults;
         let Some(c) = self.ctl.get_mut(&id) else {
             return Ok(());
         };
-        let Some(p) = c.promises.as_mut() else {
+        let Some(p) = c.promises.as_ref() else {
             return Ok(());
         };
         let round = c.next_round;
         c.next_round += 1;
-        let mut agreed = BTreeSet::new();
-        // The controller's fence_round agrees itself first (a persisted mark, even
-        // if nobody else is reachable); with `fence_self_last` the leader agrees
-        // only once the others' agreements make a majority with it.
-        if !self.cfg.fence_self_last && p.fence(c.clock.local(now), &member, epoch) {
-            c.fenced = p.fenced().clone();
-            agreed.insert(id);
-        }
-        let agreed_self = !agreed.is_empty();
+        let could = p.may_fence(c.clock.local(now), &member);
+        let (fence, cmds) =
+            FenceRound::start_faulty(id, voters, &member, epoch, now, could, faults);
         c.rounds.insert(
             round,
-            FenceRound {
-                member: member.clone(),
-                epoch,
-                need: majority(voters.len()),
-                agreed,
+            Round {
+                fence,
                 started: now,
-                wall: now,
-                proposed: false,
             },
         );
         self.stats.fence_rounds += 1;
         self.trace(Some(id), || {
             format!("fence round {round}: {member}@{epoch}, asking {voters:?}")
         });
-        if agreed_self {
-            self.trace(Some(id), || {
-                format!("agrees to fence {member}@{epoch}: never acks it again")
-            });
-        }
-        for &v in voters.iter().filter(|&&v| v != id) {
-            self.lease_send(
-                id,
-                v,
-                LeaseMsg::FenceRequest {
-                    round,
-                    member: member.clone(),
-                    epoch,
-                },
-            );
-        }
-        self.check_round(id, round)
+        self.fence_commands(id, round, cmds)
     }
 
-    /// Proposes the fence once a majority agreed.
-    fn check_round(&mut self, id: u64, round: u64) -> Result<(), Failure> {
-        let now = self.now;
-        let self_last = self.cfg.fence_self_last;
-        let Some(c) = self.ctl.get_mut(&id) else {
-            return Ok(());
-        };
-        let Some(rd) = c.rounds.get_mut(&round) else {
-            return Ok(());
-        };
-        if self_last && !rd.proposed && !rd.agreed.contains(&id) && rd.agreed.len() + 1 >= rd.need {
-            if let Some(p) = c.promises.as_mut() {
-                if p.fence(c.clock.local(now), &rd.member, rd.epoch) {
-                    c.fenced = p.fenced().clone();
-                    rd.agreed.insert(id);
+    /// Carries out what fence round `round` of controller `id` asks for.
+    fn fence_commands(
+        &mut self,
+        id: u64,
+        round: u64,
+        cmds: Vec<FenceCommand>,
+    ) -> Result<(), Failure> {
+        let mut todo: VecDeque<FenceCommand> = cmds.into();
+        while let Some(cmd) = todo.pop_front() {
+            let now = self.now;
+            let Some(c) = self.ctl.get_mut(&id) else {
+                return Ok(());
+            };
+            let Some(rd) = c.rounds.get_mut(&round) else {
+                return Ok(());
+            };
+            let (member, epoch) = (rd.fence.member().to_string(), rd.fence.epoch());
+            match cmd {
+                FenceCommand::Ask { to, commit } => {
+                    for v in to {
+                        let m = LeaseMsg::FenceRequest {
+                            round,
+                            member: member.clone(),
+                            epoch,
+                            commit,
+                        };
+                        self.lease_send(id, v, m);
+                    }
+                }
+                FenceCommand::MarkSelf => {
+                    let ok = match c.promises.as_mut() {
+                        Some(p) => p.fence(c.clock.local(now), &member, epoch),
+                        None => false,
+                    };
+                    if ok {
+                        // Persisted (fsync'd) before it counts.
+                        c.fenced = c
+                            .promises
+                            .as_ref()
+                            .map_or_else(Default::default, |p| p.fenced().clone());
+                    }
+                    todo.extend(rd.fence.marked_self(ok));
+                    if ok {
+                        self.trace(Some(id), || {
+                            format!("agrees to fence {member}@{epoch}: never acks it again")
+                        });
+                    }
+                }
+                FenceCommand::GiveUp { yes, need } => {
+                    self.trace(Some(id), || {
+                        format!("fence round {round} not agreed ({yes} of {need})")
+                    });
+                }
+                FenceCommand::Propose(cmd) => {
+                    self.trace(Some(id), || format!("fence round {round} agreed"));
+                    self.ownership_propose(id, cmd)?;
                 }
             }
         }
-        if rd.proposed || rd.agreed.len() < rd.need {
-            return Ok(());
-        }
-        rd.proposed = true;
-        let cmd = Command::FenceMember {
-            name: rd.member.clone(),
-            epoch: rd.epoch,
-            at_ms: rd.wall,
-        };
-        let agreed = rd.agreed.clone();
-        self.trace(Some(id), || {
-            format!("fence round {round} agreed by {agreed:?}")
-        });
-        self.ownership_propose(id, cmd)
+        Ok(())
     }
 
     // ---- agents --------------------------------------------------------------
