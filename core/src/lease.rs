@@ -17,6 +17,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+/// Floor of `kernel_delay_ms`: a kernel timer tick (10 ms at HZ=100) plus the
+/// normal latency of an nft transaction.
+pub const MIN_KERNEL_DELAY_MS: u64 = 20;
+/// Floor of `margin_ms`: one kernel timer tick.
+pub const MIN_MARGIN_MS: u64 = 10;
+
 /// Lease timing, a replicated cluster setting so agents and controllers agree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -54,6 +60,18 @@ impl LeaseTiming {
             return Err(format!(
                 "lease_ms ({}) must be at least twice heartbeat_ms ({}) so one lost heartbeat does not drop the lease",
                 self.lease_ms, self.heartbeat_ms
+            ));
+        }
+        if self.kernel_delay_ms < MIN_KERNEL_DELAY_MS {
+            return Err(format!(
+                "kernel_delay_ms ({}) must be at least {MIN_KERNEL_DELAY_MS}: a kernel timer tick (10 ms at HZ=100) plus a normal nft apply",
+                self.kernel_delay_ms
+            ));
+        }
+        if self.margin_ms < MIN_MARGIN_MS {
+            return Err(format!(
+                "margin_ms ({}) must be at least {MIN_MARGIN_MS}: the promise must outlast a kernel timer tick of rounding",
+                self.margin_ms
             ));
         }
         if self.kernel_delay_ms >= self.lease_ms {
@@ -386,6 +404,8 @@ mod tests {
         };
         assert!(bad(|t| t.lease_ms = 150));
         assert!(bad(|t| t.kernel_delay_ms = 600));
+        assert!(bad(|t| t.kernel_delay_ms = MIN_KERNEL_DELAY_MS - 1));
+        assert!(bad(|t| t.margin_ms = 0));
         assert!(bad(|t| t.clock_rate_ppm = 200_000));
         assert!(bad(|t| t.heartbeat_ms = 0));
     }
