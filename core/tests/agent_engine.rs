@@ -237,3 +237,22 @@ fn refused_for_good_by_a_majority_it_goes_silent() {
     assert!(e.silent_until().is_none());
     assert_eq!(e.epoch(), 2);
 }
+
+#[test]
+fn a_resume_after_a_lease_without_ticks_withdraws_first() {
+    let mut e = engine();
+    give(&mut e, 0, assignment(10, 1, &[(1, 1)], &[]));
+    let r = round(&mut e, 0);
+    e.step(1, reply(1, r, true, 1));
+    assert_eq!(installs(&e.step(1, reply(2, r, true, 1))).len(), 1);
+    let cmds = e.step(100, Event::Tick);
+    assert!(installs(&cmds).is_empty(), "a normal tick");
+    // The next tick comes a lease later (the host was suspended).
+    let cmds = e.step(700, Event::Tick);
+    assert_eq!(installs(&cmds), vec![(vec![], 0)]);
+    assert!(
+        matches!(cmds[0], Command::Install { .. }),
+        "before the heartbeat"
+    );
+    assert!(!e.lease_valid(700));
+}

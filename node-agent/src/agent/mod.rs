@@ -150,7 +150,8 @@ struct Runtime {
     /// Settings of the assignment the engine holds.
     settings: Option<Settings>,
     plane: Plane,
-    start: Instant,
+    /// [`clock_ms`] at start: engine time counts from here.
+    start: u64,
     tx: mpsc::Sender<Event>,
     conns: BTreeMap<u64, Conn>,
     leader: u64,
@@ -181,8 +182,28 @@ struct Drain {
     task: JoinHandle<()>,
 }
 
-fn now_ms(start: Instant) -> u64 {
-    start.elapsed().as_millis() as u64
+/// Milliseconds on a clock that keeps counting while the host is suspended
+/// (CLOCK_BOOTTIME on Linux), so that the engine sees a resume as the gap it
+/// is: the kernel's timers stood still meanwhile, its elements may be stale.
+fn clock_ms() -> u64 {
+    #[cfg(target_os = "linux")]
+    let id = libc::CLOCK_BOOTTIME;
+    #[cfg(not(target_os = "linux"))]
+    let id = libc::CLOCK_MONOTONIC;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; the id is valid here.
+    let rc = unsafe { libc::clock_gettime(id, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+fn now_ms(start: u64) -> u64 {
+    clock_ms().saturating_sub(start)
 }
 
 impl Runtime {
@@ -738,7 +759,7 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
             voter: true,
         })
         .collect();
-    let start = Instant::now();
+    let start = clock_ms();
     let adopted = plane.adopted_window();
     if !adopted.is_zero() {
         info!(window = ?adopted, "adopting kernel state of an earlier agent");
