@@ -31,15 +31,26 @@ pub enum LeaseError {
 }
 
 impl Leases {
-    /// Loads the fence marks from `data_dir/fences.json` (refusing a corrupt one).
-    pub fn open(data_dir: &Path) -> Result<Self, LeaseError> {
+    /// Loads the fence marks from `data_dir/fences.json`, refusing a corrupt one,
+    /// and a missing one unless the raft store is new (`fresh_store`): the marks
+    /// must be as durable as the log, or a restarted controller could ack an
+    /// epoch it agreed to fence. A new store gets an empty file at once.
+    pub fn open(data_dir: &Path, fresh_store: bool) -> Result<Self, LeaseError> {
         let fence_file = data_dir.join("fences.json");
-        let fenced: BTreeMap<String, u64> = match std::fs::read(&fence_file) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| LeaseError::FenceFile {
+        let (fenced, missing): (BTreeMap<String, u64>, bool) = match std::fs::read(&fence_file) {
+            Ok(bytes) => (serde_json::from_slice(&bytes).map_err(|e| LeaseError::FenceFile {
                 file: fence_file.clone(),
                 reason: format!("corrupt: {e}; it records which members this controller fenced and must not be discarded"),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            })?, false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !fresh_store {
+                    return Err(LeaseError::FenceFile {
+                        file: fence_file,
+                        reason: "missing, but the raft store next to it is not new: the fence marks this controller agreed to would be lost, and it could ack a fenced member again. Restore the file; only if this controller never agreed to a fence (a store from before the file was always written), create it containing {}".into(),
+                    });
+                }
+                (BTreeMap::new(), true)
+            }
             Err(e) => {
                 return Err(LeaseError::FenceFile {
                     file: fence_file,
@@ -47,12 +58,16 @@ impl Leases {
                 })
             }
         };
-        Ok(Leases {
+        let leases = Leases {
             started: Instant::now(),
             promises: Mutex::new(Promises::new(LeaseTiming::default(), 0, fenced)),
             writer: Mutex::new(()),
             fence_file,
-        })
+        };
+        if missing {
+            leases.persist(&BTreeMap::new())?;
+        }
+        Ok(leases)
     }
 
     /// Milliseconds on this controller's monotonic clock.
@@ -157,5 +172,25 @@ impl Leases {
                 .map_err(|e| err(e.to_string()))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fence_marks_are_as_durable_as_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Leases::open(dir.path(), false).err().unwrap().to_string();
+        assert!(e.contains("fences.json") && e.contains("not new"), "{e}");
+        let l = Leases::open(dir.path(), true).unwrap();
+        assert!(dir.path().join("fences.json").exists(), "written at once");
+        drop(l);
+        let l = Leases::open(dir.path(), false).unwrap();
+        assert!(l.with(|p| p.fenced().is_empty()));
+        std::fs::write(dir.path().join("fences.json"), "{").unwrap();
+        let e = Leases::open(dir.path(), false).err().unwrap().to_string();
+        assert!(e.contains("corrupt"), "{e}");
     }
 }
