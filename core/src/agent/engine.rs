@@ -31,6 +31,9 @@ pub enum Event {
         bucket: u32,
         epoch: u64,
     },
+    /// The host was suspended (or its VM paused): its kernel timers stood still,
+    /// so what the kernel holds may outlast the lease the controllers promised.
+    Resumed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,8 +100,6 @@ pub struct Engine {
     /// Until then no heartbeats: the epoch is refused for good, so it lets
     /// every promise run out to be fenced.
     silent_until: Option<u64>,
-    /// When the heartbeat timer last fired.
-    last_tick: Option<u64>,
     out: Vec<Command>,
     faults: AgentFaults,
 }
@@ -121,7 +122,6 @@ impl Engine {
             refusals: BTreeMap::new(),
             epoch_round: None,
             silent_until: None,
-            last_tick: None,
             out: Vec::new(),
             faults: AgentFaults::default(),
         }
@@ -200,6 +200,16 @@ impl Engine {
                 controller,
                 assignment,
             } => self.on_assignment(now, controller, assignment),
+            Event::Resumed => {
+                // Withdraw before anything else; a new majority gives a new lease.
+                self.lease.revoke();
+                self.installed.clear();
+                self.out.push(Command::Install {
+                    buckets: Vec::new(),
+                    timeout_ms: 0,
+                    member_epoch: self.epoch,
+                });
+            }
             Event::Withdrawn { bucket, epoch } => {
                 self.withdrawing.remove(&(bucket, epoch));
                 self.withdrawn.insert((bucket, epoch));
@@ -222,23 +232,6 @@ impl Engine {
     }
 
     fn tick(&mut self, now: u64) {
-        let stood_still = self
-            .last_tick
-            .is_some_and(|t| now >= t + self.lease.timing().lease_ms);
-        self.last_tick = Some(now);
-        if stood_still && (self.lease.expiry().is_some() || !self.installed.is_empty()) {
-            // No tick for a lease: the host was suspended or paused (its kernel
-            // timers stood still too, so what the kernel holds may outlast the
-            // lease the controllers promised), or this process starved. Withdraw
-            // before anything else; a new majority gives a new lease.
-            self.lease.revoke();
-            self.installed.clear();
-            self.out.push(Command::Install {
-                buckets: Vec::new(),
-                timeout_ms: 0,
-                member_epoch: self.epoch,
-            });
-        }
         if self.silent_until.is_some_and(|t| now < t) {
             return;
         }

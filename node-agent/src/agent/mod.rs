@@ -59,6 +59,8 @@ use crate::metrics;
 
 /// How often the tables are rebuilt from scratch (repairs outside changes).
 const FULL_RECONCILE: Duration = Duration::from_secs(30);
+/// Growth of the suspended time that counts as a resume (clock reading noise).
+const RESUME_SLACK_MS: u64 = 20;
 /// An apply slower than this is repeated at once (its lease figure may be stale).
 const STALE_APPLY: Duration = Duration::from_millis(100);
 
@@ -152,6 +154,8 @@ struct Runtime {
     plane: Plane,
     /// [`clock_ms`] at start: engine time counts from here.
     start: u64,
+    /// [`suspended_ms`] when last looked at.
+    suspended: u64,
     tx: mpsc::Sender<Event>,
     conns: BTreeMap<u64, Conn>,
     leader: u64,
@@ -182,24 +186,32 @@ struct Drain {
     task: JoinHandle<()>,
 }
 
-/// Milliseconds on a clock that keeps counting while the host is suspended
-/// (CLOCK_BOOTTIME on Linux), so that the engine sees a resume as the gap it
-/// is: the kernel's timers stood still meanwhile, its elements may be stale.
-fn clock_ms() -> u64 {
-    #[cfg(target_os = "linux")]
-    let id = libc::CLOCK_BOOTTIME;
-    #[cfg(not(target_os = "linux"))]
-    let id = libc::CLOCK_MONOTONIC;
+fn read_clock(id: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: clock_gettime writes one timespec we own; the id is valid here.
+    // SAFETY: clock_gettime writes one timespec we own; the ids used are valid.
     let rc = unsafe { libc::clock_gettime(id, &mut ts) };
     if rc != 0 {
         return 0;
     }
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// Milliseconds on a clock that keeps counting while the host is suspended
+/// (CLOCK_BOOTTIME on Linux): a lease runs out across a suspend.
+fn clock_ms() -> u64 {
+    #[cfg(target_os = "linux")]
+    return read_clock(libc::CLOCK_BOOTTIME);
+    #[cfg(not(target_os = "linux"))]
+    return read_clock(libc::CLOCK_MONOTONIC);
+}
+
+/// How long the host has spent suspended since boot: the boot clock counts it,
+/// the monotonic clock (and the kernel's timers) does not.
+fn suspended_ms() -> u64 {
+    clock_ms().saturating_sub(read_clock(libc::CLOCK_MONOTONIC))
 }
 
 fn now_ms(start: u64) -> u64 {
@@ -250,8 +262,19 @@ impl Runtime {
         }
     }
 
-    /// Feeds one event to the engine and carries out its commands in order.
+    /// Feeds one event to the engine and carries out its commands in order;
+    /// a resume from suspend goes first.
     fn step(&mut self, ev: engine::Event) {
+        let suspended = suspended_ms();
+        if suspended > self.suspended + RESUME_SLACK_MS {
+            warn!(
+                suspended_ms = suspended - self.suspended,
+                "host resumed from suspend: withdrawing every bucket first"
+            );
+            self.suspended = suspended;
+            self.step(engine::Event::Resumed);
+        }
+        self.suspended = suspended;
         let now = self.now();
         let (epoch, expiry) = (self.engine.epoch(), self.engine.lease_expiry());
         let cmds = self.engine.step(now, ev);
@@ -773,6 +796,7 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
         tls: tls_cfg,
         plane,
         start,
+        suspended: suspended_ms(),
         tx,
         conns: BTreeMap::new(),
         leader: 0,
