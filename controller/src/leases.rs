@@ -3,7 +3,8 @@
 //!
 //! A plain mutex is enough here: the hot path is one map update per heartbeat
 //! (members x 10 per second), and keeping the pure `Promises` type lets the
-//! simulator run exactly this logic.
+//! simulator run exactly this logic. The fence-file fsync happens outside that
+//! lock, on a blocking thread.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -11,11 +12,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use vipshare_core::lease::{LeaseTiming, Promises, Refusal};
+use vipshare_core::heartbeat;
+use vipshare_core::lease::{LeaseTiming, Promises};
+use vipshare_core::state::ClusterState;
 
 pub struct Leases {
     started: Instant,
     promises: Mutex<Promises>,
+    /// Serialises fence-file writes (taken without the promises lock).
+    writer: Mutex<()>,
     fence_file: PathBuf,
 }
 
@@ -26,15 +31,26 @@ pub enum LeaseError {
 }
 
 impl Leases {
-    /// Loads the fence marks from `data_dir/fences.json` (refusing a corrupt one).
-    pub fn open(data_dir: &Path) -> Result<Self, LeaseError> {
+    /// Loads the fence marks from `data_dir/fences.json`, refusing a corrupt one,
+    /// and a missing one unless the raft store is new (`fresh_store`): the marks
+    /// must be as durable as the log, or a restarted controller could ack an
+    /// epoch it agreed to fence. A new store gets an empty file at once.
+    pub fn open(data_dir: &Path, fresh_store: bool) -> Result<Self, LeaseError> {
         let fence_file = data_dir.join("fences.json");
-        let fenced: BTreeMap<String, u64> = match std::fs::read(&fence_file) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| LeaseError::FenceFile {
+        let (fenced, missing): (BTreeMap<String, u64>, bool) = match std::fs::read(&fence_file) {
+            Ok(bytes) => (serde_json::from_slice(&bytes).map_err(|e| LeaseError::FenceFile {
                 file: fence_file.clone(),
                 reason: format!("corrupt: {e}; it records which members this controller fenced and must not be discarded"),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            })?, false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !fresh_store {
+                    return Err(LeaseError::FenceFile {
+                        file: fence_file,
+                        reason: "missing, but the raft store next to it is not new: the fence marks this controller agreed to would be lost, and it could ack a fenced member again. Restore the file; only if this controller never agreed to a fence (a store from before the file was always written), create it containing {}".into(),
+                    });
+                }
+                (BTreeMap::new(), true)
+            }
             Err(e) => {
                 return Err(LeaseError::FenceFile {
                     file: fence_file,
@@ -42,11 +58,16 @@ impl Leases {
                 })
             }
         };
-        Ok(Leases {
+        let leases = Leases {
             started: Instant::now(),
             promises: Mutex::new(Promises::new(LeaseTiming::default(), 0, fenced)),
+            writer: Mutex::new(()),
             fence_file,
-        })
+        };
+        if missing {
+            leases.persist(&BTreeMap::new())?;
+        }
+        Ok(leases)
     }
 
     /// Milliseconds on this controller's monotonic clock.
@@ -67,9 +88,16 @@ impl Leases {
         }
     }
 
-    pub fn heartbeat(&self, member: &str, epoch: u64, current: Option<u64>) -> Result<(), Refusal> {
+    /// Answers a heartbeat ([`heartbeat::answer`]) from the applied `state`.
+    pub fn heartbeat(
+        &self,
+        state: &ClusterState,
+        voter: bool,
+        member: &str,
+        epoch: u64,
+    ) -> heartbeat::Answer {
         let now = self.now_ms();
-        self.lock().heartbeat(now, member, epoch, current)
+        heartbeat::answer(&mut self.lock(), now, state, voter, member, epoch)
     }
 
     /// Milliseconds since this controller last acked `member`.
@@ -97,18 +125,25 @@ impl Leases {
         self.lock().observe(now, members);
     }
 
-    /// Agree to fence if the promise ran out, persisting the mark first.
-    /// Returns `Ok(None)` on agreement, `Ok(Some(wait_ms))` when not yet.
+    /// Agree to fence if the promise ran out; returns once the mark is on disk.
+    /// `Ok(None)` on agreement, `Ok(Some(wait_ms))` when not yet. Blocking (an
+    /// fsync): call it from `spawn_blocking`. The mark holds in memory from the
+    /// moment it is made, so no ack slips in while it is written, and the lock
+    /// is not held across the fsync (heartbeats are not stalled by the disk).
     pub fn fence(&self, member: &str, epoch: u64) -> Result<Option<u64>, LeaseError> {
         let now = self.now_ms();
-        let mut p = self.lock();
-        let mut trial = p.clone();
-        if !trial.fence(now, member, epoch) {
-            let lc = p.timing().controller_promise_ms();
-            return Ok(Some((p.last_ack(member) + lc).saturating_sub(now)));
+        {
+            let mut p = self.lock();
+            if !p.fence(now, member, epoch) {
+                let lc = p.timing().controller_promise_ms();
+                return Ok(Some((p.last_ack(member) + lc).saturating_sub(now)));
+            }
         }
-        self.persist(trial.fenced())?;
-        *p = trial;
+        // Writers take turns and each writes the newest marks (which include
+        // this one), so an older set never overwrites a newer one.
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let newest = self.lock().fenced().clone();
+        self.persist(&newest)?;
         Ok(None)
     }
 
@@ -137,5 +172,25 @@ impl Leases {
                 .map_err(|e| err(e.to_string()))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fence_marks_are_as_durable_as_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Leases::open(dir.path(), false).err().unwrap().to_string();
+        assert!(e.contains("fences.json") && e.contains("not new"), "{e}");
+        let l = Leases::open(dir.path(), true).unwrap();
+        assert!(dir.path().join("fences.json").exists(), "written at once");
+        drop(l);
+        let l = Leases::open(dir.path(), false).unwrap();
+        assert!(l.with(|p| p.fenced().is_empty()));
+        std::fs::write(dir.path().join("fences.json"), "{").unwrap();
+        let e = Leases::open(dir.path(), false).err().unwrap().to_string();
+        assert!(e.contains("corrupt"), "{e}");
     }
 }

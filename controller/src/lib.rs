@@ -102,7 +102,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
         seed_peers,
     );
 
-    let leases = std::sync::Arc::new(leases::Leases::open(&cfg.data_dir)?);
+    let leases = std::sync::Arc::new(leases::Leases::open(&cfg.data_dir, fresh)?);
     let (released_tx, released_rx) = tokio::sync::mpsc::channel(4096);
     let ownership = ownership::Ownership {
         me: cfg.id,

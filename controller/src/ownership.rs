@@ -1,9 +1,10 @@
 //! Runs the ownership planner (`vipshare_core::ownership`) while this controller is
-//! the leader: every half heartbeat interval it plans, runs fence rounds against
-//! every voter, and proposes the resulting commands. Nothing here decides; it only
-//! carries out what the planner chose.
+//! the leader: every half heartbeat interval it plans, runs fence rounds
+//! ([`vipshare_core::fence::FenceRound`]) against every voter, and proposes the
+//! resulting commands. Nothing here decides; it only carries out what the
+//! planner and the fence round chose.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,7 +12,7 @@ use raft::StateRole;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use vipshare_core::command::Command;
-use vipshare_core::lease::majority;
+use vipshare_core::fence::{FenceCommand, FenceRound};
 use vipshare_core::ownership::{Action, Planner, PlannerConfig};
 use vipshare_proto::v1::raft_transport_client::RaftTransportClient;
 use vipshare_proto::v1::FenceRequest;
@@ -128,79 +129,89 @@ impl Ownership {
         });
     }
 
-    /// Two phases over every voter (this controller included): first ask whether
-    /// each could agree, recording nothing; only if a majority could, ask them to
-    /// agree for real, this controller last. Marking on one controller while the
-    /// others still ack the member would cut a live member off that controller.
+    /// Runs a [`FenceRound`] (two phases, this controller marking last) over
+    /// the network: carries out its commands and feeds it the answers.
     fn fence_round(&self, peers: &Peers, voters: Vec<u64>, member: String, epoch: u64, wall: u64) {
-        let need = majority(voters.len());
         let me = self.me;
         let leases = self.leases.clone();
         let node = self.node.clone();
         let cluster = self.cluster.clone();
-        let clients: Vec<_> = voters
+        let clients: BTreeMap<u64, _> = voters
             .iter()
             .filter(|&&v| v != me)
             .filter_map(|v| peers.get(v).map(|(_, _, c)| (*v, c.clone())))
             .collect();
         tokio::spawn(async move {
-            let ask = |commit: bool| {
-                let asks = clients.iter().cloned().map(|(id, mut c)| {
-                    let req = FenceRequest {
-                        protocol_version: PROTOCOL_VERSION,
-                        cluster: cluster.clone(),
-                        from: me,
-                        member: member.clone(),
-                        epoch,
-                        commit,
-                    };
-                    async move {
-                        match tokio::time::timeout(Duration::from_secs(1), c.fence(req)).await {
-                            Ok(Ok(reply)) => reply.into_inner().agreed,
-                            other => {
-                                tracing::debug!(peer = id, ?other, "fence request failed");
-                                false
+            let self_could = leases.could_fence(&member).is_none();
+            let (mut round, first) =
+                FenceRound::start(me, &voters, &member, epoch, wall, self_could);
+            let mut todo: VecDeque<FenceCommand> = first.into();
+            while let Some(cmd) = todo.pop_front() {
+                match cmd {
+                    FenceCommand::Ask { to, commit } => {
+                        let asks = to.into_iter().map(|id| {
+                            let client = clients.get(&id).cloned();
+                            let req = FenceRequest {
+                                protocol_version: PROTOCOL_VERSION,
+                                cluster: cluster.clone(),
+                                from: me,
+                                member: member.clone(),
+                                epoch,
+                                commit,
+                            };
+                            async move {
+                                let Some(mut c) = client else {
+                                    return (id, false);
+                                };
+                                match tokio::time::timeout(Duration::from_secs(1), c.fence(req))
+                                    .await
+                                {
+                                    Ok(Ok(reply)) => (id, reply.into_inner().agreed),
+                                    other => {
+                                        tracing::debug!(peer = id, ?other, "fence request failed");
+                                        (id, false)
+                                    }
+                                }
                             }
+                        });
+                        for (id, agreed) in futures::future::join_all(asks).await {
+                            todo.extend(round.answer(id, commit, agreed));
                         }
                     }
-                });
-                futures::future::join_all(asks)
-            };
-            let could = usize::from(leases.could_fence(&member).is_none())
-                + ask(false).await.into_iter().filter(|a| *a).count();
-            if could < need {
-                crate::metrics::fencing_round(false);
-                tracing::debug!(%member, epoch, could, need, "member still acked by a majority");
-                return;
-            }
-            // The others mark first; this controller marks only if that makes a
-            // majority, so a leader cut off from the members poisons nobody.
-            let mut agreed = ask(true).await.into_iter().filter(|a| *a).count();
-            if agreed + 1 >= need {
-                match leases.fence(&member, epoch) {
-                    Ok(None) => agreed += 1,
-                    Ok(Some(_)) => {}
-                    Err(e) => tracing::error!(error = %e, "cannot persist fence mark"),
+                    FenceCommand::MarkSelf => {
+                        let l = leases.clone();
+                        let (m, e) = (member.clone(), epoch);
+                        // The mark is fsync'd: off the async workers.
+                        let ok = match tokio::task::spawn_blocking(move || l.fence(&m, e)).await {
+                            Ok(Ok(None)) => true,
+                            Ok(Ok(Some(_))) => false,
+                            Ok(Err(e)) => {
+                                tracing::error!(error = %e, "cannot persist fence mark");
+                                false
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "fence mark task failed");
+                                false
+                            }
+                        };
+                        todo.extend(round.marked_self(ok));
+                    }
+                    FenceCommand::GiveUp { yes, need } => {
+                        crate::metrics::fencing_round(false);
+                        tracing::info!(%member, epoch, yes, need, "fence not agreed (member still acked)");
+                    }
+                    FenceCommand::Propose(cmd) => {
+                        crate::metrics::fencing_round(true);
+                        let silent_for = leases.since_ack(&member);
+                        match node.propose(cmd).await {
+                            Ok(_) => {
+                                tracing::warn!(%member, epoch, silent_ms = silent_for, "member fenced: lease ended, buckets freed");
+                                crate::metrics::fenced(silent_for);
+                            }
+                            Err(e) => tracing::info!(%member, error = %e, "fence proposal failed"),
+                        }
+                    }
                 }
-            }
-            let ok = agreed >= need;
-            crate::metrics::fencing_round(ok);
-            if !ok {
-                tracing::info!(%member, epoch, agreed, need, "fence not agreed (acked again meanwhile)");
-                return;
-            }
-            let silent_for = leases.since_ack(&member);
-            let cmd = Command::FenceMember {
-                name: member.clone(),
-                epoch,
-                at_ms: wall,
-            };
-            match node.propose(cmd).await {
-                Ok(_) => {
-                    tracing::warn!(%member, epoch, silent_ms = silent_for, "member fenced: lease ended, buckets freed");
-                    crate::metrics::fenced(silent_for);
-                }
-                Err(e) => tracing::info!(%member, error = %e, "fence proposal failed"),
             }
         });
     }

@@ -17,6 +17,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+/// Floor of `kernel_delay_ms`: a kernel timer tick (10 ms at HZ=100) plus the
+/// normal latency of an nft transaction.
+pub const MIN_KERNEL_DELAY_MS: u64 = 20;
+/// Floor of `margin_ms`: one kernel timer tick.
+pub const MIN_MARGIN_MS: u64 = 10;
+
 /// Lease timing, a replicated cluster setting so agents and controllers agree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -54,6 +60,18 @@ impl LeaseTiming {
             return Err(format!(
                 "lease_ms ({}) must be at least twice heartbeat_ms ({}) so one lost heartbeat does not drop the lease",
                 self.lease_ms, self.heartbeat_ms
+            ));
+        }
+        if self.kernel_delay_ms < MIN_KERNEL_DELAY_MS {
+            return Err(format!(
+                "kernel_delay_ms ({}) must be at least {MIN_KERNEL_DELAY_MS}: a kernel timer tick (10 ms at HZ=100) plus a normal nft apply",
+                self.kernel_delay_ms
+            ));
+        }
+        if self.margin_ms < MIN_MARGIN_MS {
+            return Err(format!(
+                "margin_ms ({}) must be at least {MIN_MARGIN_MS}: the promise must outlast a kernel timer tick of rounding",
+                self.margin_ms
             ));
         }
         if self.kernel_delay_ms >= self.lease_ms {
@@ -120,8 +138,17 @@ pub struct Promises {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     UnknownMember,
-    StaleEpoch { current: u64 },
-    Fenced { epoch: u64 },
+    StaleEpoch {
+        current: u64,
+    },
+    Fenced {
+        epoch: u64,
+    },
+    Evicted {
+        epoch: u64,
+    },
+    /// This controller is not in its own applied voter set.
+    NotAVoter,
 }
 
 impl std::fmt::Display for Refusal {
@@ -130,6 +157,8 @@ impl std::fmt::Display for Refusal {
             Refusal::UnknownMember => write!(f, "unknown member"),
             Refusal::StaleEpoch { current } => write!(f, "member epoch is now {current}"),
             Refusal::Fenced { epoch } => write!(f, "epoch {epoch} is fenced"),
+            Refusal::Evicted { epoch } => write!(f, "evicted at epoch {epoch}"),
+            Refusal::NotAVoter => write!(f, "this controller is not a voter"),
         }
     }
 }
@@ -272,7 +301,13 @@ impl AgentLease {
         self.timing
     }
 
+    /// A shorter lease clips the one already earned: it was earned at send time
+    /// `expiry - lease_ms`, and the controllers now promise only the new length.
     pub fn set_timing(&mut self, timing: LeaseTiming) {
+        if let Some(e) = self.expiry {
+            let sent = e.saturating_sub(self.timing.lease_ms);
+            self.expiry = Some(e.min(sent + timing.lease_ms));
+        }
         self.timing = timing;
     }
 
@@ -369,6 +404,8 @@ mod tests {
         };
         assert!(bad(|t| t.lease_ms = 150));
         assert!(bad(|t| t.kernel_delay_ms = 600));
+        assert!(bad(|t| t.kernel_delay_ms = MIN_KERNEL_DELAY_MS - 1));
+        assert!(bad(|t| t.margin_ms = 0));
         assert!(bad(|t| t.clock_rate_ppm = 200_000));
         assert!(bad(|t| t.heartbeat_ms = 0));
     }
@@ -393,6 +430,24 @@ mod tests {
         assert_eq!(a.ack(old, 1), None);
         assert_eq!(a.ack(old, 2), None);
         assert_eq!(a.expiry(), Some(1700));
+    }
+
+    #[test]
+    fn a_shorter_lease_clips_the_earned_expiry() {
+        let mut a = AgentLease::new(LeaseTiming::default(), [1].into());
+        let r = a.start_round(1000);
+        assert_eq!(a.ack(r, 1), Some(1500));
+        a.set_timing(LeaseTiming {
+            lease_ms: 300,
+            ..LeaseTiming::default()
+        });
+        assert_eq!(a.expiry(), Some(1300));
+        a.set_timing(LeaseTiming::default());
+        assert_eq!(
+            a.expiry(),
+            Some(1300),
+            "a longer lease is not granted retroactively"
+        );
     }
 
     #[test]

@@ -684,7 +684,8 @@ pub fn write_agent_config(
 ) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let mut text = format!(
-        "member = \"{member}\"\ninterface = \"eth0\"\nbackend = \"linux\"\ndrain_timeout_ms = 20000\n{extra}\n"
+        "member = \"{member}\"\ninterface = \"eth0\"\nbackend = \"linux\"\ndrain_timeout_ms = 20000\nstate_dir = \"{}\"\n{extra}\n",
+        dir.join("agent-state").display()
     );
     for (id, addr) in controllers {
         text.push_str(&format!(

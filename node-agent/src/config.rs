@@ -6,6 +6,7 @@
 //! backend = "linux"                    # or "freebsd"
 //! metrics_listen = "127.0.0.1:9464"    # optional Prometheus endpoint
 //! drain_timeout_ms = 30000             # optional: SIGTERM waits this long for buckets to move
+//! state_dir = "/var/lib/vipshare"      # optional: the agent's durable state (persistent storage, not /run)
 //! [[controllers]]
 //! id = 1
 //! address = "10.0.0.1:7001"            # host:port (https:// optional)
@@ -99,6 +100,9 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
+    /// The agent's durable state (`agent-state.json`): floors, voters, timing.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
     #[serde(default)]
     pub linux: LinuxSection,
     #[serde(default)]
@@ -107,6 +111,10 @@ pub struct AgentConfig {
 
 fn default_drain_timeout_ms() -> u64 {
     30_000
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/vipshare")
 }
 
 /// A configuration error: file, key and reason.
@@ -241,6 +249,7 @@ impl AgentConfig {
             ("tls.ca", &cfg.tls.ca),
             ("tls.cert", &cfg.tls.cert),
             ("tls.key", &cfg.tls.key),
+            ("state_dir", &cfg.state_dir),
         ] {
             if p.as_os_str().is_empty() {
                 return Err(err(key, "empty path".into()));

@@ -8,8 +8,10 @@
 //!
 //! # Layout
 //! - [`agent`]: the runtime (heartbeats to every controller, assignment
-//!   streams, Released, drain on SIGTERM) around [`agent::core`], the pure
-//!   decisions (which assignment counts, member epoch, lease).
+//!   streams, Released, the state file, drain on SIGTERM) around
+//!   `vipshare_core::agent::Engine`, the decisions (which assignment counts,
+//!   member epoch, lease, floors, voters, yielding), which the simulator runs too;
+//!   [`agent::wire`] checks the protobuf messages.
 //! - [`config`]: the `agent.toml` file.
 //! - [`metrics`]: the Prometheus metric names.
 //! - [`dataplane`]: the [`dataplane::DataPlane`] trait every kernel backend

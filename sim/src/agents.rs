@@ -11,14 +11,14 @@
 //!   kernel in the order the agent issued them, each after a delay of at most
 //!   `kernel_delay_ms` (delta). The kernel keeps enforcing while the agent is
 //!   stopped or dead.
-//! - **Agent** ([`Agent`]): the user-space state that a kill loses: the
-//!   [`AgentLease`], the member epoch, the controllers it talks to and the newest
-//!   assignment. What survives a kill is on [`Host`]: the kernel set and the
-//!   agent's state file (the lowest epoch it may still install per bucket).
+//! - **Agent**: the process runs the shipping decision code,
+//!   [`vipshare_core::agent::Engine`]; a kill loses it. What survives a kill is
+//!   on [`Host`]: the kernel set and the agent's state file
+//!   ([`vipshare_core::agent::AgentState`], as last persisted).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
-use vipshare_core::lease::{AgentLease, LeaseTiming};
+use vipshare_core::agent::{AgentState, Assignment, Engine};
 
 /// Network ids of agents start here (controllers use small ids).
 pub const AGENT_ID_BASE: u64 = 1000;
@@ -172,40 +172,6 @@ impl Kernel {
     }
 }
 
-/// What a controller's assignment stream carries (`pb::Assignment`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Assignment {
-    pub member_epoch: u64,
-    pub applied_index: u64,
-    pub timing: Option<LeaseTiming>,
-    /// Buckets the member may accept, with their epochs (not releasing).
-    pub owned: Vec<(u32, u64)>,
-    /// Buckets the member must withdraw and confirm.
-    pub release: Vec<(u32, u64)>,
-    /// Every controller: (id, is a voter).
-    pub controllers: Vec<(u64, bool)>,
-}
-
-impl Assignment {
-    /// Whether the stream would send `other` after `self` (it sends on a change of
-    /// anything but the applied index).
-    pub fn differs(&self, other: &Assignment) -> bool {
-        self.member_epoch != other.member_epoch
-            || self.timing != other.timing
-            || self.owned != other.owned
-            || self.release != other.release
-            || self.controllers != other.controllers
-    }
-
-    pub fn voters(&self) -> BTreeSet<u64> {
-        self.controllers
-            .iter()
-            .filter(|(_, v)| *v)
-            .map(|(id, _)| *id)
-            .collect()
-    }
-}
-
 /// A message of the lease protocol (agent API and controller fencing RPCs).
 #[derive(Debug, Clone)]
 pub enum LeaseMsg {
@@ -234,11 +200,14 @@ pub enum LeaseMsg {
         round: u64,
         member: String,
         epoch: u64,
+        /// False: could it agree (records nothing); true: agree for real.
+        commit: bool,
     },
     FenceReply {
         round: u64,
         controller: u64,
         agreed: bool,
+        commit: bool,
     },
 }
 
@@ -266,110 +235,23 @@ impl LeaseMsg {
                 "Assignment n{controller} applied={} epoch={} owned={:?} release={:?}",
                 a.applied_index,
                 a.member_epoch,
-                a.owned.iter().map(|g| g.0).collect::<Vec<_>>(),
-                a.release.iter().map(|g| g.0).collect::<Vec<_>>()
+                a.owned.keys().collect::<Vec<_>>(),
+                a.release.keys().collect::<Vec<_>>()
             ),
             LeaseMsg::Released { member, buckets } => format!("Released {member} {buckets:?}"),
             LeaseMsg::FenceRequest {
                 round,
                 member,
                 epoch,
-            } => format!("FenceRequest {round} {member}@{epoch}"),
+                commit,
+            } => format!("FenceRequest {round} {member}@{epoch} commit={commit}"),
             LeaseMsg::FenceReply {
                 round,
                 controller,
                 agreed,
-            } => format!("FenceReply {round} n{controller} agreed={agreed}"),
+                commit,
+            } => format!("FenceReply {round} n{controller} agreed={agreed} commit={commit}"),
         }
-    }
-}
-
-/// The agent process: everything here is lost when it is killed.
-#[derive(Debug, Clone)]
-pub struct Agent {
-    pub lease: AgentLease,
-    /// The member epoch it heartbeats with (0: not known yet).
-    pub epoch: u64,
-    /// Controllers it heartbeats and watches.
-    pub known: BTreeSet<u64>,
-    /// The newest assignment accepted (highest applied index at `epoch`).
-    pub assignment: Option<Assignment>,
-    /// What the last install put in the kernel.
-    pub installed: Vec<(u32, u64)>,
-    /// Releases handed to the kernel, and those the kernel applied (confirmable).
-    pub withdrawing: BTreeSet<(u32, u64)>,
-    pub withdrawn: BTreeSet<(u32, u64)>,
-    /// Voters that refused a round at the current epoch (fenced or evicted), by round.
-    pub refusals: BTreeMap<u64, BTreeSet<u64>>,
-    /// First round sent at the current epoch (replies to older rounds refuse an
-    /// epoch the agent no longer claims).
-    pub epoch_round: Option<u64>,
-    /// Until then (agent clock) it sends no heartbeats: a majority refuses its
-    /// epoch for good, so it lets every promise run out to be fenced.
-    pub silent_until: Option<u64>,
-}
-
-impl Agent {
-    pub fn new(timing: LeaseTiming, known: BTreeSet<u64>) -> Self {
-        Agent {
-            lease: AgentLease::new(timing, known.clone()),
-            epoch: 0,
-            known,
-            assignment: None,
-            installed: Vec::new(),
-            withdrawing: BTreeSet::new(),
-            withdrawn: BTreeSet::new(),
-            refusals: BTreeMap::new(),
-            silent_until: None,
-            epoch_round: None,
-        }
-    }
-
-    /// Records that `controller` refused `round` although the epoch is current
-    /// (it fenced that epoch, or the member is evicted). Returns true when so
-    /// many voters refused the round that the others can no longer make a
-    /// majority: no lease is possible at this epoch any more.
-    pub fn refused(&mut self, round: u64, controller: u64) -> bool {
-        let voters = self
-            .assignment
-            .as_ref()
-            .map_or_else(|| self.known.clone(), Assignment::voters);
-        if !voters.contains(&controller) || self.epoch_round.is_none_or(|r| round < r) {
-            return false;
-        }
-        let set = self.refusals.entry(round).or_default();
-        set.insert(controller);
-        let n = set.len();
-        // Keep only recent rounds.
-        while self.refusals.len() > 16 {
-            self.refusals.pop_first();
-        }
-        n == voters.len() + 1 - vipshare_core::lease::majority(voters.len())
-    }
-
-    /// The grants it would install now: owned in the newest assignment, and not
-    /// older than what its state file says it has given up.
-    pub fn desired(&self, floors: &BTreeMap<u32, u64>) -> Vec<(u32, u64)> {
-        let Some(a) = &self.assignment else {
-            return Vec::new();
-        };
-        a.owned
-            .iter()
-            .copied()
-            .filter(|(b, e)| floors.get(b).is_none_or(|f| e >= f))
-            .filter(|g| !self.withdrawing.contains(g))
-            .collect()
-    }
-
-    /// Releases of the newest assignment whose withdrawal the kernel applied.
-    pub fn confirmable(&self) -> Vec<(u32, u64)> {
-        self.assignment.as_ref().map_or(Vec::new(), |a| {
-            a.release
-                .iter()
-                .copied()
-                .filter(|g| self.withdrawn.contains(g))
-                .collect()
-        })
     }
 }
 
@@ -381,14 +263,13 @@ pub struct Host {
     pub id: u64,
     pub clock: Clock,
     pub kernel: Kernel,
-    /// `None` while the process is dead.
-    pub agent: Option<Agent>,
+    /// The agent process; `None` while it is dead.
+    pub agent: Option<Engine>,
     /// Bumped at every (re)start; stale timers and replies carry an older one.
     pub incarnation: u64,
     pub paused_until: u64,
-    /// The agent's state file: per bucket, the lowest epoch it may still install
-    /// (a grant it saw raises it to that epoch, a release past it).
-    pub floors: BTreeMap<u32, u64>,
+    /// The agent's state file, as last persisted (fsync'd).
+    pub state_file: AgentState,
     /// Kept dead through the end of the run (failover must still converge).
     pub kept_dead: bool,
 }

@@ -35,11 +35,15 @@
 //! - **Durability**: a crashed node's disk is checked against what the node told
 //!   others before it crashed (its term, its vote, the entries it acknowledged).
 //! - **Agents and leases** ([`agents`], `world/leases.rs`; on by default,
-//!   `SimConfig::agents`): 3 to 8 node agents run the agent side of the quorum
-//!   lease protocol ([`vipshare_core::lease::AgentLease`]) against every
-//!   controller; controllers answer with the real
-//!   [`vipshare_core::lease::Promises`] and the leader runs the real
-//!   [`vipshare_core::ownership::Planner`]. Every host (agent or controller) has
+//!   `SimConfig::agents`): 3 to 8 node agents run the shipping agent engine
+//!   ([`vipshare_core::agent::Engine`]) against every controller, with a state
+//!   file that survives kills; controllers answer with the shipping
+//!   [`vipshare_core::heartbeat::answer`] and their own
+//!   [`vipshare_core::lease::Promises`], and the leader runs the shipping
+//!   [`vipshare_core::ownership::Planner`] and two-phase
+//!   [`vipshare_core::fence::FenceRound`]. The sim holds no protocol decisions
+//!   of its own, only models of the world. Deliberate bugs of the shipping code
+//!   (core's `faults` feature) are switched on by `--bug`. Every host (agent or controller) has
 //!   its own clock, running up to rho fast or slow. Each agent host has a kernel
 //!   filter model: bucket -> expiry in true time, installed after a delay of at
 //!   most delta, kept while the agent is stopped or dead. Agent faults: pauses,

@@ -23,9 +23,12 @@ enum Bug {
     /// The leader's planner fences a member after one lease on its own clock,
     /// without the controllers' agreement (`PlannerFaults::skip_fence_wait`).
     SkipFenceWait,
-    /// Agents keep no state file: a restarted agent installs buckets it had
-    /// released, from a controller that has not applied the release yet.
+    /// A release does not raise the bucket's floor in the agent's state: a
+    /// restarted agent installs buckets it had released, from a controller that
+    /// has not applied the release yet (`AgentFaults::forget_releases`).
     AgentForgetsReleases,
+    /// The agent never writes its state file (`AgentFaults::skip_persist`).
+    AgentSkipsPersist,
     /// An agent whose epoch the leader or too many voters refuse for good keeps
     /// heartbeating instead of letting itself be fenced.
     AgentNeverYields,
@@ -97,9 +100,10 @@ fn config(args: &Args, seed: u64) -> SimConfig {
     cfg.liveness_ms = args.liveness_ms;
     cfg.skip_sync = args.bug == Some(Bug::SkipSync);
     cfg.skip_fence_wait = args.bug == Some(Bug::SkipFenceWait);
-    cfg.agent_state_file = args.bug != Some(Bug::AgentForgetsReleases);
-    cfg.agent_yields = args.bug != Some(Bug::AgentNeverYields);
-    cfg.fence_self_last = args.bug != Some(Bug::LeaderFencesFirst);
+    cfg.agent_faults.forget_releases = args.bug == Some(Bug::AgentForgetsReleases);
+    cfg.agent_faults.skip_persist = args.bug == Some(Bug::AgentSkipsPersist);
+    cfg.agent_faults.never_yield = args.bug == Some(Bug::AgentNeverYields);
+    cfg.fence_faults.leader_marks_first = args.bug == Some(Bug::LeaderFencesFirst);
     cfg.agents = !args.no_agents;
     cfg.agent_count = args.agents.map(|n| n as usize);
     cfg.fault_gap_ms = args.fault_gap_ms.max(4);

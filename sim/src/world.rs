@@ -20,7 +20,9 @@ use raft::{StateRole, Storage};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use vipshare_core::agent::AgentFaults;
 use vipshare_core::command::{Command, ProposalId};
+use vipshare_core::fence::FenceFaults;
 use vipshare_core::replica::{
     is_snapshot, AppliedEntry, ControllerChange, Faults, Outcome, ReadyOutput, Replica,
     ReplicaConfig,
@@ -67,18 +69,13 @@ pub struct SimConfig {
     /// The deliberately injected planner bug: fence without waiting for the
     /// controllers' promises (`PlannerFaults::skip_fence_wait`).
     pub skip_fence_wait: bool,
-    /// Agents keep a state file (the lowest bucket epoch they may still install)
-    /// across restarts. Off: a restarted agent trusts whatever assignment it gets.
-    pub agent_state_file: bool,
-    /// An agent whose current epoch a majority of voters refuses (fence marks
-    /// from rounds that never completed, or eviction) goes silent until it is
-    /// fenced. Off: it keeps heartbeating, and a leader that still acks it never
-    /// fences it.
-    pub agent_yields: bool,
-    /// The leader records its own agreement to a fence only once the others'
-    /// agreements make a majority with it (the controller records it first, so
-    /// a leader cut off from the agents marks every member it cannot hear).
-    pub fence_self_last: bool,
+    /// Deliberate bugs in the agents' shipping decision code
+    /// (`vipshare_core::agent::AgentFaults`): skip the persist, forget
+    /// releases, never yield.
+    pub agent_faults: AgentFaults,
+    /// Deliberate bugs in the fence round (`vipshare_core::fence::FenceFaults`):
+    /// the leader marking itself first.
+    pub fence_faults: FenceFaults,
     /// Length of the fault-free window after convergence in which no bucket may move.
     pub quiet_ms: u64,
     /// Print the event trace to stdout.
@@ -102,9 +99,8 @@ impl SimConfig {
             agent_count: None,
             agent_fault_gap_ms: 1200,
             skip_fence_wait: false,
-            agent_state_file: true,
-            agent_yields: true,
-            fence_self_last: true,
+            agent_faults: AgentFaults::default(),
+            fence_faults: FenceFaults::default(),
             quiet_ms: 3000,
             print_trace: false,
             hash_trace: false,

@@ -92,25 +92,60 @@ fn skip_fence_wait_is_caught_as_an_exclusivity_violation() {
     }
 }
 
+/// Runs `seeds` (the CLI's full-length runs) with a deliberate bug of the
+/// shipping code switched on by `bug`: each must fail as `kind` with a message
+/// containing `what`, and pass with the real behaviour.
+fn caught(seeds: &[u64], bug: impl Fn(&mut SimConfig), kind: FailureKind, what: &str) {
+    for &seed in seeds {
+        let mut cfg = SimConfig::new(seed);
+        bug(&mut cfg);
+        match run_seed(cfg).result {
+            Err(f) => assert!(
+                f.kind == kind && f.message.contains(what),
+                "seed {seed} failed otherwise: {f:?}"
+            ),
+            Ok(_) => panic!("seed {seed}: the bug went unnoticed"),
+        }
+        if let Err(f) = run_seed(SimConfig::new(seed)).result {
+            panic!("seed {seed} fails with the real behaviour: {f:?}");
+        }
+    }
+}
+
 #[test]
-fn agents_that_never_yield_can_get_stuck() {
+fn an_agent_that_forgets_its_releases_is_caught() {
+    // Restarted, it takes an assignment from a controller that has not applied
+    // its release yet and installs a bucket that is someone else's by now.
+    caught(
+        &[2],
+        |c| c.agent_faults.forget_releases = true,
+        FailureKind::Safety,
+        "exclusivity violated",
+    );
+}
+
+#[test]
+fn an_agent_that_skips_its_state_file_is_caught() {
+    caught(
+        &[2, 36],
+        |c| c.agent_faults.skip_persist = true,
+        FailureKind::Safety,
+        "exclusivity violated",
+    );
+}
+
+#[test]
+fn agents_that_never_yield_are_caught() {
     // Fence marks of rounds that never completed refuse a member's epoch for
     // good. If that leaves it without a majority, or the leader among the
     // refusers, only a fence clears it; an agent that keeps heartbeating is
     // never fenced (or its buckets never move), and ownership never settles.
-    // The controller now marks its own fence last, which makes such marks rare;
-    // with the old order (leader first) these seeds show the stuck state.
-    let mut stuck = Vec::new();
-    for seed in [1, 14, 15, 25] {
-        let mut cfg = SimConfig::new(seed);
-        cfg.agent_yields = false;
-        cfg.fence_self_last = false;
-        if let Err(f) = run_seed(cfg).result {
-            assert_eq!(f.kind, FailureKind::Liveness, "{f:?}");
-            stuck.push(seed);
-        }
-    }
-    assert!(!stuck.is_empty(), "no seed got stuck without yielding");
+    caught(
+        &[1, 9],
+        |c| c.agent_faults.never_yield = true,
+        FailureKind::Liveness,
+        "",
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::pin::Pin;
 
 use futures::Stream;
 use tonic::{Request, Response, Status};
+use vipshare_core::agent::Assignment;
 use vipshare_proto::pki::Role;
 use vipshare_proto::v1::agent_api_server::AgentApi;
 use vipshare_proto::v1::{self as pb};
@@ -41,42 +42,32 @@ fn own_member<T>(req: &Request<T>, member: &str, node: &NodeHandle) -> Result<()
     Ok(())
 }
 
+/// The member's assignment ([`Assignment::of`]) on the wire.
 fn assignment(v: &NodeView, member: &str) -> pb::Assignment {
-    let s = &v.state;
+    let a = Assignment::of(&v.state, v.applied, &v.voters, member);
+    let grants = |m: &std::collections::BTreeMap<u32, u64>| {
+        m.iter()
+            .map(|(&bucket, &epoch)| pb::BucketGrant { bucket, epoch })
+            .collect()
+    };
     pb::Assignment {
         protocol_version: PROTOCOL_VERSION,
         member: member.to_string(),
-        member_epoch: s.members.get(member).map_or(0, |m| m.epoch),
-        applied_index: v.applied,
-        settings: s.settings.as_ref().map(settings_to_pb),
-        owned: grants(v, member, false),
-        release: grants(v, member, true),
-        controllers: s
+        member_epoch: a.member_epoch,
+        applied_index: a.applied_index,
+        settings: v.state.settings.as_ref().map(settings_to_pb),
+        owned: grants(&a.owned),
+        release: grants(&a.release),
+        controllers: a
             .controllers
-            .iter()
-            .map(|(&id, address)| pb::ControllerInfo {
-                id,
-                address: address.clone(),
-                role: if v.voters.contains(&id) {
-                    "voter"
-                } else {
-                    "learner"
-                }
-                .into(),
+            .into_iter()
+            .map(|c| pb::ControllerInfo {
+                id: c.id,
+                address: c.address,
+                role: if c.voter { "voter" } else { "learner" }.into(),
             })
             .collect(),
     }
-}
-
-fn grants(v: &NodeView, member: &str, releasing: bool) -> Vec<pb::BucketGrant> {
-    (0u32..)
-        .zip(&v.state.buckets)
-        .filter(|(_, b)| b.owner.as_deref() == Some(member) && b.releasing == releasing)
-        .map(|(bucket, b)| pb::BucketGrant {
-            bucket,
-            epoch: b.epoch,
-        })
-        .collect()
 }
 
 type AssignmentStream = Pin<Box<dyn Stream<Item = Result<pb::Assignment, Status>> + Send>>;
@@ -91,20 +82,14 @@ impl AgentApi for AgentService {
         let hb = req.into_inner();
         check_version(hb.protocol_version)?;
         let v = self.node.view();
-        let member = v.state.members.get(&hb.member);
-        let verdict = match member {
-            Some(m) if m.evicted && m.epoch == hb.member_epoch => {
-                Err(format!("evicted at epoch {}", m.epoch))
-            }
-            _ => self
-                .leases
-                .heartbeat(&hb.member, hb.member_epoch, member.map(|m| m.epoch))
-                .map_err(|r| r.to_string()),
-        };
-        crate::metrics::heartbeat(verdict.is_ok());
-        let (acked, reason) = match verdict {
+        let voter = v.voters.contains(&v.id);
+        let answer = self
+            .leases
+            .heartbeat(&v.state, voter, &hb.member, hb.member_epoch);
+        crate::metrics::heartbeat(answer.verdict.is_ok());
+        let (acked, reason) = match answer.verdict {
             Ok(()) => (true, String::new()),
-            Err(r) => (false, r),
+            Err(r) => (false, r.to_string()),
         };
         Ok(Response::new(pb::HeartbeatReply {
             protocol_version: PROTOCOL_VERSION,
@@ -113,7 +98,7 @@ impl AgentApi for AgentService {
             acked,
             reason,
             leader_id: v.role.leader,
-            member_epoch: member.map_or(0, |m| m.epoch),
+            member_epoch: answer.member_epoch,
         }))
     }
 

@@ -96,8 +96,12 @@ impl RaftTransport for RaftService {
             ));
         }
         let outcome = if f.commit {
-            self.leases
-                .fence(&f.member, f.epoch)
+            // fsyncs the mark: off the async workers.
+            let leases = self.leases.clone();
+            let (member, epoch) = (f.member.clone(), f.epoch);
+            tokio::task::spawn_blocking(move || leases.fence(&member, epoch))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(|e| Status::internal(e.to_string()))?
         } else {
             self.leases.could_fence(&f.member)

@@ -1,6 +1,8 @@
 //! The agent's runtime: heartbeats to every controller, assignment streams from
-//! every controller, the data plane, Released confirmations and the drain on
-//! SIGTERM. Decisions are made by [`core::Core`]; this module does the I/O.
+//! every controller, the data plane, the state file, Released confirmations and
+//! the drain on SIGTERM. Every decision is made by
+//! [`vipshare_core::agent::Engine`] (the simulator runs the same engine); this
+//! module feeds it events and carries out its commands in order.
 //!
 //! # Lease
 //! Every `heartbeat_ms` the agent starts a round (noting its monotonic time)
@@ -8,6 +10,13 @@
 //! the voters acked a round, the lease runs to send time + `lease_ms`, and the
 //! owned buckets are written to the kernel with timeout = lease left minus
 //! `kernel_delay_ms`. Without renewals the kernel drops them on its own.
+//!
+//! # State file
+//! `<state_dir>/agent-state.json` (default `/var/lib/vipshare`) holds per
+//! bucket the lowest grant epoch the agent may still install (raised past
+//! every release), the voters and the lease timing learned from the
+//! controllers. It is loaded before anything else, and written and fsync'd
+//! before any `Released` that depends on it is sent.
 //!
 //! # Start
 //! Kernel state left by an earlier agent (a restart) is adopted: the owned
@@ -21,7 +30,8 @@
 //! assignment holds no bucket, then remove all kernel state and exit 0. A
 //! second SIGTERM or SIGINT skips the wait.
 
-pub mod core;
+pub mod state_file;
+pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -37,19 +47,22 @@ use vipshare_proto::v1 as pb;
 use vipshare_proto::v1::agent_api_client::AgentApiClient;
 use vipshare_proto::PROTOCOL_VERSION;
 
-use self::core::{AssignmentOutcome, Core, ReplyOutcome};
+use vipshare_core::agent::{self as engine, AgentState, Engine};
+
+use self::state_file::StateFile;
+use self::wire::Settings;
 use crate::config::{uri, AgentConfig};
 use crate::dataplane::freebsd::{self, FreeBsdDataPlane};
 use crate::dataplane::linux::{self, LinuxDataPlane};
-use crate::dataplane::{ApplyReport, DataPlane, DataPlaneError, Desired};
+use crate::dataplane::{ApplyReport, DataPlane, DataPlaneError, Desired, VipConfig};
 use crate::metrics;
 
 /// How often the tables are rebuilt from scratch (repairs outside changes).
 const FULL_RECONCILE: Duration = Duration::from_secs(30);
+/// Growth of the suspended time that counts as a resume (clock reading noise).
+const RESUME_SLACK_MS: u64 = 20;
 /// An apply slower than this is repeated at once (its lease figure may be stale).
 const STALE_APPLY: Duration = Duration::from_millis(100);
-/// How often Released is repeated while the assignment still lists buckets.
-const RELEASED_RETRY: Duration = Duration::from_millis(500);
 
 /// The kernel backend.
 pub enum Plane {
@@ -120,7 +133,6 @@ impl Plane {
 enum Event {
     Reply {
         round: u64,
-        epoch: u64,
         controller: u64,
         result: Result<pb::HeartbeatReply, String>,
     },
@@ -146,21 +158,34 @@ impl Drop for Conn {
 struct Runtime {
     cfg: AgentConfig,
     tls: Arc<rustls::ClientConfig>,
-    core: Core,
+    engine: Engine,
+    state_file: StateFile,
+    /// A state the engine asked to persist that is not on disk yet: until it
+    /// is, no `Released` goes out.
+    unpersisted: Option<AgentState>,
+    /// Settings of the assignment the engine holds.
+    settings: Option<Settings>,
     plane: Plane,
-    start: Instant,
+    /// [`clock_ms`] at start: engine time counts from here.
+    start: u64,
+    /// [`suspended_ms`] when last looked at.
+    suspended: u64,
     tx: mpsc::Sender<Event>,
     conns: BTreeMap<u64, Conn>,
     leader: u64,
     /// Until then, kernel elements of an earlier agent are left alone unless we
     /// hold a lease.
     adopt_until: u64,
+    /// The kernel set the engine wants, and when it stops accepting (agent ms).
+    want: BTreeSet<u32>,
+    want_until: u64,
+    /// Withdrawals to report to the engine once an apply carried them out.
+    withdrawing: Vec<(u32, u64)>,
     /// The kernel needs an apply.
     dirty: bool,
     /// What the last successful apply left accepting, and until when.
     applied_owned: BTreeSet<u32>,
     applied_until: u64,
-    released_sent: Option<(Vec<pb::BucketGrant>, Instant)>,
     draining: Option<Drain>,
     /// Send a heartbeat round now rather than at the next tick (the epoch was
     /// just learned: a restarted agent renews its adopted lease sooner).
@@ -175,8 +200,36 @@ struct Drain {
     task: JoinHandle<()>,
 }
 
-fn now_ms(start: Instant) -> u64 {
-    start.elapsed().as_millis() as u64
+fn read_clock(id: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; the ids used are valid.
+    let rc = unsafe { libc::clock_gettime(id, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// Milliseconds on a clock that keeps counting while the host is suspended
+/// (CLOCK_BOOTTIME on Linux): a lease runs out across a suspend.
+fn clock_ms() -> u64 {
+    #[cfg(target_os = "linux")]
+    return read_clock(libc::CLOCK_BOOTTIME);
+    #[cfg(not(target_os = "linux"))]
+    return read_clock(libc::CLOCK_MONOTONIC);
+}
+
+/// How long the host has spent suspended since boot: the boot clock counts it,
+/// the monotonic clock (and the kernel's timers) does not.
+fn suspended_ms() -> u64 {
+    clock_ms().saturating_sub(read_clock(libc::CLOCK_MONOTONIC))
+}
+
+fn now_ms(start: u64) -> u64 {
+    clock_ms().saturating_sub(start)
 }
 
 impl Runtime {
@@ -223,11 +276,103 @@ impl Runtime {
         }
     }
 
-    fn heartbeat(&mut self) {
+    /// Feeds one event to the engine and carries out its commands in order;
+    /// a resume from suspend goes first.
+    fn step(&mut self, ev: engine::Event) {
+        let suspended = suspended_ms();
+        if suspended > self.suspended + RESUME_SLACK_MS {
+            warn!(
+                suspended_ms = suspended - self.suspended,
+                "host resumed from suspend: withdrawing every bucket first"
+            );
+            self.suspended = suspended;
+            self.step(engine::Event::Resumed);
+        }
+        self.suspended = suspended;
         let now = self.now();
-        let (round, epoch) = self.core.start_round(now);
-        let timeout = Duration::from_millis(self.core.timing().lease_ms);
-        for (&id, c) in &self.conns {
+        let (epoch, expiry) = (self.engine.epoch(), self.engine.lease_expiry());
+        let cmds = self.engine.step(now, ev);
+        if self.engine.lease_expiry() > expiry && self.engine.epoch() == epoch {
+            metrics::renewed();
+        }
+        let new = self.engine.epoch();
+        if new != epoch {
+            metrics::epoch_changed();
+            self.heartbeat_now = true;
+            if epoch == 0 {
+                info!(epoch = new, "member epoch learned");
+            } else {
+                warn!(
+                    old = epoch,
+                    new, "member epoch moved on (fenced): dropping every bucket"
+                );
+            }
+        }
+        for cmd in cmds {
+            self.carry_out(now, cmd);
+        }
+    }
+
+    fn carry_out(&mut self, now: u64, cmd: engine::Command) {
+        use engine::Command as C;
+        match cmd {
+            C::Persist(state) => {
+                self.unpersisted = Some(state);
+                self.persist();
+            }
+            C::Heartbeat { round, epoch, to } => self.heartbeat(round, epoch, &to),
+            C::Install {
+                buckets,
+                timeout_ms,
+                ..
+            } => {
+                if buckets.is_empty() && timeout_ms == 0 {
+                    // Fenced: the earlier agent's elements are someone else's too.
+                    self.adopt_until = 0;
+                }
+                self.want = buckets.iter().map(|g| g.0).collect();
+                self.want_until = now + timeout_ms;
+                self.dirty = true;
+            }
+            C::Withdraw { bucket, epoch } => {
+                info!(bucket, epoch, "releasing");
+                self.want.remove(&bucket);
+                self.withdrawing.push((bucket, epoch));
+                self.dirty = true;
+            }
+            C::Released { buckets, to } => {
+                if self.unpersisted.is_some() {
+                    // The floors it depends on are not on disk yet; the next
+                    // round repeats it.
+                    return;
+                }
+                self.send_released(&buckets, &to);
+            }
+            C::Watch { controllers } => {
+                let list: Vec<(u64, String)> = controllers
+                    .iter()
+                    .map(|c| (c.id, c.address.clone()))
+                    .collect();
+                self.sync_conns(&list);
+            }
+        }
+    }
+
+    /// Writes the state the engine asked for; on failure it is retried by
+    /// housekeeping and `Released` waits.
+    fn persist(&mut self) {
+        let Some(state) = &self.unpersisted else {
+            return;
+        };
+        match tokio::task::block_in_place(|| self.state_file.store(state)) {
+            Ok(()) => self.unpersisted = None,
+            Err(e) => error!(error = %e, "writing the agent state failed; releases wait"),
+        }
+    }
+
+    fn heartbeat(&mut self, round: u64, epoch: u64, to: &[u64]) {
+        let timeout = Duration::from_millis(self.engine.timing().lease_ms);
+        for (&id, c) in self.conns.iter().filter(|(id, _)| to.contains(id)) {
             let mut client = c.client.clone();
             let tx = self.tx.clone();
             let req = pb::HeartbeatRequest {
@@ -245,7 +390,6 @@ impl Runtime {
                 let _ = tx
                     .send(Event::Reply {
                         round,
-                        epoch,
                         controller: id,
                         result,
                     })
@@ -258,7 +402,6 @@ impl Runtime {
         match ev {
             Event::Reply {
                 round,
-                epoch,
                 controller,
                 result,
             } => match result {
@@ -270,67 +413,44 @@ impl Runtime {
                     if !r.acked {
                         debug!(controller, round, reason = %r.reason, "heartbeat not acked");
                     }
-                    match self.core.on_reply(round, epoch, &r) {
-                        ReplyOutcome::Nothing => {}
-                        ReplyOutcome::Renewed { .. } => {
-                            metrics::renewed();
-                            self.dirty = true;
-                        }
-                        ReplyOutcome::NewEpoch { old, new } => {
-                            metrics::epoch_changed();
-                            if old == 0 {
-                                info!(epoch = new, "member epoch learned");
-                                self.heartbeat_now = true;
-                            } else {
-                                warn!(old, new, controller, reason = %r.reason,
-                                    "member epoch moved on (fenced): dropping every bucket");
-                                self.withdraw_now();
-                            }
-                            self.dirty = true;
-                        }
-                    }
+                    self.step(engine::Event::Reply(wire::reply(&r)));
                 }
             },
             Event::Assignment {
                 controller,
                 assignment,
-            } => match self.core.on_assignment(&assignment) {
+            } => match wire::validate(&self.cfg.member, &assignment) {
                 Err(reason) => {
                     metrics::refused();
                     error!(controller, index = assignment.applied_index, %reason,
                         "assignment refused");
                 }
-                Ok(AssignmentOutcome::Stale) => {}
-                Ok(AssignmentOutcome::Adopted { epoch_changed }) => {
-                    let a = self.core.current().expect("just adopted");
-                    if self.assignment_pending.is_none() {
-                        self.assignment_pending = Some((Instant::now(), a.applied_index));
-                    }
+                Ok((settings, a)) => {
+                    let index = a.applied_index;
+                    let held = |e: &Engine| e.assignment().map(|a| a.applied_index);
+                    let before = held(&self.engine);
+                    self.step(engine::Event::Assignment {
+                        controller,
+                        assignment: a,
+                    });
+                    let Some(a) = self
+                        .engine
+                        .assignment()
+                        .filter(|_| held(&self.engine) == Some(index) && before != Some(index))
+                    else {
+                        return;
+                    };
                     info!(
                         controller,
-                        index = a.applied_index,
+                        index,
                         epoch = a.member_epoch,
                         owned = a.owned.len(),
                         release = a.release.len(),
                         "assignment"
                     );
-                    if epoch_changed {
-                        metrics::epoch_changed();
-                        self.heartbeat_now = true;
-                        if self.applied_until != 0 || !self.applied_owned.is_empty() {
-                            warn!(
-                                epoch = a.member_epoch,
-                                controller, "member epoch moved on (fenced): dropping every bucket"
-                            );
-                            self.withdraw_now();
-                        }
-                    }
-                    if let Some(list) = self.core.controllers().map(|c| {
-                        c.iter()
-                            .map(|c| (c.id, c.address.clone()))
-                            .collect::<Vec<_>>()
-                    }) {
-                        self.sync_conns(&list);
+                    self.settings = settings;
+                    if self.assignment_pending.is_none() {
+                        self.assignment_pending = Some((Instant::now(), index));
                     }
                     self.dirty = true;
                 }
@@ -347,20 +467,7 @@ impl Runtime {
         }
     }
 
-    /// Stop accepting new flows at once (fenced: the buckets are someone
-    /// else's already).
-    fn withdraw_now(&mut self) {
-        let t = Instant::now();
-        let r = tokio::task::block_in_place(|| self.plane.withdraw());
-        metrics::reconcile(t.elapsed(), r.is_ok());
-        if let Err(e) = r {
-            error!(error = %e, "withdraw failed");
-        }
-        self.applied_owned.clear();
-        self.applied_until = 0;
-    }
-
-    /// Bring the kernel in line with the core, if it needs it.
+    /// Bring the kernel in line with the engine, if it needs it.
     fn reconcile(&mut self) {
         for _ in 0..2 {
             let t = Instant::now();
@@ -376,16 +483,48 @@ impl Runtime {
         }
     }
 
+    /// The kernel state wanted at `now`; `None` before the cluster has settings.
+    /// The one place a [`Desired`] is built.
+    fn desired(&self) -> Option<Desired> {
+        let s = self.settings.as_ref()?;
+        // The instant first, the agent clock after it: the deadline can only
+        // come out earlier than the lease, never later.
+        let at = Instant::now();
+        let left = self.want_until.saturating_sub(self.now());
+        Some(Desired {
+            vips: s
+                .vips
+                .iter()
+                .map(|&(addr, prefix_len, mac)| VipConfig {
+                    addr,
+                    prefix_len,
+                    mac,
+                    interface: self.cfg.interface.clone(),
+                })
+                .collect(),
+            bucket_count: s.bucket_count,
+            bucket_fn: s.bucket_fn,
+            affinity: s.affinity,
+            seed: s.seed,
+            owned: if left > 0 {
+                self.want.clone()
+            } else {
+                BTreeSet::new()
+            },
+            lease_until: at + Duration::from_millis(left),
+        })
+    }
+
     fn reconcile_once(&mut self) {
         if !self.dirty {
             return;
         }
         let now = self.now();
-        if now < self.adopt_until && !self.core.lease_valid(now) {
+        if now < self.adopt_until && !self.engine.lease_valid(now) {
             // An earlier agent's elements still accept; don't cut them short.
             return;
         }
-        let Some(desired) = self.core.desired(now, self.start, &self.cfg.interface) else {
+        let Some(desired) = self.desired() else {
             self.dirty = false;
             return;
         };
@@ -420,7 +559,9 @@ impl Runtime {
                         "assignment applied"
                     );
                 }
-                self.send_released(false);
+                for (bucket, epoch) in std::mem::take(&mut self.withdrawing) {
+                    self.step(engine::Event::Withdrawn { bucket, epoch });
+                }
             }
             Err(e) => {
                 // Stay dirty: the next event or tick retries with a full rebuild.
@@ -429,33 +570,24 @@ impl Runtime {
         }
     }
 
-    /// Tell every controller the released buckets are out of the kernel.
-    fn send_released(&mut self, retry: bool) {
-        let release = self.core.release();
-        if release.is_empty() {
-            self.released_sent = None;
-            return;
-        }
-        let due = match &self.released_sent {
-            None => true,
-            Some((sent, at)) => *sent != release || (retry && at.elapsed() >= RELEASED_RETRY),
-        };
-        if !due {
-            return;
-        }
-        info!(buckets = ?release.iter().map(|g| g.bucket).collect::<Vec<_>>(), "released");
-        for c in self.conns.values() {
+    /// Tell these controllers the released buckets are out of the kernel.
+    fn send_released(&self, buckets: &[(u32, u64)], to: &[u64]) {
+        info!(buckets = ?buckets.iter().map(|g| g.0).collect::<Vec<_>>(), "released");
+        let grants: Vec<pb::BucketGrant> = buckets
+            .iter()
+            .map(|&(bucket, epoch)| pb::BucketGrant { bucket, epoch })
+            .collect();
+        for (_, c) in self.conns.iter().filter(|(id, _)| to.contains(id)) {
             let mut client = c.client.clone();
             let req = pb::ReleasedRequest {
                 protocol_version: PROTOCOL_VERSION,
                 member: self.cfg.member.clone(),
-                buckets: release.clone(),
+                buckets: grants.clone(),
             };
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(2), client.released(req)).await;
             });
         }
-        self.released_sent = Some((release, Instant::now()));
     }
 
     fn start_drain(&mut self) {
@@ -494,7 +626,7 @@ impl Runtime {
         metrics::lease(
             accepting,
             Duration::from_millis(
-                self.core
+                self.engine
                     .lease_expiry()
                     .map_or(0, |e| e.saturating_sub(now)),
             ),
@@ -502,10 +634,7 @@ impl Runtime {
         if self.adopt_until != 0 && now >= self.adopt_until {
             self.dirty = true;
         }
-        // Repeat Released only while the kernel holds the current assignment.
-        if self.assignment_pending.is_none() && !self.dirty {
-            self.send_released(true);
-        }
+        self.persist();
     }
 
     /// Whether a drain is over (or gave up).
@@ -517,7 +646,7 @@ impl Runtime {
             warn!("drain timed out; leaving anyway");
             return true;
         }
-        d.acked && self.core.holds_nothing() && !self.dirty
+        d.acked && self.engine.holds_nothing() && !self.dirty
     }
 }
 
@@ -656,8 +785,24 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let (tx, mut rx) = mpsc::channel(1024);
-    let configured: BTreeSet<u64> = cfg.controllers.iter().map(|c| c.id).collect();
-    let start = Instant::now();
+    // Loaded before anything reaches the kernel.
+    let state_file = StateFile::new(&cfg.state_dir);
+    let state = state_file.load().context("agent state")?;
+    match &state {
+        Some(s) => info!(path = %state_file.path().display(), floors = s.floors.len(),
+            voters = ?s.voters, "agent state loaded"),
+        None => info!(path = %state_file.path().display(), "no agent state yet (fresh host)"),
+    }
+    let seeds: Vec<engine::Controller> = cfg
+        .controllers
+        .iter()
+        .map(|c| engine::Controller {
+            id: c.id,
+            address: c.address.clone(),
+            voter: true,
+        })
+        .collect();
+    let start = clock_ms();
     let adopted = plane.adopted_window();
     if !adopted.is_zero() {
         info!(window = ?adopted, "adopting kernel state of an earlier agent");
@@ -668,18 +813,24 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
         linux::watch::spawn(c.table, move |e| foreign_tx.blocking_send(e).is_ok());
     }
     let mut rt = Runtime {
-        core: Core::new(&cfg.member, configured),
+        engine: Engine::new(seeds, state.unwrap_or_default()),
+        state_file,
+        unpersisted: None,
+        settings: None,
         tls: tls_cfg,
         plane,
         start,
+        suspended: suspended_ms(),
         tx,
         conns: BTreeMap::new(),
         leader: 0,
         adopt_until: adopted.as_millis() as u64,
+        want: BTreeSet::new(),
+        want_until: 0,
+        withdrawing: Vec::new(),
         dirty: true,
         applied_owned: BTreeSet::new(),
         applied_until: 0,
-        released_sent: None,
         draining: None,
         heartbeat_now: false,
         assignment_pending: None,
@@ -694,7 +845,7 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
     rt.sync_conns(&initial);
     info!(member = %rt.cfg.member, controllers = initial.len(), "agent started");
 
-    let mut hb_ms = rt.core.timing().heartbeat_ms;
+    let mut hb_ms = rt.engine.timing().heartbeat_ms;
     let mut hb = tokio::time::interval(Duration::from_millis(hb_ms));
     hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut house = tokio::time::interval(Duration::from_millis(100));
@@ -705,7 +856,7 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
     let mut last_health = None;
     loop {
         tokio::select! {
-            _ = hb.tick() => rt.heartbeat(),
+            _ = hb.tick() => rt.step(engine::Event::Tick),
             Some(ev) = rx.recv() => {
                 rt.on_event(ev);
                 // Take whatever else is queued before touching the kernel.
@@ -748,12 +899,12 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
             }
         }
         if std::mem::take(&mut rt.heartbeat_now) {
-            rt.heartbeat();
+            rt.step(engine::Event::Tick);
             hb.reset();
         }
         rt.reconcile();
-        if rt.core.timing().heartbeat_ms != hb_ms {
-            hb_ms = rt.core.timing().heartbeat_ms;
+        if rt.engine.timing().heartbeat_ms != hb_ms {
+            hb_ms = rt.engine.timing().heartbeat_ms;
             hb = tokio::time::interval(Duration::from_millis(hb_ms));
             hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }

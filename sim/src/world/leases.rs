@@ -11,7 +11,9 @@
 //! assignment at the controller's applied index changes and every second (a
 //! broken stream reconnects and starts with the current assignment).
 //!
-//! Agents are modelled in `agents.rs`; their decisions are here.
+//! Agents run the shipping [`Engine`] (`vipshare_core::agent`); the world
+//! carries out its commands (network, kernel, state file) as the agent's
+//! runtime does.
 //!
 //! Invariants (checked after every step, or whenever the state they read changes):
 //! - **exclusivity**: at no true instant do two hosts' kernels accept new flows
@@ -27,14 +29,23 @@
 
 use std::collections::BTreeSet;
 
+use std::collections::VecDeque;
+
 use vipshare_core::damping::Damping;
+use vipshare_core::fence::{FenceCommand, FenceRound};
+use vipshare_core::heartbeat;
 use vipshare_core::lease::{majority, LeaseTiming, Promises};
 use vipshare_core::ownership::{Action, Planner, PlannerConfig, PlannerFaults};
 use vipshare_core::policy;
 use vipshare_core::state::{Member, MemberState};
 
 use super::*;
-use crate::agents::{Agent, Assignment, Clock, Host, Kernel, KernelOp, LeaseMsg, AGENT_ID_BASE};
+use vipshare_core::agent::{
+    Assignment, Command as AgentCommand, Controller as AgentController, Engine,
+    Event as AgentEvent, Reply,
+};
+
+use crate::agents::{Clock, Host, Kernel, KernelOp, LeaseMsg, AGENT_ID_BASE};
 use crate::faults::{AgentFault, AgentFaultPlan};
 
 /// Lease events of the world's queue.
@@ -88,16 +99,11 @@ pub(super) enum LeaseEvent {
     },
 }
 
-/// One fence round the leader runs.
+/// One fence round the leader runs ([`vipshare_core::fence::FenceRound`]).
 #[derive(Debug, Clone)]
-struct FenceRound {
-    member: String,
-    epoch: u64,
-    need: usize,
-    agreed: BTreeSet<u64>,
+struct Round {
+    fence: FenceRound,
     started: u64,
-    wall: u64,
-    proposed: bool,
 }
 
 /// A controller's lease side.
@@ -108,7 +114,7 @@ pub(super) struct CtlLease {
     fenced: BTreeMap<String, u64>,
     promises: Option<Promises>,
     planner: Option<Planner>,
-    rounds: BTreeMap<u64, FenceRound>,
+    rounds: BTreeMap<u64, Round>,
     next_round: u64,
     /// Last assignment sent on each agent's stream.
     streams: BTreeMap<usize, Assignment>,
@@ -171,27 +177,7 @@ fn draw_ppm(rng: &mut ChaCha8Rng, rho_ppm: u64) -> i64 {
 
 /// The assignment a controller streams to `member` from its applied state.
 fn assignment_of(r: &Replica<SimDisk>, member: &str) -> Assignment {
-    let s = r.state();
-    let voters = &r.conf_state().voters;
-    let grants = |releasing: bool| {
-        (0u32..)
-            .zip(&s.buckets)
-            .filter(|(_, b)| b.owner.as_deref() == Some(member) && b.releasing == releasing)
-            .map(|(i, b)| (i, b.epoch))
-            .collect::<Vec<_>>()
-    };
-    Assignment {
-        member_epoch: s.members.get(member).map_or(0, |m| m.epoch),
-        applied_index: r.applied_index(),
-        timing: s.settings.as_ref().map(|st| st.lease),
-        owned: grants(false),
-        release: grants(true),
-        controllers: s
-            .controllers
-            .keys()
-            .map(|&id| (id, voters.contains(&id)))
-            .collect(),
-    }
+    Assignment::of(r.state(), r.applied_index(), &r.conf_state().voters, member)
 }
 
 impl World {
@@ -243,7 +229,7 @@ impl World {
                 agent: None,
                 incarnation: 0,
                 paused_until: 0,
-                floors: BTreeMap::new(),
+                state_file: Default::default(),
                 kept_dead: false,
             });
         }
@@ -741,12 +727,12 @@ impl World {
                 c.streams.remove(&i);
                 continue;
             };
-            if !agent.known.contains(&id) {
+            if !agent.watches(id) {
                 c.streams.remove(&i);
                 continue;
             }
             let a = assignment_of(r, &h.name);
-            if !force && c.streams.get(&i).is_some_and(|last| !last.differs(&a)) {
+            if !force && c.streams.get(&i).is_some_and(|last| !a.differs(last)) {
                 continue;
             }
             c.streams.insert(i, a.clone());
@@ -787,14 +773,10 @@ impl World {
                 let Some(p) = c.promises.as_mut() else {
                     return Ok(());
                 };
-                let m = r.state().members.get(&member);
-                let acked = match m {
-                    Some(m) if m.evicted && m.epoch == epoch => false,
-                    _ => p
-                        .heartbeat(c.clock.local(now), &member, epoch, m.map(|m| m.epoch))
-                        .is_ok(),
-                };
-                let member_epoch = m.map_or(0, |m| m.epoch);
+                let voter = r.conf_state().voters.contains(&id);
+                let local = c.clock.local(now);
+                let answer = heartbeat::answer(p, local, r.state(), voter, &member, epoch);
+                let (acked, member_epoch) = (answer.verdict.is_ok(), answer.member_epoch);
                 let leader = r.role().leader;
                 self.lease_reply(
                     id,
@@ -820,6 +802,7 @@ impl World {
                 round,
                 member,
                 epoch,
+                commit,
             } => {
                 let Some(c) = self.ctl.get_mut(&id) else {
                     return Ok(());
@@ -827,14 +810,20 @@ impl World {
                 let Some(p) = c.promises.as_mut() else {
                     return Ok(());
                 };
-                let agreed = p.fence(c.clock.local(now), &member, epoch);
-                if agreed {
-                    // Persisted (fsync'd) before the answer.
-                    c.fenced = p.fenced().clone();
-                    self.trace(Some(id), || {
-                        format!("agrees to fence {member}@{epoch}: never acks it again")
-                    });
-                }
+                let local = c.clock.local(now);
+                let agreed = if commit {
+                    let agreed = p.fence(local, &member, epoch);
+                    if agreed {
+                        // Persisted (fsync'd) before the answer.
+                        c.fenced = p.fenced().clone();
+                        self.trace(Some(id), || {
+                            format!("agrees to fence {member}@{epoch}: never acks it again")
+                        });
+                    }
+                    agreed
+                } else {
+                    p.may_fence(local, &member)
+                };
                 self.lease_reply(
                     id,
                     from,
@@ -843,6 +832,7 @@ impl World {
                         round,
                         controller: id,
                         agreed,
+                        commit,
                     },
                 );
             }
@@ -850,13 +840,13 @@ impl World {
                 round,
                 controller,
                 agreed,
+                commit,
             } => {
-                if let Some(rd) = self.ctl.get_mut(&id).and_then(|c| c.rounds.get_mut(&round)) {
-                    if agreed {
-                        rd.agreed.insert(controller);
-                    }
-                }
-                self.check_round(id, round)?;
+                let Some(rd) = self.ctl.get_mut(&id).and_then(|c| c.rounds.get_mut(&round)) else {
+                    return Ok(());
+                };
+                let cmds = rd.fence.answer(controller, commit, agreed);
+                self.fence_commands(id, round, cmds)?;
             }
             LeaseMsg::HeartbeatReply { .. } | LeaseMsg::Assignment { .. } => {}
         }
@@ -965,7 +955,7 @@ impl World {
         }
     }
 
-    /// Asks every voter (the leader included) to fence `member` at `epoch`.
+    /// Starts a fence round of `member` at `epoch` over every voter.
     fn fence_round(
         &mut self,
         id: u64,
@@ -974,105 +964,115 @@ impl World {
         voters: &[u64],
     ) -> Result<(), Failure> {
         let now = self.now;
+        let faults = self.cfg.fence_faults;
         let Some(c) = self.ctl.get_mut(&id) else {
             return Ok(());
         };
-        let Some(p) = c.promises.as_mut() else {
+        let Some(p) = c.promises.as_ref() else {
             return Ok(());
         };
         let round = c.next_round;
         c.next_round += 1;
-        let mut agreed = BTreeSet::new();
-        // The controller's fence_round agrees itself first (a persisted mark, even
-        // if nobody else is reachable); with `fence_self_last` the leader agrees
-        // only once the others' agreements make a majority with it.
-        if !self.cfg.fence_self_last && p.fence(c.clock.local(now), &member, epoch) {
-            c.fenced = p.fenced().clone();
-            agreed.insert(id);
-        }
-        let agreed_self = !agreed.is_empty();
+        let could = p.may_fence(c.clock.local(now), &member);
+        let (fence, cmds) =
+            FenceRound::start_faulty(id, voters, &member, epoch, now, could, faults);
         c.rounds.insert(
             round,
-            FenceRound {
-                member: member.clone(),
-                epoch,
-                need: majority(voters.len()),
-                agreed,
+            Round {
+                fence,
                 started: now,
-                wall: now,
-                proposed: false,
             },
         );
         self.stats.fence_rounds += 1;
         self.trace(Some(id), || {
             format!("fence round {round}: {member}@{epoch}, asking {voters:?}")
         });
-        if agreed_self {
-            self.trace(Some(id), || {
-                format!("agrees to fence {member}@{epoch}: never acks it again")
-            });
-        }
-        for &v in voters.iter().filter(|&&v| v != id) {
-            self.lease_send(
-                id,
-                v,
-                LeaseMsg::FenceRequest {
-                    round,
-                    member: member.clone(),
-                    epoch,
-                },
-            );
-        }
-        self.check_round(id, round)
+        self.fence_commands(id, round, cmds)
     }
 
-    /// Proposes the fence once a majority agreed.
-    fn check_round(&mut self, id: u64, round: u64) -> Result<(), Failure> {
-        let now = self.now;
-        let self_last = self.cfg.fence_self_last;
-        let Some(c) = self.ctl.get_mut(&id) else {
-            return Ok(());
-        };
-        let Some(rd) = c.rounds.get_mut(&round) else {
-            return Ok(());
-        };
-        if self_last && !rd.proposed && !rd.agreed.contains(&id) && rd.agreed.len() + 1 >= rd.need {
-            if let Some(p) = c.promises.as_mut() {
-                if p.fence(c.clock.local(now), &rd.member, rd.epoch) {
-                    c.fenced = p.fenced().clone();
-                    rd.agreed.insert(id);
+    /// Carries out what fence round `round` of controller `id` asks for.
+    fn fence_commands(
+        &mut self,
+        id: u64,
+        round: u64,
+        cmds: Vec<FenceCommand>,
+    ) -> Result<(), Failure> {
+        let mut todo: VecDeque<FenceCommand> = cmds.into();
+        while let Some(cmd) = todo.pop_front() {
+            let now = self.now;
+            let Some(c) = self.ctl.get_mut(&id) else {
+                return Ok(());
+            };
+            let Some(rd) = c.rounds.get_mut(&round) else {
+                return Ok(());
+            };
+            let (member, epoch) = (rd.fence.member().to_string(), rd.fence.epoch());
+            match cmd {
+                FenceCommand::Ask { to, commit } => {
+                    for v in to {
+                        let m = LeaseMsg::FenceRequest {
+                            round,
+                            member: member.clone(),
+                            epoch,
+                            commit,
+                        };
+                        self.lease_send(id, v, m);
+                    }
+                }
+                FenceCommand::MarkSelf => {
+                    let ok = match c.promises.as_mut() {
+                        Some(p) => p.fence(c.clock.local(now), &member, epoch),
+                        None => false,
+                    };
+                    if ok {
+                        // Persisted (fsync'd) before it counts.
+                        c.fenced = c
+                            .promises
+                            .as_ref()
+                            .map_or_else(Default::default, |p| p.fenced().clone());
+                    }
+                    todo.extend(rd.fence.marked_self(ok));
+                    if ok {
+                        self.trace(Some(id), || {
+                            format!("agrees to fence {member}@{epoch}: never acks it again")
+                        });
+                    }
+                }
+                FenceCommand::GiveUp { yes, need } => {
+                    self.trace(Some(id), || {
+                        format!("fence round {round} not agreed ({yes} of {need})")
+                    });
+                }
+                FenceCommand::Propose(cmd) => {
+                    self.trace(Some(id), || format!("fence round {round} agreed"));
+                    self.ownership_propose(id, cmd)?;
                 }
             }
         }
-        if rd.proposed || rd.agreed.len() < rd.need {
-            return Ok(());
-        }
-        rd.proposed = true;
-        let cmd = Command::FenceMember {
-            name: rd.member.clone(),
-            epoch: rd.epoch,
-            at_ms: rd.wall,
-        };
-        let agreed = rd.agreed.clone();
-        self.trace(Some(id), || {
-            format!("fence round {round} agreed by {agreed:?}")
-        });
-        self.ownership_propose(id, cmd)
+        Ok(())
     }
 
     // ---- agents --------------------------------------------------------------
 
     fn start_agent(&mut self, i: usize) {
-        let known: BTreeSet<u64> = self
+        let seeds: Vec<AgentController> = self
             .nodes
             .iter()
             .filter(|(_, n)| !matches!(n.slot, Slot::Gone))
-            .map(|(&id, _)| id)
+            .map(|(&id, _)| AgentController {
+                id,
+                address: address(id),
+                voter: true,
+            })
             .collect();
+        let known: Vec<u64> = seeds.iter().map(|c| c.id).collect();
+        let faults = self.cfg.agent_faults;
         let h = &mut self.hosts[i];
         h.incarnation += 1;
         h.paused_until = 0;
-        h.agent = Some(Agent::new(LeaseTiming::default(), known.clone()));
+        let mut engine = Engine::new(seeds, h.state_file.clone());
+        engine.set_faults(faults);
+        h.agent = Some(engine);
         let incarnation = h.incarnation;
         let period = h.clock.true_ms(self.lease.timing.heartbeat_ms);
         let first = self.rng.gen_range(1..=period.max(1));
@@ -1098,20 +1098,104 @@ impl World {
     }
 
     fn kill_agent(&mut self, i: usize, why: &str) {
-        let forget = !self.cfg.agent_state_file;
         let h = &mut self.hosts[i];
         if h.agent.take().is_none() {
             return;
         }
         h.paused_until = 0;
-        if forget {
-            h.floors.clear();
-        }
         for c in self.ctl.values_mut() {
             c.streams.remove(&i);
         }
         self.stats.agent_kills += 1;
         self.trace_host(i, || format!("AGENT KILLED ({why}); the kernel set stays"));
+    }
+
+    /// Feeds one event to host `i`'s agent engine and carries out its commands,
+    /// as `vipshare-agent`'s runtime does.
+    fn agent_step(&mut self, i: usize, ev: AgentEvent) {
+        let now = self.now;
+        let h = &mut self.hosts[i];
+        let running = h.paused_until <= now;
+        let local = h.clock.local(now);
+        let Some(a) = h.agent.as_mut() else {
+            return;
+        };
+        let before: BTreeSet<u64> = a.controllers().iter().map(|c| c.id).collect();
+        let (epoch, silent, expiry) = (a.epoch(), a.silent_until(), a.lease_expiry());
+        let cmds = a.step(local, ev);
+        if a.lease_expiry() > expiry && a.epoch() == epoch {
+            self.stats.lease_extensions += 1;
+        }
+        if a.silent_until() != silent && a.silent_until().is_some() {
+            self.stats.agent_yields += 1;
+            self.trace_host(i, || {
+                format!("refused for good at epoch {epoch}: silent to be fenced")
+            });
+        }
+        if let Some(a) = self.hosts[i].agent.as_ref().filter(|a| a.epoch() != epoch) {
+            let new = a.epoch();
+            self.trace_host(i, || format!("adopts member epoch {new} (was {epoch})"));
+        }
+        let (from, name, incarnation) = {
+            let h = &self.hosts[i];
+            (h.id, h.name.clone(), h.incarnation)
+        };
+        for cmd in cmds {
+            match cmd {
+                AgentCommand::Persist(state) => self.hosts[i].state_file = state,
+                AgentCommand::Heartbeat { round, epoch, to } => {
+                    for c in to {
+                        let hb = LeaseMsg::Heartbeat {
+                            member: name.clone(),
+                            epoch,
+                            round,
+                        };
+                        self.lease_send(from, c, hb);
+                    }
+                }
+                AgentCommand::Released { buckets, to } => {
+                    // A stopped process sends nothing; the next round repeats it.
+                    if !running {
+                        continue;
+                    }
+                    for c in to {
+                        let m = LeaseMsg::Released {
+                            member: name.clone(),
+                            buckets: buckets.clone(),
+                        };
+                        self.lease_send(from, c, m);
+                    }
+                }
+                AgentCommand::Install {
+                    buckets,
+                    timeout_ms,
+                    member_epoch,
+                } => self.kernel_submit(
+                    i,
+                    KernelOp::Install {
+                        buckets,
+                        timeout_ms,
+                        member_epoch,
+                    },
+                ),
+                AgentCommand::Withdraw { bucket, epoch } => {
+                    self.trace_host(i, || format!("withdraws bucket {bucket}@{epoch} (release)"));
+                    self.kernel_submit(
+                        i,
+                        KernelOp::Withdraw {
+                            bucket,
+                            epoch,
+                            incarnation,
+                        },
+                    );
+                }
+                AgentCommand::Watch { controllers } => {
+                    for c in controllers.iter().filter(|c| !before.contains(&c.id)) {
+                        self.push_assignments(c.id, Some(i), true);
+                    }
+                }
+            }
+        }
     }
 
     fn agent_round(&mut self, i: usize, incarnation: u64) {
@@ -1123,11 +1207,10 @@ impl World {
             return;
         }
         let paused = h.paused_until > now;
-        let clock = h.clock;
         let Some(a) = h.agent.as_ref() else {
             return;
         };
-        let period = clock.true_ms(a.lease.timing().heartbeat_ms);
+        let period = h.clock.true_ms(a.timing().heartbeat_ms);
         self.schedule(
             now + period,
             Event::Lease(LeaseEvent::AgentRound {
@@ -1135,40 +1218,8 @@ impl World {
                 incarnation,
             }),
         );
-        if paused {
-            return;
-        }
-        let h = &mut self.hosts[i];
-        let Some(a) = h.agent.as_mut() else {
-            return;
-        };
-        let local = clock.local(now);
-        if a.silent_until.is_some_and(|t| local < t) {
-            return;
-        }
-        let round = a.lease.start_round(local);
-        a.epoch_round.get_or_insert(round);
-        let hb = LeaseMsg::Heartbeat {
-            member: h.name.clone(),
-            epoch: a.epoch,
-            round,
-        };
-        let confirm = a.confirmable();
-        let known: Vec<u64> = a.known.iter().copied().collect();
-        let from = h.id;
-        let name = h.name.clone();
-        for c in known {
-            self.lease_send(from, c, hb.clone());
-            if !confirm.is_empty() {
-                self.lease_send(
-                    from,
-                    c,
-                    LeaseMsg::Released {
-                        member: name.clone(),
-                        buckets: confirm.clone(),
-                    },
-                );
-            }
+        if !paused {
+            self.agent_step(i, AgentEvent::Tick);
         }
     }
 
@@ -1180,198 +1231,31 @@ impl World {
                 acked,
                 member_epoch,
                 leader,
-            } => {
-                let yields = self.cfg.agent_yields;
-                let h = &mut self.hosts[i];
-                let local = h.clock.local(self.now);
-                let Some(a) = h.agent.as_mut() else {
-                    return;
-                };
-                if member_epoch > a.epoch {
-                    self.adopt_epoch(i, member_epoch, &format!("n{controller} says"));
-                    return;
-                }
-                if acked {
-                    if a.lease.ack(round, controller).is_some() {
-                        self.stats.lease_extensions += 1;
-                        self.extend(i);
-                    }
-                } else if yields
-                    && a.epoch > 0
-                    && member_epoch == a.epoch
-                    && a.epoch_round.is_some_and(|r| round >= r)
-                    && (a.refused(round, controller) || leader == controller)
-                {
-                    // Refused for good at the current epoch (fence marks of rounds
-                    // that never completed, or eviction), by a majority or by the
-                    // leader. A majority: no lease is possible any more, but a
-                    // leader in the minority that still acks never fences it. The
-                    // leader: it sees the member silent, so it can neither fence
-                    // it (the others ack) nor move its buckets. Either way, go
-                    // silent until every promise ran out and the leader fences it.
-                    // Until the stream shows the new epoch; if it never does, try
-                    // again after a while (a fence can wait for the leader's
-                    // mass-failure interval).
-                    let t = a.lease.timing();
-                    let quiet = 10_000 + 2 * t.controller_promise_ms();
-                    a.silent_until = Some(local + quiet);
-                    a.refusals.clear();
-                    self.stats.agent_yields += 1;
-                    self.trace_host(i, || {
-                        format!("refused for good at epoch {member_epoch} (last by n{controller}, leader n{leader}): silent for {quiet}ms to be fenced")
-                    });
-                }
-            }
+            } => self.agent_step(
+                i,
+                AgentEvent::Reply(Reply {
+                    controller,
+                    round,
+                    acked,
+                    member_epoch,
+                    leader,
+                }),
+            ),
             LeaseMsg::Assignment {
                 controller,
                 assignment,
-            } => self.agent_assignment(i, controller, *assignment),
+            } => self.agent_step(
+                i,
+                AgentEvent::Assignment {
+                    controller,
+                    assignment: *assignment,
+                },
+            ),
             // Requests go to controllers only.
             LeaseMsg::Heartbeat { .. }
             | LeaseMsg::Released { .. }
             | LeaseMsg::FenceRequest { .. }
             | LeaseMsg::FenceReply { .. } => {}
-        }
-    }
-
-    /// The member was fenced (a newer epoch exists): drop the lease and the buckets.
-    fn adopt_epoch(&mut self, i: usize, epoch: u64, why: &str) {
-        let Some(a) = self.hosts[i].agent.as_mut() else {
-            return;
-        };
-        let old = a.epoch;
-        a.lease.revoke();
-        a.epoch = epoch;
-        a.assignment = None;
-        a.withdrawing.clear();
-        a.withdrawn.clear();
-        a.refusals.clear();
-        a.silent_until = None;
-        a.epoch_round = None;
-        let flush = old > 0;
-        if flush {
-            a.installed.clear();
-        }
-        self.trace_host(i, || {
-            format!("adopts member epoch {epoch} ({why}; was {old})")
-        });
-        if flush {
-            let op = KernelOp::Install {
-                buckets: Vec::new(),
-                timeout_ms: 0,
-                member_epoch: epoch,
-            };
-            self.kernel_submit(i, op);
-        }
-    }
-
-    /// A majority acked a round: renew the kernel set with the lease's timeout.
-    fn extend(&mut self, i: usize) {
-        let now = self.now;
-        let h = &mut self.hosts[i];
-        let local = h.clock.local(now);
-        let Some(a) = h.agent.as_mut() else {
-            return;
-        };
-        let Some(timeout_ms) = a.lease.kernel_timeout_ms(local) else {
-            return;
-        };
-        let desired = a.desired(&h.floors);
-        if desired.is_empty() && a.installed.is_empty() {
-            return;
-        }
-        a.installed = desired.clone();
-        let op = KernelOp::Install {
-            buckets: desired,
-            timeout_ms,
-            member_epoch: a.epoch,
-        };
-        self.kernel_submit(i, op);
-    }
-
-    fn agent_assignment(&mut self, i: usize, controller: u64, asg: Assignment) {
-        let now = self.now;
-        let Some(a) = self.hosts[i].agent.as_ref() else {
-            return;
-        };
-        // An assignment from a controller that has no state yet (no controllers,
-        // applied index 0) says nothing; taking it would leave the agent talking
-        // to nobody.
-        if !a.known.contains(&controller)
-            || asg.member_epoch < a.epoch
-            || asg.controllers.is_empty()
-        {
-            return;
-        }
-        if asg.member_epoch > a.epoch {
-            self.adopt_epoch(
-                i,
-                asg.member_epoch,
-                &format!("assignment from n{controller}"),
-            );
-        }
-        let h = &mut self.hosts[i];
-        let incarnation = h.incarnation;
-        let Some(a) = h.agent.as_mut() else {
-            return;
-        };
-        if a.assignment
-            .as_ref()
-            .is_some_and(|cur| cur.applied_index >= asg.applied_index)
-        {
-            return;
-        }
-        if let Some(t) = asg.timing {
-            a.lease.set_timing(t);
-        }
-        a.lease.set_voters(asg.voters());
-        let known: BTreeSet<u64> = asg.controllers.iter().map(|c| c.0).collect();
-        let new: Vec<u64> = known.difference(&a.known).copied().collect();
-        a.known = known;
-        for &(b, e) in &asg.owned {
-            let f = h.floors.entry(b).or_insert(e);
-            *f = (*f).max(e);
-        }
-        let mut withdraw = Vec::new();
-        for &(b, e) in &asg.release {
-            let f = h.floors.entry(b).or_insert(e + 1);
-            *f = (*f).max(e + 1);
-            if !a.withdrawn.contains(&(b, e)) && a.withdrawing.insert((b, e)) {
-                withdraw.push((b, e));
-            }
-        }
-        a.assignment = Some(asg);
-        let local = h.clock.local(now);
-        let mut install = None;
-        if a.lease.valid(local) {
-            let desired = a.desired(&h.floors);
-            if desired != a.installed {
-                if let Some(timeout_ms) = a.lease.kernel_timeout_ms(local) {
-                    a.installed = desired.clone();
-                    install = Some(KernelOp::Install {
-                        buckets: desired,
-                        timeout_ms,
-                        member_epoch: a.epoch,
-                    });
-                }
-            }
-        }
-        for (bucket, epoch) in withdraw {
-            self.trace_host(i, || format!("withdraws bucket {bucket}@{epoch} (release)"));
-            self.kernel_submit(
-                i,
-                KernelOp::Withdraw {
-                    bucket,
-                    epoch,
-                    incarnation,
-                },
-            );
-        }
-        if let Some(op) = install {
-            self.kernel_submit(i, op);
-        }
-        for c in new {
-            self.push_assignments(c, Some(i), true);
         }
     }
 
@@ -1442,28 +1326,10 @@ impl World {
             } => {
                 let h = &mut self.hosts[i];
                 h.kernel.withdraw(bucket, now);
-                let running = h.paused_until <= now;
-                let (from, name) = (h.id, h.name.clone());
-                let mut confirm = Vec::new();
-                if h.incarnation == incarnation {
-                    if let Some(a) = h.agent.as_mut() {
-                        a.withdrawing.remove(&(bucket, epoch));
-                        a.withdrawn.insert((bucket, epoch));
-                        if running {
-                            confirm = a.known.iter().copied().collect();
-                        }
-                    }
-                }
+                let current = h.incarnation == incarnation;
                 self.trace_host(i, || format!("kernel: bucket {bucket} withdrawn"));
-                for c in confirm {
-                    self.lease_send(
-                        from,
-                        c,
-                        LeaseMsg::Released {
-                            member: name.clone(),
-                            buckets: vec![(bucket, epoch)],
-                        },
-                    );
+                if current {
+                    self.agent_step(i, AgentEvent::Withdrawn { bucket, epoch });
                 }
             }
         }
@@ -1801,7 +1667,7 @@ impl World {
                         || self.host_by_name(n).is_none_or(|i| {
                             let h = &self.hosts[i];
                             let local = h.clock.local(now);
-                            h.agent.as_ref().is_none_or(|a| !a.lease.valid(local))
+                            h.agent.as_ref().is_none_or(|a| !a.lease_valid(local))
                         })
                 })
                 .count();
@@ -1898,6 +1764,19 @@ impl World {
             .map(|h| h.name.clone())
             .collect();
         let live = |name: &str| running.contains(name);
+        let acked_by_leader: BTreeSet<String> = self.ctl.get(&l).map_or_else(BTreeSet::new, |c| {
+            let local = c.clock.local(now);
+            s.members
+                .keys()
+                .filter(|n| {
+                    c.promises
+                        .as_ref()
+                        .is_some_and(|p| p.steady_for(local, n).is_some())
+                })
+                .cloned()
+                .collect()
+        });
+        let leader_acks = |name: &str| acked_by_leader.contains(name);
         // Nothing can converge while every live member is damped for longer.
         let quiet_margin = self.cfg.quiet_ms + 1000;
         let left = self.lease.converge_deadline.saturating_sub(now);
@@ -1994,6 +1873,10 @@ impl World {
                 }
             } else if !m.down {
                 unsettled.push(format!("{name} not running but not fenced"));
+            } else if leader_acks(name) {
+                // Heartbeats it sent before it died still arrive: the leader
+                // may re-admit it yet.
+                unsettled.push(format!("{name} not running but still acked by the leader"));
             }
         }
         let eligible: Vec<policy::Member> = s

@@ -1,0 +1,87 @@
+//! A controller's answer to an agent's heartbeat: from its own applied state and
+//! its own [`Promises`]. The controller's agent API and the simulator call this.
+
+use crate::lease::{Promises, Refusal};
+use crate::state::ClusterState;
+
+/// What a controller tells the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub verdict: Result<(), Refusal>,
+    /// The member's epoch in the applied state (0: unknown member).
+    pub member_epoch: u64,
+}
+
+/// Decide on a heartbeat from `member` claiming `epoch`, at `now` on this
+/// controller's clock. `voter`: whether this controller is in its own applied
+/// voter set; a controller that is not (removed, or a learner) promises nothing,
+/// since the leader does not ask it before fencing.
+pub fn answer(
+    promises: &mut Promises,
+    now: u64,
+    state: &ClusterState,
+    voter: bool,
+    member: &str,
+    epoch: u64,
+) -> Answer {
+    let m = state.members.get(member);
+    let member_epoch = m.map_or(0, |m| m.epoch);
+    let verdict = match m {
+        _ if !voter => Err(Refusal::NotAVoter),
+        Some(m) if m.evicted && m.epoch == epoch => Err(Refusal::Evicted { epoch }),
+        _ => promises.heartbeat(now, member, epoch, m.map(|m| m.epoch)),
+    };
+    Answer {
+        verdict,
+        member_epoch,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bucket::{Affinity, BucketFn};
+    use crate::command::Command;
+    use crate::lease::LeaseTiming;
+    use crate::state::Settings;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn acks_only_as_a_voter_and_never_an_evicted_epoch() {
+        let mut s = ClusterState::default();
+        s.apply(Command::InitCluster {
+            settings: Settings {
+                vips: vec![],
+                bucket_count: 16,
+                bucket_fn: BucketFn::Jhash,
+                affinity: Affinity::Address,
+                seed: 1,
+                lease: LeaseTiming::default(),
+                damping: Default::default(),
+            },
+        })
+        .unwrap();
+        s.apply(Command::AddMember {
+            name: "h1".into(),
+            weight: 1,
+        })
+        .unwrap();
+        let mut p = Promises::new(LeaseTiming::default(), 0, BTreeMap::new());
+        assert_eq!(answer(&mut p, 1, &s, true, "h1", 1).verdict, Ok(()));
+        let a = answer(&mut p, 1, &s, false, "h1", 1);
+        assert_eq!((a.verdict, a.member_epoch), (Err(Refusal::NotAVoter), 1));
+        s.apply(Command::Evict {
+            name: "h1".into(),
+            epoch: 1,
+        })
+        .unwrap();
+        assert_eq!(
+            answer(&mut p, 2, &s, true, "h1", 1).verdict,
+            Err(Refusal::Evicted { epoch: 1 })
+        );
+        assert_eq!(
+            answer(&mut p, 2, &s, true, "h9", 1).verdict,
+            Err(Refusal::UnknownMember)
+        );
+    }
+}

@@ -1,0 +1,99 @@
+//! The agent's durable state ([`AgentState`]) in `<state_dir>/agent-state.json`:
+//! written to a temporary file, fsync'd, renamed over the old one and the
+//! directory fsync'd, so a crash leaves the old or the new state, never a mix.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use vipshare_core::agent::AgentState;
+
+/// Where the state lives.
+#[derive(Debug, Clone)]
+pub struct StateFile {
+    path: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not an agent state file: {reason}", .path.display())]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+impl StateFile {
+    pub fn new(dir: &Path) -> Self {
+        StateFile {
+            path: dir.join("agent-state.json"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self, path: &Path) -> impl Fn(std::io::Error) -> StateFileError {
+        let path = path.to_path_buf();
+        move |source| StateFileError::Io {
+            path: path.clone(),
+            source,
+        }
+    }
+
+    /// The state as last stored; a missing file is a fresh host.
+    pub fn load(&self) -> Result<Option<AgentState>, StateFileError> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io(&self.path)(e)),
+        };
+        AgentState::from_json(&text)
+            .map(Some)
+            .map_err(|reason| StateFileError::Corrupt {
+                path: self.path.clone(),
+                reason,
+            })
+    }
+
+    /// Stores `state` durably; returns once it is on disk.
+    pub fn store(&self, state: &AgentState) -> Result<(), StateFileError> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(self.io(dir))?;
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = File::create(&tmp).map_err(self.io(&tmp))?;
+        f.write_all(state.to_json().as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(self.io(&tmp))?;
+        fs::rename(&tmp, &self.path).map_err(self.io(&self.path))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(self.io(dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_state_loads_back_and_garbage_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile::new(&dir.path().join("sub"));
+        assert_eq!(f.load().unwrap(), None, "fresh host");
+        let mut s = AgentState::default();
+        s.raise(4, 7);
+        s.voters = [1, 2, 3].into();
+        f.store(&s).unwrap();
+        assert_eq!(f.load().unwrap(), Some(s));
+        fs::write(f.path(), "{").unwrap();
+        let e = f.load().unwrap_err().to_string();
+        assert!(
+            e.contains("agent-state.json") && e.contains("not an agent state file"),
+            "{e}"
+        );
+    }
+}

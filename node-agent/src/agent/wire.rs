@@ -1,0 +1,224 @@
+//! Assignments and heartbeat replies from the wire, checked and turned into the
+//! domain types of [`vipshare_core::agent`], which makes every decision. The
+//! cluster settings the data plane needs (VIPs, bucket function) stay here.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use vipshare_core::agent::{Assignment, Controller, Reply};
+use vipshare_core::bucket::{self, Affinity, BucketFn};
+use vipshare_core::lease::LeaseTiming;
+use vipshare_proto::v1 as pb;
+
+/// Cluster settings as the data plane needs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// (address, prefix length, MAC)
+    pub vips: Vec<(Ipv4Addr, u8, [u8; 6])>,
+    pub bucket_count: u32,
+    pub bucket_fn: BucketFn,
+    pub affinity: Affinity,
+    pub seed: u32,
+    pub timing: LeaseTiming,
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    crate::dataplane::linux::exec::parse_mac(s).filter(|m| m[0] & 1 == 1)
+}
+
+fn timing(t: Option<&pb::LeaseTiming>) -> Result<LeaseTiming, String> {
+    let Some(t) = t else {
+        return Ok(LeaseTiming::default());
+    };
+    let t = LeaseTiming {
+        heartbeat_ms: t.heartbeat_ms,
+        lease_ms: t.lease_ms,
+        kernel_delay_ms: t.kernel_delay_ms,
+        clock_rate_ppm: t.clock_rate_ppm,
+        margin_ms: t.margin_ms,
+    };
+    t.validate().map_err(|e| format!("lease timing: {e}"))?;
+    Ok(t)
+}
+
+/// A heartbeat reply as the engine takes it.
+pub fn reply(r: &pb::HeartbeatReply) -> Reply {
+    Reply {
+        controller: r.controller_id,
+        round: r.round,
+        acked: r.acked,
+        member_epoch: r.member_epoch,
+        leader: r.leader_id,
+    }
+}
+
+/// Checks an assignment from the wire for `member`; the error says what is
+/// wrong with it.
+pub fn validate(
+    member: &str,
+    a: &pb::Assignment,
+) -> Result<(Option<Settings>, Assignment), String> {
+    if a.member != member {
+        return Err(format!("assignment for member {:?}", a.member));
+    }
+    let settings = match &a.settings {
+        None => None,
+        Some(s) => {
+            let bucket_fn: BucketFn = s.bucket_function.parse().map_err(|e| format!("{e}"))?;
+            let affinity: Affinity = s.affinity.parse().map_err(|e| format!("{e}"))?;
+            bucket::validate(bucket_fn, affinity, s.bucket_count).map_err(|e| e.to_string())?;
+            let mut vips = Vec::new();
+            for v in &s.vips {
+                let addr = match v.address.parse::<IpAddr>() {
+                    Ok(IpAddr::V4(a)) => a,
+                    Ok(IpAddr::V6(_)) => {
+                        return Err(format!(
+                            "VIP {}: IPv6 VIPs are not supported by this agent yet",
+                            v.address
+                        ))
+                    }
+                    Err(_) => return Err(format!("VIP {:?}: unknown address family", v.address)),
+                };
+                let prefix = if v.prefix_len == 0 { 32 } else { v.prefix_len };
+                if prefix > 32 {
+                    return Err(format!("VIP {addr}: prefix length {prefix}"));
+                }
+                let mac = parse_mac(&v.mac)
+                    .ok_or_else(|| format!("VIP {addr}: {:?} is not a multicast MAC", v.mac))?;
+                vips.push((addr, prefix as u8, mac));
+            }
+            Some(Settings {
+                vips,
+                bucket_count: s.bucket_count,
+                bucket_fn,
+                affinity,
+                seed: s.seed,
+                timing: timing(s.lease.as_ref())?,
+            })
+        }
+    };
+    let count = settings.as_ref().map_or(0, |s| s.bucket_count);
+    let grants = |list: &[pb::BucketGrant], what: &str| -> Result<BTreeMap<u32, u64>, String> {
+        let mut m = BTreeMap::new();
+        for g in list {
+            if g.bucket >= count {
+                return Err(format!(
+                    "{what} bucket {} is not below the bucket count {count}",
+                    g.bucket
+                ));
+            }
+            if m.insert(g.bucket, g.epoch).is_some() {
+                return Err(format!("{what} bucket {} is listed twice", g.bucket));
+            }
+        }
+        Ok(m)
+    };
+    let owned = grants(&a.owned, "owned")?;
+    let release = grants(&a.release, "release")?;
+    if let Some(b) = owned.keys().find(|b| release.contains_key(b)) {
+        return Err(format!("bucket {b} is both owned and to be released"));
+    }
+    let controllers = a
+        .controllers
+        .iter()
+        .map(|c| Controller {
+            id: c.id,
+            address: c.address.clone(),
+            voter: c.role == "voter",
+        })
+        .collect();
+    let timing = settings.as_ref().map(|s| s.timing);
+    Ok((
+        settings,
+        Assignment {
+            applied_index: a.applied_index,
+            member_epoch: a.member_epoch,
+            timing,
+            owned,
+            release,
+            controllers,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> pb::ClusterSettings {
+        pb::ClusterSettings {
+            vips: vec![pb::Vip {
+                address: "192.0.2.10".into(),
+                prefix_len: 32,
+                mac: "01:00:5e:00:02:0a".into(),
+            }],
+            bucket_count: 16,
+            bucket_function: "jhash".into(),
+            affinity: "address".into(),
+            seed: 7,
+            lease: None,
+            damping: None,
+        }
+    }
+
+    fn assignment(index: u64, epoch: u64, owned: &[(u32, u64)]) -> pb::Assignment {
+        pb::Assignment {
+            protocol_version: 1,
+            member: "h1".into(),
+            member_epoch: epoch,
+            applied_index: index,
+            settings: Some(settings()),
+            owned: owned
+                .iter()
+                .map(|&(bucket, epoch)| pb::BucketGrant { bucket, epoch })
+                .collect(),
+            release: vec![],
+            controllers: (1..=3)
+                .map(|id| pb::ControllerInfo {
+                    id,
+                    address: format!("c{id}:7001"),
+                    role: if id == 3 { "learner" } else { "voter" }.into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_good_assignment_becomes_domain_types() {
+        let (s, a) = validate("h1", &assignment(10, 2, &[(1, 4)])).unwrap();
+        let s = s.unwrap();
+        assert_eq!(s.bucket_count, 16);
+        assert_eq!(a.timing, Some(LeaseTiming::default()));
+        assert_eq!(a.owned, [(1, 4)].into());
+        assert_eq!(a.voters(), [1, 2].into(), "3 is a learner");
+    }
+
+    #[test]
+    fn bad_assignments_are_refused() {
+        let e = validate("h2", &assignment(10, 1, &[])).unwrap_err();
+        assert!(e.contains("for member \"h1\""), "{e}");
+        let e = validate("h1", &assignment(12, 1, &[(16, 1)])).unwrap_err();
+        assert!(e.contains("not below the bucket count 16"), "{e}");
+        let mut a = assignment(13, 1, &[]);
+        a.settings.as_mut().unwrap().vips[0].address = "fd00::1".into();
+        assert!(validate("h1", &a).unwrap_err().contains("IPv6"));
+        a.settings.as_mut().unwrap().vips[0].address = "vip.example".into();
+        assert!(validate("h1", &a)
+            .unwrap_err()
+            .contains("unknown address family"));
+        let mut a = assignment(14, 1, &[]);
+        a.settings.as_mut().unwrap().vips[0].mac = "02:00:00:00:00:01".into();
+        assert!(validate("h1", &a).is_err());
+        let mut a = assignment(15, 1, &[(1, 4)]);
+        a.release = vec![pb::BucketGrant {
+            bucket: 1,
+            epoch: 4,
+        }];
+        assert!(validate("h1", &a)
+            .unwrap_err()
+            .contains("both owned and to be released"));
+        let mut a = assignment(16, 1, &[(1, 4), (1, 5)]);
+        a.release.clear();
+        assert!(validate("h1", &a).unwrap_err().contains("listed twice"));
+    }
+}
