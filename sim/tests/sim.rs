@@ -117,7 +117,7 @@ fn an_agent_that_forgets_its_releases_is_caught() {
     // Restarted, it takes an assignment from a controller that has not applied
     // its release yet and installs a bucket that is someone else's by now.
     caught(
-        &[2],
+        &[78, 80],
         |c| c.agent_faults.forget_releases = true,
         FailureKind::Safety,
         "exclusivity violated",
@@ -127,7 +127,7 @@ fn an_agent_that_forgets_its_releases_is_caught() {
 #[test]
 fn an_agent_that_skips_its_state_file_is_caught() {
     caught(
-        &[2, 36],
+        &[78, 80],
         |c| c.agent_faults.skip_persist = true,
         FailureKind::Safety,
         "exclusivity violated",
@@ -141,7 +141,7 @@ fn agents_that_never_yield_are_caught() {
     // refusers, only a fence clears it; an agent that keeps heartbeating is
     // never fenced (or its buckets never move), and ownership never settles.
     caught(
-        &[1, 9],
+        &[2, 3],
         |c| c.agent_faults.never_yield = true,
         FailureKind::Liveness,
         "",
