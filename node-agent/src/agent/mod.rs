@@ -546,10 +546,11 @@ impl Runtime {
                     info!(owned = ?desired.owned, "kernel accepts new flows for these buckets");
                 }
                 self.applied_owned = desired.owned;
-                self.applied_until = desired
+                // On the agent clock; read after the instant, so never early.
+                let left = desired
                     .lease_until
-                    .saturating_duration_since(self.start)
-                    .as_millis() as u64;
+                    .saturating_duration_since(Instant::now());
+                self.applied_until = self.now() + left.as_millis() as u64;
                 if let Some((at, index)) = self.assignment_pending.take() {
                     let took = at.elapsed();
                     metrics::assignment_applied(took);
