@@ -149,6 +149,7 @@ impl Admin {
     }
 
     /// Run `call` against a controller, moving to the leader when told to.
+    /// Attempts are bounded by [`ON_LEADER_ATTEMPTS`].
     pub async fn on_leader<T, F, Fut>(&self, call: F) -> anyhow::Result<T>
     where
         F: Fn(AdminClient) -> Fut,
@@ -156,7 +157,8 @@ impl Admin {
     {
         let (mut address, mut client) = self.any().await?;
         let mut refusals = Vec::new();
-        for _ in 0..5 {
+        let mut unreachable = Vec::new();
+        for _ in 0..ON_LEADER_ATTEMPTS {
             match call(client.clone()).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => {
@@ -167,8 +169,19 @@ impl Admin {
                         .map(str::to_string);
                     match leader {
                         Some(l) if s.code() == tonic::Code::Unavailable && l != address => {
-                            client = self.connect_to(&l).await?;
-                            address = l;
+                            match self.connect_to(&l).await {
+                                Ok(c) => {
+                                    client = c;
+                                    address = l;
+                                }
+                                // A busy leader (a connection flood, a loaded host) may
+                                // miss one connect deadline: ask again, and be redirected
+                                // again, rather than give up on the first.
+                                Err(e) => {
+                                    unreachable.push(format!("{e:#}"));
+                                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                                }
+                            }
                         }
                         _ if s.code() == tonic::Code::Unavailable => {
                             // No leader known yet (election in progress): wait a little.
@@ -193,9 +206,20 @@ impl Admin {
                 }
             }
         }
-        bail!("no leader answered after 5 attempts; is a majority of controllers up? try `vipsharectl status`")
+        bail!(
+            "no leader answered after {ON_LEADER_ATTEMPTS} attempts; is a majority of controllers up? \
+             try `vipsharectl status`{}",
+            if unreachable.is_empty() {
+                String::new()
+            } else {
+                format!("\n  {}", unreachable.join("\n  "))
+            }
+        )
     }
 }
+
+/// Calls (and redirects) one mutation may take before giving up.
+const ON_LEADER_ATTEMPTS: usize = 8;
 
 /// Every controller failed a read; each one's reason, in order.
 #[derive(Debug)]
