@@ -82,6 +82,24 @@ fn describe() {
         Unit::Count,
         "Member epoch changes seen (each one a fencing: every bucket dropped)."
     );
+    c!(
+        LATE_KERNEL_WRITES,
+        Unit::Count,
+        "Lease writes whose kernel round trip exceeded the kernel-delay budget (rewritten or undone)."
+    );
+    c!(
+        FOREIGN_EDITS,
+        Unit::Count,
+        "Edits of the agent's nftables table by another process, repaired."
+    );
+    g!(
+        DATAPLANE_HEALTHY,
+        "1 when the data plane can serve (interface up, VIP present, filter present, last apply ok), else 0."
+    );
+    g!(
+        DATAPLANE_PROBLEM,
+        "1 for each data-plane problem present, by problem."
+    );
 }
 
 pub fn lease(owned: usize, remaining: Duration) {

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use metrics::{describe_counter, describe_gauge, gauge, Unit};
 
-use crate::tls::{CERT_EXPIRY_METRIC, HANDSHAKE_FAILURES_METRIC, RELOADS_METRIC};
+use crate::tls::{
+    CERT_EXPIRY_METRIC, HANDSHAKE_FAILURES_METRIC, PENDING_HANDSHAKES_METRIC, RELOADS_METRIC,
+};
 
 pub const BUILD_INFO: &str = "vipshare_build_info";
 
@@ -20,6 +22,11 @@ pub fn describe_common(component: &'static str) {
         HANDSHAKE_FAILURES_METRIC,
         Unit::Count,
         "TLS handshakes refused, by reason (revoked, expired, unknown_ca, ...)."
+    );
+    describe_gauge!(
+        PENDING_HANDSHAKES_METRIC,
+        Unit::Count,
+        "TLS handshakes in flight (accepted connections not yet authenticated)."
     );
     describe_gauge!(
         CERT_EXPIRY_METRIC,
