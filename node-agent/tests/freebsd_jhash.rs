@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -22,45 +22,10 @@ use vipshare_core::bucket::{
 const SEEDS: [u32; 2] = [0x4e4c_4221, 0x9e37_79b9];
 const FULL: u32 = u32::MAX;
 
-/// core/tests/bucket.rs's source generator (SplitMix64 from the same seed), so
-/// these are the sources whose buckets were compared with the kernel's.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
-fn sources() -> Vec<(IpAddr, u16)> {
-    let mut rng = Rng(0x7669_7073_6861_7265);
-    let mut v4 = std::collections::BTreeSet::from([
-        Ipv4Addr::new(10, 0, 0, 1),
-        Ipv4Addr::new(10, 255, 255, 254),
-        Ipv4Addr::new(10, 1, 2, 3),
-        Ipv4Addr::new(10, 1, 2, 200),
-    ]);
-    while v4.len() < 600 {
-        v4.insert(Ipv4Addr::from(
-            0x0a00_0000 | (rng.next() as u32 & 0x00ff_ffff),
-        ));
-    }
-    let mut v6 = std::collections::BTreeSet::from(["fd00::1".parse::<Ipv6Addr>().unwrap()]);
-    while v6.len() < 300 {
-        let x = u128::from(rng.next()) << 64 | u128::from(rng.next());
-        v6.insert(Ipv6Addr::from(0xfd00u128 << 112 | (x >> 16)));
-    }
-    let mut port = || 1024 + (rng.next() % (65536 - 1024)) as u16;
-    v4.into_iter()
-        .map(IpAddr::V4)
-        .chain(v6.into_iter().map(IpAddr::V6))
-        .map(|a| (a, port()))
-        .collect()
-}
+/// core/tests/bucket.rs's sources, whose buckets were compared with the kernel's.
+#[path = "../../core/tests/support/sources.rs"]
+mod kernel_sources;
+use kernel_sources::sources;
 
 fn expected(affinity: Affinity, modulus: u32, seed: u32, addr: IpAddr, port: u16) -> u32 {
     if modulus == FULL {
