@@ -18,7 +18,7 @@
 //! processes), also when a test fails.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -351,25 +351,48 @@ impl Servers {
         let tcp = {
             let (stop, name, accepted, tx) =
                 (stop.clone(), name.to_string(), accepted.clone(), tx.clone());
+            // One async task per connection on a runtime of this thread (in the
+            // host's namespace): the instrument must stay cheap on a loaded
+            // machine, where a thread per connection fell behind its accept
+            // queue and looked like a host that does not answer.
             ns.spawn(move || {
                 let l = match tcp_listener(port) {
-                    Ok(l) => {
-                        let _ = tx.send(Ok(()));
-                        l
-                    }
+                    Ok(l) => l,
                     Err(e) => {
                         let _ = tx.send(Err(e));
                         return;
                     }
                 };
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((conn, peer)) = l.accept() else {
-                        continue;
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let l = match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => {
+                            let _ = tx.send(Ok(()));
+                            l
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into()));
+                            return;
+                        }
                     };
-                    accepted.lock().unwrap().push((name.clone(), peer));
-                    let (name, stop) = (name.clone(), stop.clone());
-                    std::thread::spawn(move || serve_conn(conn, &name, &stop));
-                }
+                    while !stop.load(Ordering::Relaxed) {
+                        let accept = tokio::time::timeout(Duration::from_millis(100), l.accept());
+                        let Ok(Ok((conn, peer))) = accept.await else {
+                            continue;
+                        };
+                        accepted.lock().unwrap().push((name.clone(), peer));
+                        tokio::spawn(serve_conn(conn, name.clone(), stop.clone()));
+                    }
+                });
             })
         };
         let udp = {
@@ -410,10 +433,9 @@ fn tcp_listener(port: u16) -> anyhow::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     s.set_reuse_address(true)?;
-    // accept() honours the receive timeout: the loop can notice `stop`.
-    s.set_read_timeout(Some(Duration::from_millis(100)))?;
+    s.set_nonblocking(true)?;
     s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())?;
-    s.listen(512)?;
+    s.listen(4096)?;
     Ok(s.into())
 }
 
@@ -426,32 +448,25 @@ fn udp_socket(vip: Ipv4Addr, port: u16) -> anyhow::Result<UdpSocket> {
     Ok(s.into())
 }
 
-fn serve_conn(conn: std::net::TcpStream, name: &str, stop: &AtomicBool) {
-    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut w = match conn.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
-    if w.write_all(format!("{name}\n").as_bytes()).is_err() {
+/// Answers the host's name at once and then to every line, until the peer
+/// closes or the lab stops.
+async fn serve_conn(conn: tokio::net::TcpStream, name: String, stop: Arc<AtomicBool>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let (r, mut w) = conn.into_split();
+    let answer = format!("{name}\n");
+    if w.write_all(answer.as_bytes()).await.is_err() {
         return;
     }
-    let mut r = BufReader::new(conn);
-    let mut line = String::new();
+    let mut lines = tokio::io::BufReader::new(r).lines();
     while !stop.load(Ordering::Relaxed) {
-        line.clear();
-        match r.read_line(&mut line) {
-            Ok(0) => return,
-            Ok(_) => {
-                if w.write_all(format!("{name}\n").as_bytes()).is_err() {
+        match tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await {
+            Err(_) => {}
+            Ok(Ok(Some(_))) => {
+                if w.write_all(answer.as_bytes()).await.is_err() {
                     return;
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return,
+            Ok(_) => return,
         }
     }
 }

@@ -53,8 +53,10 @@ pub enum Outcome {
     Answered(String),
     /// Refused or reset (an RST).
     Reset(String),
-    /// No answer within the probe's timeout.
-    Timeout,
+    /// No answer within the probe's timeout. `connected`: the handshake had
+    /// completed (a host's kernel accepted; its server never answered), else
+    /// no SYN-ACK came (no host's kernel accepted the flow).
+    Timeout { connected: bool },
     /// Any other error.
     Failed(String),
 }
@@ -210,10 +212,12 @@ fn long_lived_body(
 pub async fn probe(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> Probe {
     use tokio::io::AsyncBufReadExt;
     let sent = Instant::now();
+    let connected = std::sync::atomic::AtomicBool::new(false);
     let attempt = async {
         let s = tokio::net::TcpSocket::new_v4()?;
         s.bind(SocketAddrV4::new(src, 0).into())?;
         let stream = s.connect(dst.into()).await?;
+        connected.store(true, Ordering::Relaxed);
         let mut r = tokio::io::BufReader::new(stream);
         let mut line = String::new();
         if r.read_line(&mut line).await? == 0 {
@@ -232,7 +236,9 @@ pub async fn probe(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> Probe
             }
             _ => Outcome::Failed(e.to_string()),
         },
-        Err(_) => Outcome::Timeout,
+        Err(_) => Outcome::Timeout {
+            connected: connected.load(Ordering::Relaxed),
+        },
     };
     Probe {
         src,
@@ -693,6 +699,9 @@ pub struct Report {
     pub failed: Vec<String>,
     /// Failures the scenario expects (a crashed host's connections).
     pub excused: Vec<String>,
+    /// Failures not excused, per half second since the first probe, per owner
+    /// of the bucket in the map then: where the time went, at a glance.
+    pub failed_timeline: BTreeMap<u64, BTreeMap<String, usize>>,
 }
 
 impl Report {
@@ -715,13 +724,20 @@ impl Report {
     /// Panics with the details unless every probe was answered by its owner.
     pub fn assert_clean(&self, what: &str) {
         let head = |v: &[String]| v.iter().take(20).cloned().collect::<Vec<_>>();
+        let timeline: Vec<String> = self
+            .failed_timeline
+            .iter()
+            .map(|(slot, by)| format!("+{:.1}s {by:?}", *slot as f64 / 2.0))
+            .collect();
         assert!(
             self.is_clean(),
-            "{what}: {}\nnon-owner answers: {:#?}\nresets: {:#?}\nfailed: {:#?}",
+            "{what}: {}\nnon-owner answers: {:#?}\nresets: {:#?}\nfailed: {:#?}\n\
+             failures per half second, by owner: {:#?}",
             self.summary(),
             head(&self.wrong_host),
             head(&self.resets),
             head(&self.failed),
+            timeline,
         );
     }
 }
@@ -760,10 +776,30 @@ pub fn judge(
                 }
             }
             other if excused(p, b) => r.excused.push(line(&format!("{other:?}"))),
+            _ => {
+                let owners = history.owners_between(b, p.sent, p.sent);
+                let owner = owners.into_iter().next().unwrap_or_else(|| "-".into());
+                let slot = (at.as_millis() / 500) as u64;
+                *r.failed_timeline
+                    .entry(slot)
+                    .or_default()
+                    .entry(owner)
+                    .or_insert(0) += 1;
+            }
+        }
+        match &p.outcome {
+            Outcome::Answered(_) => {}
+            _ if excused(p, b) => {}
             Outcome::Reset(e) => r.resets.push(line(e)),
-            Outcome::Timeout => r
-                .failed
-                .push(line(&format!("timed out after {:?}", p.done - p.sent))),
+            Outcome::Timeout { connected } => r.failed.push(line(&format!(
+                "timed out after {:?} ({})",
+                p.done - p.sent,
+                if *connected {
+                    "connected, no answer from the server"
+                } else {
+                    "no SYN-ACK"
+                }
+            ))),
             Outcome::Failed(e) => r.failed.push(line(e)),
         }
     }
