@@ -148,6 +148,23 @@ impl Admin {
             .await
     }
 
+    /// The controllers' addresses, as given.
+    pub fn addresses(&self) -> &[String] {
+        &self.addresses
+    }
+
+    /// The bucket map stream of one controller ([`crate::watch`]).
+    pub async fn watch_buckets(
+        &self,
+        address: &str,
+    ) -> anyhow::Result<tonic::Streaming<pb::BucketsReply>> {
+        let mut c = self.connect_to(address).await?;
+        c.watch_buckets(read_request(true))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| explain(s, address))
+    }
+
     /// Run `call` against a controller, moving to the leader when told to.
     /// Attempts are bounded by [`ON_LEADER_ATTEMPTS`].
     pub async fn on_leader<T, F, Fut>(&self, call: F) -> anyhow::Result<T>

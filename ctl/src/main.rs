@@ -4,6 +4,7 @@ mod bench;
 mod certs;
 mod client;
 mod status;
+mod watch;
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -71,6 +72,14 @@ enum Cmd {
     Buckets {
         #[command(flatten)]
         read: ReadFlags,
+    },
+    /// Follow the bucket map live: every move as it is applied, one line each
+    /// (`--json`: the whole map per line). Moves to another controller when
+    /// one goes away; stop with Ctrl-C.
+    Watch {
+        /// One JSON object per line: unix_ms, controller, applied_index, owners.
+        #[arg(long)]
+        json: bool,
     },
     /// Which bucket a client address falls in, and who owns it.
     Which {
@@ -258,6 +267,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Buckets { read } => {
             buckets(&admin(&cli.conn, read.local)?, read.json).await?;
+            return Ok(0);
+        }
+        Cmd::Watch { json } => {
+            watch::run(&Admin::new(&cli.conn)?, json).await?;
             return Ok(0);
         }
         Cmd::Which {

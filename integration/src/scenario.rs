@@ -29,7 +29,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -630,32 +630,53 @@ impl MapHistory {
 
 /// Polls `vipsharectl buckets --json` in the background.
 pub struct MapWatch {
-    stop: Arc<AtomicBool>,
+    child: Child,
     history: Arc<Mutex<MapHistory>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl MapWatch {
-    pub fn start(ctl: Ctl, every: Duration) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
+    /// Follows `vipsharectl watch --json`: every map the watched controller
+    /// applies, timestamped on arrival, with no sampling gap (a short tenure,
+    /// such as a restarting agent's buckets held by another host for 200 ms,
+    /// is seen; polling every 200 ms missed it).
+    pub fn start(ctl: Ctl) -> Self {
         let history = Arc::new(Mutex::new(MapHistory::default()));
-        let (s, h) = (stop.clone(), history.clone());
+        let mut child = Command::new(&ctl.bin)
+            .arg("--controllers")
+            .arg(ctl.controllers.join(","))
+            .arg("--tls-dir")
+            .arg(&ctl.tls_dir)
+            .args(["watch", "--json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("vipsharectl watch");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let h = history.clone();
         let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                let started = Instant::now();
-                if let Ok(map) = ctl
-                    .run(&["buckets", "--json"])
-                    .and_then(|j| parse_bucket_map(&j))
-                {
-                    let mut h = h.lock().unwrap();
-                    h.samples.push((Instant::now(), map));
-                    h.started.push(started);
-                }
-                std::thread::sleep(every.saturating_sub(started.elapsed()));
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                let Some(owners) = v["owners"].as_array() else {
+                    continue;
+                };
+                let map = owners
+                    .iter()
+                    .map(|o| o.as_str().unwrap_or("").to_string())
+                    .collect();
+                let now = Instant::now();
+                let mut h = h.lock().unwrap();
+                h.samples.push((now, map));
+                h.started.push(now);
             }
         });
         MapWatch {
-            stop,
+            child,
             history,
             thread: Some(thread),
         }
@@ -666,20 +687,22 @@ impl MapWatch {
     }
 
     pub fn finish(mut self) -> MapHistory {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop();
+        self.snapshot()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.snapshot()
     }
 }
 
 impl Drop for MapWatch {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop();
     }
 }
 

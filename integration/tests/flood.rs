@@ -179,7 +179,7 @@ fn flood_scenario(p: &mut NetnsProvider) -> anyhow::Result<()> {
     };
     let lines_before: Vec<usize> = (1..=3).map(|id| log_lines(p, id)).collect();
 
-    let watch = MapWatch::start(p.ctl(), Duration::from_millis(200));
+    let watch = MapWatch::start(p.ctl());
     let started = Instant::now();
     let flood = Flood::start(p, targets)?;
     poll(

@@ -161,7 +161,7 @@ fn steady_state<P: HostProvider>(p: &mut P, weights: &[u32]) -> R {
         );
     }
     // Steady: load for a while, nothing moves, every connection answered by its owner.
-    let watch = MapWatch::start(p.ctl(), Duration::from_millis(200));
+    let watch = MapWatch::start(p.ctl());
     let load = LoadGen::start(
         &p.client(),
         pick_sources(p, &map, &[], 2),
@@ -211,7 +211,7 @@ fn crash_and_return<P: HostProvider>(
     let hosts = names(p);
     let m0 = wait_converged(p, &refs(&hosts), CONVERGE)?;
     let sources = pick_sources(p, &m0, &[], 2);
-    let watch = MapWatch::start(p.ctl(), Duration::from_millis(200));
+    let watch = MapWatch::start(p.ctl());
     let load = LoadGen::start(&p.client(), sources.clone(), EVERY, PROBE_TIMEOUT);
     warm_up(&load, sources.len())?;
 
@@ -320,7 +320,7 @@ fn flapping<P: HostProvider>(p: &mut P, flapper: &str, crashes: usize, strict_ho
     let hosts = names(p);
     let m0 = wait_converged(p, &refs(&hosts), CONVERGE)?;
     let home: usize = m0.iter().filter(|o| *o == flapper).count();
-    let watch = MapWatch::start(p.ctl(), Duration::from_millis(150));
+    let watch = MapWatch::start(p.ctl());
     let others = except(&hosts, flapper);
     let load = LoadGen::start(
         &p.client(),
@@ -455,7 +455,7 @@ fn leader_killed<P: HostProvider>(p: &mut P) -> R {
     let hosts = names(p);
     let m0 = wait_converged(p, &refs(&hosts), CONVERGE)?;
     let epochs: Vec<u64> = members(p)?.values().map(|m| m.epoch).collect();
-    let watch = MapWatch::start(p.ctl(), Duration::from_millis(200));
+    let watch = MapWatch::start(p.ctl());
     let sources = pick_sources(p, &m0, &[], 2);
     let load = LoadGen::start(&p.client(), sources.clone(), EVERY, PROBE_TIMEOUT);
     warm_up(&load, sources.len())?;
@@ -511,7 +511,7 @@ fn asymmetric_partition<P: HostProvider>(p: &mut P, host: &str) -> R {
         .collect();
     let leader = wait_leader(p, Duration::from_secs(10))?;
     let double = DoubleWatch::start(&p.client(), p.client().sources());
-    let watch = MapWatch::start(p.ctl(), Duration::from_millis(200));
+    let watch = MapWatch::start(p.ctl());
     let load = LoadGen::start(
         &p.client(),
         pick_sources(p, &m0, &[], 1),
@@ -686,7 +686,7 @@ fn drain_with_long_lived<P: HostProvider>(p: &mut P, host: &str) -> R {
         "no client source in some of {host}'s buckets"
     );
     wait_answers(&conns, &vec![0; conns.len()], 2)?;
-    let watch = MapWatch::start(p.ctl(), Duration::from_millis(200));
+    let watch = MapWatch::start(p.ctl());
     let load = LoadGen::start(&client, pick_sources(p, &m0, &[], 1), EVERY, PROBE_TIMEOUT);
     warm_up(&load, 20)?;
 
@@ -749,7 +749,7 @@ fn planned_drain_keeps_every_long_lived_connection() {
 fn rolling_restart<P: HostProvider>(p: &mut P) -> R {
     let hosts = names(p);
     let m0 = wait_converged(p, &refs(&hosts), CONVERGE)?;
-    let watch = MapWatch::start(p.ctl(), Duration::from_millis(200));
+    let watch = MapWatch::start(p.ctl());
     let sources = pick_sources(p, &m0, &[], 1);
     let load = LoadGen::start(&p.client(), sources.clone(), EVERY, PROBE_TIMEOUT);
     warm_up(&load, sources.len())?;

@@ -21,6 +21,25 @@ use super::{authorize, node_status};
 use crate::node::{NodeHandle, NodeView};
 
 const SERVICE: &str = "admin";
+
+type BucketsStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::BucketsReply, Status>> + Send>>;
+
+fn buckets_reply(v: &NodeView) -> pb::BucketsReply {
+    let buckets = (0u32..)
+        .zip(&v.state.buckets)
+        .map(|(bucket, b)| pb::BucketInfo {
+            bucket,
+            owner: b.owner.clone().unwrap_or_default(),
+            epoch: b.epoch,
+        })
+        .collect();
+    pb::BucketsReply {
+        protocol_version: PROTOCOL_VERSION,
+        buckets,
+        applied_index: v.applied,
+    }
+}
 const READERS: &[Role] = &[Role::Admin, Role::Reader];
 
 pub struct AdminService {
@@ -139,19 +158,38 @@ impl AdminApi for AdminService {
         authorize(&req, SERVICE, READERS, &self.node)?;
         check_version(req.get_ref().protocol_version)?;
         let v = self.view(req.get_ref().local).await?;
-        let buckets = (0u32..)
-            .zip(&v.state.buckets)
-            .map(|(bucket, b)| pb::BucketInfo {
-                bucket,
-                owner: b.owner.clone().unwrap_or_default(),
-                epoch: b.epoch,
-            })
-            .collect();
-        Ok(Response::new(pb::BucketsReply {
-            protocol_version: PROTOCOL_VERSION,
-            buckets,
-            applied_index: v.applied,
-        }))
+        Ok(Response::new(buckets_reply(&v)))
+    }
+
+    type WatchBucketsStream = BucketsStream;
+
+    async fn watch_buckets(
+        &self,
+        req: Request<pb::ReadRequest>,
+    ) -> Result<Response<Self::WatchBucketsStream>, Status> {
+        authorize(&req, SERVICE, READERS, &self.node)?;
+        check_version(req.get_ref().protocol_version)?;
+        let mut views = self.node.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last: Option<pb::BucketsReply> = None;
+            loop {
+                let view = views.borrow_and_update().clone();
+                let reply = buckets_reply(&view);
+                if last.as_ref().is_none_or(|l| l.buckets != reply.buckets) {
+                    if tx.send(Ok(reply.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(reply);
+                }
+                if views.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn mutate(
