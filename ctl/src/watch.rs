@@ -87,7 +87,13 @@ fn print_change(
 /// "3-5 h1 -> h2, 9 h1 -> -" : buckets whose owner changed, grouped by move,
 /// consecutive buckets as ranges ("-" for no owner).
 fn moves(before: &[pb::BucketInfo], after: &[pb::BucketInfo]) -> String {
-    let name = |o: &str| if o.is_empty() { "-".to_string() } else { o.to_string() };
+    let name = |o: &str| {
+        if o.is_empty() {
+            "-".to_string()
+        } else {
+            o.to_string()
+        }
+    };
     let mut by_move: BTreeMap<(String, String), Vec<u32>> = BTreeMap::new();
     for (b, a) in before.iter().zip(after) {
         if b.owner != a.owner {

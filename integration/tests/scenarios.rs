@@ -251,12 +251,18 @@ fn crash_and_return<P: HostProvider>(
         SLACK,
         |pr, b| victim_buckets.contains(&b) && pr.done >= crashed && pr.sent <= failed_over,
     );
-    // The first answer from a new owner, per victim bucket.
+    // The first answer from a new owner, per victim bucket: the earliest
+    // answer, not the answer to the earliest probe (which waited for its SYN's
+    // retransmission, 1 s after it was sent).
     let mut first_new: BTreeMap<u32, Duration> = BTreeMap::new();
     for pr in probes.iter().filter(|pr| pr.sent >= crashed) {
         let b = p.bucket_of(pr.src);
         if victim_buckets.contains(&b) && pr.answer().is_some_and(|h| h != victim) {
-            first_new.entry(b).or_insert(pr.done - crashed);
+            let t = pr.done - crashed;
+            first_new
+                .entry(b)
+                .and_modify(|f| *f = t.min(*f))
+                .or_insert(t);
         }
     }
     eprintln!(
