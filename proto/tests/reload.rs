@@ -52,6 +52,13 @@ impl AdminApi for WhoAmI {
     async fn mutate(&self, _: Request<MutateRequest>) -> Result<Response<MutateReply>, Status> {
         Err(Status::unimplemented("mutate"))
     }
+    type WatchBucketsStream = tokio_stream::Empty<Result<BucketsReply, Status>>;
+    async fn watch_buckets(
+        &self,
+        _: Request<ReadRequest>,
+    ) -> Result<Response<Self::WatchBucketsStream>, Status> {
+        Err(Status::unimplemented("watch_buckets"))
+    }
 }
 
 struct Fixture {

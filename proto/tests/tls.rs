@@ -65,6 +65,15 @@ impl AdminApi for Echo {
     async fn mutate(&self, _: Request<MutateRequest>) -> Result<Response<MutateReply>, Status> {
         Err(Status::unimplemented("mutate"))
     }
+
+    type WatchBucketsStream = tokio_stream::Empty<Result<BucketsReply, Status>>;
+
+    async fn watch_buckets(
+        &self,
+        _: Request<ReadRequest>,
+    ) -> Result<Response<Self::WatchBucketsStream>, Status> {
+        Err(Status::unimplemented("watch_buckets"))
+    }
 }
 
 // ------------------------------------------------------------------ fixtures
