@@ -567,7 +567,7 @@ pub fn parse_bucket_map(json: &str) -> anyhow::Result<Vec<String>> {
     Ok(map)
 }
 
-/// Bucket maps sampled over time.
+/// Bucket maps over time, as they arrived.
 #[derive(Debug, Clone, Default)]
 pub struct MapHistory {
     /// When each read returned, and the map it returned.
@@ -768,7 +768,7 @@ impl Report {
 /// Judges `probes`: every answer must come from a host that owned the source's
 /// bucket in the map between `slack` before the probe was sent and `slack`
 /// after it finished (the kernel follows the map within milliseconds; the map
-/// is sampled every ~200 ms). Failures for which `excused(probe, bucket)` holds
+/// arrives from `vipsharectl watch`). Failures for which `excused(probe, bucket)` holds
 /// are counted apart.
 pub fn judge(
     probes: &[Probe],

@@ -32,9 +32,9 @@ const PROMISE: Duration = Duration::from_millis(650);
 const EVERY: Duration = Duration::from_millis(100);
 /// A probe may wait for one SYN retransmission (1 s) and then some.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-/// How far the sampled bucket map (`vipsharectl buckets` every ~200 ms) may
-/// lag a move on a loaded 2-core machine; exclusivity itself is checked
-/// without slack by the double-answer watch.
+/// How far the followed bucket map (`vipsharectl watch`, timestamped on
+/// arrival) may lag the kernels on a loaded 2-core machine; exclusivity itself
+/// is checked without slack by the double-answer watch.
 const SLACK: Duration = Duration::from_millis(1000);
 const CONVERGE: Duration = Duration::from_secs(30);
 
