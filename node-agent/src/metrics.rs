@@ -7,6 +7,7 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram};
 
 pub const BUCKETS_OWNED: &str = "vipshare_agent_buckets_owned";
+const VIPS_UNSERVED: &str = "vipshare_agent_vips_unserved";
 pub const LEASE_REMAINING: &str = "vipshare_agent_lease_remaining_seconds";
 pub const RECONCILE_SECONDS: &str = "vipshare_agent_reconcile_seconds";
 pub const NFT_ERRORS: &str = "vipshare_agent_nft_errors_total";
@@ -97,6 +98,11 @@ fn describe() {
         "1 when the data plane can serve (interface up, VIP present, filter present, last apply ok), else 0."
     );
     g!(
+        VIPS_UNSERVED,
+        Unit::Count,
+        "VIPs in the cluster settings this agent cannot serve (logged with the reason); the others are served."
+    );
+    g!(
         DATAPLANE_PROBLEM,
         "1 for each data-plane problem present, by problem."
     );
@@ -146,6 +152,10 @@ pub fn dataplane_health(problems: &std::collections::BTreeSet<crate::dataplane::
         let found = if problems.contains(&p) { 1.0 } else { 0.0 };
         gauge!(DATAPLANE_PROBLEM, "problem" => p.name()).set(found);
     }
+}
+
+pub fn vips_unserved(n: usize) {
+    gauge!(VIPS_UNSERVED).set(n as f64);
 }
 
 pub fn epoch_changed() {

@@ -377,6 +377,14 @@ fn vip_from_pb(v: pb::Vip) -> Result<Vip, Status> {
             "VIP {addr} is {what}; a VIP must be a unicast address"
         )));
     }
+    // The agents serve IPv4 VIPs only: an IPv6 VIP would be stored and never
+    // served (they skip it and report it), so it is refused here.
+    if addr.is_ipv6() {
+        return Err(Status::invalid_argument(format!(
+            "VIP {addr}: IPv6 VIPs are not served by this version's agents yet; \
+             add an IPv4 address"
+        )));
+    }
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let prefix_len = if v.prefix_len == 0 { max } else { v.prefix_len };
     if prefix_len > max {
@@ -543,6 +551,9 @@ mod tests {
                 "{e:?}"
             );
         }
+        let e = v("2001:db8::10", "").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("2001:db8::10") && e.message().contains("IPv6"));
         assert!(v("192.0.2.10", "00:11:22:33:44:55")
             .unwrap_err()
             .message()

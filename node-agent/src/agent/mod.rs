@@ -448,6 +448,15 @@ impl Runtime {
                         release = a.release.len(),
                         "assignment"
                     );
+                    if let Some(s) = &settings {
+                        let before = self.settings.as_ref().map(|s| &s.unserved);
+                        if before != Some(&s.unserved) {
+                            for reason in &s.unserved {
+                                error!(%reason, "VIP not served; the others are");
+                            }
+                            metrics::vips_unserved(s.unserved.len());
+                        }
+                    }
                     self.settings = settings;
                     if self.assignment_pending.is_none() {
                         self.assignment_pending = Some((Instant::now(), index));

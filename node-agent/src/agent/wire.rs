@@ -15,6 +15,9 @@ use vipshare_proto::v1 as pb;
 pub struct Settings {
     /// (address, prefix length, MAC)
     pub vips: Vec<(Ipv4Addr, u8, [u8; 6])>,
+    /// VIPs this agent cannot serve, each with the reason: the others are
+    /// served (one VIP never freezes the rest); reported, not applied.
+    pub unserved: Vec<String>,
     pub bucket_count: u32,
     pub bucket_fn: BucketFn,
     pub affinity: Affinity,
@@ -68,16 +71,21 @@ pub fn validate(
             let affinity: Affinity = s.affinity.parse().map_err(|e| format!("{e}"))?;
             bucket::validate(bucket_fn, affinity, s.bucket_count).map_err(|e| e.to_string())?;
             let mut vips = Vec::new();
+            let mut unserved = Vec::new();
             for v in &s.vips {
                 let addr = match v.address.parse::<IpAddr>() {
                     Ok(IpAddr::V4(a)) => a,
                     Ok(IpAddr::V6(_)) => {
-                        return Err(format!(
+                        unserved.push(format!(
                             "VIP {}: IPv6 VIPs are not supported by this agent yet",
                             v.address
-                        ))
+                        ));
+                        continue;
                     }
-                    Err(_) => return Err(format!("VIP {:?}: unknown address family", v.address)),
+                    Err(_) => {
+                        unserved.push(format!("VIP {:?}: unknown address family", v.address));
+                        continue;
+                    }
                 };
                 let prefix = if v.prefix_len == 0 { 32 } else { v.prefix_len };
                 if prefix > 32 {
@@ -89,6 +97,7 @@ pub fn validate(
             }
             Some(Settings {
                 vips,
+                unserved,
                 bucket_count: s.bucket_count,
                 bucket_fn,
                 affinity,
@@ -194,18 +203,36 @@ mod tests {
     }
 
     #[test]
+    fn a_vip_it_cannot_serve_is_reported_and_the_others_served() {
+        let mut a = assignment(13, 1, &[(1, 4)]);
+        let vips = &mut a.settings.as_mut().unwrap().vips;
+        vips.push(pb::Vip {
+            address: "fd00::1".into(),
+            ..vips[0].clone()
+        });
+        vips.push(pb::Vip {
+            address: "vip.example".into(),
+            ..vips[0].clone()
+        });
+        let (s, a) = validate("h1", &a).unwrap();
+        let s = s.unwrap();
+        assert_eq!(s.vips.len(), 1, "192.0.2.10 still served");
+        assert_eq!(s.unserved.len(), 2);
+        assert!(s.unserved[0].contains("fd00::1") && s.unserved[0].contains("IPv6"));
+        assert!(s.unserved[1].contains("unknown address family"));
+        assert_eq!(
+            a.owned,
+            [(1, 4)].into(),
+            "the buckets are taken all the same"
+        );
+    }
+
+    #[test]
     fn bad_assignments_are_refused() {
         let e = validate("h2", &assignment(10, 1, &[])).unwrap_err();
         assert!(e.contains("for member \"h1\""), "{e}");
         let e = validate("h1", &assignment(12, 1, &[(16, 1)])).unwrap_err();
         assert!(e.contains("not below the bucket count 16"), "{e}");
-        let mut a = assignment(13, 1, &[]);
-        a.settings.as_mut().unwrap().vips[0].address = "fd00::1".into();
-        assert!(validate("h1", &a).unwrap_err().contains("IPv6"));
-        a.settings.as_mut().unwrap().vips[0].address = "vip.example".into();
-        assert!(validate("h1", &a)
-            .unwrap_err()
-            .contains("unknown address family"));
         let mut a = assignment(14, 1, &[]);
         a.settings.as_mut().unwrap().vips[0].mac = "02:00:00:00:00:01".into();
         assert!(validate("h1", &a).is_err());
