@@ -74,6 +74,8 @@ pub enum NodeMsg {
     Raft(Box<Message>),
     Propose {
         cmd: Command,
+        /// Who asked, for the history.
+        by: String,
         reply: Reply<u64>,
     },
     ChangeControllers {
@@ -127,9 +129,16 @@ impl NodeHandle {
         }
     }
 
-    /// Propose a command; returns the index it applied at.
+    /// Propose a command of the leader's own; returns the index it applied at.
     pub async fn propose(&self, cmd: Command) -> Result<u64, NodeError> {
-        self.request(|reply| NodeMsg::Propose { cmd, reply }).await
+        self.propose_by(cmd, "leader").await
+    }
+
+    /// Propose a command asked for by `by` (an admin's or an agent's identity).
+    pub async fn propose_by(&self, cmd: Command, by: &str) -> Result<u64, NodeError> {
+        let by = by.to_string();
+        self.request(|reply| NodeMsg::Propose { cmd, by, reply })
+            .await
     }
 
     pub async fn change_controllers(&self, change: ControllerChange) -> Result<u64, NodeError> {
@@ -246,9 +255,14 @@ impl<D: Durable> Node<D> {
                     tracing::debug!(from, error = %e, "raft message not stepped");
                 }
             }
-            NodeMsg::Propose { cmd, reply } => {
+            NodeMsg::Propose { cmd, by, reply } => {
                 let id = self.next_id();
-                match self.replica.propose(id, &cmd) {
+                let at_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or_default();
+                let stamp = vipshare_core::command::Stamp { at_ms, by };
+                match self.replica.propose(id, &stamp, &cmd) {
                     Ok(()) => {
                         self.proposals.insert(id, (reply, Instant::now()));
                     }

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::history::Stamp;
 use crate::state::{Settings, Vip};
 
 /// Identifies one proposal: the proposing controller and its own sequence number.
@@ -23,12 +24,36 @@ impl ProposalId {
         v
     }
 
+    /// The entry context: the id, then the proposer's [`Stamp`] (8 bytes of
+    /// milliseconds, then who, UTF-8) for the history.
+    pub fn context(self, stamp: &Stamp) -> Vec<u8> {
+        let mut v = self.to_bytes();
+        v.extend_from_slice(&stamp.at_ms.to_be_bytes());
+        v.extend_from_slice(stamp.by.as_bytes());
+        v
+    }
+
     /// `None` for entries proposed without an id (raft's own empty entries).
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
         let node = u64::from_be_bytes(b.get(..8)?.try_into().ok()?);
         let seq = u64::from_be_bytes(b.get(8..16)?.try_into().ok()?);
-        (b.len() == 16).then_some(ProposalId { node, seq })
+        (b.len() == 16 || b.len() >= 24).then_some(ProposalId { node, seq })
     }
+}
+
+/// The [`Stamp`] of an entry context written by [`ProposalId::context`];
+/// entries written before stamps existed have none.
+pub fn stamp_of(context: &[u8]) -> Stamp {
+    let at_ms = context
+        .get(16..24)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or_default();
+    let by = context
+        .get(24..)
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_default();
+    Stamp { at_ms, by }
 }
 
 /// One change of bucket ownership. Applying it bumps the bucket's epoch.

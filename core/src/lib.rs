@@ -6,6 +6,7 @@
 //! - [`replica`]: one controller's raft `RawNode` and its Ready loop, sans-IO.
 //! - [`command`]: the log entries the state machine understands.
 //! - [`state`]: the replicated state machine (settings, members, bucket owners).
+//! - [`history`]: every ownership change and its reason, replicated with the state.
 //! - [`lease`]: quorum-lease arithmetic for agents and controllers.
 //! - [`fence`]: the leader's two-phase fence round.
 //! - [`heartbeat`]: a controller's answer to an agent's heartbeat.
@@ -20,6 +21,7 @@ pub mod command;
 pub mod damping;
 pub mod fence;
 pub mod heartbeat;
+pub mod history;
 pub mod lease;
 pub mod ownership;
 pub mod policy;

@@ -20,7 +20,7 @@ use raft::eraftpb::{
 use raft::{Config, RawNode, ReadOnlyOption, SnapshotStatus, StateRole, Storage};
 use raft_proto::ConfChangeI;
 
-use crate::command::{Command, ControllerAddress, ProposalId};
+use crate::command::{stamp_of, Command, ControllerAddress, ProposalId, Stamp};
 use crate::state::{ApplyError, ClusterState};
 use crate::storage::{Durable, DurableError, RaftStorage};
 
@@ -267,12 +267,18 @@ impl<D: Durable> Replica<D> {
         }
     }
 
-    pub fn propose(&mut self, id: ProposalId, cmd: &Command) -> Result<(), ProposeError> {
+    /// Propose `cmd`; `stamp` (who, when) goes into the history with it.
+    pub fn propose(
+        &mut self,
+        id: ProposalId,
+        stamp: &Stamp,
+        cmd: &Command,
+    ) -> Result<(), ProposeError> {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
         self.raw
-            .propose(id.to_bytes(), cmd.encode())
+            .propose(id.context(stamp), cmd.encode())
             .map_err(|_| self.not_leader())
     }
 
@@ -417,7 +423,10 @@ impl<D: Durable> Replica<D> {
                 EntryType::EntryNormal => Outcome::Applied(
                     Command::decode(&e.data)
                         .map_err(|err| ApplyError::Undecodable(err.to_string()))
-                        .and_then(|cmd| self.state.apply(cmd)),
+                        .and_then(|cmd| {
+                            self.state
+                                .apply_stamped(e.index, &stamp_of(&e.context), cmd)
+                        }),
                 ),
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::parse_from_bytes(&e.data).map(ConfChangeI::into_v2);

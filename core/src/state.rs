@@ -122,6 +122,9 @@ pub struct ClusterState {
     /// every controller.
     #[serde(default)]
     pub revoked: BTreeSet<String>,
+    /// What happened and why, newest last (bounded).
+    #[serde(default)]
+    pub history: crate::history::History,
 }
 
 /// A command that was committed but refused by the state machine. Every replica
@@ -213,6 +216,22 @@ impl ClusterState {
 
     pub fn unowned(&self) -> usize {
         self.buckets.iter().filter(|b| b.owner.is_none()).count()
+    }
+
+    /// [`Self::apply`], recording the event in the history when it succeeds.
+    pub fn apply_stamped(
+        &mut self,
+        index: u64,
+        stamp: &crate::history::Stamp,
+        cmd: Command,
+    ) -> Result<(), ApplyError> {
+        let before = crate::history::owners(self);
+        let described = cmd.clone();
+        self.apply(cmd)?;
+        if let Some(e) = crate::history::event(index, stamp, &described, &before, self) {
+            self.history.push(e);
+        }
+        Ok(())
     }
 
     pub fn apply(&mut self, cmd: Command) -> Result<(), ApplyError> {

@@ -148,6 +148,14 @@ impl Admin {
             .await
     }
 
+    pub async fn history(&self, req: pb::HistoryRequest) -> anyhow::Result<pb::HistoryReply> {
+        self.read(|mut c| {
+            let req = req.clone();
+            async move { c.history(req).await }
+        })
+        .await
+    }
+
     /// The controllers' addresses, as given.
     pub fn addresses(&self) -> &[String] {
         &self.addresses

@@ -3,6 +3,7 @@
 mod bench;
 mod certs;
 mod client;
+mod history;
 mod status;
 mod watch;
 
@@ -81,6 +82,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Ownership changes and their causes (fenced, drained by whom, rebalanced
+    /// after a member returned...), oldest first; filter by member, bucket, time.
+    History(history::HistoryArgs),
     /// Which bucket a client address falls in, and who owns it.
     Which {
         /// Client (source) address.
@@ -267,6 +271,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Buckets { read } => {
             buckets(&admin(&cli.conn, read.local)?, read.json).await?;
+            return Ok(0);
+        }
+        Cmd::History(args) => {
+            history::run(&Admin::new(&cli.conn)?, args).await?;
             return Ok(0);
         }
         Cmd::Watch { json } => {

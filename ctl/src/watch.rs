@@ -87,6 +87,18 @@ fn print_change(
 /// "3-5 h1 -> h2, 9 h1 -> -" : buckets whose owner changed, grouped by move,
 /// consecutive buckets as ranges ("-" for no owner).
 fn moves(before: &[pb::BucketInfo], after: &[pb::BucketInfo]) -> String {
+    grouped(
+        before
+            .iter()
+            .zip(after)
+            .filter(|(b, a)| b.owner != a.owner)
+            .map(|(b, a)| (a.bucket, b.owner.as_str(), a.owner.as_str())),
+    )
+    .join(", ")
+}
+
+/// Moves `(bucket, from, to)` grouped by (from, to), buckets as ranges.
+pub fn grouped<'a>(moves: impl Iterator<Item = (u32, &'a str, &'a str)>) -> Vec<String> {
     let name = |o: &str| {
         if o.is_empty() {
             "-".to_string()
@@ -95,19 +107,19 @@ fn moves(before: &[pb::BucketInfo], after: &[pb::BucketInfo]) -> String {
         }
     };
     let mut by_move: BTreeMap<(String, String), Vec<u32>> = BTreeMap::new();
-    for (b, a) in before.iter().zip(after) {
-        if b.owner != a.owner {
-            by_move
-                .entry((name(&b.owner), name(&a.owner)))
-                .or_default()
-                .push(a.bucket);
-        }
+    for (bucket, from, to) in moves {
+        by_move
+            .entry((name(from), name(to)))
+            .or_default()
+            .push(bucket);
     }
     by_move
         .into_iter()
-        .map(|((from, to), buckets)| format!("{} {from} -> {to}", ranges(&buckets)))
-        .collect::<Vec<_>>()
-        .join(", ")
+        .map(|((from, to), mut buckets)| {
+            buckets.sort_unstable();
+            format!("{} {from} -> {to}", ranges(&buckets))
+        })
+        .collect()
 }
 
 fn ranges(sorted: &[u32]) -> String {

@@ -306,8 +306,167 @@ fn crash_and_return<P: HostProvider>(
 fn host_crash_and_return() {
     let mut p = lab(LabOptions::default());
     run("crash and return", &mut p, |p| {
-        crash_and_return(p, "h2", true).map(drop)
+        let started = unix_ms();
+        let m0 = wait_converged(p, &refs(&names(p)), CONVERGE)?;
+        crash_and_return(p, "h2", true)?;
+        // Then an operator's drain and undrain of h1, and the history of it all.
+        p.ctl().run(&["drain", "h1"])?;
+        wait_converged(p, &except(&names(p), "h1"), CONVERGE)?;
+        p.ctl().run(&["undrain", "h1"])?;
+        wait_converged(p, &refs(&names(p)), CONVERGE)?;
+        history_tells_fence_drain_and_rebalance(p, &m0, started)
     });
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+fn history<P: HostProvider>(p: &P, args: &[&str]) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut all = vec!["history", "--json"];
+    all.extend_from_slice(args);
+    p.ctl()
+        .run(&all)?
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("history line {l:?}")))
+        .collect()
+}
+
+/// `vipsharectl history` after h2 crashed and returned and h1 was drained and
+/// undrained: each step is there, in order, with its cause, proposer and the
+/// buckets it moved; the filters keep only what they name.
+fn history_tells_fence_drain_and_rebalance<P: HostProvider>(
+    p: &P,
+    m0: &[String],
+    started: u64,
+) -> R {
+    let events = history(p, &[])?;
+    let what = |e: &serde_json::Value| e["what"].as_str().unwrap_or("").to_string();
+    let moves = |e: &serde_json::Value| -> Vec<(u64, String, String)> {
+        e["moves"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                (
+                    m["bucket"].as_u64().unwrap_or(u64::MAX),
+                    m["from"].as_str().unwrap_or("?").to_string(),
+                    m["to"].as_str().unwrap_or("?").to_string(),
+                )
+            })
+            .collect()
+    };
+    let dump = || {
+        events
+            .iter()
+            .map(|e| format!("#{} {} [{}] {:?}", e["index"], what(e), e["by"], moves(e)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let pos = |from: usize, f: &dyn Fn(&serde_json::Value) -> bool| {
+        events.iter().skip(from).position(f).map(|i| i + from)
+    };
+    let homes_of = |h: &str| -> BTreeSet<u64> {
+        (0..m0.len() as u64)
+            .filter(|&b| m0[b as usize] == h)
+            .collect()
+    };
+    // Times: proposers' clocks, within the test, in order.
+    let times: Vec<u64> = events.iter().filter_map(|e| e["at_ms"].as_u64()).collect();
+    ensure!(
+        times.len() == events.len(),
+        "events without at_ms:\n{}",
+        dump()
+    );
+    ensure!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "times out of order:\n{}",
+        dump()
+    );
+
+    let fence = pos(0, &|e| what(e).starts_with("h2 fenced"))
+        .with_context(|| format!("no fence of h2:\n{}", dump()))?;
+    let freed: BTreeSet<u64> = moves(&events[fence])
+        .into_iter()
+        .filter(|(_, f, t)| f == "h2" && t.is_empty())
+        .map(|(b, ..)| b)
+        .collect();
+    ensure!(
+        freed == homes_of("h2") && events[fence]["by"] == "leader",
+        "the fence freed {freed:?}, h2 owned {:?}:\n{}",
+        homes_of("h2"),
+        dump()
+    );
+    ensure!(times[fence] >= started, "fence stamped before the test");
+    let given = pos(fence + 1, &|e| {
+        moves(e)
+            .iter()
+            .any(|(b, f, t)| freed.contains(b) && f.is_empty() && !t.is_empty())
+    })
+    .with_context(|| format!("the freed buckets never got owners:\n{}", dump()))?;
+    let readmit = pos(given, &|e| what(e).starts_with("h2 re-admitted"))
+        .with_context(|| format!("no re-admission of h2:\n{}", dump()))?;
+    pos(readmit, &|e| moves(e).iter().any(|(_, _, t)| t == "h2"))
+        .with_context(|| format!("nothing rebalanced to h2:\n{}", dump()))?;
+    let drain = pos(readmit, &|e| what(e).starts_with("h1 drained"))
+        .with_context(|| format!("no drain of h1:\n{}", dump()))?;
+    ensure!(
+        events[drain]["by"]
+            .as_str()
+            .is_some_and(|b| b.contains("admin")),
+        "the drain is not the admin's:\n{}",
+        dump()
+    );
+    let away: BTreeSet<u64> = events[drain..]
+        .iter()
+        .take_while(|e| !what(e).starts_with("h1 undrained"))
+        .flat_map(&moves)
+        .filter(|(_, f, _)| f == "h1")
+        .map(|(b, ..)| b)
+        .collect();
+    ensure!(
+        away == homes_of("h1"),
+        "moved away from h1 after the drain {away:?}, it held {:?}:\n{}",
+        homes_of("h1"),
+        dump()
+    );
+    let undrain = pos(drain, &|e| what(e).starts_with("h1 undrained"))
+        .with_context(|| format!("no undrain of h1:\n{}", dump()))?;
+    pos(undrain, &|e| moves(e).iter().any(|(_, _, t)| t == "h1"))
+        .with_context(|| format!("nothing rebalanced to h1:\n{}", dump()))?;
+
+    // Filters.
+    for e in history(p, &["--member", "h2"])? {
+        let named = e["members"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|x| x == "h2"));
+        ensure!(
+            named || moves(&e).iter().any(|(_, f, t)| f == "h2" || t == "h2"),
+            "--member h2 returned {e}"
+        );
+    }
+    let b = *homes_of("h2").iter().next().context("h2 owned no bucket")?;
+    let about_b = history(p, &["--bucket", &b.to_string()])?;
+    ensure!(
+        about_b.len() >= 3,
+        "bucket {b}: freed, given, back: {about_b:?}"
+    );
+    for e in &about_b {
+        ensure!(
+            moves(e).iter().any(|(x, ..)| *x == b),
+            "--bucket {b} returned {e}"
+        );
+    }
+    ensure!(history(p, &["--limit", "2"])?.len() == 2, "--limit 2");
+    eprintln!(
+        "[history] {} events; {} about bucket {b}",
+        events.len(),
+        about_b.len()
+    );
+    Ok(())
 }
 
 // ------------------------------------------------------------------ 3. flapping host

@@ -52,6 +52,12 @@ impl AdminApi for WhoAmI {
     async fn mutate(&self, _: Request<MutateRequest>) -> Result<Response<MutateReply>, Status> {
         Err(Status::unimplemented("mutate"))
     }
+    async fn history(
+        &self,
+        _: Request<vipshare_proto::v1::HistoryRequest>,
+    ) -> Result<Response<vipshare_proto::v1::HistoryReply>, Status> {
+        Err(Status::unimplemented("history"))
+    }
     type WatchBucketsStream = tokio_stream::Empty<Result<BucketsReply, Status>>;
     async fn watch_buckets(
         &self,

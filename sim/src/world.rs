@@ -1182,7 +1182,11 @@ impl World {
             return Ok(());
         };
         let name = command_name(&cmd);
-        match r.propose(id, &cmd) {
+        let stamp = vipshare_core::command::Stamp {
+            at_ms: self.now,
+            by: "client".into(),
+        };
+        match r.propose(id, &stamp, &cmd) {
             Ok(()) => {
                 self.stats.proposals += 1;
                 self.pending.insert(id, name.clone());

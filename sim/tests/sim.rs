@@ -140,8 +140,21 @@ fn agents_that_never_yield_are_caught() {
     // good. If that leaves it without a majority, or the leader among the
     // refusers, only a fence clears it; an agent that keeps heartbeating is
     // never fenced (or its buckets never move), and ownership never settles.
+    // Which seeds hit it shifts with any change of the trajectories (entry
+    // sizes, event order), so a range is scanned rather than seeds pinned.
+    let hit: Vec<u64> = (0..32)
+        .filter(|&seed| {
+            let mut cfg = SimConfig::new(seed);
+            cfg.agent_faults.never_yield = true;
+            matches!(run_seed(cfg).result, Err(f) if f.kind == FailureKind::Liveness)
+        })
+        .collect();
+    assert!(
+        hit.len() >= 2,
+        "never-yield caught only in seeds {hit:?} of 0..32"
+    );
     caught(
-        &[2, 3],
+        &hit,
         |c| c.agent_faults.never_yield = true,
         FailureKind::Liveness,
         "",

@@ -161,6 +161,52 @@ impl AdminApi for AdminService {
         Ok(Response::new(buckets_reply(&v)))
     }
 
+    async fn history(
+        &self,
+        req: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryReply>, Status> {
+        authorize(&req, SERVICE, READERS, &self.node)?;
+        let r = req.into_inner();
+        check_version(r.protocol_version)?;
+        let v = self.view(r.local).await?;
+        let h = &v.state.history;
+        let matching: Vec<_> = h
+            .iter()
+            .filter(|e| r.member.is_empty() || e.concerns_member(&r.member))
+            .filter(|e| r.bucket.is_none_or(|b| e.concerns_bucket(b)))
+            .filter(|e| e.at_ms >= r.since_ms && (r.until_ms == 0 || e.at_ms < r.until_ms))
+            .collect();
+        let skip = match r.limit {
+            0 => 0,
+            n => matching.len().saturating_sub(n as usize),
+        };
+        let events = matching
+            .into_iter()
+            .skip(skip)
+            .map(|e| pb::HistoryEvent {
+                index: e.index,
+                at_ms: e.at_ms,
+                by: e.by.clone(),
+                what: e.what.clone(),
+                members: e.members.clone(),
+                moves: e
+                    .moves
+                    .iter()
+                    .map(|m| pb::BucketMove {
+                        bucket: m.bucket,
+                        from: m.from.clone(),
+                        to: m.to.clone(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::HistoryReply {
+            protocol_version: PROTOCOL_VERSION,
+            events,
+            kept: h.len() as u64,
+        }))
+    }
+
     type WatchBucketsStream = BucketsStream;
 
     async fn watch_buckets(
@@ -209,7 +255,7 @@ impl AdminApi for AdminService {
             refuse_duplicate_controller(&self.node.view(), a)?;
         }
         let result = match to_action(op)? {
-            Action::Command(cmd) => self.node.propose(cmd).await,
+            Action::Command(cmd) => self.node.propose_by(cmd, &who.to_uri()).await,
             Action::Controllers(change) => self.node.change_controllers(change).await,
         };
         let v = self.node.view();

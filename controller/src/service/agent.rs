@@ -182,8 +182,9 @@ impl AgentApi for AgentService {
         let r = req.into_inner();
         check_version(r.protocol_version)?;
         // Not an operator's drain: the member's return undrains it, without penalty.
+        let by = format!("agent {}", r.member);
         let drain = vipshare_core::command::Command::StopSelf { name: r.member };
-        if let Err(e) = self.node.propose(drain).await {
+        if let Err(e) = self.node.propose_by(drain, &by).await {
             let v = self.node.view();
             return Err(super::node_status(e, v.leader_address()));
         }

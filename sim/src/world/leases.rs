@@ -932,7 +932,11 @@ impl World {
         let Some(r) = self.nodes.get_mut(&id).and_then(Node::replica_mut) else {
             return Ok(());
         };
-        let ok = r.propose(pid, &cmd).is_ok();
+        let stamp = vipshare_core::command::Stamp {
+            at_ms: self.now,
+            by: "leader".into(),
+        };
+        let ok = r.propose(pid, &stamp, &cmd).is_ok();
         if ok {
             self.stats.ownership_proposals += 1;
             if matches!(cmd, Command::FenceMember { .. }) {
