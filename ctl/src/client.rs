@@ -156,6 +156,15 @@ impl Admin {
         .await
     }
 
+    /// The full-picture stream of one controller (`vipsharectl watch` on a terminal).
+    pub async fn watch(&self, address: &str) -> anyhow::Result<tonic::Streaming<pb::WatchReply>> {
+        let mut c = self.connect_to(address).await?;
+        c.watch(read_request(true))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| explain(s, address))
+    }
+
     /// The controllers' addresses, as given.
     pub fn addresses(&self) -> &[String] {
         &self.addresses

@@ -100,7 +100,7 @@ fn parse_duration(s: &str) -> anyhow::Result<Duration> {
 }
 
 /// UTC wall-clock time of `ms` since the epoch, to the millisecond.
-fn clock(ms: u64) -> String {
+pub(crate) fn clock(ms: u64) -> String {
     match time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000) {
         Ok(t) => format!(
             "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}Z",

@@ -74,13 +74,18 @@ enum Cmd {
         #[command(flatten)]
         read: ReadFlags,
     },
-    /// Follow the bucket map live: every move as it is applied, one line each
-    /// (`--json`: the whole map per line). Moves to another controller when
-    /// one goes away; stop with Ctrl-C.
+    /// A live view of the cluster, like top: leader and term, members with
+    /// state, buckets and last acknowledgement, the bucket map and the latest
+    /// events, redrawn from the controller's stream. Not on a terminal (or with
+    /// --lines): every move as it is applied, one line each. Moves to another
+    /// controller when one goes away; stop with Ctrl-C.
     Watch {
         /// One JSON object per line: unix_ms, controller, applied_index, owners.
         #[arg(long)]
         json: bool,
+        /// One line per move even on a terminal.
+        #[arg(long)]
+        lines: bool,
     },
     /// Ownership changes and their causes (fenced, drained by whom, rebalanced
     /// after a member returned...), oldest first; filter by member, bucket, time.
@@ -277,8 +282,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             history::run(&Admin::new(&cli.conn)?, args).await?;
             return Ok(0);
         }
-        Cmd::Watch { json } => {
-            watch::run(&Admin::new(&cli.conn)?, json).await?;
+        Cmd::Watch { json, lines } => {
+            let admin = Admin::new(&cli.conn)?;
+            if !json && !lines && std::io::stdout().is_terminal() {
+                watch::screen(&admin).await?;
+            } else {
+                watch::run(&admin, json).await?;
+            }
             return Ok(0);
         }
         Cmd::Which {
@@ -379,7 +389,7 @@ async fn buckets(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
 
 /// One character per bucket, 64 per line (fits 80 columns): a letter per owner,
 /// coloured on a terminal, '.' for unowned.
-fn bucket_map(buckets: &[pb::BucketInfo], colour: bool) -> String {
+pub(crate) fn bucket_map(buckets: &[pb::BucketInfo], colour: bool) -> String {
     use std::fmt::Write;
     let mut owners: Vec<&str> = buckets
         .iter()

@@ -45,6 +45,114 @@ pub async fn run(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
     }
 }
 
+/// The full-screen view: redrawn on every picture the controller sends.
+pub async fn screen(admin: &Admin) -> anyhow::Result<()> {
+    let mut note = String::new();
+    loop {
+        for address in admin.addresses() {
+            let mut stream = match admin.watch(address).await {
+                Ok(s) => s,
+                Err(e) => {
+                    note = format!("{e:#}");
+                    continue;
+                }
+            };
+            loop {
+                match stream.message().await {
+                    Ok(Some(w)) => {
+                        print!("\x1b[H\x1b[2J{}", render(address, &w, &note));
+                        use std::io::Write;
+                        std::io::stdout().flush()?;
+                    }
+                    Ok(None) => {
+                        note = format!("controller {address} ended the stream");
+                        break;
+                    }
+                    Err(s) => {
+                        note = format!("controller {address}: {}", s.message());
+                        break;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(ROUND_PAUSE).await;
+    }
+}
+
+/// One picture of the cluster as `address` sees it.
+pub fn render(address: &str, w: &pb::WatchReply, note: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let now = crate::history::clock(unix_ms() as u64);
+    if let Some(s) = &w.status {
+        let leader = match s.leader_id {
+            0 => "none".to_string(),
+            id => id.to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "vipshare watch   controller {address} (id {}, {})   leader {leader}   term {}   applied {}   {now}",
+            s.id, s.role, s.term, s.applied_index
+        );
+        let _ = writeln!(
+            out,
+            "{} members   {} unowned buckets   {} controllers",
+            s.members,
+            s.unowned_buckets,
+            s.controllers.len()
+        );
+    }
+    if !note.is_empty() {
+        let _ = writeln!(out, "(earlier: {note})");
+    }
+    if let Some(m) = &w.members {
+        let _ = writeln!(
+            out,
+            "\n{:<16} {:<11} {:>6} {:>7} {:>6} {:>8} {:>9}",
+            "MEMBER", "STATE", "WEIGHT", "BUCKETS", "EPOCH", "PENALTY", "LAST ACK"
+        );
+        for m in &m.members {
+            let ack = match m.last_ack_ms_ago {
+                u64::MAX => "-".to_string(),
+                ms if ms >= 10_000 => format!("{} s", ms / 1000),
+                ms => format!("{ms} ms"),
+            };
+            let _ = writeln!(
+                out,
+                "{:<16} {:<11} {:>6} {:>7} {:>6} {:>8.0} {:>9}",
+                m.name, m.state, m.weight, m.buckets, m.epoch, m.penalty, ack
+            );
+        }
+    }
+    if let Some(b) = &w.buckets {
+        let _ = write!(out, "\n{}", crate::bucket_map(&b.buckets, true));
+    }
+    if !w.recent.is_empty() {
+        let _ = writeln!(out, "\nlatest events");
+        for e in &w.recent {
+            let moves = grouped(
+                e.moves
+                    .iter()
+                    .map(|m| (m.bucket, m.from.as_str(), m.to.as_str())),
+            );
+            let _ = writeln!(
+                out,
+                "{}  #{}  {}  [{}]{}",
+                crate::history::clock(e.at_ms),
+                e.index,
+                e.what,
+                e.by,
+                if moves.is_empty() {
+                    String::new()
+                } else {
+                    format!("\n      {}", moves.join(", "))
+                }
+            );
+        }
+    }
+    out
+}
+
 fn unix_ms() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -155,6 +263,60 @@ mod tests {
                 epoch: 1,
             })
             .collect()
+    }
+
+    #[test]
+    fn the_screen_shows_leader_members_map_and_events() {
+        let w = pb::WatchReply {
+            status: Some(pb::StatusReply {
+                id: 1,
+                leader_id: 2,
+                term: 7,
+                role: "follower".into(),
+                applied_index: 99,
+                members: 2,
+                ..Default::default()
+            }),
+            members: Some(pb::MembersReply {
+                members: vec![pb::MemberInfo {
+                    name: "web-1".into(),
+                    state: "active".into(),
+                    weight: 100,
+                    buckets: 3,
+                    epoch: 2,
+                    last_ack_ms_ago: 42,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            buckets: Some(pb::BucketsReply {
+                buckets: map(&["web-1", "web-1", "web-1", ""]),
+                ..Default::default()
+            }),
+            recent: vec![pb::HistoryEvent {
+                index: 98,
+                at_ms: 1_780_000_000_123,
+                by: "vipshare://prod/admin/alice".into(),
+                what: "web-2 drained: its buckets move away".into(),
+                moves: vec![pb::BucketMove {
+                    bucket: 3,
+                    from: "web-2".into(),
+                    to: String::new(),
+                }],
+                ..Default::default()
+            }],
+        };
+        let s = render("c1:7001", &w, "");
+        for want in [
+            "controller c1:7001 (id 1, follower)",
+            "leader 2",
+            "term 7",
+            "web-1            active         100       3      2        0     42 ms",
+            "2026-05-28 20:26:40.123Z  #98  web-2 drained",
+            "3 web-2 -> -",
+        ] {
+            assert!(s.contains(want), "{want:?} not in\n{s}");
+        }
     }
 
     #[test]

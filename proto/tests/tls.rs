@@ -72,6 +72,10 @@ impl AdminApi for Echo {
     ) -> Result<Response<vipshare_proto::v1::HistoryReply>, Status> {
         Err(Status::unimplemented("history"))
     }
+    type WatchStream = tokio_stream::Empty<Result<vipshare_proto::v1::WatchReply, Status>>;
+    async fn watch(&self, _: Request<ReadRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("watch"))
+    }
     type WatchBucketsStream = tokio_stream::Empty<Result<BucketsReply, Status>>;
 
     async fn watch_buckets(

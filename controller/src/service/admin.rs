@@ -22,8 +22,124 @@ use crate::node::{NodeHandle, NodeView};
 
 const SERVICE: &str = "admin";
 
+type WatchStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchReply, Status>> + Send>>;
 type BucketsStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::BucketsReply, Status>> + Send>>;
+
+fn status_reply(v: &NodeView) -> pb::StatusReply {
+    let s = &v.state;
+    let controllers = s
+        .controllers
+        .iter()
+        .map(|(&id, address)| pb::ControllerInfo {
+            id,
+            address: address.clone(),
+            role: if v.learners.contains(&id) {
+                "learner"
+            } else {
+                "voter"
+            }
+            .into(),
+        })
+        .collect();
+    pb::StatusReply {
+        protocol_version: PROTOCOL_VERSION,
+        id: v.id,
+        leader_id: v.role.leader,
+        term: v.role.term,
+        role: role_name(v.role.role).into(),
+        commit_index: v.commit,
+        applied_index: v.applied,
+        controllers,
+        settings: s.settings.as_ref().map(settings_to_pb),
+        initialized: s.initialized(),
+        members: s.members.len() as u32,
+        unowned_buckets: s.unowned() as u32,
+        revoked_serials: s.revoked.iter().cloned().collect(),
+    }
+}
+
+fn members_reply(v: &NodeView, leases: &crate::leases::Leases) -> pb::MembersReply {
+    let s = &v.state;
+    let damping = s.settings.as_ref().map(|x| x.damping).unwrap_or_default();
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let members = s
+        .members
+        .iter()
+        .map(|(name, m)| pb::MemberInfo {
+            name: name.clone(),
+            weight: m.weight,
+            state: if m.suppressed {
+                "suppressed"
+            } else if m.stopped {
+                "stopped"
+            } else if m.down {
+                "down"
+            } else if m.evicted {
+                "evicted"
+            } else {
+                match m.state {
+                    MemberState::Active => "active",
+                    MemberState::Draining => "draining",
+                }
+            }
+            .into(),
+            epoch: m.epoch,
+            buckets: s.owned_by(name).count() as u32,
+            penalty: f64::from(damping.current(m.penalty, wall)),
+            returns_in_ms: if m.suppressed {
+                damping.time_to_reuse(m.penalty, wall)
+            } else {
+                0
+            },
+            last_ack_ms_ago: leases.since_ack(name),
+        })
+        .collect();
+    pb::MembersReply {
+        protocol_version: PROTOCOL_VERSION,
+        members,
+        applied_index: v.applied,
+    }
+}
+
+fn history_event(e: &vipshare_core::history::Event) -> pb::HistoryEvent {
+    pb::HistoryEvent {
+        index: e.index,
+        at_ms: e.at_ms,
+        by: e.by.clone(),
+        what: e.what.clone(),
+        members: e.members.clone(),
+        moves: e
+            .moves
+            .iter()
+            .map(|m| pb::BucketMove {
+                bucket: m.bucket,
+                from: m.from.clone(),
+                to: m.to.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// Events `vipsharectl watch` shows.
+const RECENT: usize = 8;
+
+fn watch_reply(v: &NodeView, leases: &crate::leases::Leases) -> pb::WatchReply {
+    let h = &v.state.history;
+    pb::WatchReply {
+        status: Some(status_reply(v)),
+        members: Some(members_reply(v, leases)),
+        buckets: Some(buckets_reply(v)),
+        recent: h
+            .iter()
+            .skip(h.len().saturating_sub(RECENT))
+            .map(history_event)
+            .collect(),
+    }
+}
 
 fn buckets_reply(v: &NodeView) -> pb::BucketsReply {
     let buckets = (0u32..)
@@ -68,36 +184,7 @@ impl AdminApi for AdminService {
         authorize(&req, SERVICE, READERS, &self.node)?;
         check_version(req.get_ref().protocol_version)?;
         let v = self.view(req.get_ref().local).await?;
-        let s = &v.state;
-        let controllers = s
-            .controllers
-            .iter()
-            .map(|(&id, address)| pb::ControllerInfo {
-                id,
-                address: address.clone(),
-                role: if v.learners.contains(&id) {
-                    "learner"
-                } else {
-                    "voter"
-                }
-                .into(),
-            })
-            .collect();
-        Ok(Response::new(pb::StatusReply {
-            protocol_version: PROTOCOL_VERSION,
-            id: v.id,
-            leader_id: v.role.leader,
-            term: v.role.term,
-            role: role_name(v.role.role).into(),
-            commit_index: v.commit,
-            applied_index: v.applied,
-            controllers,
-            settings: s.settings.as_ref().map(settings_to_pb),
-            initialized: s.initialized(),
-            members: s.members.len() as u32,
-            unowned_buckets: s.unowned() as u32,
-            revoked_serials: s.revoked.iter().cloned().collect(),
-        }))
+        Ok(Response::new(status_reply(&v)))
     }
 
     async fn members(
@@ -107,48 +194,7 @@ impl AdminApi for AdminService {
         authorize(&req, SERVICE, READERS, &self.node)?;
         check_version(req.get_ref().protocol_version)?;
         let v = self.view(req.get_ref().local).await?;
-        let s = &v.state;
-        let damping = s.settings.as_ref().map(|x| x.damping).unwrap_or_default();
-        let wall = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let members = s
-            .members
-            .iter()
-            .map(|(name, m)| pb::MemberInfo {
-                name: name.clone(),
-                weight: m.weight,
-                state: if m.suppressed {
-                    "suppressed"
-                } else if m.stopped {
-                    "stopped"
-                } else if m.down {
-                    "down"
-                } else if m.evicted {
-                    "evicted"
-                } else {
-                    match m.state {
-                        MemberState::Active => "active",
-                        MemberState::Draining => "draining",
-                    }
-                }
-                .into(),
-                epoch: m.epoch,
-                buckets: s.owned_by(name).count() as u32,
-                penalty: f64::from(damping.current(m.penalty, wall)),
-                returns_in_ms: if m.suppressed {
-                    damping.time_to_reuse(m.penalty, wall)
-                } else {
-                    0
-                },
-                last_ack_ms_ago: self.leases.since_ack(name),
-            })
-            .collect();
-        Ok(Response::new(pb::MembersReply {
-            protocol_version: PROTOCOL_VERSION,
-            members,
-            applied_index: v.applied,
-        }))
+        Ok(Response::new(members_reply(&v, &self.leases)))
     }
 
     async fn buckets(
@@ -180,31 +226,43 @@ impl AdminApi for AdminService {
             0 => 0,
             n => matching.len().saturating_sub(n as usize),
         };
-        let events = matching
-            .into_iter()
-            .skip(skip)
-            .map(|e| pb::HistoryEvent {
-                index: e.index,
-                at_ms: e.at_ms,
-                by: e.by.clone(),
-                what: e.what.clone(),
-                members: e.members.clone(),
-                moves: e
-                    .moves
-                    .iter()
-                    .map(|m| pb::BucketMove {
-                        bucket: m.bucket,
-                        from: m.from.clone(),
-                        to: m.to.clone(),
-                    })
-                    .collect(),
-            })
-            .collect();
+        let events = matching.into_iter().skip(skip).map(history_event).collect();
         Ok(Response::new(pb::HistoryReply {
             protocol_version: PROTOCOL_VERSION,
             events,
             kept: h.len() as u64,
         }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<pb::ReadRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        authorize(&req, SERVICE, READERS, &self.node)?;
+        check_version(req.get_ref().protocol_version)?;
+        let mut views = self.node.subscribe();
+        let leases = self.leases.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                let view = views.borrow_and_update().clone();
+                if tx.send(Ok(watch_reply(&view, &leases))).await.is_err() {
+                    return;
+                }
+                // Coalesce bursts: at most ten pictures a second.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::select! {
+                    changed = views.changed() => if changed.is_err() { return },
+                    _ = tick.tick() => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     type WatchBucketsStream = BucketsStream;
