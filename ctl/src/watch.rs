@@ -91,12 +91,12 @@ pub fn render(address: &str, w: &pb::WatchReply, note: &str) -> String {
         };
         let _ = writeln!(
             out,
-            "vipshare watch   controller {address} (id {}, {})   leader {leader}   term {}   applied {}   {now}",
+            "controller {address} (id {}, {})   leader {leader}   term {}   applied {}",
             s.id, s.role, s.term, s.applied_index
         );
         let _ = writeln!(
             out,
-            "{} members   {} unowned buckets   {} controllers",
+            "{} members   {} unowned buckets   {} controllers   {now}",
             s.members,
             s.unowned_buckets,
             s.controllers.len()
@@ -129,25 +129,47 @@ pub fn render(address: &str, w: &pb::WatchReply, note: &str) -> String {
     }
     if !w.recent.is_empty() {
         let _ = writeln!(out, "\nlatest events");
-        for e in &w.recent {
+        let runs = runs(&w.recent);
+        for run in &runs[runs.len().saturating_sub(SHOWN_EVENTS)..] {
+            let (first, last) = (run[0], run[run.len() - 1]);
+            let index = if run.len() == 1 {
+                format!("#{}", first.index)
+            } else {
+                format!("#{}-{}", first.index, last.index)
+            };
             let moves = grouped(
-                e.moves
-                    .iter()
+                run.iter()
+                    .flat_map(|e| &e.moves)
                     .map(|m| (m.bucket, m.from.as_str(), m.to.as_str())),
             );
             let _ = writeln!(
                 out,
-                "{}  #{}  {}  [{}]{}",
-                crate::history::clock(e.at_ms),
-                e.index,
-                e.what,
-                e.by,
+                "{}  {index}  {}  [{}]{}",
+                crate::history::clock(first.at_ms),
+                first.what,
+                first.by,
                 if moves.is_empty() {
                     String::new()
                 } else {
                     format!("\n      {}", moves.join(", "))
                 }
             );
+        }
+    }
+    out
+}
+
+/// Event groups shown, newest last.
+const SHOWN_EVENTS: usize = 8;
+
+/// Consecutive events with the same cause and proposer, as one line (a drain
+/// hands over bucket after bucket, one entry each).
+fn runs(events: &[pb::HistoryEvent]) -> Vec<Vec<&pb::HistoryEvent>> {
+    let mut out: Vec<Vec<&pb::HistoryEvent>> = Vec::new();
+    for e in events {
+        match out.last_mut() {
+            Some(run) if run[0].what == e.what && run[0].by == e.by => run.push(e),
+            _ => out.push(vec![e]),
         }
     }
     out

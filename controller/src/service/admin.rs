@@ -124,20 +124,38 @@ fn history_event(e: &vipshare_core::history::Event) -> pb::HistoryEvent {
     }
 }
 
-/// Events `vipsharectl watch` shows.
-const RECENT: usize = 8;
+/// Runs of alike events (same cause, same proposer: a drain hands over bucket
+/// after bucket) sent to `vipsharectl watch`, which shows each run as one line.
+const RECENT_RUNS: usize = 8;
+/// At most this many events in one picture, however long the runs.
+const RECENT_MAX: usize = 4096;
+
+/// The newest events making up [`RECENT_RUNS`] runs, oldest first.
+fn recent(h: &vipshare_core::history::History) -> Vec<pb::HistoryEvent> {
+    let mut picked = Vec::new();
+    let mut runs = 0;
+    let mut last: Option<(&str, &str)> = None;
+    for e in h.iter().rev().take(RECENT_MAX) {
+        let key = (e.what.as_str(), e.by.as_str());
+        if last != Some(key) {
+            runs += 1;
+            if runs > RECENT_RUNS {
+                break;
+            }
+            last = Some(key);
+        }
+        picked.push(history_event(e));
+    }
+    picked.reverse();
+    picked
+}
 
 fn watch_reply(v: &NodeView, leases: &crate::leases::Leases) -> pb::WatchReply {
-    let h = &v.state.history;
     pb::WatchReply {
         status: Some(status_reply(v)),
         members: Some(members_reply(v, leases)),
         buckets: Some(buckets_reply(v)),
-        recent: h
-            .iter()
-            .skip(h.len().saturating_sub(RECENT))
-            .map(history_event)
-            .collect(),
+        recent: recent(&v.state.history),
     }
 }
 
