@@ -319,6 +319,13 @@ async fn controller_and_agent_metrics_pass_promtool() -> anyhow::Result<()> {
     assert!(body(&controller).contains("# HELP vipshare_raft_term"));
     assert!(body(&controller).contains("# HELP vipshare_cert_expiry_seconds"));
     assert!(body(&agent).contains("# HELP vipshare_agent_buckets_owned"));
+    // The certificate alerts cover agents too.
+    assert!(
+        body(&agent)
+            .lines()
+            .any(|l| l.starts_with("vipshare_cert_expiry_seconds{") && !l.ends_with(" 0")),
+        "agent exports no certificate expiry"
+    );
     Ok(())
 }
 

@@ -274,6 +274,20 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
     build_client(files, load(files)?)
 }
 
+/// Set the [`CERT_EXPIRY_METRIC`] gauges from the files, for a process that
+/// does not reload them (the agent): call it now and then, e.g. every minute.
+pub fn record_expiry_of(files: &TlsFiles) -> Result<(), TlsError> {
+    let loaded = load(files)?;
+    for (file, t) in [
+        (&files.cert, loaded.cert_not_after),
+        (&files.ca, loaded.ca_not_after),
+    ] {
+        metrics::gauge!(CERT_EXPIRY_METRIC, "file" => file.display().to_string())
+            .set(seconds_until(t));
+    }
+    Ok(())
+}
+
 fn build_client(files: &TlsFiles, loaded: Loaded) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
     let webpki = WebPkiServerVerifier::builder_with_provider(loaded.roots, provider.clone())

@@ -792,6 +792,17 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
         key: cfg.tls.key.clone(),
     };
     let tls_cfg = tls::client_config(&files).context("TLS")?;
+    // The certificate alerts read vipshare_cert_expiry_seconds from agents too.
+    let expiry_files = files.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            if let Err(e) = tls::record_expiry_of(&expiry_files) {
+                warn!(error = %e, "certificate expiry not readable");
+            }
+        }
+    });
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let (tx, mut rx) = mpsc::channel(1024);
