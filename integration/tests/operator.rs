@@ -318,6 +318,13 @@ async fn controller_and_agent_metrics_pass_promtool() -> anyhow::Result<()> {
     }
     assert!(body(&controller).contains("# HELP vipshare_raft_term"));
     assert!(body(&controller).contains("# HELP vipshare_cert_expiry_seconds"));
+    // Two agents connect to every controller.
+    assert!(
+        body(&controller).lines().any(|l| l
+            .starts_with("vipshare_tls_connections{role=\"agent\"} ")
+            && !l.ends_with(" 0")),
+        "no agent connections counted"
+    );
     assert!(body(&agent).contains("# HELP vipshare_agent_buckets_owned"));
     // The certificate alerts cover agents too.
     assert!(

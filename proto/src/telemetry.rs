@@ -7,7 +7,8 @@ use std::time::Duration;
 use metrics::{describe_counter, describe_gauge, gauge, Unit};
 
 use crate::tls::{
-    CERT_EXPIRY_METRIC, HANDSHAKE_FAILURES_METRIC, PENDING_HANDSHAKES_METRIC, RELOADS_METRIC,
+    CERT_EXPIRY_METRIC, CONNECTIONS_METRIC, HANDSHAKE_FAILURES_METRIC, PENDING_HANDSHAKES_METRIC,
+    RELOADS_METRIC,
 };
 
 pub const BUILD_INFO: &str = "vipshare_build_info";
@@ -31,6 +32,11 @@ pub fn describe_common(component: &'static str) {
     describe_gauge!(
         CERT_EXPIRY_METRIC,
         "Seconds until a certificate in use expires (own certificate and CA bundle), by file."
+    );
+    describe_gauge!(
+        CONNECTIONS_METRIC,
+        Unit::Count,
+        "Authenticated TLS connections open, by the peer's role (controller, agent, admin, reader)."
     );
     describe_counter!(
         RELOADS_METRIC,

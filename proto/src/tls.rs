@@ -77,6 +77,8 @@ pub const PENDING_HANDSHAKES_METRIC: &str = "vipshare_tls_pending_handshakes";
 pub const CERT_EXPIRY_METRIC: &str = "vipshare_cert_expiry_seconds";
 /// Counter of TLS file reloads, labelled by `result` (`ok` or `failed`).
 pub const RELOADS_METRIC: &str = "vipshare_tls_reloads_total";
+/// Gauge: authenticated connections open now, by the peer's role.
+pub const CONNECTIONS_METRIC: &str = "vipshare_tls_connections";
 /// How often [`TlsReloader::spawn_watcher`] looks at the files' metadata by default.
 pub const DEFAULT_RELOAD_POLL: Duration = Duration::from_secs(2);
 
@@ -456,6 +458,23 @@ pub fn peer<T>(req: &tonic::Request<T>) -> Option<&PeerInfo> {
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+    _open: Open,
+}
+
+/// Counts an authenticated connection in [`CONNECTIONS_METRIC`] while it lives.
+struct Open(&'static str);
+
+impl Open {
+    fn new(role: &'static str) -> Self {
+        metrics::gauge!(CONNECTIONS_METRIC, "role" => role).increment(1.0);
+        Open(role)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        metrics::gauge!(CONNECTIONS_METRIC, "role" => self.0).decrement(1.0);
+    }
 }
 
 impl TlsConn {
@@ -793,6 +812,7 @@ async fn handshake(
     tracing::info!(%addr, identity = %identity, %serial, "TLS peer connected");
     Ok(TlsConn {
         inner: tls,
+        _open: Open::new(identity.role.as_str()),
         info: PeerInfo {
             addr,
             identity,
