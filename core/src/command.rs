@@ -114,6 +114,10 @@ pub enum Command {
         name: String,
         epoch: u64,
         at_ms: u64,
+        /// The controllers that marked the lease ended (the fence round's
+        /// majority); empty for a fence that needed no round (a planned stop).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        marked_by: Vec<u64>,
     },
     /// A fenced member heartbeats steadily again and may get buckets.
     Readmit {

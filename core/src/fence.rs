@@ -212,6 +212,7 @@ impl FenceRound {
                         name: self.member.clone(),
                         epoch: self.epoch,
                         at_ms: self.wall_ms,
+                        marked_by: self.yes.iter().copied().collect(),
                     }));
                 } else if !self.self_tried && self.yes.len() + 1 >= self.need {
                     self.self_tried = true;
@@ -238,11 +239,12 @@ impl FenceRound {
 mod tests {
     use super::*;
 
-    fn fence(epoch: u64) -> FenceCommand {
+    fn fence(epoch: u64, marked_by: &[u64]) -> FenceCommand {
         FenceCommand::Propose(Command::FenceMember {
             name: "h1".into(),
             epoch,
             at_ms: 7,
+            marked_by: marked_by.to_vec(),
         })
     }
 
@@ -266,7 +268,11 @@ mod tests {
         );
         assert_eq!(r.answer(3, false, true), vec![], "late phase-1 answer");
         assert_eq!(r.answer(3, true, true), vec![FenceCommand::MarkSelf]);
-        assert_eq!(r.marked_self(true), vec![fence(4)]);
+        assert_eq!(
+            r.marked_self(true),
+            vec![fence(4, &[1, 3])],
+            "marked by 3, then itself"
+        );
         assert!(r.done());
     }
 

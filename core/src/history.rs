@@ -191,18 +191,35 @@ fn describe(cmd: &Command, after: &ClusterState) -> Option<(String, Vec<String>)
             name,
         ),
         Command::SetOwners { .. } => Some(("unowned buckets given owners".into(), vec![])),
-        Command::FenceMember { name, epoch, .. } => {
+        Command::FenceMember {
+            name,
+            epoch,
+            marked_by,
+            ..
+        } => {
             let m = after.members.get(name);
+            if m.is_some_and(|m| m.stopped) {
+                return one(
+                    format!("{name} fenced after its planned stop (holds nothing; no penalty)"),
+                    name,
+                );
+            }
             let penalty = m.map(|m| m.penalty.value).unwrap_or_default();
             let suppressed = if m.is_some_and(|m| m.suppressed) {
                 ", suppressed"
             } else {
                 ""
             };
+            let at = if marked_by.is_empty() {
+                "a majority of controllers".to_string()
+            } else {
+                let ids: Vec<String> = marked_by.iter().map(u64::to_string).collect();
+                format!("controllers {}", ids.join(", "))
+            };
             one(
                 format!(
-                    "{name} fenced: its lease (epoch {epoch}) ended unrenewed at a majority of \
-                     controllers; penalty {penalty}{suppressed}"
+                    "{name} fenced: its lease (epoch {epoch}) ended unrenewed, marked at {at}; \
+                     penalty {penalty}{suppressed}"
                 ),
                 name,
             )

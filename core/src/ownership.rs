@@ -207,6 +207,7 @@ impl Planner {
                     name: name.clone(),
                     epoch,
                     at_ms: wall_ms,
+                    marked_by: vec![],
                 })
             } else {
                 Action::Fence {
@@ -228,6 +229,7 @@ impl Planner {
                     name: name.clone(),
                     epoch: m.epoch,
                     at_ms: wall_ms,
+                    marked_by: vec![],
                 }));
             }
         }
@@ -411,6 +413,7 @@ mod tests {
                     name: member,
                     epoch,
                     at_ms: now,
+                    marked_by: vec![],
                 },
                 Action::Propose(c) => c,
             };

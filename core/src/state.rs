@@ -333,7 +333,9 @@ impl ClusterState {
                 Ok(())
             }
             Command::SetOwners { changes } => self.set_owners(changes),
-            Command::FenceMember { name, epoch, at_ms } => {
+            Command::FenceMember {
+                name, epoch, at_ms, ..
+            } => {
                 let damping = self
                     .settings
                     .as_ref()
@@ -556,6 +558,7 @@ mod tests {
                 name: "a".into(),
                 epoch,
                 at_ms: 1000,
+                marked_by: vec![],
             })
             .unwrap();
         }
@@ -650,6 +653,7 @@ mod tests {
             name: "a".into(),
             epoch,
             at_ms: 0,
+            marked_by: vec![],
         };
         assert!(matches!(
             s.apply(fence(7)),

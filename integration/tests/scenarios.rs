@@ -401,6 +401,11 @@ fn history_tells_fence_drain_and_rebalance<P: HostProvider>(
         dump()
     );
     ensure!(times[fence] >= started, "fence stamped before the test");
+    ensure!(
+        what(&events[fence]).contains("marked at controllers"),
+        "the fence does not name the controllers that marked it:\n{}",
+        dump()
+    );
     let given = pos(fence + 1, &|e| {
         moves(e)
             .iter()
