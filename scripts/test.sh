@@ -22,7 +22,7 @@ step "build";   cargo build --workspace --bins --locked
 # (integration/tests/operator.rs, controller_and_agent_metrics_pass_promtool).
 step "test";    cargo test --workspace --locked --no-fail-fast -- --test-threads=2
 step "busy hosts: steady state and two crashes with the CPUs oversubscribed 2x (stress-ng)"
-cargo test -p vipshare-integration --test scenarios --locked -- --ignored --test-threads=1 oversubscribed
+cargo test -p vipshare-integration --test scenarios --locked -- --ignored --test-threads=1 oversubscribed --nocapture
 step "kernel patches: git apply --check against the stored FreeBSD texts, the srcjhash hash in C"
 kernel-patches/check.sh
 step "simulator: 500 seeds"

@@ -1248,13 +1248,19 @@ fn intruder_with_a_foreign_ca_is_refused_and_changes_nothing() {
 
 /// Failover goal with the CPUs oversubscribed (issue 13): p99 over the victims'
 /// buckets of the time from a crash to the bucket's first answer elsewhere.
-const BUSY_FAILOVER_P99: Duration = Duration::from_secs(1);
+/// Printed, not asserted: measured 864 ms on the project's machine (debug
+/// binaries), too close to hold on a slower CI machine.
+const BUSY_FAILOVER_GOAL: Duration = Duration::from_secs(1);
+/// What the test asserts: twice the goal. It fails on the regression it is
+/// for (busy hosts lapsing or fencing late took 2.8-3.9 s) and leaves a
+/// slower machine its margin.
+const BUSY_FAILOVER_BOUND: Duration = Duration::from_secs(2);
 
 /// The scenarios where busy hosts used to lapse, with the CPUs oversubscribed
 /// twice by stress-ng for the whole run: steady state (nothing moves, every
 /// connection answered by its owner, which a lapsing lease would break), then
 /// two host crashes and returns (only the victim's buckets move; failover p99
-/// within [`BUSY_FAILOVER_P99`]).
+/// printed against [`BUSY_FAILOVER_GOAL`], asserted within [`BUSY_FAILOVER_BOUND`]).
 /// Ignored in the plain run (its load would disturb the scenarios running next
 /// to it); `scripts/test.sh` runs it alone.
 #[test]
@@ -1286,15 +1292,21 @@ fn oversubscribed_cpus_steady_state_and_crashes() {
         times.sort();
         let p99 = times[(times.len() * 99).div_ceil(100) - 1];
         eprintln!(
-            "[busy] {} stress-ng workers: failover per bucket p50 {:?}, p99 {p99:?}, max {:?} (n={})",
+            "[busy] {} stress-ng workers: failover per bucket p50 {:?}, p99 {p99:?}, max {:?} \
+             (n={}; goal {BUSY_FAILOVER_GOAL:?}{})",
             hog.workers,
             times[times.len() / 2],
             times[times.len() - 1],
-            times.len()
+            times.len(),
+            if p99 <= BUSY_FAILOVER_GOAL {
+                ", met"
+            } else {
+                ", NOT met"
+            }
         );
         ensure!(
-            p99 <= BUSY_FAILOVER_P99,
-            "failover p99 {p99:?} with the CPUs oversubscribed, goal {BUSY_FAILOVER_P99:?}"
+            p99 <= BUSY_FAILOVER_BOUND,
+            "failover p99 {p99:?} with the CPUs oversubscribed, bound {BUSY_FAILOVER_BOUND:?}"
         );
         Ok(())
     });
