@@ -120,8 +120,21 @@ impl<'de> Deserialize<'de> for History {
     }
 }
 
-/// The owners of every bucket, to diff around an apply.
-pub fn owners(s: &ClusterState) -> Vec<Option<String>> {
+/// Whether applying `cmd` can change a bucket's owner: only these do (see
+/// `ClusterState::apply`); for the others no owners are copied to diff.
+pub fn moves_owners(cmd: &Command) -> bool {
+    matches!(
+        cmd,
+        Command::SetOwners { .. } | Command::FenceMember { .. } | Command::Transfer { .. }
+    )
+}
+
+/// The owners of every bucket before `cmd`, to diff around the apply; empty
+/// when `cmd` cannot move any (nothing to diff).
+pub fn owners_before(s: &ClusterState, cmd: &Command) -> Vec<Option<String>> {
+    if !moves_owners(cmd) {
+        return Vec::new();
+    }
     s.buckets.iter().map(|b| b.owner.clone()).collect()
 }
 
