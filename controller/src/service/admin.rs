@@ -17,15 +17,10 @@ use vipshare_proto::v1::mutate_request::Op;
 use vipshare_proto::v1::{self as pb};
 use vipshare_proto::{check_version, PROTOCOL_VERSION};
 
-use super::{authorize, node_status};
+use super::{authorize, node_status, task_stream, TaskStream};
 use crate::node::{NodeHandle, NodeView};
 
 const SERVICE: &str = "admin";
-
-type WatchStream =
-    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchReply, Status>> + Send>>;
-type BucketsStream =
-    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::BucketsReply, Status>> + Send>>;
 
 fn status_reply(v: &NodeView) -> pb::StatusReply {
     let s = &v.state;
@@ -252,7 +247,7 @@ impl AdminApi for AdminService {
         }))
     }
 
-    type WatchStream = WatchStream;
+    type WatchStream = TaskStream<pb::WatchReply>;
 
     async fn watch(
         &self,
@@ -262,8 +257,7 @@ impl AdminApi for AdminService {
         check_version(req.get_ref().protocol_version)?;
         let mut views = self.node.subscribe();
         let leases = self.leases.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
+        Ok(Response::new(task_stream(4, move |tx| async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
                 let view = views.borrow_and_update().clone();
@@ -277,13 +271,10 @@ impl AdminApi for AdminService {
                     _ = tick.tick() => {}
                 }
             }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        })))
     }
 
-    type WatchBucketsStream = BucketsStream;
+    type WatchBucketsStream = TaskStream<pb::BucketsReply>;
 
     async fn watch_buckets(
         &self,
@@ -292,8 +283,7 @@ impl AdminApi for AdminService {
         authorize(&req, SERVICE, READERS, &self.node)?;
         check_version(req.get_ref().protocol_version)?;
         let mut views = self.node.subscribe();
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
+        Ok(Response::new(task_stream(16, move |tx| async move {
             let mut last: Option<pb::BucketsReply> = None;
             loop {
                 let view = views.borrow_and_update().clone();
@@ -308,10 +298,7 @@ impl AdminApi for AdminService {
                     return;
                 }
             }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        })))
     }
 
     async fn mutate(

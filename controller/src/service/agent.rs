@@ -4,9 +4,6 @@
 //! assignment stream sends the member's owned buckets whenever they change.
 //! (Quorum leases and fencing build on these two calls; see controller/docs/leases.md.)
 
-use std::pin::Pin;
-
-use futures::Stream;
 use tonic::{Request, Response, Status};
 use vipshare_core::agent::Assignment;
 use vipshare_proto::pki::Role;
@@ -70,7 +67,7 @@ fn assignment(v: &NodeView, member: &str) -> pb::Assignment {
     }
 }
 
-type AssignmentStream = Pin<Box<dyn Stream<Item = Result<pb::Assignment, Status>> + Send>>;
+type AssignmentStream = super::TaskStream<pb::Assignment>;
 
 #[tonic::async_trait]
 impl AgentApi for AgentService {
@@ -116,7 +113,7 @@ impl AgentApi for AgentService {
         check_version(w.protocol_version)?;
         let mut views = self.node.subscribe();
         let member = w.member;
-        let stream = async_stream(move |tx| async move {
+        let stream = super::task_stream(4, move |tx| async move {
             let mut last: Option<pb::Assignment> = None;
             loop {
                 let view = views.borrow_and_update().clone();
@@ -192,15 +189,4 @@ impl AgentApi for AgentService {
             protocol_version: PROTOCOL_VERSION,
         }))
     }
-}
-
-/// A stream fed by a task through a small channel; the task stops when the client goes.
-fn async_stream<F, Fut>(f: F) -> AssignmentStream
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::Assignment, Status>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(f(tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }

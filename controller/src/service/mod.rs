@@ -145,3 +145,20 @@ where
         })
     }
 }
+
+/// A server stream of `T` (or an error status).
+pub type TaskStream<T> =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+/// A stream fed by a task through a channel of `capacity`; the task stops when
+/// the client goes.
+pub fn task_stream<T, F, Fut>(capacity: usize, f: F) -> TaskStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
