@@ -1,7 +1,7 @@
 //! `vipsharectl history`: ownership changes and their causes, from the
 //! replicated history (every controller holds the same one).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde_json::json;
@@ -32,10 +32,7 @@ pub struct HistoryArgs {
 }
 
 pub async fn run(admin: &Admin, a: HistoryArgs) -> anyhow::Result<()> {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default();
+    let now_ms = crate::watch::unix_ms();
     let since_ms = match &a.since {
         Some(s) => now_ms.saturating_sub(parse_duration(s)?.as_millis() as u64),
         None => 0,

@@ -83,7 +83,7 @@ pub async fn screen(admin: &Admin) -> anyhow::Result<()> {
 pub fn render(address: &str, w: &pb::WatchReply, note: &str) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let now = crate::history::clock(unix_ms() as u64);
+    let now = crate::history::clock(unix_ms());
     if let Some(s) = &w.status {
         let leader = match s.leader_id {
             0 => "none".to_string(),
@@ -175,10 +175,11 @@ fn runs(events: &[pb::HistoryEvent]) -> Vec<Vec<&pb::HistoryEvent>> {
     out
 }
 
-fn unix_ms() -> u128 {
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or_default()
 }
 
@@ -193,7 +194,7 @@ fn print_change(
         println!(
             "{}",
             serde_json::to_string(&json!({
-                "unix_ms": unix_ms() as u64,
+                "unix_ms": unix_ms(),
                 "controller": address,
                 "applied_index": m.applied_index,
                 "owners": owners,
