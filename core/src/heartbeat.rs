@@ -40,32 +40,13 @@ pub fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bucket::{Affinity, BucketFn};
     use crate::command::Command;
     use crate::lease::LeaseTiming;
-    use crate::state::Settings;
     use std::collections::BTreeMap;
 
     #[test]
     fn acks_only_as_a_voter_and_never_an_evicted_epoch() {
-        let mut s = ClusterState::default();
-        s.apply(Command::InitCluster {
-            settings: Settings {
-                vips: vec![],
-                bucket_count: 16,
-                bucket_fn: BucketFn::Jhash,
-                affinity: Affinity::Address,
-                seed: 1,
-                lease: LeaseTiming::default(),
-                damping: Default::default(),
-            },
-        })
-        .unwrap();
-        s.apply(Command::AddMember {
-            name: "h1".into(),
-            weight: 1,
-        })
-        .unwrap();
+        let mut s = crate::ownership::tests::cluster(&["h1"]);
         let mut p = Promises::new(LeaseTiming::default(), 0, BTreeMap::new());
         assert_eq!(answer(&mut p, 1, &s, true, "h1", 1).verdict, Ok(()));
         let a = answer(&mut p, 1, &s, false, "h1", 1);

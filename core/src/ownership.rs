@@ -374,13 +374,15 @@ impl Planner {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::bucket::{Affinity, BucketFn};
     use crate::lease::LeaseTiming;
     use crate::state::Settings;
 
-    fn cluster(members: &[&str]) -> ClusterState {
+    /// An initialised 16-bucket cluster with these members (weight 1), for
+    /// the tests of this crate.
+    pub(crate) fn cluster(members: &[&str]) -> ClusterState {
         let mut s = ClusterState::default();
         s.apply(Command::InitCluster {
             settings: Settings {
