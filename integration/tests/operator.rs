@@ -222,9 +222,15 @@ async fn status_exit_codes_local_view_and_refusals() -> anyhow::Result<()> {
     let eve = lab.certs.join("admin-eve.crt");
     let out = lab.ctl(&["certs", "revoke", "--cert", eve.to_str().unwrap()])?;
     assert!(out.status.success(), "{}", stderr(&out));
+    // Until every controller has applied the revocation, a call may fail
+    // otherwise (a connection cut while the deny-list changes): wait for the
+    // refusal that names the reason.
     let refused = vipshare_integration::wait_for(Duration::from_secs(10), "eve refused", || {
         let out = lab.ctl(&["--user", "admin-eve", "members"]);
-        async move { out.ok().filter(|o| !o.status.success()) }
+        async move {
+            out.ok()
+                .filter(|o| !o.status.success() && stderr(o).contains("revoked"))
+        }
     })
     .await?;
     let err = stderr(&refused);
