@@ -84,6 +84,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
 
     let mut rc = ReplicaConfig::new(cfg.id);
     rc.election_tick = cfg.raft.election_ticks;
+    rc.election_seed = rand::random();
     rc.heartbeat_tick = cfg.raft.heartbeat_ticks;
     rc.snapshot_interval = cfg.raft.snapshot_interval;
     let replica = Replica::new(rc, storage, &raftlog::logger(cfg.id))?;

@@ -104,6 +104,12 @@ impl Planner {
         };
     }
 
+    /// Added while this planner leads and not yet heard from: its agent may
+    /// never have run, so it is neither fenced nor given buckets.
+    pub fn awaits_first_heartbeat(&self, member: &str) -> bool {
+        self.joined.contains_key(member)
+    }
+
     /// `member` confirmed that `bucket` (at `epoch`) is out of its kernel.
     pub fn released(&mut self, member: &str, bucket: u32, epoch: u64) {
         self.released.insert(bucket, (member.to_string(), epoch));

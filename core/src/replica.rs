@@ -19,6 +19,8 @@ use raft::eraftpb::{
 };
 use raft::{Config, RawNode, ReadOnlyOption, SnapshotStatus, StateRole, Storage};
 use raft_proto::ConfChangeI;
+use rand::{Rng as _, SeedableRng as _};
+use rand_chacha::ChaCha8Rng;
 
 use crate::command::{stamp_of, Command, ControllerAddress, ProposalId, Stamp};
 use crate::state::{ApplyError, ClusterState};
@@ -28,10 +30,16 @@ use crate::storage::{Durable, DurableError, RaftStorage};
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
     pub id: u64,
-    /// Ticks without a leader before a pre-vote starts. The election timeout is
-    /// exactly this many ticks; randomisation comes from the runtime's tick phase
-    /// (`max_election_tick = election_tick + 1`), so a simulator seed decides it.
+    /// Ticks without a leader before a pre-vote starts: the election timeout is
+    /// drawn from `[election_tick, 2 * election_tick)` each time the election
+    /// timer restarts, by an RNG seeded with `election_seed` (not raft-rs's
+    /// thread RNG), so a simulator seed decides every draw.
     pub election_tick: usize,
+    /// Seeds the election-timeout draws. Replicas must not share it: two
+    /// followers that lost the same leader with equal timeouts split the vote,
+    /// and split it again on every retry, for as long as their tick phases
+    /// stay within a message delay of each other (seen: 15 s without a leader).
+    pub election_seed: u64,
     pub heartbeat_tick: usize,
     /// Snapshot and compact once this many entries were applied since the last snapshot.
     pub snapshot_interval: u64,
@@ -44,6 +52,7 @@ impl ReplicaConfig {
         ReplicaConfig {
             id,
             election_tick: 10,
+            election_seed: id,
             heartbeat_tick: 2,
             snapshot_interval: 1000,
             max_size_per_msg: 1024 * 1024,
@@ -57,7 +66,7 @@ impl ReplicaConfig {
             election_tick: self.election_tick,
             heartbeat_tick: self.heartbeat_tick,
             min_election_tick: self.election_tick,
-            max_election_tick: self.election_tick + 1,
+            max_election_tick: 2 * self.election_tick,
             applied,
             check_quorum: true,
             pre_vote: true,
@@ -150,6 +159,7 @@ pub struct Replica<D: Durable> {
     cfg: ReplicaConfig,
     pending_reads: Vec<(u64, Vec<u8>)>,
     last_role: RoleState,
+    election_rng: ChaCha8Rng,
     faults: Faults,
 }
 
@@ -167,15 +177,32 @@ impl<D: Durable> Replica<D> {
         let conf_state = meta.get_conf_state().clone();
         let raw = RawNode::new(&cfg.raft_config(meta.index), storage, logger)?;
         let last_role = role_of(&raw);
-        Ok(Replica {
+        let election_rng = ChaCha8Rng::seed_from_u64(cfg.election_seed);
+        let mut replica = Replica {
             raw,
             state,
             conf_state,
             cfg,
             pending_reads: Vec::new(),
             last_role,
+            election_rng,
             faults: Faults::default(),
-        })
+        };
+        replica.draw_election_timeout();
+        Ok(replica)
+    }
+
+    /// Draws a new election timeout whenever the election timer restarted (a
+    /// leader was heard, or raft reset itself on a role or term change, where
+    /// it drew from its own thread RNG). Drawing only at elapsed 0 keeps the
+    /// timeout uniform: redrawing a running timer would favour short ones.
+    fn draw_election_timeout(&mut self) {
+        let raft = &mut self.raw.raft;
+        if raft.state == StateRole::Leader || raft.election_elapsed != 0 {
+            return;
+        }
+        let e = self.cfg.election_tick;
+        raft.set_randomized_election_timeout(self.election_rng.gen_range(e..2 * e));
     }
 
     pub fn set_faults(&mut self, faults: Faults) {
@@ -232,10 +259,13 @@ impl<D: Durable> Replica<D> {
 
     pub fn tick(&mut self) {
         self.raw.tick();
+        self.draw_election_timeout();
     }
 
     pub fn campaign(&mut self) -> Result<(), ReplicaError> {
-        Ok(self.raw.campaign()?)
+        self.raw.campaign()?;
+        self.draw_election_timeout();
+        Ok(())
     }
 
     /// Feed a message from a peer. Messages from unknown peers or of local types are
@@ -244,7 +274,9 @@ impl<D: Durable> Replica<D> {
         if raft::raw_node::is_local_msg(m.get_msg_type()) {
             return Err(raft::Error::StepLocalMsg);
         }
-        self.raw.step(m)
+        let stepped = self.raw.step(m);
+        self.draw_election_timeout();
+        stepped
     }
 
     pub fn report_unreachable(&mut self, peer: u64) {
@@ -548,4 +580,74 @@ fn decode_state(snap: &Snapshot) -> Result<ClusterState, ReplicaError> {
 /// True for messages that carry a snapshot, which the runtime must report on.
 pub fn is_snapshot(m: &Message) -> bool {
     m.get_msg_type() == MessageType::MsgSnapshot
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{bootstrap_snapshot, NullDurable, Recovered};
+
+    fn replica(id: u64, election_seed: u64) -> Replica<NullDurable> {
+        let founders: Vec<(u64, String)> = (1..=3).map(|i| (i, format!("c{i}:7001"))).collect();
+        let snapshot = bootstrap_snapshot(&[1, 2, 3], ClusterState::bootstrap(&founders).encode());
+        let recovered = Recovered {
+            snapshot,
+            ..Default::default()
+        };
+        let mut cfg = ReplicaConfig::new(id);
+        cfg.election_seed = election_seed;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        Replica::new(cfg, RaftStorage::new(NullDurable, recovered), &logger).expect("replica")
+    }
+
+    /// Ticks the running replicas in lockstep (equal tick phases, the worst
+    /// case) and delivers every message at once; returns the tick at which one
+    /// of them leads, if any does within `ticks`.
+    fn ticks_to_leader(rs: &mut [Replica<NullDurable>], ticks: usize) -> Option<usize> {
+        for t in 0..ticks {
+            rs.iter_mut().for_each(|r| r.tick());
+            loop {
+                let mut sent = Vec::new();
+                for r in rs.iter_mut() {
+                    sent.extend(r.handle_ready().expect("ready").messages);
+                }
+                if sent.is_empty() {
+                    break;
+                }
+                for m in sent {
+                    if let Some(to) = rs.iter_mut().find(|r| r.id() == m.to) {
+                        let _ = to.step(m);
+                    }
+                }
+            }
+            if rs.iter().any(|r| r.is_leader()) {
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn followers_of_a_dead_leader_elect_one_of_them_despite_equal_tick_phases() {
+        for seed in 0..20u64 {
+            let mut rs: Vec<_> = (1..=3).map(|i| replica(i, seed * 3 + i)).collect();
+            ticks_to_leader(&mut rs, 100).expect("a first leader");
+            let leader = rs.iter().position(|r| r.is_leader()).expect("leader");
+            rs.remove(leader);
+            // Each round's timeouts are drawn from [10, 20) ticks: a round
+            // splits only if both draw the same, so 10 rounds all split with
+            // probability 1e-10.
+            let t = ticks_to_leader(&mut rs, 200);
+            assert!(t.is_some(), "seed {seed}: no new leader in 200 ticks");
+        }
+    }
+
+    #[test]
+    fn equal_election_seeds_split_the_vote_for_good() {
+        // Why `election_seed` must differ (and what a fixed timeout did): the
+        // same draws make replicas with equal tick phases campaign on the same
+        // tick every round, each voting for itself.
+        let mut rs: Vec<_> = (1..=3).map(|i| replica(i, 7)).collect();
+        assert_eq!(ticks_to_leader(&mut rs, 200), None);
+    }
 }

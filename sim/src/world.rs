@@ -706,7 +706,8 @@ impl World {
 
     /// Starts (or restarts) a node from what its disk holds.
     fn start_node(&mut self, id: u64) -> Result<(), Failure> {
-        let cfg = self.node_config(id);
+        let mut cfg = self.node_config(id);
+        cfg.election_seed = self.rng.gen();
         let period = self.cfg.tick_ms * self.rng.gen_range(97..=103) / 100;
         let phase = self.rng.gen_range(1..=period);
         let Some(node) = self.nodes.get_mut(&id) else {

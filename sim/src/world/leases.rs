@@ -1721,6 +1721,22 @@ impl World {
         }
     }
 
+    /// Added under leader `l` and never heard from since (its agent may never
+    /// run): the planner neither fences it nor gives it buckets, by design.
+    fn awaits_first_heartbeat(&self, l: u64, name: &str) -> bool {
+        let owns = self
+            .nodes
+            .get(&l)
+            .and_then(Node::replica)
+            .is_some_and(|r| r.state().owned_by(name).next().is_some());
+        !owns
+            && self
+                .ctl
+                .get(&l)
+                .and_then(|c| c.planner.as_ref())
+                .is_some_and(|p| p.awaits_first_heartbeat(name))
+    }
+
     /// A fenced member kept out by damping for longer than `margin`.
     fn damped(&self, m: &Member, d: Damping, margin: u64) -> bool {
         m.suppressed
@@ -1744,10 +1760,13 @@ impl World {
         let now = self.now;
 
         // The operator: every agent is a member, nobody stays drained.
+        // Its changes are not in this state yet: nothing settles this round.
+        let mut operator_acted = false;
         if now >= self.lease.operator_next {
             self.lease.operator_next = now + 500;
             for h in self.hosts.clone() {
                 if !s.members.contains_key(&h.name) {
+                    operator_acted = true;
                     self.operator_propose(Command::AddMember {
                         name: h.name.clone(),
                         weight: 1,
@@ -1756,6 +1775,7 @@ impl World {
             }
             for (name, m) in &s.members {
                 if m.state == MemberState::Draining {
+                    operator_acted = true;
                     self.operator_propose(Command::Undrain { name: name.clone() })?;
                 }
             }
@@ -1835,6 +1855,9 @@ impl World {
                 .is_some_and(|r| r.applied_index() == applied)
         });
         let mut unsettled = Vec::new();
+        if operator_acted {
+            unsettled.push("the operator's changes not applied yet".to_string());
+        }
         if !caught_up {
             unsettled.push("voters not caught up".to_string());
         }
@@ -1875,7 +1898,7 @@ impl World {
                 if m.down && !self.damped(m, settings.damping, quiet_margin) {
                     unsettled.push(format!("{name} down, not yet re-admitted"));
                 }
-            } else if !m.down {
+            } else if !m.down && !self.awaits_first_heartbeat(l, name) {
                 unsettled.push(format!("{name} not running but not fenced"));
             } else if leader_acks(name) {
                 // Heartbeats it sent before it died still arrive: the leader
