@@ -114,8 +114,7 @@ impl Leases {
         if p.may_fence(now, member) {
             None
         } else {
-            let lc = p.timing().controller_promise_ms();
-            Some((p.last_ack(member) + lc).saturating_sub(now))
+            Some(p.promised_until(member).saturating_sub(now))
         }
     }
 

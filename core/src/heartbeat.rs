@@ -10,6 +10,9 @@ pub struct Answer {
     pub verdict: Result<(), Refusal>,
     /// The member's epoch in the applied state (0: unknown member).
     pub member_epoch: u64,
+    /// The lease an ack promises (the timing's `lease_ms`; 0 when refused):
+    /// the agent's lease is the shortest its majority carried.
+    pub lease_ms: u64,
 }
 
 /// Decide on a heartbeat from `member` claiming `epoch`, at `now` on this
@@ -31,9 +34,15 @@ pub fn answer(
         Some(m) if m.evicted && m.epoch == epoch => Err(Refusal::Evicted { epoch }),
         _ => promises.heartbeat(now, member, epoch, m.map(|m| m.epoch)),
     };
+    let lease_ms = if verdict.is_ok() {
+        promises.timing().lease_ms
+    } else {
+        0
+    };
     Answer {
         verdict,
         member_epoch,
+        lease_ms,
     }
 }
 

@@ -125,6 +125,13 @@ pub struct Promises {
     /// restarted controller does not remember what it promised before.
     started: u64,
     last_ack: BTreeMap<String, u64>,
+    /// Per member, the end of the longest promise given: each ack promises
+    /// `L_c` of the timing in force then, and a shorter timing set later must
+    /// not shorten it (the agent counts the lease the ack carried).
+    promised: BTreeMap<String, u64>,
+    /// What everyone was promised at start, lengthened by any longer timing
+    /// set since: a restarted controller cannot know what it acked before.
+    start_promise: u64,
     /// Start of each member's current run of acks with no gap of a lease or more:
     /// how long it has been steadily up, as this controller saw it.
     acked_since: BTreeMap<String, u64>,
@@ -169,14 +176,20 @@ impl Promises {
             timing,
             started: now,
             last_ack: BTreeMap::new(),
+            promised: BTreeMap::new(),
+            start_promise: now + timing.controller_promise_ms(),
             acked_since: BTreeMap::new(),
             fenced,
         }
     }
 
+    /// New acks promise the new timing's `L_c`; promises already given keep
+    /// their length (see `promised`), so a shorter timing never lets this
+    /// controller fence a member on the strength of an ack that promised more.
     pub fn set_timing(&mut self, timing: LeaseTiming) {
-        // A longer promise applies at once; a shorter one can only make fencing
-        // wait longer than needed until old acks age out, never shorter.
+        self.start_promise = self
+            .start_promise
+            .max(self.started + timing.controller_promise_ms());
         self.timing = timing;
     }
 
@@ -210,6 +223,7 @@ impl Promises {
         }
         let t = self.last_ack.entry(member.to_string()).or_insert(now);
         *t = (*t).max(now);
+        self.promise(member, now);
         Ok(())
     }
 
@@ -229,8 +243,24 @@ impl Promises {
         for m in members {
             if !self.last_ack.contains_key(m) {
                 self.last_ack.insert(m.to_string(), now);
+                self.promise(m, now);
             }
         }
+    }
+
+    fn promise(&mut self, member: &str, now: u64) {
+        let until = now + self.timing.controller_promise_ms();
+        let p = self.promised.entry(member.to_string()).or_insert(until);
+        *p = (*p).max(until);
+    }
+
+    /// Until when this controller promised not to help fence `member`.
+    pub fn promised_until(&self, member: &str) -> u64 {
+        self.promised
+            .get(member)
+            .copied()
+            .unwrap_or(0)
+            .max(self.start_promise)
     }
 
     /// When this controller last acked `member` (its start time if never since).
@@ -244,7 +274,7 @@ impl Promises {
 
     /// Whether the leader may count this controller towards fencing `member` now.
     pub fn may_fence(&self, now: u64, member: &str) -> bool {
-        now >= self.last_ack(member) + self.timing.controller_promise_ms()
+        now >= self.promised_until(member)
     }
 
     /// Agree to fence `member` at `epoch` if the promise has run out. On `true` the
@@ -265,6 +295,7 @@ impl Promises {
     /// Forget members that are gone from the replicated state.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.last_ack.retain(|m, _| keep(m));
+        self.promised.retain(|m, _| keep(m));
         self.acked_since.retain(|m, _| keep(m));
         self.fenced.retain(|m, _| keep(m));
     }
@@ -284,6 +315,8 @@ pub struct AgentLease {
 struct Round {
     sent: u64,
     acks: BTreeSet<u64>,
+    /// The shortest lease the acks so far carried.
+    lease_ms: u64,
 }
 
 impl AgentLease {
@@ -329,6 +362,7 @@ impl AgentLease {
             Round {
                 sent: now,
                 acks: BTreeSet::new(),
+                lease_ms: u64::MAX,
             },
         );
         // Rounds older than a lease can no longer extend it.
@@ -337,18 +371,27 @@ impl AgentLease {
         r
     }
 
-    /// Record an ack of `round` from `controller`. Returns the new expiry when this
-    /// ack completed a majority that extends the lease.
-    pub fn ack(&mut self, round: u64, controller: u64) -> Option<u64> {
+    /// Record an ack of `round` from `controller`, which promised a lease of
+    /// `lease_ms` (0: not said, an older controller). Returns the new expiry
+    /// when this ack completed a majority that extends the lease. The lease is
+    /// the shortest any ack of the majority promised: the controller that will
+    /// also be in a fence majority may be any of them.
+    pub fn ack(&mut self, round: u64, controller: u64, lease_ms: u64) -> Option<u64> {
         if !self.voters.contains(&controller) {
             return None;
         }
         let need = majority(self.voters.len());
         let rd = self.rounds.get_mut(&round)?;
-        if !rd.acks.insert(controller) || rd.acks.len() != need {
+        if !rd.acks.insert(controller) {
             return None;
         }
-        let expiry = rd.sent + self.timing.lease_ms;
+        if lease_ms > 0 {
+            rd.lease_ms = rd.lease_ms.min(lease_ms);
+        }
+        if rd.acks.len() != need {
+            return None;
+        }
+        let expiry = rd.sent + self.timing.lease_ms.min(rd.lease_ms);
         if self.expiry.is_some_and(|e| e >= expiry) {
             return None;
         }
@@ -414,21 +457,21 @@ mod tests {
     fn lease_needs_a_majority_of_voters_and_counts_from_send_time() {
         let mut a = AgentLease::new(LeaseTiming::default(), [1, 2, 3].into());
         let r = a.start_round(1000);
-        assert_eq!(a.ack(r, 1), None);
-        assert_eq!(a.ack(r, 1), None, "duplicate ack counts once");
-        assert_eq!(a.ack(r, 9), None, "non-voter");
-        assert_eq!(a.ack(r, 2), Some(1500));
-        assert_eq!(a.ack(r, 3), None, "majority already reached");
+        assert_eq!(a.ack(r, 1, 500), None);
+        assert_eq!(a.ack(r, 1, 500), None, "duplicate ack counts once");
+        assert_eq!(a.ack(r, 9, 500), None, "non-voter");
+        assert_eq!(a.ack(r, 2, 500), Some(1500));
+        assert_eq!(a.ack(r, 3, 500), None, "majority already reached");
         assert!(a.valid(1499) && !a.valid(1500));
         assert_eq!(a.kernel_timeout_ms(1100), Some(350));
         assert_eq!(a.kernel_timeout_ms(1460), None);
         // An older round completing late never shortens or re-extends the lease.
         let old = a.start_round(1100);
         let newer = a.start_round(1200);
-        assert_eq!(a.ack(newer, 1), None);
-        assert_eq!(a.ack(newer, 3), Some(1700));
-        assert_eq!(a.ack(old, 1), None);
-        assert_eq!(a.ack(old, 2), None);
+        assert_eq!(a.ack(newer, 1, 500), None);
+        assert_eq!(a.ack(newer, 3, 500), Some(1700));
+        assert_eq!(a.ack(old, 1, 500), None);
+        assert_eq!(a.ack(old, 2, 500), None);
         assert_eq!(a.expiry(), Some(1700));
     }
 
@@ -436,7 +479,7 @@ mod tests {
     fn a_shorter_lease_clips_the_earned_expiry() {
         let mut a = AgentLease::new(LeaseTiming::default(), [1].into());
         let r = a.start_round(1000);
-        assert_eq!(a.ack(r, 1), Some(1500));
+        assert_eq!(a.ack(r, 1, 500), Some(1500));
         a.set_timing(LeaseTiming {
             lease_ms: 300,
             ..LeaseTiming::default()
@@ -454,9 +497,9 @@ mod tests {
     fn changing_voters_discards_gathered_acks() {
         let mut a = AgentLease::new(LeaseTiming::default(), [1, 2, 3].into());
         let r = a.start_round(0);
-        a.ack(r, 1);
+        a.ack(r, 1, 500);
         a.set_voters([1, 2, 3, 4].into());
-        assert_eq!(a.ack(r, 2), None, "round was discarded");
+        assert_eq!(a.ack(r, 2, 500), None, "round was discarded");
     }
 
     #[test]
@@ -531,5 +574,55 @@ mod tests {
             Err(Refusal::Fenced { epoch: 4 })
         );
         assert!(!r.may_fence(5001, "y"), "restart renews every promise");
+    }
+
+    #[test]
+    fn the_lease_is_the_shortest_the_majority_promised() {
+        let mut a = AgentLease::new(LeaseTiming::default(), [1, 2, 3].into());
+        let r = a.start_round(1000);
+        assert_eq!(a.ack(r, 1, 500), None);
+        assert_eq!(a.ack(r, 2, 300), Some(1300), "controller 2 promised 300");
+        let r = a.start_round(1100);
+        assert_eq!(a.ack(r, 3, 0), None);
+        assert_eq!(a.ack(r, 1, 0), Some(1600), "0: the agent's own timing");
+        let r = a.start_round(1200);
+        assert_eq!(a.ack(r, 3, 900), None);
+        assert_eq!(
+            a.ack(r, 1, 800),
+            Some(1700),
+            "never longer than the agent's own timing"
+        );
+    }
+
+    #[test]
+    fn a_shorter_timing_keeps_the_promises_already_given() {
+        let long = LeaseTiming::default();
+        let short = LeaseTiming {
+            heartbeat_ms: 50,
+            lease_ms: 200,
+            ..long
+        };
+        let (lc_long, lc_short) = (long.controller_promise_ms(), short.controller_promise_ms());
+        assert!(lc_short < lc_long);
+        let mut p = Promises::new(long, 0, BTreeMap::new());
+        p.heartbeat(1000, "x", 1, Some(1)).unwrap();
+        p.set_timing(short);
+        assert!(
+            !p.may_fence(1000 + lc_short, "x"),
+            "the ack at 1000 promised {lc_long} ms"
+        );
+        assert!(p.may_fence(1000 + lc_long, "x"));
+        // Acks after the change promise the new length.
+        p.heartbeat(5000, "x", 1, Some(1)).unwrap();
+        assert!(p.may_fence(5000 + lc_short, "x"));
+        // A longer timing lengthens what a restart promised everyone.
+        let mut q = Promises::new(short, 0, BTreeMap::new());
+        q.set_timing(long);
+        assert!(!q.may_fence(lc_long - 1, "y"));
+        q.set_timing(short);
+        assert!(
+            !q.may_fence(lc_long - 1, "y"),
+            "and a shorter one does not undo it"
+        );
     }
 }

@@ -32,6 +32,7 @@ fn reply(controller: u64, round: u64, acked: bool, epoch: u64) -> Event {
         acked,
         member_epoch: epoch,
         leader: 1,
+        lease_ms: if acked { 500 } else { 0 },
     })
 }
 
@@ -222,6 +223,7 @@ fn refused_for_good_by_a_majority_it_goes_silent() {
                 acked: false,
                 member_epoch: 1,
                 leader: 1,
+                lease_ms: 0,
             }),
         )
     };

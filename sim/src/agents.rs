@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 
-use vipshare_core::agent::{AgentState, Assignment, Engine};
+use vipshare_core::agent::{AgentState, Assignment, Engine, Reply};
 
 /// Network ids of agents start here (controllers use small ids).
 pub const AGENT_ID_BASE: u64 = 1000;
@@ -180,14 +180,7 @@ pub enum LeaseMsg {
         epoch: u64,
         round: u64,
     },
-    HeartbeatReply {
-        controller: u64,
-        round: u64,
-        acked: bool,
-        member_epoch: u64,
-        /// The leader the controller knows of (0: none).
-        leader: u64,
-    },
+    HeartbeatReply(Reply),
     Assignment {
         controller: u64,
         assignment: Box<Assignment>,
@@ -219,14 +212,9 @@ impl LeaseMsg {
                 epoch,
                 round,
             } => format!("Heartbeat {member}@{epoch} round {round}"),
-            LeaseMsg::HeartbeatReply {
-                controller,
-                round,
-                acked,
-                member_epoch,
-                leader,
-            } => format!(
-                "HeartbeatReply n{controller} round {round} acked={acked} epoch={member_epoch} leader=n{leader}"
+            LeaseMsg::HeartbeatReply(r) => format!(
+                "HeartbeatReply n{} round {} acked={} epoch={} leader=n{}",
+                r.controller, r.round, r.acked, r.member_epoch, r.leader
             ),
             LeaseMsg::Assignment {
                 controller,

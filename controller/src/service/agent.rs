@@ -96,6 +96,7 @@ impl AgentApi for AgentService {
             reason,
             leader_id: v.role.leader,
             member_epoch: answer.member_epoch,
+            lease_ms: answer.lease_ms,
         }))
     }
 

@@ -15,6 +15,8 @@ pub struct Reply {
     pub member_epoch: u64,
     /// The leader that controller knows of (0: none).
     pub leader: u64,
+    /// The lease the ack promises (0: not said).
+    pub lease_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -261,7 +263,7 @@ impl Engine {
             // No lease before the cluster's timing is known.
             if r.member_epoch == self.epoch
                 && self.state.timing.is_some()
-                && self.lease.ack(r.round, r.controller).is_some()
+                && self.lease.ack(r.round, r.controller, r.lease_ms).is_some()
             {
                 self.extend(now);
             }

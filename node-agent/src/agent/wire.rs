@@ -52,6 +52,7 @@ pub fn reply(r: &pb::HeartbeatReply) -> Reply {
         acked: r.acked,
         member_epoch: r.member_epoch,
         leader: r.leader_id,
+        lease_ms: r.lease_ms,
     }
 }
 

@@ -776,20 +776,15 @@ impl World {
                 let voter = r.conf_state().voters.contains(&id);
                 let local = c.clock.local(now);
                 let answer = heartbeat::answer(p, local, r.state(), voter, &member, epoch);
-                let (acked, member_epoch) = (answer.verdict.is_ok(), answer.member_epoch);
-                let leader = r.role().leader;
-                self.lease_reply(
-                    id,
-                    from,
-                    from_incarnation,
-                    LeaseMsg::HeartbeatReply {
-                        controller: id,
-                        round,
-                        acked,
-                        member_epoch,
-                        leader,
-                    },
-                );
+                let reply = Reply {
+                    controller: id,
+                    round,
+                    acked: answer.verdict.is_ok(),
+                    member_epoch: answer.member_epoch,
+                    leader: r.role().leader,
+                    lease_ms: answer.lease_ms,
+                };
+                self.lease_reply(id, from, from_incarnation, LeaseMsg::HeartbeatReply(reply));
             }
             LeaseMsg::Released { member, buckets } => {
                 if let Some(p) = self.ctl.get_mut(&id).and_then(|c| c.planner.as_mut()) {
@@ -848,7 +843,7 @@ impl World {
                 let cmds = rd.fence.answer(controller, commit, agreed);
                 self.fence_commands(id, round, cmds)?;
             }
-            LeaseMsg::HeartbeatReply { .. } | LeaseMsg::Assignment { .. } => {}
+            LeaseMsg::HeartbeatReply(_) | LeaseMsg::Assignment { .. } => {}
         }
         Ok(())
     }
@@ -1229,22 +1224,7 @@ impl World {
 
     fn agent_recv(&mut self, i: usize, msg: LeaseMsg) {
         match msg {
-            LeaseMsg::HeartbeatReply {
-                controller,
-                round,
-                acked,
-                member_epoch,
-                leader,
-            } => self.agent_step(
-                i,
-                AgentEvent::Reply(Reply {
-                    controller,
-                    round,
-                    acked,
-                    member_epoch,
-                    leader,
-                }),
-            ),
+            LeaseMsg::HeartbeatReply(reply) => self.agent_step(i, AgentEvent::Reply(reply)),
             LeaseMsg::Assignment {
                 controller,
                 assignment,
