@@ -95,9 +95,11 @@ impl Leases {
         voter: bool,
         member: &str,
         epoch: u64,
+        assignment_index: Option<u64>,
     ) -> heartbeat::Answer {
         let now = self.now_ms();
-        heartbeat::answer(&mut self.lock(), now, state, voter, member, epoch)
+        let p = &mut self.lock();
+        heartbeat::answer(p, now, state, voter, member, epoch, assignment_index)
     }
 
     /// Milliseconds since this controller last acked `member`.

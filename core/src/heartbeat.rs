@@ -18,7 +18,11 @@ pub struct Answer {
 /// Decide on a heartbeat from `member` claiming `epoch`, at `now` on this
 /// controller's clock. `voter`: whether this controller is in its own applied
 /// voter set; a controller that is not (removed, or a learner) promises nothing,
-/// since the leader does not ask it before fencing.
+/// since the leader does not ask it before fencing. `assignment_index`: the
+/// applied index of the assignment the agent acts on (`None`: an agent too old
+/// to say); one older than the member's last release is not acked, a second
+/// guard after the agent's own floors against installing a released bucket
+/// from a lagging controller's assignment.
 pub fn answer(
     promises: &mut Promises,
     now: u64,
@@ -26,12 +30,18 @@ pub fn answer(
     voter: bool,
     member: &str,
     epoch: u64,
+    assignment_index: Option<u64>,
 ) -> Answer {
     let m = state.members.get(member);
     let member_epoch = m.map_or(0, |m| m.epoch);
     let verdict = match m {
         _ if !voter => Err(Refusal::NotAVoter),
         Some(m) if m.evicted && m.epoch == epoch => Err(Refusal::Evicted { epoch }),
+        Some(m) if assignment_index.is_some_and(|i| i < m.released_at) => {
+            Err(Refusal::StaleAssignment {
+                released_at: m.released_at,
+            })
+        }
         _ => promises.heartbeat(now, member, epoch, m.map(|m| m.epoch)),
     };
     let lease_ms = if verdict.is_ok() {
@@ -57,8 +67,8 @@ mod tests {
     fn acks_only_as_a_voter_and_never_an_evicted_epoch() {
         let mut s = crate::ownership::tests::cluster(&["h1"]);
         let mut p = Promises::new(LeaseTiming::default(), 0, BTreeMap::new());
-        assert_eq!(answer(&mut p, 1, &s, true, "h1", 1).verdict, Ok(()));
-        let a = answer(&mut p, 1, &s, false, "h1", 1);
+        assert_eq!(answer(&mut p, 1, &s, true, "h1", 1, None).verdict, Ok(()));
+        let a = answer(&mut p, 1, &s, false, "h1", 1, None);
         assert_eq!((a.verdict, a.member_epoch), (Err(Refusal::NotAVoter), 1));
         s.apply(Command::Evict {
             name: "h1".into(),
@@ -66,12 +76,53 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            answer(&mut p, 2, &s, true, "h1", 1).verdict,
+            answer(&mut p, 2, &s, true, "h1", 1, None).verdict,
             Err(Refusal::Evicted { epoch: 1 })
         );
         assert_eq!(
-            answer(&mut p, 2, &s, true, "h9", 1).verdict,
+            answer(&mut p, 2, &s, true, "h9", 1, None).verdict,
             Err(Refusal::UnknownMember)
         );
+    }
+
+    #[test]
+    fn no_ack_for_an_assignment_older_than_the_last_release() {
+        let mut s = crate::ownership::tests::cluster(&["h1"]);
+        s.buckets[2].owner = Some("h1".into());
+        let stamp = crate::command::Stamp {
+            at_ms: 0,
+            by: "test".into(),
+        };
+        let release = Command::Release {
+            name: "h1".into(),
+            buckets: vec![2],
+        };
+        s.apply_stamped(40, &stamp, release).unwrap();
+        assert_eq!(s.members["h1"].released_at, 40);
+        let mut p = Promises::new(LeaseTiming::default(), 0, BTreeMap::new());
+        let a = answer(&mut p, 1, &s, true, "h1", 1, Some(39));
+        assert_eq!(a.verdict, Err(Refusal::StaleAssignment { released_at: 40 }));
+        assert_eq!(a.lease_ms, 0);
+        assert_eq!(
+            answer(&mut p, 1, &s, true, "h1", 1, Some(0)).verdict,
+            a.verdict,
+            "no assignment yet"
+        );
+        assert_eq!(
+            answer(&mut p, 1, &s, true, "h1", 1, Some(40)).verdict,
+            Ok(())
+        );
+        assert_eq!(
+            answer(&mut p, 1, &s, true, "h1", 1, None).verdict,
+            Ok(()),
+            "an older agent"
+        );
+        // A release of nothing it owns moves nothing and raises nothing.
+        let nothing = Command::Release {
+            name: "h1".into(),
+            buckets: vec![5],
+        };
+        s.apply_stamped(50, &stamp, nothing).unwrap();
+        assert_eq!(s.members["h1"].released_at, 40);
     }
 }

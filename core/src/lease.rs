@@ -156,6 +156,12 @@ pub enum Refusal {
     },
     /// This controller is not in its own applied voter set.
     NotAVoter,
+    /// The heartbeat acts on an assignment older than the member's last
+    /// release: a lease now could install a released bucket. Not for good: the
+    /// next assignment the agent takes clears it.
+    StaleAssignment {
+        released_at: u64,
+    },
 }
 
 impl std::fmt::Display for Refusal {
@@ -166,6 +172,10 @@ impl std::fmt::Display for Refusal {
             Refusal::Fenced { epoch } => write!(f, "epoch {epoch} is fenced"),
             Refusal::Evicted { epoch } => write!(f, "evicted at epoch {epoch}"),
             Refusal::NotAVoter => write!(f, "this controller is not a voter"),
+            Refusal::StaleAssignment { released_at } => write!(
+                f,
+                "the agent's assignment is older than its release at index {released_at}"
+            ),
         }
     }
 }

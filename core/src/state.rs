@@ -62,6 +62,10 @@ pub struct Member {
     /// Drained by its own agent stopping (`Command::StopSelf`), not by an operator.
     #[serde(default)]
     pub stopped: bool,
+    /// Log index of the last `Release` of one of its buckets: controllers ack
+    /// no heartbeat that acts on an older assignment (`heartbeat::answer`).
+    #[serde(default)]
+    pub released_at: u64,
 }
 
 impl Member {
@@ -75,6 +79,7 @@ impl Member {
             evicted: false,
             penalty: Penalty::default(),
             stopped: false,
+            released_at: 0,
         }
     }
 
@@ -235,7 +240,16 @@ impl ClusterState {
         let epochs = |s: &Self| s.buckets.iter().map(|b| b.epoch).sum::<u64>();
         let epochs_before = cfg!(debug_assertions).then(|| epochs(self));
         let described = cmd.clone();
+        let releasing = |s: &Self| s.buckets.iter().filter(|b| b.releasing).count();
+        let releasing_before = releasing(self);
         self.apply(cmd)?;
+        if let Command::Release { name, .. } = &described {
+            if releasing(self) > releasing_before {
+                if let Some(m) = self.members.get_mut(name) {
+                    m.released_at = index;
+                }
+            }
+        }
         debug_assert!(
             crate::history::moves_owners(&described) || epochs_before == Some(epochs(self)),
             "{described:?} moved buckets but is not in history::moves_owners"

@@ -33,6 +33,7 @@ fn reply(controller: u64, round: u64, acked: bool, epoch: u64) -> Event {
         member_epoch: epoch,
         leader: 1,
         lease_ms: if acked { 500 } else { 0 },
+        stale_assignment: false,
     })
 }
 
@@ -224,6 +225,7 @@ fn refused_for_good_by_a_majority_it_goes_silent() {
                 member_epoch: 1,
                 leader: 1,
                 lease_ms: 0,
+                stale_assignment: false,
             }),
         )
     };
@@ -254,4 +256,39 @@ fn a_resume_withdraws_everything_and_drops_the_lease() {
     let cmds = e.step(601, Event::Resumed);
     assert_eq!(installs(&cmds), vec![(vec![], 0)]);
     assert!(!e.lease_valid(601));
+}
+
+#[test]
+fn a_stale_assignment_refusal_is_not_for_good_and_heartbeats_say_the_index() {
+    let mut e = engine();
+    give(&mut e, 0, assignment(10, 1, &[(1, 1)], &[]));
+    let hb = e.step(5, Event::Tick);
+    let (r, index) = hb
+        .iter()
+        .find_map(|c| match c {
+            Command::Heartbeat {
+                round,
+                assignment_index,
+                ..
+            } => Some((*round, *assignment_index)),
+            _ => None,
+        })
+        .expect("a heartbeat");
+    assert_eq!(index, 10, "the assignment it acts on");
+    for c in [1, 2, 3] {
+        e.step(
+            6,
+            Event::Reply(Reply {
+                controller: c,
+                round: r,
+                acked: false,
+                member_epoch: 1,
+                leader: 1,
+                lease_ms: 0,
+                stale_assignment: true,
+            }),
+        );
+    }
+    assert!(!e.lease_valid(7));
+    assert_eq!(e.silent_until(), None, "it waits for a newer assignment");
 }

@@ -105,6 +105,7 @@ async fn agent(name: String, channels: Vec<Channel>, shared: Arc<Shared>, silent
         for ch in &channels {
             let req = pb::HeartbeatRequest {
                 protocol_version: PROTOCOL_VERSION,
+                assignment_index: None,
                 member: name.clone(),
                 member_epoch: epoch.load(Ordering::Relaxed),
                 round,

@@ -1093,6 +1093,7 @@ fn intruder<P: HostProvider>(p: &mut P) -> R {
                 let r = c
                     .heartbeat(pb::HeartbeatRequest {
                         protocol_version: PROTOCOL_VERSION,
+                        assignment_index: None,
                         member: "h1".into(),
                         member_epoch: epoch,
                         round: 1,

@@ -136,6 +136,7 @@ fn noop(tag: &str) -> pb::MutateRequest {
 fn heartbeat(member: &str, epoch: u64, round: u64) -> pb::HeartbeatRequest {
     pb::HeartbeatRequest {
         protocol_version: PROTOCOL_VERSION,
+        assignment_index: None,
         member: member.into(),
         member_epoch: epoch,
         round,

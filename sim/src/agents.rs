@@ -179,6 +179,7 @@ pub enum LeaseMsg {
         member: String,
         epoch: u64,
         round: u64,
+        assignment_index: u64,
     },
     HeartbeatReply(Reply),
     Assignment {
@@ -211,6 +212,7 @@ impl LeaseMsg {
                 member,
                 epoch,
                 round,
+                ..
             } => format!("Heartbeat {member}@{epoch} round {round}"),
             LeaseMsg::HeartbeatReply(r) => format!(
                 "HeartbeatReply n{} round {} acked={} epoch={} leader=n{}",

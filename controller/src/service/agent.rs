@@ -6,6 +6,7 @@
 
 use tonic::{Request, Response, Status};
 use vipshare_core::agent::Assignment;
+use vipshare_core::lease::Refusal;
 use vipshare_proto::pki::Role;
 use vipshare_proto::v1::agent_api_server::AgentApi;
 use vipshare_proto::v1::{self as pb};
@@ -80,10 +81,15 @@ impl AgentApi for AgentService {
         check_version(hb.protocol_version)?;
         let v = self.node.view();
         let voter = v.voters.contains(&v.id);
-        let answer = self
-            .leases
-            .heartbeat(&v.state, voter, &hb.member, hb.member_epoch);
+        let answer = self.leases.heartbeat(
+            &v.state,
+            voter,
+            &hb.member,
+            hb.member_epoch,
+            hb.assignment_index,
+        );
         crate::metrics::heartbeat(answer.verdict.is_ok());
+        let stale_assignment = matches!(answer.verdict, Err(Refusal::StaleAssignment { .. }));
         let (acked, reason) = match answer.verdict {
             Ok(()) => (true, String::new()),
             Err(r) => (false, r.to_string()),
@@ -97,6 +103,7 @@ impl AgentApi for AgentService {
             leader_id: v.role.leader,
             member_epoch: answer.member_epoch,
             lease_ms: answer.lease_ms,
+            stale_assignment,
         }))
     }
 

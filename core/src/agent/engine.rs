@@ -17,6 +17,9 @@ pub struct Reply {
     pub leader: u64,
     /// The lease the ack promises (0: not said).
     pub lease_ms: u64,
+    /// Refused because the heartbeat's assignment is older than a release:
+    /// not a refusal for good (see [`crate::lease::Refusal::StaleAssignment`]).
+    pub stale_assignment: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +48,8 @@ pub enum Command {
     Heartbeat {
         round: u64,
         epoch: u64,
+        /// Applied index of the assignment it acts on (0: none yet).
+        assignment_index: u64,
         to: Vec<u64>,
     },
     /// Replace the kernel set by these (bucket, grant epoch), each timing out
@@ -243,6 +248,7 @@ impl Engine {
         self.out.push(Command::Heartbeat {
             round,
             epoch: self.epoch,
+            assignment_index: self.assignment.as_ref().map_or(0, |a| a.applied_index),
             to: to.clone(),
         });
         let confirm = self.confirmable();
@@ -268,6 +274,7 @@ impl Engine {
                 self.extend(now);
             }
         } else if !self.fault(|f| f.never_yield)
+            && !r.stale_assignment
             && self.epoch > 0
             && r.member_epoch == self.epoch
             && self.epoch_round.is_some_and(|first| r.round >= first)

@@ -320,7 +320,12 @@ impl Runtime {
                 self.unpersisted = Some(state);
                 self.persist();
             }
-            C::Heartbeat { round, epoch, to } => self.heartbeat(round, epoch, &to),
+            C::Heartbeat {
+                round,
+                epoch,
+                assignment_index,
+                to,
+            } => self.heartbeat(round, epoch, assignment_index, &to),
             C::Install {
                 buckets,
                 timeout_ms,
@@ -370,7 +375,7 @@ impl Runtime {
         }
     }
 
-    fn heartbeat(&mut self, round: u64, epoch: u64, to: &[u64]) {
+    fn heartbeat(&mut self, round: u64, epoch: u64, assignment_index: u64, to: &[u64]) {
         let timeout = Duration::from_millis(self.engine.timing().lease_ms);
         for (&id, c) in self.conns.iter().filter(|(id, _)| to.contains(id)) {
             let mut client = c.client.clone();
@@ -380,6 +385,7 @@ impl Runtime {
                 member: self.cfg.member.clone(),
                 member_epoch: epoch,
                 round,
+                assignment_index: Some(assignment_index),
             };
             tokio::spawn(async move {
                 let result = match tokio::time::timeout(timeout, client.heartbeat(req)).await {

@@ -53,6 +53,7 @@ pub fn reply(r: &pb::HeartbeatReply) -> Reply {
         member_epoch: r.member_epoch,
         leader: r.leader_id,
         lease_ms: r.lease_ms,
+        stale_assignment: r.stale_assignment,
     }
 }
 

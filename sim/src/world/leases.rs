@@ -34,7 +34,7 @@ use std::collections::VecDeque;
 use vipshare_core::damping::Damping;
 use vipshare_core::fence::{FenceCommand, FenceRound};
 use vipshare_core::heartbeat;
-use vipshare_core::lease::{majority, LeaseTiming, Promises};
+use vipshare_core::lease::{majority, LeaseTiming, Promises, Refusal};
 use vipshare_core::ownership::{Action, Planner, PlannerConfig, PlannerFaults};
 use vipshare_core::policy;
 use vipshare_core::state::{Member, MemberState};
@@ -763,6 +763,7 @@ impl World {
                 member,
                 epoch,
                 round,
+                assignment_index,
             } => {
                 let Some(r) = self.nodes.get(&id).and_then(Node::replica) else {
                     return Ok(());
@@ -775,7 +776,15 @@ impl World {
                 };
                 let voter = r.conf_state().voters.contains(&id);
                 let local = c.clock.local(now);
-                let answer = heartbeat::answer(p, local, r.state(), voter, &member, epoch);
+                let answer = heartbeat::answer(
+                    p,
+                    local,
+                    r.state(),
+                    voter,
+                    &member,
+                    epoch,
+                    Some(assignment_index),
+                );
                 let reply = Reply {
                     controller: id,
                     round,
@@ -783,6 +792,10 @@ impl World {
                     member_epoch: answer.member_epoch,
                     leader: r.role().leader,
                     lease_ms: answer.lease_ms,
+                    stale_assignment: matches!(
+                        answer.verdict,
+                        Err(Refusal::StaleAssignment { .. })
+                    ),
                 };
                 self.lease_reply(id, from, from_incarnation, LeaseMsg::HeartbeatReply(reply));
             }
@@ -1142,12 +1155,18 @@ impl World {
         for cmd in cmds {
             match cmd {
                 AgentCommand::Persist(state) => self.hosts[i].state_file = state,
-                AgentCommand::Heartbeat { round, epoch, to } => {
+                AgentCommand::Heartbeat {
+                    round,
+                    epoch,
+                    assignment_index,
+                    to,
+                } => {
                     for c in to {
                         let hb = LeaseMsg::Heartbeat {
                             member: name.clone(),
                             epoch,
                             round,
+                            assignment_index,
                         };
                         self.lease_send(from, c, hb);
                     }
