@@ -198,6 +198,17 @@ pub enum AgentFault {
     Undrain,
     /// Operator: change a member's weight.
     SetWeight { weight: u32 },
+    /// A member's buckets are released (the operator drains it, or sets its
+    /// weight to 0) while one controller (not the leader) is cut off from the
+    /// other controllers for `lag_ms`, so it lags behind with the member's old
+    /// assignment; right after the agent confirms a release (sends
+    /// `Released`), it is killed and restarted `down_ms` later, and may first
+    /// hear the lagging controller.
+    RestartAgainstLaggingController {
+        drain: bool,
+        lag_ms: u64,
+        down_ms: u64,
+    },
 }
 
 /// The agents' schedule: faults in time order.
@@ -222,8 +233,8 @@ impl AgentFaultPlan {
 fn random_agent_fault(rng: &mut ChaCha8Rng) -> AgentFault {
     // Weights: pause 10, kill 10, flap 6, cut from leader 10, cut from leader
     // then stop 14, one-way leader 10, isolate 8, cut some 8, drain 8, undrain 8,
-    // weight 8.
-    match rng.gen_range(0..100) {
+    // weight 8, restart against a lagging controller 6.
+    match rng.gen_range(0..106) {
         0..=9 => AgentFault::Pause {
             pause_ms: rng.gen_range(100..3000),
         },
@@ -257,12 +268,17 @@ fn random_agent_fault(rng: &mut ChaCha8Rng) -> AgentFault {
         },
         76..=83 => AgentFault::Drain,
         84..=91 => AgentFault::Undrain,
-        _ => AgentFault::SetWeight {
+        92..=99 => AgentFault::SetWeight {
             weight: if rng.gen_ratio(1, 10) {
                 0
             } else {
                 rng.gen_range(1..=8)
             },
+        },
+        _ => AgentFault::RestartAgainstLaggingController {
+            drain: rng.gen_ratio(2, 3),
+            lag_ms: rng.gen_range(1000..5000),
+            down_ms: rng.gen_range(0..=200),
         },
     }
 }

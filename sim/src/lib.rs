@@ -50,6 +50,13 @@
 //!   kills, crash loops, partitions from the leader (also followed by a freeze),
 //!   from some or all controllers, one way or both, and operator drains,
 //!   undrains and weight changes.
+//! - **World models** (issue 10, item 4; counted in [`Stats`] and traced):
+//!   kernel installs whose writer stalls land past the kernel delay with their
+//!   deadline stretched (`world/kernel.rs`); controllers removed from the
+//!   voters keep running for up to 3 s (`World::removed`); agents are
+//!   configured with a random non-empty subset of the voters
+//!   (`configured_seeds`); agents restarted right after a release while a
+//!   controller lags ([`faults::AgentFault::RestartAgainstLaggingController`]).
 //! - **Ownership invariants**: no two hosts' kernels accept one bucket at the
 //!   same true instant (exclusivity); bucket epochs only grow with the applied
 //!   index; a suppressed member owns nothing.

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use clap::builder::TypedValueParser as _;
 use clap::{Parser, ValueEnum};
-use vipshare_sim::{run_seed, RunReport, SimConfig};
+use vipshare_sim::{run_seed, RunReport, SimConfig, Stats};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Bug {
@@ -112,6 +112,18 @@ fn config(args: &Args, seed: u64) -> SimConfig {
     cfg
 }
 
+/// The world models' counters (see `Stats`).
+fn models(s: &Stats) -> String {
+    format!(
+        "{} late kernel installs (up to {}ms past the kernel delay), {} removed controllers kept running, {} agent starts with a partial seed list, {} agents restarted against a lagging controller",
+        s.kernel_late_installs,
+        s.kernel_max_stall_ms,
+        s.controllers_lingered,
+        s.agent_partial_seeds,
+        s.lagging_restarts
+    )
+}
+
 fn line(r: &RunReport) -> String {
     match &r.result {
         Ok(s) => {
@@ -119,7 +131,7 @@ fn line(r: &RunReport) -> String {
                 String::new()
             } else {
                 format!(
-                    "; {} agents, {} agent faults, {} kills, {} lease extensions, {} fence rounds, {} fences, {} yields, closest handovers {}/{}, {:.0}% unserved in faults, converged in {}, settled in {}",
+                    "; {} agents, {} agent faults, {} kills, {} lease extensions, {} fence rounds, {} fences, {} yields, closest handovers {}/{}, {:.0}% unserved in faults, converged in {}, settled in {}; models: {}",
                     s.agents,
                     s.agent_faults,
                     s.agent_kills,
@@ -138,6 +150,7 @@ fn line(r: &RunReport) -> String {
                     } else {
                         s.settled_ms.map_or("-".into(), |t| format!("{t}ms"))
                     },
+                    models(s),
                 )
             };
             format!(
@@ -211,6 +224,17 @@ fn main() -> ExitCode {
         } else if args.verbose {
             println!("{}", line(r));
         }
+    }
+    if !args.no_agents {
+        let mut total = Stats::default();
+        for s in reports.iter().filter_map(|r| r.result.as_ref().ok()) {
+            total.kernel_late_installs += s.kernel_late_installs;
+            total.kernel_max_stall_ms = total.kernel_max_stall_ms.max(s.kernel_max_stall_ms);
+            total.controllers_lingered += s.controllers_lingered;
+            total.agent_partial_seeds += s.agent_partial_seeds;
+            total.lagging_restarts += s.lagging_restarts;
+        }
+        println!("passing seeds, models: {}", models(&total));
     }
     println!(
         "{} passed, {} failed",

@@ -36,6 +36,7 @@ use crate::invariants::{self, Checker, Fnv, Violation};
 use crate::network::{cut, NetProfile, Network, Route};
 use crate::workload::Workload;
 
+mod kernel;
 mod leases;
 use leases::{CtlLease, EndPhase, LeaseEvent, LeaseWorld};
 
@@ -188,6 +189,19 @@ pub struct Stats {
     /// which no kernel accepted the bucket, out of `bucket_ms`.
     pub unserved_bucket_ms: u64,
     pub bucket_ms: u64,
+    /// World models (issue 10, item 4), each counting how often it fired:
+    /// installs whose writer stalled between rendering the timeout and the
+    /// kernel inserting it, landing later than `kernel_delay_ms` with their
+    /// deadline stretched by the stall (`world/kernel.rs`) ...
+    pub kernel_late_installs: u64,
+    /// ... and the longest time past the kernel delay one landed.
+    pub kernel_max_stall_ms: u64,
+    /// Controllers removed from the voters that kept running for a while.
+    pub controllers_lingered: u64,
+    /// Agent starts configured with only some of the controllers.
+    pub agent_partial_seeds: u64,
+    /// Agents restarted right after a release while a controller lagged.
+    pub lagging_restarts: u64,
 }
 
 /// The result of one seed.
@@ -234,6 +248,10 @@ enum Event {
     EndFaults,
     Probe,
     Lease(LeaseEvent),
+    /// A controller removed from the voters, kept running, stops now.
+    StopRemoved {
+        node: u64,
+    },
 }
 
 struct Queued {
@@ -336,7 +354,8 @@ pub struct World {
     initialised: bool,
     phase: Phase,
     probe: Option<(ProposalId, u64)>,
-    /// Nodes to stop once the current step is done (removed from the cluster).
+    /// Nodes to stop once the current step is done (removed from the cluster;
+    /// see `World::removed` for the ones that keep running a while).
     to_stop: Vec<u64>,
     started: bool,
     trace: Trace,
@@ -344,6 +363,10 @@ pub struct World {
     hosts: Vec<crate::agents::Host>,
     ctl: BTreeMap<u64, CtlLease>,
     lease: LeaseWorld,
+    /// The world models' own stream of the seed (kernel stalls, lingering
+    /// controllers, agent configs), so that drawing them leaves the main
+    /// stream's draws as they were.
+    models: ChaCha8Rng,
 }
 
 fn address(id: u64) -> String {
@@ -431,6 +454,8 @@ impl World {
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let mut plan_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         plan_rng.set_stream(1);
+        let mut models = ChaCha8Rng::seed_from_u64(cfg.seed);
+        models.set_stream(3);
 
         let mut replica_cfg = ReplicaConfig::new(0);
         replica_cfg.election_tick = 10;
@@ -477,6 +502,7 @@ impl World {
             hosts: Vec::new(),
             ctl: BTreeMap::new(),
             lease: LeaseWorld::default(),
+            models,
             cfg,
         };
         let rc = w.replica_cfg.clone();
@@ -693,6 +719,10 @@ impl World {
             Event::EndFaults => self.end_faults(),
             Event::Probe => self.probe(),
             Event::Lease(ev) => self.lease_step(ev),
+            Event::StopRemoved { node } => {
+                self.stop_node(node);
+                Ok(())
+            }
         }
     }
 
@@ -797,6 +827,7 @@ impl World {
                 }
                 self.stats.controllers_removed += 1;
                 self.trace(Some(id), || "removed from the cluster: stopped".into());
+                self.restart_stranded_agents();
             }
         }
     }
@@ -921,15 +952,49 @@ impl World {
                 _ => self.stats.proposals_applied += 1,
             }
         }
-        let voters = self.checker.voters();
-        if voters != voters_before.as_slice() {
+        let voters = self.checker.voters().to_vec();
+        if voters != voters_before {
             for old in voters_before {
                 if !voters.contains(&old) {
-                    self.to_stop.push(old);
+                    self.removed(old);
                 }
             }
         }
         Ok(())
+    }
+
+    /// `id` left the voters (its removal committed). As a real controller
+    /// does until its operator (or its own shutdown on learning of the
+    /// removal) stops it, it keeps running for a while drawn from the seed:
+    /// raft, heartbeat answers to the agents that still list it, assignment
+    /// streams from its applied state. Half of the time it stops at once.
+    ///
+    /// Except a leader that applied its own removal (its removal was proposed
+    /// while it followed, and it won an election before the entry committed):
+    /// it is stopped at once, because raft-rs 0.7 keeps such a leader leading
+    /// and panics on its next commit (`Raft::maybe_commit` unwraps its own
+    /// progress, which the removal deleted); `Replica` only guards a leader
+    /// proposing its own removal. Seen with seed 481.
+    fn removed(&mut self, id: u64) {
+        let leads = self
+            .nodes
+            .get(&id)
+            .and_then(Node::replica)
+            .is_some_and(|r| r.role().role == StateRole::Leader);
+        let linger = if leads || self.models.gen_bool(0.5) {
+            0
+        } else {
+            self.models.gen_range(1..=3000)
+        };
+        if linger == 0 {
+            self.to_stop.push(id);
+            return;
+        }
+        self.stats.controllers_lingered += 1;
+        self.trace(Some(id), || {
+            format!("removed from the voters; keeps running for {linger}ms")
+        });
+        self.schedule(self.now + linger, Event::StopRemoved { node: id });
     }
 
     /// Hands messages to the network.

@@ -117,7 +117,7 @@ fn an_agent_that_forgets_its_releases_is_caught() {
     // Restarted, it takes an assignment from a controller that has not applied
     // its release yet and installs a bucket that is someone else's by now.
     caught(
-        &[78, 80],
+        &[9, 181],
         |c| c.agent_faults.forget_releases = true,
         FailureKind::Safety,
         "exclusivity violated",
@@ -127,7 +127,7 @@ fn an_agent_that_forgets_its_releases_is_caught() {
 #[test]
 fn an_agent_that_skips_its_state_file_is_caught() {
     caught(
-        &[78, 80],
+        &[9, 181],
         |c| c.agent_faults.skip_persist = true,
         FailureKind::Safety,
         "exclusivity violated",

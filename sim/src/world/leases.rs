@@ -75,6 +75,8 @@ pub(super) enum LeaseEvent {
     Kernel {
         host: usize,
         op: KernelOp,
+        /// When the agent handed it over (rendered its timeout).
+        submitted: u64,
     },
     Plan {
         node: u64,
@@ -89,6 +91,12 @@ pub(super) enum LeaseEvent {
         host: usize,
         left: u32,
         up_ms: u64,
+        down_ms: u64,
+    },
+    /// Kill an agent that just confirmed a release and restart it after
+    /// `down_ms` ([`AgentFault::RestartAgainstLaggingController`]).
+    RestartAfterRelease {
+        host: usize,
         down_ms: u64,
     },
     /// Stop (pause or kill) an agent's process now, for `ms`.
@@ -153,6 +161,9 @@ pub(super) struct LeaseWorld {
     /// Buckets in the cluster (once initialised) and the previous check.
     bucket_count: u64,
     last_check: u64,
+    /// Agents to restart right after their next `Released`, until a time,
+    /// after how long ([`AgentFault::RestartAgainstLaggingController`]).
+    restart_on_release: BTreeMap<usize, (u64, u64)>,
 }
 
 /// The end-of-run phases that follow raft liveness.
@@ -275,7 +286,7 @@ impl World {
         self.cfg.agents
     }
 
-    fn trace_host(&mut self, host: usize, text: impl FnOnce() -> String) {
+    pub(super) fn trace_host(&mut self, host: usize, text: impl FnOnce() -> String) {
         if !self.tracing() {
             return;
         }
@@ -625,8 +636,12 @@ impl World {
                 }
                 Ok(())
             }
-            LeaseEvent::Kernel { host, op } => {
-                self.kernel_land(host, op);
+            LeaseEvent::Kernel {
+                host,
+                op,
+                submitted,
+            } => {
+                self.kernel_land(host, op, submitted);
                 Ok(())
             }
             LeaseEvent::Plan { node, incarnation } => self.plan_tick(node, incarnation),
@@ -651,6 +666,24 @@ impl World {
                 if self.phase == Phase::Faults {
                     self.inject_agent(f)?;
                 }
+                Ok(())
+            }
+            LeaseEvent::RestartAfterRelease { host, down_ms } => {
+                if self.phase != Phase::Faults || !self.hosts[host].running(self.now) {
+                    return Ok(());
+                }
+                self.stats.lagging_restarts += 1;
+                self.kill_agent(
+                    host,
+                    &format!(
+                        "right after a release, while a controller lags; down for {down_ms}ms"
+                    ),
+                );
+                let incarnation = self.hosts[host].incarnation;
+                self.schedule(
+                    self.now + down_ms,
+                    Event::Lease(LeaseEvent::AgentStart { host, incarnation }),
+                );
                 Ok(())
             }
             LeaseEvent::Stop { host, ms, kill } => {
@@ -1066,17 +1099,48 @@ impl World {
 
     // ---- agents --------------------------------------------------------------
 
-    fn start_agent(&mut self, i: usize) {
-        let seeds: Vec<AgentController> = self
-            .nodes
+    /// The controllers an agent's configuration file lists: a random
+    /// non-empty subset of the cluster's voters (an operator seldom lists
+    /// them all, and a config outlives additions); the engine learns the
+    /// rest from the controllers' assignments.
+    fn configured_seeds(&mut self) -> Vec<AgentController> {
+        let cluster: Vec<u64> = self
+            .checker
+            .voters()
             .iter()
-            .filter(|(_, n)| !matches!(n.slot, Slot::Gone))
-            .map(|(&id, _)| AgentController {
+            .copied()
+            .filter(|id| {
+                self.nodes
+                    .get(id)
+                    .is_some_and(|n| !matches!(n.slot, Slot::Gone))
+            })
+            .collect();
+        let cluster = if cluster.is_empty() {
+            self.all_ids()
+        } else {
+            cluster
+        };
+        let k = self.models.gen_range(1..=cluster.len().max(1));
+        let mut listed: Vec<u64> = cluster
+            .choose_multiple(&mut self.models, k)
+            .copied()
+            .collect();
+        listed.sort_unstable();
+        if listed.len() < cluster.len() {
+            self.stats.agent_partial_seeds += 1;
+        }
+        listed
+            .into_iter()
+            .map(|id| AgentController {
                 id,
                 address: address(id),
                 voter: true,
             })
-            .collect();
+            .collect()
+    }
+
+    fn start_agent(&mut self, i: usize) {
+        let seeds = self.configured_seeds();
         let known: Vec<u64> = seeds.iter().map(|c| c.id).collect();
         let faults = self.cfg.agent_faults;
         let h = &mut self.hosts[i];
@@ -1092,7 +1156,7 @@ impl World {
             self.stats.agent_restarts += 1;
         }
         self.trace_host(i, || {
-            format!("agent starts (incarnation {incarnation}), watching {known:?}")
+            format!("agent starts (incarnation {incarnation}), configured with {known:?}")
         });
         self.schedule(
             self.now + first,
@@ -1124,7 +1188,7 @@ impl World {
 
     /// Feeds one event to host `i`'s agent engine and carries out its commands,
     /// as `vipshare-agent`'s runtime does.
-    fn agent_step(&mut self, i: usize, ev: AgentEvent) {
+    pub(super) fn agent_step(&mut self, i: usize, ev: AgentEvent) {
         let now = self.now;
         let h = &mut self.hosts[i];
         let running = h.paused_until <= now;
@@ -1175,6 +1239,14 @@ impl World {
                     // A stopped process sends nothing; the next round repeats it.
                     if !running {
                         continue;
+                    }
+                    if let Some((until, down_ms)) = self.lease.restart_on_release.remove(&i) {
+                        if now < until {
+                            self.schedule(
+                                now,
+                                Event::Lease(LeaseEvent::RestartAfterRelease { host: i, down_ms }),
+                            );
+                        }
                     }
                     for c in to {
                         let m = LeaseMsg::Released {
@@ -1259,82 +1331,6 @@ impl World {
             | LeaseMsg::Released { .. }
             | LeaseMsg::FenceRequest { .. }
             | LeaseMsg::FenceReply { .. } => {}
-        }
-    }
-
-    /// Hands an operation to the kernel: it lands after at most delta, in order.
-    fn kernel_submit(&mut self, i: usize, op: KernelOp) {
-        let delta = self.lease.timing.kernel_delay_ms;
-        let d = match self.rng.gen_range(0..4) {
-            0 => delta,
-            1 => 0,
-            _ => self.rng.gen_range(0..=delta),
-        };
-        let h = &mut self.hosts[i];
-        let land = (self.now + d).max(h.kernel.last_land);
-        h.kernel.last_land = land;
-        self.schedule(land, Event::Lease(LeaseEvent::Kernel { host: i, op }));
-    }
-
-    fn kernel_land(&mut self, i: usize, op: KernelOp) {
-        let now = self.now;
-        match op {
-            KernelOp::Install {
-                buckets,
-                timeout_ms,
-                member_epoch,
-            } => {
-                let h = &self.hosts[i];
-                let until = now + h.clock.true_ms(timeout_ms);
-                // How long after another host stopped accepting a bucket this
-                // host starts: the protocol's slack at every handover.
-                if until > now {
-                    for &(b, _) in &buckets {
-                        if h.kernel.accepts(b, now).is_some() {
-                            continue;
-                        }
-                        let prev = self
-                            .hosts
-                            .iter()
-                            .enumerate()
-                            .filter(|(j, _)| *j != i)
-                            .filter_map(|(_, o)| o.kernel.last_end(b, now))
-                            .max();
-                        if let Some((end, by_expiry)) = prev.filter(|p| p.0 <= now) {
-                            let gap = now - end;
-                            let slot = if by_expiry {
-                                &mut self.stats.closest_handover_after_expiry_ms
-                            } else {
-                                &mut self.stats.closest_handover_after_withdrawal_ms
-                            };
-                            *slot = Some(slot.map_or(gap, |g| g.min(gap)));
-                        }
-                    }
-                }
-                let h = &mut self.hosts[i];
-                h.kernel.expire(now);
-                h.kernel.install(now, &buckets, until, member_epoch);
-                self.stats.kernel_installs += 1;
-                if self.tracing() {
-                    let list: Vec<u32> = buckets.iter().map(|g| g.0).collect();
-                    self.trace_host(i, || {
-                        format!("kernel: accepts {list:?} until {until}ms (epoch {member_epoch})")
-                    });
-                }
-            }
-            KernelOp::Withdraw {
-                bucket,
-                epoch,
-                incarnation,
-            } => {
-                let h = &mut self.hosts[i];
-                h.kernel.withdraw(bucket, now);
-                let current = h.incarnation == incarnation;
-                self.trace_host(i, || format!("kernel: bucket {bucket} withdrawn"));
-                if current {
-                    self.agent_step(i, AgentEvent::Withdrawn { bucket, epoch });
-                }
-            }
         }
     }
 
@@ -1554,8 +1550,53 @@ impl World {
                 };
                 self.operator_propose(Command::SetWeight { name, weight })?;
             }
+            AgentFault::RestartAgainstLaggingController {
+                drain,
+                lag_ms,
+                down_ms,
+            } => self.restart_against_lagging(drain, lag_ms, down_ms)?,
         }
         Ok(())
+    }
+
+    /// [`AgentFault::RestartAgainstLaggingController`]: a running member
+    /// (an owner if any), a follower cut off from the other controllers (its
+    /// raft traffic blocked; the agents still reach it), the member's buckets
+    /// released by the operator, and its agent armed to be restarted right
+    /// after it confirms a release.
+    fn restart_against_lagging(
+        &mut self,
+        drain: bool,
+        lag_ms: u64,
+        down_ms: u64,
+    ) -> Result<(), Failure> {
+        let Some(i) = self.random_host(true, true) else {
+            return Ok(());
+        };
+        let Some(leader) = self.leader_for_change() else {
+            return Ok(());
+        };
+        let ctls = self.all_ids();
+        let followers: Vec<u64> = ctls.iter().copied().filter(|&c| c != leader).collect();
+        let Some(&lagging) = followers.choose(&mut self.rng) else {
+            return Ok(());
+        };
+        let others: Vec<u64> = ctls.into_iter().filter(|&c| c != lagging).collect();
+        let name = self.hosts[i].name.clone();
+        self.partition(
+            cut(&[lagging], &others, false),
+            lag_ms,
+            format!("n{lagging} lags (cut from the controllers); {name} to restart after its next release"),
+        );
+        self.lease
+            .restart_on_release
+            .insert(i, (self.now + lag_ms, down_ms));
+        let cmd = if drain {
+            Command::Drain { name }
+        } else {
+            Command::SetWeight { name, weight: 0 }
+        };
+        self.operator_propose(cmd)
     }
 
     /// Agent network ids, for faults that cut whole hosts.
@@ -1583,6 +1624,30 @@ impl World {
                 self.kill_agent(i, "for good");
                 self.hosts[i].kept_dead = true;
             } else if self.hosts[i].agent.is_none() {
+                self.start_agent(i);
+            }
+        }
+        self.restart_stranded_agents();
+    }
+
+    /// After the faults, the operator restarts (with a fresh configuration)
+    /// an agent that talks only to controllers that are gone: configured with
+    /// some of the controllers only, it restarted, and those were removed
+    /// before it heard of the others. Nothing else would ever reconnect it.
+    pub(super) fn restart_stranded_agents(&mut self) {
+        if !self.agents_on() || self.phase == Phase::Faults {
+            return;
+        }
+        for i in 0..self.hosts.len() {
+            let stranded = self.hosts[i].agent.as_ref().is_some_and(|a| {
+                a.controllers().iter().all(|c| {
+                    self.nodes
+                        .get(&c.id)
+                        .is_none_or(|n| matches!(n.slot, Slot::Gone))
+                })
+            });
+            if stranded {
+                self.kill_agent(i, "operator: every controller it knows is gone");
                 self.start_agent(i);
             }
         }
