@@ -37,7 +37,10 @@ pub fn answer(
     let verdict = match m {
         _ if !voter => Err(Refusal::NotAVoter),
         Some(m) if m.evicted && m.epoch == epoch => Err(Refusal::Evicted { epoch }),
-        Some(m) if assignment_index.is_some_and(|i| i < m.released_at) => {
+        Some(m)
+            if assignment_index.is_some_and(|i| i < m.released_at)
+                && !promises.faults().ack_stale_assignments =>
+        {
             Err(Refusal::StaleAssignment {
                 released_at: m.released_at,
             })

@@ -139,6 +139,16 @@ pub struct Promises {
     /// restarts (the controller persists it), or a restarted controller could ack
     /// a fenced epoch again.
     fenced: BTreeMap<String, u64>,
+    faults: PromiseFaults,
+}
+
+/// Deliberate bugs for the simulator to catch: settable only with the
+/// `faults` feature, which only the simulator enables.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PromiseFaults {
+    /// Ack heartbeats that act on an assignment older than the member's last
+    /// release (drops the second guard of `heartbeat::answer`).
+    pub ack_stale_assignments: bool,
 }
 
 /// Why a heartbeat was not acked.
@@ -188,6 +198,7 @@ impl Promises {
             last_ack: BTreeMap::new(),
             promised: BTreeMap::new(),
             start_promise: now + timing.controller_promise_ms(),
+            faults: PromiseFaults::default(),
             acked_since: BTreeMap::new(),
             fenced,
         }
@@ -205,6 +216,15 @@ impl Promises {
 
     pub fn timing(&self) -> LeaseTiming {
         self.timing
+    }
+
+    #[cfg(feature = "faults")]
+    pub fn set_faults(&mut self, faults: PromiseFaults) {
+        self.faults = faults;
+    }
+
+    pub(crate) fn faults(&self) -> PromiseFaults {
+        self.faults
     }
 
     /// Decide on a heartbeat from `member` claiming `epoch`, given the member's

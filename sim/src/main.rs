@@ -5,6 +5,7 @@
 //! vipshare-sim --seed 42 --trace            # replay one seed, printing every event
 //! vipshare-sim --seeds 100 --bug skip-sync  # the injected durability bug must be caught
 //! vipshare-sim --seeds 100 --bug skip-fence-wait  # two hosts accept one bucket
+//! vipshare-sim --seeds 200 --bug agent-forgets-releases --bug controller-acks-stale-assignments
 //! vipshare-sim --seeds 500 --no-agents      # the raft-only model
 //! ```
 
@@ -35,6 +36,9 @@ enum Bug {
     /// The leader records its own fence agreement before the others (the
     /// controller's behaviour before it was fixed to mark last).
     LeaderFencesFirst,
+    /// Controllers ack heartbeats acting on an assignment older than the
+    /// member's last release (`PromiseFaults::ack_stale_assignments`).
+    ControllerAcksStaleAssignments,
 }
 
 #[derive(Debug, Parser)]
@@ -55,9 +59,11 @@ struct Args {
     /// With --seed: print the event trace.
     #[arg(long, requires = "seed")]
     trace: bool,
-    /// Turn on a deliberately injected bug.
+    /// Turn on a deliberately injected bug (repeat for several: the agent's
+    /// release bugs are caught only with controller-acks-stale-assignments,
+    /// the controllers' second guard, off too).
     #[arg(long, value_enum)]
-    bug: Option<Bug>,
+    bug: Vec<Bug>,
     /// Model a proposed controller change: the leader records its own fence
 
     /// The raft-only model: no agents, leases or ownership planner.
@@ -98,12 +104,14 @@ fn config(args: &Args, seed: u64) -> SimConfig {
     cfg.nodes = args.nodes;
     cfg.duration_ms = args.duration_ms;
     cfg.liveness_ms = args.liveness_ms;
-    cfg.skip_sync = args.bug == Some(Bug::SkipSync);
-    cfg.skip_fence_wait = args.bug == Some(Bug::SkipFenceWait);
-    cfg.agent_faults.forget_releases = args.bug == Some(Bug::AgentForgetsReleases);
-    cfg.agent_faults.skip_persist = args.bug == Some(Bug::AgentSkipsPersist);
-    cfg.agent_faults.never_yield = args.bug == Some(Bug::AgentNeverYields);
-    cfg.fence_faults.leader_marks_first = args.bug == Some(Bug::LeaderFencesFirst);
+    let bug = |b| args.bug.contains(&b);
+    cfg.skip_sync = bug(Bug::SkipSync);
+    cfg.skip_fence_wait = bug(Bug::SkipFenceWait);
+    cfg.agent_faults.forget_releases = bug(Bug::AgentForgetsReleases);
+    cfg.agent_faults.skip_persist = bug(Bug::AgentSkipsPersist);
+    cfg.agent_faults.never_yield = bug(Bug::AgentNeverYields);
+    cfg.fence_faults.leader_marks_first = bug(Bug::LeaderFencesFirst);
+    cfg.promise_faults.ack_stale_assignments = bug(Bug::ControllerAcksStaleAssignments);
     cfg.agents = !args.no_agents;
     cfg.agent_count = args.agents.map(|n| n as usize);
     cfg.fault_gap_ms = args.fault_gap_ms.max(4);

@@ -23,6 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use vipshare_core::agent::AgentFaults;
 use vipshare_core::command::{Command, ProposalId};
 use vipshare_core::fence::FenceFaults;
+use vipshare_core::lease::PromiseFaults;
 use vipshare_core::replica::{
     is_snapshot, AppliedEntry, ControllerChange, Faults, Outcome, ReadyOutput, Replica,
     ReplicaConfig,
@@ -77,6 +78,8 @@ pub struct SimConfig {
     /// Deliberate bugs in the fence round (`vipshare_core::fence::FenceFaults`):
     /// the leader marking itself first.
     pub fence_faults: FenceFaults,
+    /// Controllers' deliberate bugs (`vipshare_core::lease::PromiseFaults`).
+    pub promise_faults: PromiseFaults,
     /// Length of the fault-free window after convergence in which no bucket may move.
     pub quiet_ms: u64,
     /// Print the event trace to stdout.
@@ -102,6 +105,7 @@ impl SimConfig {
             skip_fence_wait: false,
             agent_faults: AgentFaults::default(),
             fence_faults: FenceFaults::default(),
+            promise_faults: PromiseFaults::default(),
             quiet_ms: 3000,
             print_trace: false,
             hash_trace: false,

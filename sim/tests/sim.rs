@@ -112,13 +112,22 @@ fn caught(seeds: &[u64], bug: impl Fn(&mut SimConfig), kind: FailureKind, what: 
     }
 }
 
+/// The controllers' second guard (no ack for an assignment older than the
+/// member's last release) off, so that the agent's own guard is what is tested.
+fn unguarded(c: &mut SimConfig) {
+    c.promise_faults.ack_stale_assignments = true;
+}
+
 #[test]
 fn an_agent_that_forgets_its_releases_is_caught() {
     // Restarted, it takes an assignment from a controller that has not applied
     // its release yet and installs a bucket that is someone else's by now.
     caught(
         &[9, 181],
-        |c| c.agent_faults.forget_releases = true,
+        |c| {
+            unguarded(c);
+            c.agent_faults.forget_releases = true;
+        },
         FailureKind::Safety,
         "exclusivity violated",
     );
@@ -128,10 +137,28 @@ fn an_agent_that_forgets_its_releases_is_caught() {
 fn an_agent_that_skips_its_state_file_is_caught() {
     caught(
         &[9, 181],
-        |c| c.agent_faults.skip_persist = true,
+        |c| {
+            unguarded(c);
+            c.agent_faults.skip_persist = true;
+        },
         FailureKind::Safety,
         "exclusivity violated",
     );
+}
+
+#[test]
+fn the_controllers_second_guard_alone_stops_a_forgetful_agent() {
+    // The same seeds with only the agent's bug: its heartbeats name the
+    // lagging controller's stale assignment, the others refuse them, and it
+    // gets no lease to install the released bucket with.
+    for seed in [9, 181] {
+        let mut cfg = SimConfig::new(seed);
+        cfg.agent_faults.forget_releases = true;
+        cfg.agent_faults.skip_persist = true;
+        if let Err(f) = run_seed(cfg).result {
+            panic!("seed {seed}: the second guard did not hold: {f:?}");
+        }
+    }
 }
 
 #[test]

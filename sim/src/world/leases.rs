@@ -336,11 +336,10 @@ impl World {
         };
         // Like `Leases::open`: default timing until the ownership loop reads the
         // settings from the applied state.
-        c.promises = Some(Promises::new(
-            LeaseTiming::default(),
-            c.clock.local(now),
-            c.fenced.clone(),
-        ));
+        let mut promises =
+            Promises::new(LeaseTiming::default(), c.clock.local(now), c.fenced.clone());
+        promises.set_faults(self.cfg.promise_faults);
+        c.promises = Some(promises);
         c.planner = None;
         c.rounds.clear();
         c.streams.clear();
