@@ -500,6 +500,15 @@ impl<D: Durable> Replica<D> {
             }
         }
         self.conf_state = cs.clone();
+        // raft-rs keeps a leader that applied its own removal leading, and its
+        // next commit check panics (its own progress is gone). Proposing one's
+        // own removal is refused above; this removal was proposed under an
+        // earlier leader and committed under this one: step down, and the
+        // remaining voters elect a leader among them.
+        if self.is_leader() && !cs.voters.contains(&self.cfg.id) {
+            let term = self.raw.raft.term;
+            self.raw.raft.become_follower(term, raft::INVALID_ID);
+        }
         Ok(cs)
     }
 
@@ -649,5 +658,69 @@ mod tests {
         // tick every round, each voting for itself.
         let mut rs: Vec<_> = (1..=3).map(|i| replica(i, 7)).collect();
         assert_eq!(ticks_to_leader(&mut rs, 200), None);
+    }
+
+    /// Delivers every message among `rs` until none is left.
+    fn settle(rs: &mut [Replica<NullDurable>]) {
+        loop {
+            let mut sent = Vec::new();
+            for r in rs.iter_mut() {
+                sent.extend(r.handle_ready().expect("ready").messages);
+            }
+            if sent.is_empty() {
+                return;
+            }
+            for m in sent {
+                if let Some(to) = rs.iter_mut().find(|r| r.id() == m.to) {
+                    let _ = to.step(m);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_leader_that_applies_its_own_removal_steps_down() {
+        let mut rs: Vec<_> = (1..=3).map(|i| replica(i, i)).collect();
+        ticks_to_leader(&mut rs, 100).expect("a first leader");
+        let l = rs.iter().position(|r| r.is_leader()).expect("leader");
+        let old = rs.remove(l);
+        let (b, c) = (rs[0].id(), rs[1].id());
+        let mut old = old;
+        // The leader proposes removing b; b and c log it, their answers are lost
+        // and the leader dies: the entry is not committed yet.
+        let id = ProposalId {
+            node: old.id(),
+            seq: 1,
+        };
+        old.propose_controller_change(id, ControllerChange::Remove { id: b })
+            .expect("proposed");
+        for m in old.handle_ready().expect("ready").messages {
+            if let Some(to) = rs.iter_mut().find(|r| r.id() == m.to) {
+                let _ = to.step(m);
+            }
+        }
+        for r in rs.iter_mut() {
+            r.handle_ready().expect("ready");
+        }
+        // The dying leader handed over to b (as a leader transfer does), so b
+        // is elected and commits its own removal with its first entry.
+        let mut handover = Message::default();
+        handover.set_msg_type(MessageType::MsgTimeoutNow);
+        handover.from = old.id();
+        handover.to = b;
+        handover.term = old.role().term;
+        rs[0].step(handover).expect("handover");
+        settle(&mut rs);
+        assert!(
+            !rs[0].conf_state().voters.contains(&b),
+            "b applied its removal"
+        );
+        assert!(!rs[0].is_leader(), "b stepped down");
+        // raft-rs panicked here on the next append response before.
+        for _ in 0..30 {
+            rs.iter_mut().for_each(|r| r.tick());
+            settle(&mut rs);
+        }
+        assert!(rs.iter().all(|r| !r.is_leader() || r.id() == c));
     }
 }

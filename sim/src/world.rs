@@ -972,20 +972,10 @@ impl World {
     /// removal) stops it, it keeps running for a while drawn from the seed:
     /// raft, heartbeat answers to the agents that still list it, assignment
     /// streams from its applied state. Half of the time it stops at once.
-    ///
-    /// Except a leader that applied its own removal (its removal was proposed
-    /// while it followed, and it won an election before the entry committed):
-    /// it is stopped at once, because raft-rs 0.7 keeps such a leader leading
-    /// and panics on its next commit (`Raft::maybe_commit` unwraps its own
-    /// progress, which the removal deleted); `Replica` only guards a leader
-    /// proposing its own removal. Seen with seed 481.
+    /// (A leader that applied its own removal steps down in `Replica`; before
+    /// it did, raft-rs panicked on its next commit: seed 481.)
     fn removed(&mut self, id: u64) {
-        let leads = self
-            .nodes
-            .get(&id)
-            .and_then(Node::replica)
-            .is_some_and(|r| r.role().role == StateRole::Leader);
-        let linger = if leads || self.models.gen_bool(0.5) {
+        let linger = if self.models.gen_bool(0.5) {
             0
         } else {
             self.models.gen_range(1..=3000)
