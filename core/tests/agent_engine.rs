@@ -292,3 +292,23 @@ fn a_stale_assignment_refusal_is_not_for_good_and_heartbeats_say_the_index() {
     assert!(!e.lease_valid(7));
     assert_eq!(e.silent_until(), None, "it waits for a newer assignment");
 }
+
+#[test]
+fn a_restart_also_watches_the_controllers_the_cluster_last_listed() {
+    let mut e = engine();
+    let cmds = give(&mut e, 0, assignment(10, 1, &[], &[]));
+    let Some(Command::Persist(state)) = cmds.first().cloned() else {
+        panic!("{cmds:?}");
+    };
+    assert_eq!(state.controllers.len(), 3);
+    // Its configuration names only controller 9, which left the cluster.
+    let gone = Controller {
+        id: 9,
+        address: "c9:7001".into(),
+        voter: true,
+    };
+    let e = Engine::new(vec![gone], state);
+    let mut ids: Vec<u64> = e.controllers().iter().map(|c| c.id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2, 3, 9]);
+}

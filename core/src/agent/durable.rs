@@ -18,6 +18,11 @@ pub struct AgentState {
     pub voters: BTreeSet<u64>,
     /// The cluster's lease timing (`None`: not learned yet, so no lease).
     pub timing: Option<LeaseTiming>,
+    /// The controllers (id -> address) the cluster last listed: a restart
+    /// also connects to these, so an agent whose configured controllers were
+    /// all replaced still finds the cluster.
+    #[serde(default)]
+    pub controllers: BTreeMap<u64, String>,
 }
 
 impl AgentState {

@@ -112,9 +112,19 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// `seeds`: the controllers of the configuration file, talked to until an
-    /// assignment lists the cluster's; `state`: as last persisted.
-    pub fn new(seeds: Vec<Controller>, state: AgentState) -> Self {
+    /// `seeds`: the controllers of the configuration file, talked to (with
+    /// those the persisted state lists, for ids the file does not name) until
+    /// an assignment lists the cluster's; `state`: as last persisted.
+    pub fn new(mut seeds: Vec<Controller>, state: AgentState) -> Self {
+        for (&id, address) in &state.controllers {
+            if !seeds.iter().any(|c| c.id == id) {
+                seeds.push(Controller {
+                    id,
+                    address: address.clone(),
+                    voter: state.voters.contains(&id),
+                });
+            }
+        }
         let timing = state.timing.unwrap_or_default();
         Engine {
             epoch: 0,
@@ -404,6 +414,15 @@ impl Engine {
             self.lease.revoke();
             self.lease.set_voters(voters.clone());
             self.state.voters = voters;
+            self.state_changed = true;
+        }
+        let listed: BTreeMap<u64, String> = asg
+            .controllers
+            .iter()
+            .map(|c| (c.id, c.address.clone()))
+            .collect();
+        if !listed.is_empty() && listed != self.state.controllers {
+            self.state.controllers = listed;
             self.state_changed = true;
         }
         if asg.controllers != self.controllers {

@@ -863,9 +863,10 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
         assignment_pending: None,
         cfg,
     };
+    // The configured controllers and those the cluster listed last (the state file).
     let initial: Vec<(u64, String)> = rt
-        .cfg
-        .controllers
+        .engine
+        .controllers()
         .iter()
         .map(|c| (c.id, c.address.clone()))
         .collect();
