@@ -106,6 +106,10 @@ pub struct Lab {
     pub tick_ms: u64,
     /// The admin identity's files, reloaded when they change (certificate rotation).
     admin_tls: Arc<tls::TlsReloader>,
+    /// Controllers started from now on join these cgroup v2 directories (by
+    /// id) before they exec, so every socket they open carries the cgroup
+    /// (the netns lab matches controller-to-controller traffic by it).
+    pub cgroups: BTreeMap<u64, PathBuf>,
 }
 
 impl Lab {
@@ -137,6 +141,7 @@ impl Lab {
             controllers: BTreeMap::new(),
             tick_ms: 100,
             admin_tls,
+            cgroups: BTreeMap::new(),
         })
     }
 
@@ -224,16 +229,18 @@ impl Lab {
             .create(true)
             .append(true)
             .open(&c.log)?;
-        let child = Command::new(exe)
-            .arg("--config")
+        let mut cmd = Command::new(exe);
+        cmd.arg("--config")
             .arg(&c.config)
             .env("RUST_LOG", "info,raft=info")
             // Plain text, so tests can grep `key=value` fields.
             .env("NO_COLOR", "1")
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning vipshare-controller")?;
+            .stderr(log);
+        if let Some(dir) = self.cgroups.get(&id) {
+            join_cgroup_before_exec(&mut cmd, dir)?;
+        }
+        let child = cmd.spawn().context("spawning vipshare-controller")?;
         c.child = Some(child);
         Ok(())
     }
@@ -410,6 +417,32 @@ impl Lab {
             .stdin(Stdio::null())
             .output()?)
     }
+}
+
+/// Makes `cmd`'s process move itself into the cgroup v2 directory `dir`
+/// between fork and exec (writing 0 to `cgroup.procs` moves the writer).
+fn join_cgroup_before_exec(cmd: &mut Command, dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let procs = std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())?;
+    // SAFETY: the closure only makes async-signal-safe calls (open, write,
+    // close) on memory allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n != 1 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 impl Drop for Lab {

@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail, ensure, Context};
 use vipshare_core::policy;
 use vipshare_proto::v1::{self as pb, mutate_request::Op};
 
@@ -465,6 +465,105 @@ impl Drop for DoubleWatch {
     }
 }
 
+// ------------------------------------------------------------------ kernel events
+
+/// Every bucket added to a host's owned set, as the kernel reports it
+/// (`nft -j monitor` in the host's namespace), timestamped on arrival: no
+/// sampling gap, so an element that stays a millisecond is seen too.
+pub struct KernelWatch {
+    child: Child,
+    added: Arc<Mutex<Vec<(Instant, u32)>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl KernelWatch {
+    /// Follows `monitor` (an `nft -j monitor` command, line-buffered) and
+    /// returns once it is subscribed: `probe` (which creates and deletes the
+    /// table `probe_table` in the same namespace) has been reported.
+    pub fn start(
+        mut monitor: Command,
+        probe_table: &str,
+        probe: impl Fn() -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
+        let mut child = monitor
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("nft monitor")?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let added: Arc<Mutex<Vec<(Instant, u32)>>> = Arc::default();
+        let subscribed = Arc::new(AtomicBool::new(false));
+        let (a, sub, probe_name) = (added.clone(), subscribed.clone(), probe_table.to_string());
+        let thread = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let now = Instant::now();
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                let add = &v["add"];
+                if add["table"]["name"].as_str() == Some(probe_name.as_str()) {
+                    sub.store(true, Ordering::Relaxed);
+                }
+                let e = &add["element"];
+                if e["table"].as_str() != Some("vipshare") || e["name"].as_str() != Some("owned") {
+                    continue;
+                }
+                for item in e["elem"]["set"].as_array().into_iter().flatten() {
+                    let val = item
+                        .get("elem")
+                        .and_then(|x| x.get("val"))
+                        .or(Some(item))
+                        .and_then(|x| x.as_u64());
+                    if let Some(b) = val {
+                        a.lock().unwrap().push((now, b as u32));
+                    }
+                }
+            }
+        });
+        let mut w = KernelWatch {
+            child,
+            added,
+            thread: Some(thread),
+        };
+        let ready = poll(Duration::from_secs(10), "nft monitor to subscribe", || {
+            if subscribed.load(Ordering::Relaxed) {
+                return Some(Ok(()));
+            }
+            probe().err().map(Err)
+        });
+        match ready {
+            Ok(Ok(())) => Ok(w),
+            Ok(Err(e)) | Err(e) => {
+                w.stop();
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops; every (arrival, bucket) added.
+    pub fn finish(mut self) -> Vec<(Instant, u32)> {
+        self.stop();
+        std::mem::take(&mut *self.added.lock().unwrap())
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for KernelWatch {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 // ------------------------------------------------------------------ busy hosts
 
 /// A background CPU load: `stress-ng --cpu N` at normal priority, the way web
@@ -856,10 +955,24 @@ pub trait HostProvider {
     /// Drop all traffic between `host` and controller `controller`, both ways,
     /// nothing else.
     fn partition_from(&mut self, host: &str, controller: u64) -> anyhow::Result<()>;
+    /// Like `partition_from`, but `host`'s connection attempts to the
+    /// controller fail at once (refused, as by a closed port) instead of
+    /// timing out.
+    fn refuse_from(&mut self, host: &str, controller: u64) -> anyhow::Result<()>;
+    /// Undo `partition_from` or `refuse_from` of `host` and `controller` only.
+    fn heal_from(&mut self, host: &str, controller: u64) -> anyhow::Result<()>;
     /// Undo every partition.
     fn heal(&mut self) -> anyhow::Result<()>;
+    /// Make controller `id` lag: drop all traffic between it and the other
+    /// controllers (raft, both ways), nothing else: agents and `vipsharectl`
+    /// still reach it, and it keeps answering them from its applied state.
+    fn lag_controller(&mut self, id: u64) -> anyhow::Result<()>;
+    /// Undo [`HostProvider::lag_controller`] for `id`.
+    fn heal_controller(&mut self, id: u64) -> anyhow::Result<()>;
     /// The buckets the host's kernel accepts new flows for now (None: no state).
     fn kernel_owned(&self, host: &str) -> Option<BTreeSet<u32>>;
+    /// From now on, every bucket added to the host's kernel set.
+    fn kernel_watch(&self, host: &str) -> anyhow::Result<KernelWatch>;
     /// The client machine.
     fn client(&self) -> Arc<Self::Client>;
 
@@ -944,12 +1057,23 @@ pub fn bucket_map<P: HostProvider>(p: &P) -> anyhow::Result<Vec<String>> {
 /// `vipsharectl status --json`, whatever the cluster's health (exit codes 3-5
 /// report it; the JSON is printed all the same).
 pub fn status<P: HostProvider>(p: &P) -> anyhow::Result<serde_json::Value> {
-    let args = ["status", "--json"];
-    let out = p.ctl().output(&args)?;
+    status_via(&p.ctl(), false)
+}
+
+/// `vipsharectl status --json` through `ctl`; `local`: the first controller's
+/// own view (`--local`, no quorum read), e.g. of a controller cut off from the
+/// others.
+pub fn status_via(ctl: &Ctl, local: bool) -> anyhow::Result<serde_json::Value> {
+    let args: &[&str] = if local {
+        &["status", "--json", "--local"]
+    } else {
+        &["status", "--json"]
+    };
+    let out = ctl.output(args)?;
     if matches!(out.status.code(), Some(3..=5)) && !out.stdout.is_empty() {
         return Ok(serde_json::from_slice(&out.stdout)?);
     }
-    Ok(serde_json::from_str(&ok_stdout(out, &args)?)?)
+    Ok(serde_json::from_str(&ok_stdout(out, args)?)?)
 }
 
 /// The leader, once there is one.
@@ -1278,6 +1402,80 @@ impl Default for LabOptions {
 }
 
 const PARTITION_TABLE: &str = "scenario_partition";
+
+/// One cgroup v2 directory per controller of a netns lab, so that nftables can
+/// tell controller-to-controller traffic from the rest: the controllers, the
+/// test and `vipsharectl` all run in the root namespace, and a connection from
+/// there to a controller's address has that address as its source whoever
+/// opens it, but `socket cgroupv2` matches the cgroup of the sending socket.
+/// The directories go on drop (once the controllers are gone).
+struct ControllerCgroups {
+    dirs: BTreeMap<u64, PathBuf>,
+    /// The same directories as nft names them: relative to /sys/fs/cgroup.
+    nft_paths: BTreeMap<u64, String>,
+    /// Their depth in the cgroup hierarchy (`socket cgroupv2 level`).
+    level: usize,
+}
+
+impl ControllerCgroups {
+    /// `<cgroup2 mount>/<tag>_c<id>` for every id. nft resolves its cgroup
+    /// paths under /sys/fs/cgroup, so the cgroup2 mount must be there (the
+    /// unified hierarchy at /sys/fs/cgroup, or /sys/fs/cgroup/unified on a
+    /// hybrid system).
+    fn create(tag: &str, ids: &[u64]) -> anyhow::Result<Self> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let (root, mount) = mountinfo
+            .lines()
+            .find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                let f: Vec<&str> = left.split(' ').collect();
+                (right.split(' ').next()? == "cgroup2"
+                    && (f.get(4)? == &"/sys/fs/cgroup" || f.get(4)?.starts_with("/sys/fs/cgroup/")))
+                .then(|| (f[3].to_string(), PathBuf::from(f[4])))
+            })
+            .context("no cgroup2 hierarchy mounted under /sys/fs/cgroup")?;
+        let rel = mount
+            .strip_prefix("/sys/fs/cgroup")
+            .expect("under /sys/fs/cgroup")
+            .to_path_buf();
+        let level = root.split('/').filter(|c| !c.is_empty()).count() + 1;
+        let mut c = ControllerCgroups {
+            dirs: BTreeMap::new(),
+            nft_paths: BTreeMap::new(),
+            level,
+        };
+        for &id in ids {
+            let name = format!("{tag}_c{id}");
+            let dir = mount.join(&name);
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => bail!("creating cgroup {}: {e}", dir.display()),
+            }
+            c.dirs.insert(id, dir);
+            c.nft_paths
+                .insert(id, rel.join(&name).to_string_lossy().into_owned());
+        }
+        Ok(c)
+    }
+
+    /// nft's match on sockets of controller `id`'s processes.
+    fn nft_match(&self, id: u64) -> Option<String> {
+        let path = self.nft_paths.get(&id)?;
+        Some(format!("socket cgroupv2 level {} \"{path}\"", self.level))
+    }
+}
+
+impl Drop for ControllerCgroups {
+    fn drop(&mut self) {
+        for dir in self.dirs.values() {
+            // Empty once the controllers have been reaped; give the kernel a moment.
+            let _ = poll(Duration::from_secs(2), "an empty cgroup", || {
+                (std::fs::remove_dir(dir).is_ok() || !dir.exists()).then_some(())
+            });
+        }
+    }
+}
 /// A controller must exit this soon after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -1299,12 +1497,18 @@ pub struct NetnsProvider {
     agents: Vec<AgentProc>,
     servers: Vec<Option<Servers>>,
     pub lab: crate::Lab,
+    /// None where cgroup v2 is not available: no `lag_controller` then.
+    cgroups: Option<ControllerCgroups>,
     pub net: ScenarioNet,
     client: Arc<NetnsClient>,
     pub accepted: Accepted,
     bucket_count: u32,
     seed: u32,
-    partitioned: BTreeSet<usize>,
+    /// Per host index, the controllers it is cut off from, and whether its
+    /// connections to them are refused (`refuse_from`) or silently dropped.
+    partitioned: BTreeMap<usize, BTreeMap<u64, bool>>,
+    /// Controllers cut off from the others (`lag_controller`).
+    lagging: BTreeSet<u64>,
     rt: tokio::runtime::Runtime,
 }
 
@@ -1321,7 +1525,14 @@ impl NetnsProvider {
             .enable_all()
             .build()?;
         let net = ScenarioNet::new(o.hosts, o.sources)?;
+        // Before the lab: dropped after its controllers.
+        let cgroups = ControllerCgroups::create(&net.tag, &[1, 2, 3])
+            .map_err(|e| eprintln!("no controller cgroups, so no lag_controller: {e:#}"))
+            .ok();
         let mut lab = crate::Lab::new(&format!("10.{}.0", net.k), 3)?;
+        if let Some(c) = &cgroups {
+            lab.cgroups = c.dirs.clone();
+        }
         lab.start_founders(3)?;
         rt.block_on(lab.wait_leader(Duration::from_secs(30)))?;
         let seed = 0x5343_454eu32;
@@ -1381,12 +1592,14 @@ impl NetnsProvider {
             agents: Vec::new(),
             servers: Vec::new(),
             lab,
+            cgroups,
             net,
             client,
             accepted,
             bucket_count: o.buckets,
             seed,
-            partitioned: BTreeSet::new(),
+            partitioned: BTreeMap::new(),
+            lagging: BTreeSet::new(),
             rt,
         };
         for i in 0..o.hosts {
@@ -1450,6 +1663,112 @@ impl NetnsProvider {
             .unwrap_or_default()
     }
 
+    /// Makes host `i`'s partition table drop exactly the traffic to and from
+    /// the controllers in `self.partitioned[i]` (none: no table), in one
+    /// `nft -f` transaction in the host's namespace.
+    fn sync_partition(&mut self, i: usize) -> anyhow::Result<()> {
+        let cut = self.partitioned.get(&i).cloned().unwrap_or_default();
+        if cut.is_empty() {
+            self.partitioned.remove(&i);
+        }
+        let t = PARTITION_TABLE;
+        let mut script = format!("table ip {t}\ndelete table ip {t}\n");
+        if !cut.is_empty() {
+            let ip = |c: &u64| self.net.controller_ip(*c).to_string();
+            let all: Vec<String> = cut.keys().map(ip).collect();
+            let refused: Vec<String> = cut
+                .iter()
+                .filter(|(_, r)| **r)
+                .map(|(c, _)| ip(c))
+                .collect();
+            let mut out = String::new();
+            if !refused.is_empty() {
+                // A local reset: the agent's connects fail at once.
+                out.push_str(&format!(
+                    "ip daddr {{ {} }} meta l4proto tcp reject with tcp reset; ",
+                    refused.join(", ")
+                ));
+            }
+            let all = all.join(", ");
+            script.push_str(&format!(
+                "table ip {t} {{\n\
+                 chain in {{ type filter hook input priority -300; ip saddr {{ {all} }} drop; }}\n\
+                 chain out {{ type filter hook output priority -300; {out}ip daddr {{ {all} }} drop; }}\n}}\n"
+            ));
+        }
+        let file = self
+            .lab
+            .root
+            .path()
+            .join(format!("partition-h{}.nft", i + 1));
+        std::fs::write(&file, &script)?;
+        self.net.hosts[i]
+            .exec("nft", &["-f", &file.to_string_lossy()])
+            .with_context(|| format!("nft script:\n{script}"))?;
+        Ok(())
+    }
+
+    /// The root namespace's nftables table of `lag_controller`.
+    fn lag_table(&self) -> String {
+        format!("{}_lag", self.net.tag)
+    }
+
+    /// Makes the lag table say exactly `self.lagging`: in the root namespace's
+    /// output hook, a packet to a controller's API port is dropped when it
+    /// comes from a lagging controller's socket and goes to another
+    /// controller, or from another controller's socket to a lagging one. Every
+    /// connection between two controllers has its client in one of them and
+    /// its server in the other, so neither way gets through; agents (host
+    /// namespaces) and `vipsharectl` (not in a controller's cgroup) are not
+    /// matched. One `nft -f` transaction.
+    fn sync_lag_rules(&self) -> anyhow::Result<()> {
+        let table = self.lag_table();
+        let mut script = format!("table ip {table}\ndelete table ip {table}\n");
+        if !self.lagging.is_empty() {
+            let cg = self.cgroups.as_ref().context(
+                "no controller cgroups (cgroup v2 under /sys/fs/cgroup): \
+                 controller-to-controller traffic cannot be told apart",
+            )?;
+            let addr = |id: u64| -> anyhow::Result<SocketAddrV4> {
+                self.lab
+                    .address(id)
+                    .parse()
+                    .with_context(|| format!("controller {id}'s address"))
+            };
+            script.push_str(&format!(
+                "table ip {table} {{\n chain out {{\n  type filter hook output priority -300; policy accept;\n"
+            ));
+            let ids = self.controllers();
+            for &l in &self.lagging {
+                let la = addr(l)?;
+                for &o in ids.iter().filter(|&&o| o != l) {
+                    let oa = addr(o)?;
+                    for (from, to) in [(l, oa), (o, la)] {
+                        let m = cg
+                            .nft_match(from)
+                            .with_context(|| format!("no cgroup for controller {from}"))?;
+                        script.push_str(&format!(
+                            "  {m} ip daddr {} tcp dport {} counter drop\n",
+                            to.ip(),
+                            to.port()
+                        ));
+                    }
+                }
+            }
+            script.push_str(" }\n}\n");
+        }
+        let file = self.lab.root.path().join("lag.nft");
+        std::fs::write(&file, &script)?;
+        sh("nft", &["-f", &file.to_string_lossy()])
+            .with_context(|| format!("nft script:\n{script}"))?;
+        Ok(())
+    }
+
+    /// The lag table's rules with their counters (`nft list table`).
+    pub fn lag_rules(&self) -> String {
+        sh("nft", &["list", "table", "ip", &self.lag_table()]).unwrap_or_default()
+    }
+
     /// Runs a future on the provider's runtime (for [`crate::Lab`]'s async API).
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.rt.block_on(f)
@@ -1490,6 +1809,7 @@ impl HostProvider for NetnsProvider {
     fn revive(&mut self, host: &str) -> anyhow::Result<()> {
         let i = self.index(host)?;
         assert!(!self.agents[i].is_running(), "{host} was not crashed");
+        // The namespace goes, and its rules with it.
         self.partitioned.remove(&i);
         self.net.reboot_host(i)?;
         // A boot clears /run: no state of the previous agent.
@@ -1520,64 +1840,66 @@ impl HostProvider for NetnsProvider {
 
     fn partition_from(&mut self, host: &str, controller: u64) -> anyhow::Result<()> {
         let i = self.index(host)?;
-        let ns = &self.net.hosts[i];
-        let c = self.net.controller_ip(controller).to_string();
-        if self.partitioned.insert(i) {
-            ns.exec("nft", &["add", "table", "ip", PARTITION_TABLE])?;
-            for (chain, hook) in [("in", "input"), ("out", "output")] {
-                ns.exec(
-                    "nft",
-                    &[
-                        "add",
-                        "chain",
-                        "ip",
-                        PARTITION_TABLE,
-                        chain,
-                        &format!("{{ type filter hook {hook} priority -300; }}"),
-                    ],
-                )?;
-            }
+        self.partitioned
+            .entry(i)
+            .or_default()
+            .insert(controller, false);
+        self.sync_partition(i)
+    }
+
+    fn refuse_from(&mut self, host: &str, controller: u64) -> anyhow::Result<()> {
+        let i = self.index(host)?;
+        self.partitioned
+            .entry(i)
+            .or_default()
+            .insert(controller, true);
+        self.sync_partition(i)
+    }
+
+    fn heal_from(&mut self, host: &str, controller: u64) -> anyhow::Result<()> {
+        let i = self.index(host)?;
+        if let Some(cut) = self.partitioned.get_mut(&i) {
+            cut.remove(&controller);
         }
-        ns.exec(
-            "nft",
-            &[
-                "add",
-                "rule",
-                "ip",
-                PARTITION_TABLE,
-                "in",
-                "ip",
-                "saddr",
-                &c,
-                "drop",
-            ],
-        )?;
-        ns.exec(
-            "nft",
-            &[
-                "add",
-                "rule",
-                "ip",
-                PARTITION_TABLE,
-                "out",
-                "ip",
-                "daddr",
-                &c,
-                "drop",
-            ],
-        )?;
-        Ok(())
+        self.sync_partition(i)
     }
 
     fn heal(&mut self) -> anyhow::Result<()> {
-        for i in std::mem::take(&mut self.partitioned) {
-            self.net.hosts[i].exec("nft", &["delete", "table", "ip", PARTITION_TABLE])?;
+        let hosts: Vec<usize> = self.partitioned.keys().copied().collect();
+        self.partitioned.clear();
+        for i in hosts {
+            self.sync_partition(i)?;
         }
         Ok(())
+    }
+
+    fn lag_controller(&mut self, id: u64) -> anyhow::Result<()> {
+        ensure!(self.controllers().contains(&id), "no controller {id}");
+        self.lagging.insert(id);
+        self.sync_lag_rules()
+    }
+
+    fn heal_controller(&mut self, id: u64) -> anyhow::Result<()> {
+        self.lagging.remove(&id);
+        self.sync_lag_rules()
     }
 
     fn kernel_owned(&self, host: &str) -> Option<BTreeSet<u32>> {
         owned_set(&self.net.hosts[self.index(host).ok()?])
+    }
+
+    fn kernel_watch(&self, host: &str) -> anyhow::Result<KernelWatch> {
+        let ns = &self.net.hosts[self.index(host)?];
+        let mut monitor = Command::new("ip");
+        monitor.args([
+            "netns", "exec", &ns.name, "stdbuf", "-oL", "nft", "-j", "monitor",
+        ]);
+        const PROBE: &str = "scenario_kernel_watch_probe";
+        KernelWatch::start(monitor, PROBE, || {
+            ns.exec("nft", &["add", "table", "ip", PROBE])?;
+            ns.exec("nft", &["delete", "table", "ip", PROBE])?;
+            Ok(())
+        })
     }
 
     fn client(&self) -> Arc<NetnsClient> {
@@ -1652,5 +1974,9 @@ impl HostProvider for NetnsProvider {
 impl Drop for NetnsProvider {
     fn drop(&mut self) {
         let _ = self.heal();
+        if !self.lagging.is_empty() {
+            self.lagging.clear();
+            let _ = self.sync_lag_rules();
+        }
     }
 }

@@ -12,13 +12,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use vipshare_integration::scenario::{
-    bucket_map, check_predicted, judge, members, members_via, pick_sources, poll,
-    sources_by_bucket, status, wait_converged, wait_leader, wait_rejoined, ClientSide, DoubleWatch,
-    HostProvider, LabOptions, LoadGen, LongLived, MapWatch, NetnsProvider,
+    bucket_map, check_predicted, judge, members, members_via, parse_bucket_map, pick_sources, poll,
+    sources_by_bucket, status, status_via, wait_converged, wait_leader, wait_rejoined, ClientSide,
+    Ctl, DoubleWatch, HostProvider, LabOptions, LoadGen, LongLived, MapWatch, NetnsProvider,
 };
 
 type R = anyhow::Result<()>;
@@ -1310,5 +1312,521 @@ fn oversubscribed_cpus_steady_state_and_crashes() {
             "failover p99 {p99:?} with the CPUs oversubscribed, bound {BUSY_FAILOVER_BOUND:?}"
         );
         Ok(())
+    });
+}
+
+// ------------------------------------------------------------------ 10. restart after a drain, a controller lagging
+
+/// How long the restarted agent is watched while the controller still lags,
+/// counted from its first heartbeat acked after the restart.
+const LAGGING_WINDOW: Duration = Duration::from_secs(4);
+/// Restarts of the drained host's agent while the controller lags: each one
+/// more chance for stale grants to meet a lease (an agent without floors
+/// installed them in 4 of 5 single restarts).
+const RESTARTS: usize = 3;
+
+/// What the controllers said at one moment (see the lagging-controller scenario).
+struct Seen {
+    at: Instant,
+    lagging_applied: Option<u64>,
+    fresh_ack_ms: Option<u64>,
+    lagging_ack_ms: Option<u64>,
+}
+
+/// How long ago the first controller of `ctl` last acked `host`, in its own
+/// view (`members --local`: no quorum read, so a cut-off controller answers).
+fn local_ack_ms(ctl: &Ctl, host: &str) -> Option<u64> {
+    let j = ctl.run(&["members", "--json", "--local"]).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&j).ok()?;
+    v["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"].as_str() == Some(host))?["last_ack_ms_ago"]
+        .as_u64()
+}
+
+/// Controller `id`'s applied index in a `status --json` answer.
+fn applied_of(s: &serde_json::Value, id: u64) -> Option<u64> {
+    s["controllers"]
+        .as_array()?
+        .iter()
+        .find(|c| c["id"].as_u64() == Some(id))?["applied_index"]
+        .as_u64()
+}
+
+/// Issue 10: a host is drained while one controller lags (its traffic to and
+/// from the other controllers is dropped, so its applied state still has the
+/// host owning all its buckets, and it keeps streaming that to the host's
+/// agent, which still reaches it). Once the buckets are released and
+/// transferred, the host's agent is SIGKILLed and started at once, three
+/// times, while the controller still lags: it never installs a bucket it
+/// released, since the floors it persisted before confirming the releases
+/// refuse the stale grants.
+///
+/// Left alone, a restarted agent gets the fresh assignment within
+/// milliseconds of the stale one and before any lease (which needs an
+/// up-to-date controller's ack, and that controller's stream shares the
+/// connection and was opened first), so the floors would never be put to the
+/// test. Hence the host starts cut off from the controllers that keep up
+/// (connections refused): the agent takes the lagging controller's grants
+/// (asserted from its log), and when one of the others comes back just after
+/// refusing its assignment stream, that stream waits out its backoff while
+/// the heartbeats get through: acks from it and from the lagging controller
+/// make a lease while the newest grants the agent holds are the stale ones.
+/// An agent without floors installs all of them then (for a millisecond or
+/// two, until the fresh assignment arrives; whether the heartbeat or the
+/// stream gets through first after the return is a race, which the heartbeat
+/// won in 4 of 5 single restarts, hence three). The host is back in well under
+/// the controllers' promise, so it is not fenced (asserted: a new epoch would
+/// drop the stale grants for another reason).
+///
+/// Checked in the host's kernel: every element added to its set from the
+/// transfer on (`nft monitor`, no sampling gap), and its set sampled every
+/// 50 ms; from the client side: no source answered by two hosts (UDP rounds
+/// from every source), every TCP probe answered by the bucket's owner, none
+/// sent after the transfer by the drained host. The lag is checked, not
+/// assumed: the lagging controller's applied index stays below the drain's
+/// index throughout while the others apply the drain and the transfer, and
+/// its own map still gives the host its buckets.
+fn restart_after_drain_with_a_lagging_controller<P: HostProvider>(
+    p: &mut P,
+    host: &str,
+    lag_rules: impl Fn(&P) -> String,
+    agent_log: impl Fn(&P, &str) -> String,
+) -> R {
+    let hosts = names(p);
+    let m0 = wait_converged(p, &refs(&hosts), CONVERGE)?;
+    let mine: BTreeSet<u32> = (0..m0.len() as u32)
+        .filter(|&b| m0[b as usize] == host)
+        .collect();
+    let leader = wait_leader(p, Duration::from_secs(10))?;
+    // A follower, the last one: vipsharectl tries the controllers in order.
+    let lagging = p
+        .controllers()
+        .into_iter()
+        .filter(|&c| c != leader)
+        .max()
+        .context("no follower")?;
+    // Reads through the controllers that keep up, and the lagging one's own view.
+    let mut fresh = p.ctl();
+    fresh.controllers = p
+        .controllers()
+        .into_iter()
+        .filter(|&c| c != lagging)
+        .map(|c| p.controller_address(c))
+        .collect();
+    let mut at_lagging = p.ctl();
+    at_lagging.controllers = vec![p.controller_address(lagging)];
+    let lagging_applied =
+        || -> Option<u64> { status_via(&at_lagging, true).ok()?["applied_index"].as_u64() };
+
+    let double = DoubleWatch::start(&p.client(), p.client().sources());
+    let watch = MapWatch::start(fresh.clone());
+    let sources = pick_sources(p, &m0, &[], 2);
+    let load = LoadGen::start(&p.client(), sources.clone(), EVERY, PROBE_TIMEOUT);
+    warm_up(&load, sources.len())?;
+
+    let epoch_before = members_via(&fresh)?[host].epoch;
+    let t0 = Instant::now();
+    p.lag_controller(lagging)?;
+    let lag_from = poll(
+        Duration::from_secs(10),
+        "the lagging controller's index",
+        &lagging_applied,
+    )?;
+    let out = fresh.run(&["drain", host])?;
+    let drain_index: u64 = out
+        .trim()
+        .strip_prefix("ok: applied at index ")
+        .and_then(|i| i.parse().ok())
+        .with_context(|| format!("drain said {out:?}"))?;
+    let drained = Instant::now();
+    // Released (withdrawn from the host's kernel, confirmed) and transferred,
+    // as the controllers that keep up see it.
+    poll(
+        CONVERGE,
+        "the drained host's buckets on other hosts",
+        || {
+            let m = parse_bucket_map(&fresh.run(&["buckets", "--json"]).ok()?).ok()?;
+            let held = p.kernel_owned(host).unwrap_or_default();
+            (mine
+                .iter()
+                .all(|&b| !m[b as usize].is_empty() && m[b as usize] != host)
+                && held.is_disjoint(&mine))
+            .then_some(m)
+        },
+    )?;
+    let moved = Instant::now();
+    // Every bucket added to the host's kernel set from now on.
+    let kernel_watch = p.kernel_watch(host)?;
+    let fresh_status = status_via(&fresh, false)?;
+    let transfer_index = fresh_status["applied_index"].as_u64().context("applied")?;
+    let lag_at_move = lagging_applied().context("the lagging controller's status")?;
+    let stale_map = parse_bucket_map(&at_lagging.run(&["buckets", "--json", "--local"])?)?;
+    let stale: BTreeSet<u32> = mine
+        .iter()
+        .copied()
+        .filter(|&b| stale_map[b as usize] == host)
+        .collect();
+    ensure!(
+        lag_at_move < drain_index && stale == mine,
+        "controller {lagging} did not lag: applied index {lag_at_move} (drain at {drain_index}, \
+         transfer applied by {transfer_index} elsewhere); its own map gives {host} {} of its {} \
+         buckets; nothing below proves anything\nlag rules: {}",
+        stale.len(),
+        mine.len(),
+        lag_rules(p)
+    );
+
+    // The restarts, while the controller still lags (see the doc above): each
+    // with the host cut off from the controllers that keep up until its agent
+    // holds the lagging controller's grants and `first_fresh` has refused its
+    // assignment stream once; then `first_fresh` comes back (the stream waits
+    // out its backoff while the heartbeats get through), and once the agent
+    // has fresh grants every controller does. Each restart is one more chance
+    // for stale grants to meet a lease.
+    let fresh_ids: Vec<u64> = p
+        .controllers()
+        .into_iter()
+        .filter(|&c| c != lagging)
+        .collect();
+    let first_fresh = fresh_ids[0];
+    let count = |log: &str, what: &str| log.matches(what).count();
+    let stale_taken = format!("assignment controller={lagging} ");
+    let refused = format!("watch refused controller={first_fresh} ");
+    let mut reinstalled: Vec<String> = Vec::new();
+    let mut overlaps: Vec<String> = Vec::new();
+    // The host's set on every call; every host's (overlaps) when `all`.
+    let mut sample = |p: &P, phase: &str, all: bool| {
+        let sets: Vec<(String, Option<BTreeSet<u32>>)> = hosts
+            .iter()
+            .filter(|h| all || *h == host)
+            .map(|h| (h.clone(), p.kernel_owned(h)))
+            .collect();
+        let at = t0.elapsed();
+        for (i, (a, sa)) in sets.iter().enumerate() {
+            let sa = sa.clone().unwrap_or_default();
+            if a == host {
+                let back: Vec<&u32> = sa.intersection(&mine).collect();
+                if !back.is_empty() {
+                    reinstalled.push(format!("{phase} +{at:?}: {host}'s kernel holds {back:?}"));
+                }
+            }
+            for (b, sb) in &sets[i + 1..] {
+                let both: Vec<&u32> = sb
+                    .as_ref()
+                    .map(|sb| sa.intersection(sb).collect())
+                    .unwrap_or_default();
+                if !both.is_empty() {
+                    overlaps.push(format!("{phase} +{at:?}: {a} and {b} both hold {both:?}"));
+                }
+            }
+        }
+    };
+    // The controllers' side, read in the background so that the kernel
+    // sampling keeps its 50 ms pace: the lagging controller's applied index,
+    // and how long ago each side last acked the host.
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let observer = {
+        let (fresh, at_lagging, host) = (fresh.clone(), at_lagging.clone(), host.to_string());
+        let (stop, seen) = (stop.clone(), seen.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let lagging_applied = status_via(&at_lagging, true)
+                    .ok()
+                    .and_then(|s| s["applied_index"].as_u64());
+                let fresh_ack_ms = members_via(&fresh).ok().map(|m| m[&host].last_ack_ms_ago);
+                let lagging_ack_ms = local_ack_ms(&at_lagging, &host);
+                seen.lock().unwrap().push(Seen {
+                    at: Instant::now(),
+                    lagging_applied,
+                    fresh_ack_ms,
+                    lagging_ack_ms,
+                });
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let first_restart = Instant::now();
+    let mut rounds: Vec<String> = Vec::new();
+    let mut lagging_samples = 0usize;
+    let mut next = Instant::now();
+    let mut all_at = next;
+    let mut heard_last = first_restart;
+    let mut taken: Vec<String> = Vec::new();
+    for round in 1..=RESTARTS {
+        let starts_before = count(&agent_log(p, host), "agent started");
+        for &c in &fresh_ids {
+            p.refuse_from(host, c)?;
+        }
+        p.kill_agent(host)?;
+        p.restart_agent(host)?;
+        let restarted = Instant::now();
+        // The restarted agent's log lines (its log file is appended to), once
+        // it has started.
+        let since_restart = |p: &P| -> Option<String> {
+            let log = agent_log(p, host);
+            (count(&log, "agent started") > starts_before)
+                .then(|| {
+                    log.rsplit_once("agent started")
+                        .map(|(_, after)| after.to_string())
+                })
+                .flatten()
+        };
+        // Heard: a heartbeat acked after the restart by the lagging
+        // controller and by the others.
+        let acked_since = |ms: Option<u64>, at: Instant| {
+            ms.is_some_and(|ms| Duration::from_millis(ms) < at - restarted)
+        };
+        let window = if round == RESTARTS {
+            LAGGING_WINDOW
+        } else {
+            Duration::from_secs(1)
+        };
+        let (mut reopened, mut fresh_taken, mut heard) = (None, None, None::<Instant>);
+        let (mut refusals_seen, mut took_stale) = (0, false);
+        while heard.is_none_or(|h| h.elapsed() < window) {
+            ensure!(
+                restarted.elapsed() < Duration::from_secs(60),
+                "restart {round} of {host}'s agent: no progress within 60 s (took the lagging \
+                 controller's grants: {took_stale}, {refusals_seen} refused streams from \
+                 {first_fresh}, reopened after {:?}, fresh grants taken after {:?}, heard after {:?})",
+                reopened.map(|t: Instant| t - restarted),
+                fresh_taken.map(|t: Instant| t - restarted),
+                heard.map(|t| t - restarted),
+            );
+            // Every host's set (overlaps) every 200 ms.
+            let all = Instant::now() >= all_at;
+            if all {
+                all_at += Duration::from_millis(200);
+            }
+            sample(p, &format!("restart {round}"), all);
+            lagging_samples += 1;
+            if fresh_taken.is_none() {
+                if let Some(log) = since_restart(p) {
+                    took_stale |= count(&log, &stale_taken) > 0;
+                    let n = count(&log, &refused);
+                    if reopened.is_none() && took_stale && n > refusals_seen {
+                        p.heal_from(host, first_fresh)?;
+                        reopened = Some(Instant::now());
+                    }
+                    refusals_seen = n;
+                    let fresh_lines: usize = fresh_ids
+                        .iter()
+                        .map(|c| count(&log, &format!("assignment controller={c} ")))
+                        .sum();
+                    if reopened.is_some() && fresh_lines > 0 {
+                        fresh_taken = Some(Instant::now());
+                        p.heal()?;
+                        taken = log
+                            .lines()
+                            .filter(|l| l.contains(" assignment controller="))
+                            .take(4)
+                            .map(str::to_string)
+                            .collect();
+                    }
+                }
+            }
+            if let (Some(f), None) = (fresh_taken, heard) {
+                heard = seen
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|s| {
+                        s.at > f
+                            && acked_since(s.fresh_ack_ms, s.at)
+                            && acked_since(s.lagging_ack_ms, s.at)
+                    })
+                    .map(|s| s.at);
+            }
+            next += Duration::from_millis(50);
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        let (reopened, fresh_taken, heard) = (
+            reopened.expect("set"),
+            fresh_taken.expect("set"),
+            heard.expect("set"),
+        );
+        rounds.push(format!(
+            "restart {round} at +{:?}: took the lagging controller's grants, {first_fresh} back \
+             after {:?}, fresh grants {:?} later, heard by every controller after {:?}",
+            restarted - t0,
+            reopened - restarted,
+            fresh_taken - reopened,
+            heard - restarted
+        ));
+        heard_last = heard;
+    }
+    let lag_window = first_restart.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let _ = observer.join();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    let lag_reads: Vec<u64> = seen.iter().filter_map(|s| s.lagging_applied).collect();
+    let lag_max = lag_reads.iter().copied().max().unwrap_or(u64::MAX);
+    // The lagging controller kept acking the last restarted agent.
+    let lagging_acks = seen
+        .iter()
+        .filter(|s| s.at >= heard_last && s.lagging_ack_ms.is_some_and(|ms| ms < 1000))
+        .count();
+    let reads_after_heard = seen.iter().filter(|s| s.at >= heard_last).count();
+
+    let rules = lag_rules(p);
+    p.heal_controller(lagging)?;
+    let healed = Instant::now();
+    wait_rejoined(p, lagging, Duration::from_secs(30))?;
+    let rejoined = healed.elapsed();
+    let caught_up = applied_of(&status(p)?, lagging).unwrap_or(0);
+    let after = Instant::now();
+    while after.elapsed() < Duration::from_secs(1) {
+        sample(p, "healed", true);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let end_set = p.kernel_owned(host).unwrap_or_default();
+    let added = kernel_watch.finish();
+    let added_back: Vec<String> = added
+        .iter()
+        .filter(|(_, b)| mine.contains(b))
+        .map(|(t, b)| format!("bucket {b} at +{:?}", *t - t0))
+        .collect();
+    let epoch_after = members_via(&fresh)?[host].epoch;
+
+    let probes = load.finish();
+    let history = watch.finish();
+    let (doubles, rounds_udp) = double.finish();
+    let report = judge(&probes, &history, |s| p.bucket_of(s), SLACK, |_, _| false);
+    // Client side, after the transfer: the drained host answers nothing, and
+    // no source is answered by two hosts.
+    let from_host: Vec<String> = probes
+        .iter()
+        .filter(|pr| pr.sent >= moved && pr.answer() == Some(host))
+        .map(|pr| {
+            format!(
+                "{} (bucket {}) sent at +{:?}",
+                pr.src,
+                p.bucket_of(pr.src),
+                pr.sent - t0
+            )
+        })
+        .collect();
+    let mut answerers: BTreeMap<Ipv4Addr, BTreeSet<String>> = BTreeMap::new();
+    for pr in probes.iter().filter(|pr| pr.sent >= moved) {
+        if let Some(h) = pr.answer() {
+            answerers.entry(pr.src).or_default().insert(h.to_string());
+        }
+    }
+    let two: Vec<String> = answerers
+        .iter()
+        .filter(|(_, hs)| hs.len() > 1)
+        .map(|(s, hs)| format!("{s}: {hs:?}"))
+        .collect();
+    let mapped_back: Vec<String> = history
+        .samples
+        .iter()
+        .filter(|(t, _)| *t >= moved)
+        .flat_map(|(t, m)| {
+            mine.iter()
+                .filter(|&&b| m[b as usize] == host)
+                .map(move |b| format!("bucket {b} at +{:?}", *t - t0))
+        })
+        .collect();
+    let answered_mine_after = probes
+        .iter()
+        .filter(|pr| pr.sent >= first_restart && mine.contains(&p.bucket_of(pr.src)))
+        .filter(|pr| pr.answer().is_some())
+        .count();
+    eprintln!(
+        "[lagging] controller {lagging} cut off from the others (leader {leader}) at index {lag_from}; \
+         drain of {host} at index {drain_index}, its {} buckets released and transferred after {:?} \
+         (index {transfer_index} on the others); controller {lagging} stayed at {lag_at_move}..={lag_max} \
+         ({} reads) with its map still giving {host} all of them; {host}'s agent SIGKILLed and \
+         started {RESTARTS} times, each time cut off from the others at first:\n  {}\n\
+         the lagging one acked the last one in {lagging_acks} of {reads_after_heard} reads since; \
+         watched {lag_window:?} while lagging: {lagging_samples} kernel samples, {} with a \
+         released bucket, {} overlaps in all; {} buckets added to its kernel set since the \
+         transfer, {} of them released ones; healed: rejoined after {rejoined:?} at index \
+         {caught_up}; client: {rounds_udp} UDP rounds, {} doubles; {answered_mine_after} \
+         connections to the released buckets answered after the first restart, {} by {host}; {}",
+        mine.len(),
+        moved - drained,
+        lag_reads.len(),
+        rounds.join("\n  "),
+        reinstalled.len(),
+        overlaps.len(),
+        added.len(),
+        added_back.len(),
+        doubles.len(),
+        from_host.len(),
+        report.summary()
+    );
+    eprintln!(
+        "[lagging] the lag rules before the heal:\n{rules}\n[lagging] assignments {host}'s agent \
+         took after the restart:\n{}",
+        taken.join("\n")
+    );
+    ensure!(
+        !lag_reads.is_empty() && lag_max < drain_index,
+        "controller {lagging} did not lag during the restart: it applied up to {lag_max} \
+         ({} reads), the drain was at {drain_index}; the test proves nothing then",
+        lag_reads.len()
+    );
+    ensure!(
+        epoch_after == epoch_before,
+        "{host} was fenced (epoch {epoch_before} -> {epoch_after}): its agent dropped the stale \
+         grants on the new epoch, so its floors were not what kept them out; the cut-off outlasted \
+         the controllers' promise"
+    );
+    ensure!(
+        lagging_acks > 0,
+        "the lagging controller {lagging} did not ack the restarted agent of {host} during the \
+         window ({reads_after_heard} reads): it may not have reached it"
+    );
+    ensure!(
+        added_back.is_empty() && reinstalled.is_empty(),
+        "{host} installed buckets it had released: added to its kernel set {added_back:#?}; \
+         seen in it {reinstalled:#?}"
+    );
+    ensure!(overlaps.is_empty(), "kernel sets overlapped: {overlaps:#?}");
+    ensure!(
+        end_set.is_disjoint(&mine),
+        "{host} holds {end_set:?} at the end"
+    );
+    ensure!(doubles.is_empty(), "two hosts answered: {doubles:#?}");
+    ensure!(two.is_empty(), "sources answered by two hosts: {two:#?}");
+    ensure!(
+        from_host.is_empty(),
+        "{host} answered after its buckets had moved: {from_host:#?}"
+    );
+    ensure!(
+        mapped_back.is_empty(),
+        "{host} was given buckets back: {mapped_back:?}"
+    );
+    ensure!(
+        answered_mine_after > 0,
+        "no probe to the released buckets was answered after the restart"
+    );
+    report.assert_clean("connections across the drain, the restart and the heal");
+    Ok(())
+}
+
+#[test]
+fn agent_restarted_after_a_drain_never_installs_a_released_bucket_from_a_lagging_controller() {
+    // A 5 s lease (L_c about 5.2 s): the host's cut-off from the controllers
+    // that keep up (about 2 s: 1 s to the first refused stream, 1 s until a
+    // heartbeat gets through after the return) must not get it fenced, which
+    // would make the agent drop the stale grants for another reason than its
+    // floors.
+    let mut p = lab(LabOptions {
+        sources: 600,
+        lease_ms: Some(5000),
+        ..Default::default()
+    });
+    run("restart after a drain, lagging controller", &mut p, |p| {
+        restart_after_drain_with_a_lagging_controller(
+            p,
+            "h2",
+            NetnsProvider::lag_rules,
+            NetnsProvider::agent_log,
+        )
     });
 }
