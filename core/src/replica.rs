@@ -615,20 +615,7 @@ mod tests {
     fn ticks_to_leader(rs: &mut [Replica<NullDurable>], ticks: usize) -> Option<usize> {
         for t in 0..ticks {
             rs.iter_mut().for_each(|r| r.tick());
-            loop {
-                let mut sent = Vec::new();
-                for r in rs.iter_mut() {
-                    sent.extend(r.handle_ready().expect("ready").messages);
-                }
-                if sent.is_empty() {
-                    break;
-                }
-                for m in sent {
-                    if let Some(to) = rs.iter_mut().find(|r| r.id() == m.to) {
-                        let _ = to.step(m);
-                    }
-                }
-            }
+            settle(rs);
             if rs.iter().any(|r| r.is_leader()) {
                 return Some(t);
             }

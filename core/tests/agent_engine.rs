@@ -25,8 +25,8 @@ fn assignment(index: u64, epoch: u64, owned: &[(u32, u64)], release: &[(u32, u64
     }
 }
 
-fn reply(controller: u64, round: u64, acked: bool, epoch: u64) -> Event {
-    Event::Reply(Reply {
+fn answer(controller: u64, round: u64, acked: bool, epoch: u64) -> Reply {
+    Reply {
         controller,
         round,
         acked,
@@ -34,6 +34,18 @@ fn reply(controller: u64, round: u64, acked: bool, epoch: u64) -> Event {
         leader: 1,
         lease_ms: if acked { 500 } else { 0 },
         stale_assignment: false,
+    }
+}
+
+fn reply(controller: u64, round: u64, acked: bool, epoch: u64) -> Event {
+    Event::Reply(answer(controller, round, acked, epoch))
+}
+
+/// A refusal at epoch 1 (`stale`: of a stale assignment, not for good).
+fn refusal(controller: u64, round: u64, stale: bool) -> Event {
+    Event::Reply(Reply {
+        stale_assignment: stale,
+        ..answer(controller, round, false, 1)
     })
 }
 
@@ -215,20 +227,7 @@ fn refused_for_good_by_a_majority_it_goes_silent() {
     give(&mut e, 0, assignment(10, 1, &[(1, 1)], &[]));
     let r = round(&mut e, 0);
     // Follower 2 refuses: one refusal of three is not final.
-    let mut rep = |c: u64| {
-        e.step(
-            1,
-            Event::Reply(Reply {
-                controller: c,
-                round: r,
-                acked: false,
-                member_epoch: 1,
-                leader: 1,
-                lease_ms: 0,
-                stale_assignment: false,
-            }),
-        )
-    };
+    let mut rep = |c: u64| e.step(1, refusal(c, r, false));
     rep(2);
     rep(3);
     assert!(e.silent_until().is_some());
@@ -276,18 +275,7 @@ fn a_stale_assignment_refusal_is_not_for_good_and_heartbeats_say_the_index() {
         .expect("a heartbeat");
     assert_eq!(index, 10, "the assignment it acts on");
     for c in [1, 2, 3] {
-        e.step(
-            6,
-            Event::Reply(Reply {
-                controller: c,
-                round: r,
-                acked: false,
-                member_epoch: 1,
-                leader: 1,
-                lease_ms: 0,
-                stale_assignment: true,
-            }),
-        );
+        e.step(6, refusal(c, r, true));
     }
     assert!(!e.lease_valid(7));
     assert_eq!(e.silent_until(), None, "it waits for a newer assignment");
