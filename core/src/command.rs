@@ -73,7 +73,7 @@ pub enum Command {
         vip: Vip,
     },
     RemoveVip {
-        address: String,
+        address: std::net::IpAddr,
     },
     AddMember {
         name: String,

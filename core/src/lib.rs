@@ -8,6 +8,7 @@
 //! - [`state`]: the replicated state machine (settings, members, bucket owners).
 //! - [`history`]: every ownership change and its reason, replicated with the state.
 //! - [`lease`]: quorum-lease arithmetic for agents and controllers.
+//! - [`net`]: the typed addresses: a VIP and its MAC.
 //! - [`fence`]: the leader's two-phase fence round.
 //! - [`heartbeat`]: a controller's answer to an agent's heartbeat.
 //! - [`damping`]: flap-damping penalties.
@@ -23,6 +24,7 @@ pub mod fence;
 pub mod heartbeat;
 pub mod history;
 pub mod lease;
+pub mod net;
 pub mod ownership;
 pub mod policy;
 pub mod replica;

@@ -11,13 +11,7 @@ use crate::command::{Command, OwnerChange};
 use crate::damping::{Damping, Penalty};
 use crate::lease::LeaseTiming;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Vip {
-    pub address: String,
-    pub prefix_len: u8,
-    /// Multicast MAC answered in ARP for this VIP.
-    pub mac: String,
-}
+pub use crate::net::Vip;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settings {
@@ -143,9 +137,9 @@ pub enum ApplyError {
     #[error("invalid settings: {0}")]
     InvalidSettings(String),
     #[error("VIP {0} already exists")]
-    VipExists(String),
+    VipExists(std::net::IpAddr),
     #[error("no VIP {0}")]
-    NoSuchVip(String),
+    NoSuchVip(std::net::IpAddr),
     #[error("member {0} already exists")]
     MemberExists(String),
     #[error("no member named {0}")]

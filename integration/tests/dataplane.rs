@@ -588,7 +588,7 @@ mod direct {
 
     use super::*;
     use vipshare_agent::dataplane::linux::{LinuxConfig, LinuxDataPlane, OsExecutor};
-    use vipshare_agent::dataplane::{Affinity, BucketFn, DataPlane, Desired, VipConfig};
+    use vipshare_agent::dataplane::{Affinity, BucketFn, DataPlane, Desired, Mac, VipConfig};
     use vipshare_integration::netns::{NetLab, Netns, Servers, PORT};
 
     type Plane = LinuxDataPlane<OsExecutor>;
@@ -598,7 +598,7 @@ mod direct {
             vips: vec![VipConfig {
                 addr: net.vip(),
                 prefix_len: 32,
-                mac: [0x01, 0x00, 0x5e, 0x7f, 0x00, net.k],
+                mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x00, net.k]),
                 interface: "eth0".into(),
             }],
             bucket_count: 4,

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use vipshare_agent::dataplane::linux::{LinuxConfig, LinuxDataPlane};
-use vipshare_agent::dataplane::{Affinity, BucketFn, DataPlane, Desired, Problem, VipConfig};
+use vipshare_agent::dataplane::{Affinity, BucketFn, DataPlane, Desired, Mac, Problem, VipConfig};
 use vipshare_integration::netns::NetLab;
 
 #[test]
@@ -23,7 +23,7 @@ fn health_names_what_keeps_the_host_from_serving() {
         vips: vec![VipConfig {
             addr: vip,
             prefix_len: 32,
-            mac: [0x01, 0x00, 0x5e, 0x7f, 0x04, 0x01],
+            mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x04, 0x01]),
             interface: interface.into(),
         }],
         bucket_count: 8,

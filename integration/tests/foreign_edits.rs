@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use vipshare_agent::dataplane::linux::watch::{ForeignEdit, Watcher};
 use vipshare_agent::dataplane::linux::{LinuxConfig, LinuxDataPlane};
-use vipshare_agent::dataplane::{Affinity, BucketFn, DataPlane, Desired, VipConfig};
+use vipshare_agent::dataplane::{Affinity, BucketFn, DataPlane, Desired, Mac, VipConfig};
 use vipshare_integration::netns::{owned_set, NetLab};
 
 /// The restore goal of the issue, from the notification to the filter being
@@ -32,7 +32,7 @@ fn foreign_edits_are_reported_and_repaired() {
         vips: vec![VipConfig {
             addr: net.vip(),
             prefix_len: 32,
-            mac: [0x01, 0x00, 0x5e, 0x7f, 0x03, net.k],
+            mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x03, net.k]),
             interface: "eth0".into(),
         }],
         bucket_count: 16,

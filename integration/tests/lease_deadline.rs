@@ -15,7 +15,7 @@ use vipshare_agent::dataplane::linux::{
     Executor, LinuxConfig, LinuxDataPlane, OsExecutor, Present, Step,
 };
 use vipshare_agent::dataplane::{
-    Affinity, BucketFn, DataPlane, DataPlaneError, Desired, VipConfig,
+    Affinity, BucketFn, DataPlane, DataPlaneError, Desired, Mac, VipConfig,
 };
 use vipshare_integration::netns::{NetLab, Netns};
 
@@ -44,7 +44,7 @@ fn desired(net: &NetLab, until: Instant) -> Desired {
         vips: vec![VipConfig {
             addr: net.vip(),
             prefix_len: 32,
-            mac: [0x01, 0x00, 0x5e, 0x7f, 0x02, net.k],
+            mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x02, net.k]),
             interface: "eth0".into(),
         }],
         bucket_count: 8,

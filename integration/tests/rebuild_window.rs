@@ -19,7 +19,7 @@ use vipshare_agent::dataplane::linux::{
     Executor, LinuxConfig, LinuxDataPlane, OsExecutor, Present, Step,
 };
 use vipshare_agent::dataplane::{
-    Affinity, BucketFn, DataPlane, DataPlaneError, Desired, VipConfig,
+    Affinity, BucketFn, DataPlane, DataPlaneError, Desired, Mac, VipConfig,
 };
 use vipshare_integration::netns::{NetLab, Netns, PORT};
 
@@ -324,7 +324,7 @@ fn full_rebuilds_never_answer_a_foreign_bucket() {
         vips: vec![VipConfig {
             addr: vip,
             prefix_len: 32,
-            mac: [0x01, 0x00, 0x5e, 0x7f, 0x01, 0x10],
+            mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x01, 0x10]),
             interface: "eth0".into(),
         }],
         bucket_count: BUCKETS,

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use vipshare_agent::dataplane::freebsd::{self, FreeBsdConfig, IpfwBuckets};
-use vipshare_agent::dataplane::{linux, Desired, VipConfig};
+use vipshare_agent::dataplane::{linux, Desired, Mac, VipConfig};
 use vipshare_core::bucket::{
     bucket_of, hash_key, jhash_bytes, reciprocal_scale, Affinity, BucketFn,
 };
@@ -202,7 +202,7 @@ fn linux_and_freebsd_plans_accept_the_same_sources() {
             vips: vec![VipConfig {
                 addr: Ipv4Addr::new(192, 0, 2, 10),
                 prefix_len: 32,
-                mac: [0x01, 0x00, 0x5e, 0x56, 0x53, 0x01],
+                mac: Mac([0x01, 0x00, 0x5e, 0x56, 0x53, 0x01]),
                 interface: "eth0".into(),
             }],
             bucket_count: 256,

@@ -22,7 +22,7 @@ use vipshare_agent::dataplane::freebsd::{
     FreeBsdConfig, FreeBsdDataPlane, Installed, IpfwBuckets, SharedAddress, Step,
 };
 use vipshare_agent::dataplane::{
-    Affinity, BucketFn, DataPlane, DataPlaneError, Desired, LeaseEnforcement, VipConfig,
+    Affinity, BucketFn, DataPlane, DataPlaneError, Desired, LeaseEnforcement, Mac, VipConfig,
 };
 use vipshare_core::bucket::bucket_of;
 
@@ -30,7 +30,7 @@ fn vip(last: u8, mac_last: u8) -> VipConfig {
     VipConfig {
         addr: Ipv4Addr::new(192, 0, 2, last),
         prefix_len: 32,
-        mac: [0x01, 0x00, 0x5e, 0x56, 0x53, mac_last],
+        mac: Mac([0x01, 0x00, 0x5e, 0x56, 0x53, mac_last]),
         interface: "vtnet0".into(),
     }
 }
@@ -224,7 +224,7 @@ fn rejects_what_ipfw_cannot_do() {
         .to_string();
     assert!(err.contains("jhash bucket function"), "{err}");
     let mut odd_mac = desired(0..8);
-    odd_mac.vips[0].mac = [0x03, 0xbf, 0, 0, 0, 1];
+    odd_mac.vips[0].mac = Mac([0x03, 0xbf, 0, 0, 0, 1]);
     assert!(matches!(
         plan_apply(&cfg, None, &odd_mac, t0()),
         Err(DataPlaneError::Unsupported(_))

@@ -21,14 +21,14 @@ use vipshare_agent::dataplane::linux::{
     RecordingExecutor, Step,
 };
 use vipshare_agent::dataplane::{
-    Affinity, BucketFn, DataPlane, Desired, LeaseEnforcement, VipConfig,
+    Affinity, BucketFn, DataPlane, Desired, LeaseEnforcement, Mac, VipConfig,
 };
 
 fn vip(last: u8) -> VipConfig {
     VipConfig {
         addr: Ipv4Addr::new(192, 0, 2, last),
         prefix_len: 32,
-        mac: [0x01, 0x00, 0x5e, 0x00, 0x02, last],
+        mac: Mac([0x01, 0x00, 0x5e, 0x00, 0x02, last]),
         interface: "eth0".into(),
     }
 }

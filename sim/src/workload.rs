@@ -13,6 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use vipshare_core::bucket::{Affinity, BucketFn};
 use vipshare_core::command::{Command, OwnerChange};
 use vipshare_core::lease::LeaseTiming;
+use vipshare_core::net::Mac;
 use vipshare_core::state::{Settings, Vip};
 
 const MEMBERS: [&str; 6] = ["h0", "h1", "h2", "h3", "h4", "h5"];
@@ -165,9 +166,10 @@ fn weight(rng: &mut ChaCha8Rng) -> u32 {
 }
 
 fn vip(i: u32) -> Vip {
+    let last = 10 + i as u8;
     Vip {
-        address: format!("192.0.2.{}", 10 + i),
+        address: std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, last)),
         prefix_len: 24,
-        mac: format!("01:00:5e:00:00:{:02x}", 10 + i),
+        mac: Mac([0x01, 0x00, 0x5e, 0, 0, last]),
     }
 }

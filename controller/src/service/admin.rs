@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use vipshare_core::command::Command;
 use vipshare_core::damping::Damping;
 use vipshare_core::lease::LeaseTiming;
+use vipshare_core::net::Mac;
 use vipshare_core::replica::ControllerChange;
 use vipshare_core::state::{MemberState, Settings, Vip};
 use vipshare_proto::pki::Role;
@@ -404,7 +405,11 @@ fn to_action(op: Op) -> Result<Action, Status> {
                     .ok_or_else(|| Status::invalid_argument("add_vip needs a vip"))?,
             )?,
         },
-        Op::RemoveVip(r) => Command::RemoveVip { address: r.address },
+        Op::RemoveVip(r) => Command::RemoveVip {
+            address: r.address.parse().map_err(|_| {
+                Status::invalid_argument(format!("VIP {:?} is not an IP address", r.address))
+            })?,
+        },
         Op::AddMember(a) => Command::AddMember {
             name: member_name(a.name)?,
             weight: a.weight,
@@ -502,39 +507,22 @@ fn vip_from_pb(v: pb::Vip) -> Result<Vip, Status> {
         )));
     }
     let mac = if v.mac.is_empty() {
-        default_mac(&addr)
+        Mac::for_vip(addr)
     } else {
-        v.mac.to_ascii_lowercase()
+        v.mac
+            .parse::<Mac>()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
     };
-    let octets: Vec<_> = mac.split(':').collect();
-    let multicast = octets.len() == 6
-        && octets
-            .iter()
-            .all(|o| o.len() == 2 && u8::from_str_radix(o, 16).is_ok())
-        && u8::from_str_radix(octets[0], 16).is_ok_and(|b| b & 1 == 1);
-    if !multicast {
+    if !mac.is_multicast() {
         return Err(Status::invalid_argument(format!(
-            "MAC {mac:?} must be a multicast MAC like 01:00:5e:7f:00:0a"
+            "MAC {mac} must be a multicast MAC like 01:00:5e:7f:00:0a"
         )));
     }
     Ok(Vip {
-        address: addr.to_string(),
+        address: addr,
         prefix_len: prefix_len as u8,
         mac,
     })
-}
-
-/// 01:00:5e plus the low 23 bits of the address, the mapping of an IPv4 multicast
-/// group, so IGMP snooping switches can be told about it.
-fn default_mac(addr: &std::net::IpAddr) -> String {
-    let b = match addr {
-        std::net::IpAddr::V4(a) => a.octets(),
-        std::net::IpAddr::V6(a) => {
-            let o = a.octets();
-            [o[12], o[13], o[14], o[15]]
-        }
-    };
-    format!("01:00:5e:{:02x}:{:02x}:{:02x}", b[1] & 0x7f, b[2], b[3])
 }
 
 #[allow(clippy::result_large_err)]
@@ -591,9 +579,9 @@ pub fn settings_to_pb(s: &Settings) -> pb::ClusterSettings {
             .vips
             .iter()
             .map(|v| pb::Vip {
-                address: v.address.clone(),
+                address: v.address.to_string(),
                 prefix_len: u32::from(v.prefix_len),
-                mac: v.mac.clone(),
+                mac: v.mac.to_string(),
             })
             .collect(),
         bucket_count: s.bucket_count,
@@ -640,7 +628,22 @@ mod tests {
                 mac: mac.into(),
             })
         };
-        assert_eq!(v("192.0.2.10", "").unwrap().mac, "01:00:5e:00:02:0a");
+        assert_eq!(
+            v("192.0.2.10", "").unwrap().mac.to_string(),
+            "01:00:5e:00:02:0a"
+        );
+        assert_eq!(
+            v("192.0.2.10", "01-00-5E-7F-00-0A")
+                .unwrap()
+                .mac
+                .to_string(),
+            "01:00:5e:7f:00:0a",
+            "either separator and case, stored one way"
+        );
+        assert!(v("192.0.2.10", "01:00:5e:7f:00")
+            .unwrap_err()
+            .message()
+            .contains("\"01:00:5e:7f:00\" is not a MAC address"));
         assert!(v("192.0.2.300", "")
             .unwrap_err()
             .message()

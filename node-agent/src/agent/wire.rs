@@ -8,13 +8,14 @@ use std::net::{IpAddr, Ipv4Addr};
 use vipshare_core::agent::{Assignment, Controller, Reply};
 use vipshare_core::bucket::{self, Affinity, BucketFn};
 use vipshare_core::lease::LeaseTiming;
+use vipshare_core::net::Mac;
 use vipshare_proto::v1 as pb;
 
 /// Cluster settings as the data plane needs them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// (address, prefix length, MAC)
-    pub vips: Vec<(Ipv4Addr, u8, [u8; 6])>,
+    pub vips: Vec<(Ipv4Addr, u8, Mac)>,
     /// VIPs this agent cannot serve, each with the reason: the others are
     /// served (one VIP never freezes the rest); reported, not applied.
     pub unserved: Vec<String>,
@@ -23,10 +24,6 @@ pub struct Settings {
     pub affinity: Affinity,
     pub seed: u32,
     pub timing: LeaseTiming,
-}
-
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    crate::dataplane::linux::exec::parse_mac(s).filter(|m| m[0] & 1 == 1)
 }
 
 fn timing(t: Option<&pb::LeaseTiming>) -> Result<LeaseTiming, String> {
@@ -93,7 +90,11 @@ pub fn validate(
                 if prefix > 32 {
                     return Err(format!("VIP {addr}: prefix length {prefix}"));
                 }
-                let mac = parse_mac(&v.mac)
+                let mac = v
+                    .mac
+                    .parse::<Mac>()
+                    .ok()
+                    .filter(Mac::is_multicast)
                     .ok_or_else(|| format!("VIP {addr}: {:?} is not a multicast MAC", v.mac))?;
                 vips.push((addr, prefix as u8, mac));
             }

@@ -32,6 +32,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 pub use vipshare_core::bucket::{Affinity, BucketFn};
+pub use vipshare_core::net::Mac;
 
 pub mod freebsd;
 pub mod linux;
@@ -45,7 +46,7 @@ pub struct VipConfig {
     /// the subnet).
     pub prefix_len: u8,
     /// The cluster's multicast MAC that ARP publishes for `addr`.
-    pub mac: [u8; 6],
+    pub mac: Mac,
     /// Interface carrying the VIP (e.g. `vtnet0`, `eth0`).
     pub interface: String,
 }
@@ -111,11 +112,10 @@ impl Desired {
                     vip.addr, vip.interface
                 )));
             }
-            if vip.mac[0] & 1 == 0 {
+            if !vip.mac.is_multicast() {
                 return Err(DataPlaneError::InvalidDesired(format!(
                     "VIP {}: MAC {} is not a multicast MAC",
-                    vip.addr,
-                    format_mac(&vip.mac)
+                    vip.addr, vip.mac
                 )));
             }
             if !seen.insert(vip.addr) {
@@ -311,32 +311,12 @@ impl<S: Clone + fmt::Display> RecordingExecutor<S> {
     }
 }
 
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    let parts: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
-    parts.join(":")
-}
-
-/// The IPv4 multicast group whose Ethernet mapping (RFC 1112) is `mac`, taken in
-/// the administratively scoped 239/8 range; `None` when `mac` is not in
-/// `01:00:5e:00:00:00`-`01:00:5e:7f:ff:ff`. Joining that group makes the NIC
-/// accept frames to `mac` and tells IGMP-snooping switches to forward them.
-pub fn igmp_group_for_mac(mac: &[u8; 6]) -> Option<Ipv4Addr> {
-    if mac[0] == 0x01 && mac[1] == 0x00 && mac[2] == 0x5e && mac[3] & 0x80 == 0 {
-        Some(Ipv4Addr::new(239, mac[3], mac[4], mac[5]))
-    } else {
-        None
-    }
-}
-
 impl fmt::Display for VipConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "{}/{} on {} mac {}",
-            self.addr,
-            self.prefix_len,
-            self.interface,
-            format_mac(&self.mac)
+            self.addr, self.prefix_len, self.interface, self.mac
         )
     }
 }
@@ -350,7 +330,7 @@ mod tests {
             vips: vec![VipConfig {
                 addr: Ipv4Addr::new(192, 0, 2, 10),
                 prefix_len: 32,
-                mac: [0x01, 0x00, 0x5e, 0x0a, 0x0b, 0x0c],
+                mac: Mac([0x01, 0x00, 0x5e, 0x0a, 0x0b, 0x0c]),
                 interface: "vtnet0".into(),
             }],
             bucket_count: 256,
@@ -372,7 +352,7 @@ mod tests {
         d.bucket_count = 100;
         assert!(d.validate().is_err());
         let mut d = desired();
-        d.vips[0].mac = [0x02, 0, 0, 0, 0, 1];
+        d.vips[0].mac = Mac([0x02, 0, 0, 0, 0, 1]);
         assert!(d.validate().is_err());
         let mut d = desired();
         d.vips[0].interface = "em0; rm -rf /".into();
@@ -413,15 +393,5 @@ mod tests {
             ]
             .into()
         );
-    }
-
-    #[test]
-    fn group_for_mac() {
-        assert_eq!(
-            igmp_group_for_mac(&[0x01, 0x00, 0x5e, 0x0a, 0x0b, 0x0c]),
-            Some(Ipv4Addr::new(239, 10, 11, 12))
-        );
-        assert_eq!(igmp_group_for_mac(&[0x01, 0x00, 0x5e, 0x80, 0, 1]), None);
-        assert_eq!(igmp_group_for_mac(&[0x03, 0xbf, 0, 0, 0, 1]), None);
     }
 }

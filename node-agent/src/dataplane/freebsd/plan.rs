@@ -34,9 +34,7 @@ use std::time::{Duration, Instant};
 
 use super::masks::{compress, Cube};
 use super::{FreeBsdConfig, IpfwBuckets, SharedAddress};
-use crate::dataplane::{
-    format_mac, igmp_group_for_mac, Affinity, BucketFn, DataPlaneError, Desired, VipConfig,
-};
+use crate::dataplane::{Affinity, BucketFn, DataPlaneError, Desired, VipConfig};
 
 /// Offset of the owned-bucket rules from `rule_base`.
 pub const OWNED_OFFSET: u32 = 100;
@@ -482,7 +480,7 @@ fn add_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
         cfg.arp.as_str(),
         "-S",
         &vip.addr.to_string(),
-        &format_mac(&vip.mac),
+        &vip.mac.to_string(),
         "pub",
     ]);
     let mut steps = if cfg.address == SharedAddress::Flag {
@@ -497,7 +495,7 @@ fn add_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
     } else {
         carp_init_vip(cfg, vip, publish)
     };
-    if let Some(group) = igmp_group_for_mac(&vip.mac) {
+    if let Some(group) = vip.mac.igmp_group() {
         steps.push(Step::JoinGroup {
             group,
             via: vip.addr,
@@ -535,7 +533,7 @@ fn carp_init_vip(cfg: &FreeBsdConfig, vip: &VipConfig, publish: Step) -> Vec<Ste
 
 fn remove_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
     let mut steps = Vec::new();
-    if let Some(group) = igmp_group_for_mac(&vip.mac) {
+    if let Some(group) = vip.mac.igmp_group() {
         steps.push(Step::LeaveGroup {
             group,
             via: vip.addr,
@@ -603,12 +601,11 @@ pub fn plan_apply(
     desired.validate()?;
     cfg.validate()?;
     for vip in &desired.vips {
-        if igmp_group_for_mac(&vip.mac).is_none() {
+        if vip.mac.igmp_group().is_none() {
             return Err(DataPlaneError::Unsupported(format!(
                 "VIP {}: MAC {} has no IPv4 multicast group mapping to it, so FreeBSD \
                  cannot be told to receive it; use a MAC in 01:00:5e:00:00:00-01:00:5e:7f:ff:ff",
-                vip.addr,
-                format_mac(&vip.mac)
+                vip.addr, vip.mac
             )));
         }
     }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::libnft::Nft;
 use super::plan::{NftBatch, Present, Step};
 use super::LinuxConfig;
-use crate::dataplane::{format_mac, DataPlaneError, Interface, VipConfig};
+use crate::dataplane::{DataPlaneError, Interface, Mac, VipConfig};
 
 /// Runs plan steps. `started` is when the apply began: element timeouts are
 /// rendered relative to it.
@@ -183,12 +183,9 @@ impl OsExecutor {
     fn add_address(&mut self, vip: &VipConfig) -> Result<(), DataPlaneError> {
         let (interface, addr, prefix_len) = (vip.interface.as_str(), vip.addr, vip.prefix_len);
         let have = self.addresses(interface)?;
-        self.state.vips.insert((
-            interface.to_string(),
-            addr,
-            prefix_len,
-            format_mac(&vip.mac),
-        ));
+        self.state
+            .vips
+            .insert((interface.to_string(), addr, prefix_len, vip.mac.to_string()));
         self.save()?;
         if have.contains(&(addr, prefix_len)) {
             return Ok(());
@@ -407,14 +404,14 @@ impl Executor for OsExecutor {
             Step::AddAddress(v) => self.add_address(v),
             Step::DelAddress(v) => self.del_address(&v.interface, v.addr, v.prefix_len),
             Step::AddMaddr { interface, mac } => {
-                let m = format_mac(mac);
+                let m = mac.to_string();
                 if !self.has_static_maddr(interface, &m)? {
                     run(&self.ip, &["maddr", "add", &m, "dev", interface], None)?;
                 }
                 Ok(())
             }
             Step::DelMaddr { interface, mac } => {
-                let m = format_mac(mac);
+                let m = mac.to_string();
                 if self.has_static_maddr(interface, &m).unwrap_or(false) {
                     run(&self.ip, &["maddr", "del", &m, "dev", interface], None)?;
                 }
@@ -479,20 +476,11 @@ impl Executor for OsExecutor {
             .map(|(interface, addr, prefix_len, mac)| VipConfig {
                 addr: *addr,
                 prefix_len: *prefix_len,
-                mac: parse_mac(mac).unwrap_or([1, 0, 0, 0, 0, 0]),
+                mac: mac.parse().unwrap_or(Mac([1, 0, 0, 0, 0, 0])),
                 interface: interface.clone(),
             })
             .collect()
     }
-}
-
-/// `01:00:5e:0a:0b:0c` to bytes.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let parts: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16).ok())
-        .collect::<Option<_>>()?;
-    parts.try_into().ok()
 }
 
 /// Records the steps instead of running them (tests, dry runs).

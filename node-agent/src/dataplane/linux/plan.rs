@@ -42,9 +42,7 @@ use std::time::{Duration, Instant};
 use vipshare_core::bucket::{nft_hash_expr, IpFamily};
 
 use super::LinuxConfig;
-use crate::dataplane::{
-    format_mac, igmp_group_for_mac, Affinity, BucketFn, DataPlaneError, Desired, VipConfig,
-};
+use crate::dataplane::{Affinity, BucketFn, DataPlaneError, Desired, Mac, VipConfig};
 
 /// The verdicts counted per VIP, in the order of the counter names.
 pub const VERDICTS: [&str; 4] = ["accepted", "not_owned", "invalid", "reset"];
@@ -68,11 +66,11 @@ pub enum Step {
     /// `ip maddr add MAC dev IF`: receive frames to the MAC on filtering NICs.
     AddMaddr {
         interface: String,
-        mac: [u8; 6],
+        mac: Mac,
     },
     DelMaddr {
         interface: String,
-        mac: [u8; 6],
+        mac: Mac,
     },
     /// IGMP membership of the 239/8 group that maps to the MAC (a socket held
     /// by the executor), for IGMP-snooping switches.
@@ -246,10 +244,10 @@ impl fmt::Display for Step {
                 v.addr, v.prefix_len, v.interface
             ),
             Step::AddMaddr { interface, mac } => {
-                write!(f, "ip maddr add {} dev {interface}", format_mac(mac))
+                write!(f, "ip maddr add {mac} dev {interface}")
             }
             Step::DelMaddr { interface, mac } => {
-                write!(f, "ip maddr del {} dev {interface}", format_mac(mac))
+                write!(f, "ip maddr del {mac} dev {interface}")
             }
             Step::JoinGroup { interface, group } => write!(f, "igmp join {group} on {interface}"),
             Step::LeaveGroup { interface, group } => {
@@ -367,8 +365,7 @@ fn key(base: &Base) -> Result<Key, DataPlaneError> {
 fn arp_rewrite(vip: &VipConfig) -> String {
     format!(
         "arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp saddr ip {} arp saddr ether set {}",
-        vip.addr,
-        format_mac(&vip.mac)
+        vip.addr, vip.mac
     )
 }
 
@@ -659,7 +656,7 @@ fn addr_steps(base: &Base, add: bool) -> Vec<Step> {
 }
 
 /// (interface, MAC) pairs the VIPs need to receive, deduplicated.
-fn macs(base: &Base) -> BTreeSet<(String, [u8; 6])> {
+fn macs(base: &Base) -> BTreeSet<(String, Mac)> {
     base.vips
         .iter()
         .map(|v| (v.interface.clone(), v.mac))
@@ -669,7 +666,7 @@ fn macs(base: &Base) -> BTreeSet<(String, [u8; 6])> {
 fn groups(base: &Base) -> BTreeSet<(String, Ipv4Addr)> {
     base.vips
         .iter()
-        .filter_map(|v| igmp_group_for_mac(&v.mac).map(|g| (v.interface.clone(), g)))
+        .filter_map(|v| v.mac.igmp_group().map(|g| (v.interface.clone(), g)))
         .collect()
 }
 
