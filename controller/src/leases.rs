@@ -93,13 +93,19 @@ impl Leases {
         &self,
         state: &ClusterState,
         voter: bool,
-        member: &str,
-        epoch: u64,
-        assignment_index: Option<u64>,
+        hb: &heartbeat::Heartbeat,
     ) -> heartbeat::Answer {
         let now = self.now_ms();
-        let p = &mut self.lock();
-        heartbeat::answer(p, now, state, voter, member, epoch, assignment_index)
+        heartbeat::answer(&mut self.lock(), now, state, voter, hb)
+    }
+
+    /// What `member`'s agent last reported keeps it from serving, and for how
+    /// many milliseconds it has reported problems.
+    pub fn health(&self, member: &str) -> (Vec<String>, u64) {
+        let now = self.now_ms();
+        let p = self.lock();
+        let (problems, since) = p.health(now, member);
+        (problems.to_vec(), since)
     }
 
     /// Milliseconds since this controller last acked `member`.

@@ -139,6 +139,9 @@ pub struct Promises {
     /// restarts (the controller persists it), or a restarted controller could ack
     /// a fenced epoch again.
     fenced: BTreeMap<String, u64>,
+    /// Per member, since when (this controller's clock) its agent has reported
+    /// problems, and the last ones it reported; absent while it serves.
+    unhealthy: BTreeMap<String, (u64, Vec<String>)>,
     faults: PromiseFaults,
 }
 
@@ -198,6 +201,7 @@ impl Promises {
             last_ack: BTreeMap::new(),
             promised: BTreeMap::new(),
             start_promise: now + timing.controller_promise_ms(),
+            unhealthy: BTreeMap::new(),
             faults: PromiseFaults::default(),
             acked_since: BTreeMap::new(),
             fenced,
@@ -255,6 +259,29 @@ impl Promises {
         *t = (*t).max(now);
         self.promise(member, now);
         Ok(())
+    }
+
+    /// Record what `member`'s agent says keeps it from serving (empty: it serves).
+    pub fn report_health(&mut self, now: u64, member: &str, problems: &[String]) {
+        if problems.is_empty() {
+            self.unhealthy.remove(member);
+        } else {
+            let e = self
+                .unhealthy
+                .entry(member.to_string())
+                .or_insert((now, Vec::new()));
+            e.1 = problems.to_vec();
+        }
+    }
+
+    /// What keeps `member` from serving, as its agent last reported (empty:
+    /// nothing), and for how long it has been reporting problems.
+    pub fn health(&self, now: u64, member: &str) -> (&[String], u64) {
+        self.unhealthy
+            .get(member)
+            .map_or((&[][..], 0), |(since, p)| {
+                (p.as_slice(), now.saturating_sub(*since))
+            })
     }
 
     /// How long `member` has been acked without a gap of a lease, or None if it is
@@ -326,6 +353,7 @@ impl Promises {
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.last_ack.retain(|m, _| keep(m));
         self.promised.retain(|m, _| keep(m));
+        self.unhealthy.retain(|m, _| keep(m));
         self.acked_since.retain(|m, _| keep(m));
         self.fenced.retain(|m, _| keep(m));
     }

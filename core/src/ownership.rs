@@ -42,6 +42,10 @@ pub struct PlannerConfig {
     /// When more than half of the members go silent at once, fence at most one
     /// member per this interval: suspect the network or the controllers first.
     pub mass_failure_interval_ms: u64,
+    /// A member whose agent reports that its data plane cannot serve gets no
+    /// bucket at once, and its buckets move away once it has reported so for
+    /// this long (a failed apply that the next one repairs moves nothing).
+    pub unhealthy_grace_ms: u64,
 }
 
 impl Default for PlannerConfig {
@@ -51,6 +55,7 @@ impl Default for PlannerConfig {
             max_releases_in_flight: 64,
             release_timeout_ms: 5_000,
             mass_failure_interval_ms: 5_000,
+            unhealthy_grace_ms: 2_000,
         }
     }
 }
@@ -126,8 +131,9 @@ impl Planner {
         }
     }
 
-    /// Which members may take buckets now: assignable in the replicated state and
-    /// heard from (by this leader) within one lease.
+    /// Which members may take buckets now: assignable in the replicated state,
+    /// heard from (by this leader) within one lease, and not reporting that
+    /// their data plane cannot serve.
     pub fn eligible(state: &ClusterState, promises: &Promises, now: u64) -> Vec<PolicyMember> {
         let lease = promises.timing().lease_ms;
         state
@@ -135,7 +141,9 @@ impl Planner {
             .iter()
             .map(|(name, m)| {
                 let live = now < promises.last_ack(name) + lease;
-                PolicyMember::new(name.clone(), m.weight, m.assignable() && !m.evicted && live)
+                let serves = promises.health(now, name).0.is_empty();
+                let ok = m.assignable() && !m.evicted && live && serves;
+                PolicyMember::new(name.clone(), m.weight, ok)
             })
             .collect()
     }
@@ -344,6 +352,10 @@ impl Planner {
             if b.releasing || t.as_ref() == Some(owner) || !owner_live {
                 continue;
             }
+            let (problems, unhealthy_for) = promises.health(now, owner);
+            if !problems.is_empty() && unhealthy_for < self.cfg.unhealthy_grace_ms {
+                continue;
+            }
             if self.due(format!("release:{i}:{}", b.epoch), now) {
                 releases.entry(owner.clone()).or_default().push(i as u32);
                 room -= 1;
@@ -507,6 +519,44 @@ pub(crate) mod tests {
         step(&mut p, &mut s, &pr, 200);
         assert_eq!(s.owned_by("b").count(), 16);
         assert!(s.buckets.iter().all(|b| !b.releasing));
+    }
+
+    #[test]
+    fn a_member_that_cannot_serve_gets_nothing_and_loses_its_buckets_after_a_grace() {
+        let mut s = cluster(&["a", "b"]);
+        let mut pr = Promises::new(LeaseTiming::default(), 0, BTreeMap::new());
+        let mut p = Planner::new(PlannerConfig::default());
+        let broken = vec!["interface nosuch0 missing".to_string()];
+        heartbeat_all(&mut pr, &s, 0, &[]);
+        pr.report_health(0, "b", &broken);
+        step(&mut p, &mut s, &pr, 0);
+        assert_eq!(s.owned_by("a").count(), 16, "nothing granted to b");
+        // b is repaired and takes half; then it breaks again.
+        pr.report_health(100, "b", &[]);
+        heartbeat_all(&mut pr, &s, 100, &[]);
+        step(&mut p, &mut s, &pr, 100);
+        let releasing = |s: &ClusterState| s.buckets.iter().filter(|b| b.releasing).count();
+        assert_eq!(releasing(&s), 8, "a hands half to b");
+        for i in 0..16u32 {
+            if s.buckets[i as usize].releasing {
+                p.released("a", i, s.buckets[i as usize].epoch);
+            }
+        }
+        heartbeat_all(&mut pr, &s, 200, &[]);
+        step(&mut p, &mut s, &pr, 200);
+        assert_eq!(s.owned_by("b").count(), 8);
+        let grace = PlannerConfig::default().unhealthy_grace_ms;
+        pr.report_health(300, "b", &broken);
+        for now in (300..300 + grace).step_by(100) {
+            heartbeat_all(&mut pr, &s, now, &[]);
+            pr.report_health(now, "b", &broken);
+            step(&mut p, &mut s, &pr, now);
+            assert_eq!(releasing(&s), 0, "released at {now}, within the grace");
+        }
+        heartbeat_all(&mut pr, &s, 300 + grace, &[]);
+        step(&mut p, &mut s, &pr, 300 + grace);
+        assert_eq!(releasing(&s), 8, "after the grace b's buckets move away");
+        assert_eq!(pr.health(300 + grace, "b"), (&broken[..], grace));
     }
 
     #[test]

@@ -33,7 +33,9 @@ impl Health {
             Health::Healthy => "healthy",
             Health::NoLeader => "no leader",
             Health::Unowned => "buckets without an owner",
-            Health::UnhealthyMembers => "members down, suppressed or evicted",
+            Health::UnhealthyMembers => {
+                "members down, suppressed, evicted or reporting that they cannot serve"
+            }
         }
     }
 }
@@ -48,7 +50,7 @@ pub fn health(main: &pb::StatusReply, members: &[pb::MemberInfo]) -> Health {
         Health::Unowned
     } else if members
         .iter()
-        .any(|m| UNHEALTHY_STATES.contains(&m.state.as_str()))
+        .any(|m| UNHEALTHY_STATES.contains(&m.state.as_str()) || !m.problems.is_empty())
     {
         Health::UnhealthyMembers
     } else {
@@ -226,7 +228,8 @@ pub async fn members(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
             .map(|m| {
                 json!({"name": m.name, "weight": m.weight, "state": m.state,
                 "epoch": m.epoch, "buckets": m.buckets, "penalty": m.penalty,
-                "returns_in_ms": m.returns_in_ms, "last_ack_ms_ago": m.last_ack_ms_ago})
+                "returns_in_ms": m.returns_in_ms, "last_ack_ms_ago": m.last_ack_ms_ago,
+                "problems": m.problems, "unhealthy_ms": m.unhealthy_ms})
             })
             .collect();
         println!(
@@ -244,8 +247,8 @@ pub async fn members(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
 
 fn print_members(members: &[pb::MemberInfo]) {
     println!(
-        "{:<20} {:<10} {:>6} {:>8} {:>6} {:>8} {:>10}  RETURNS IN",
-        "MEMBER", "STATE", "WEIGHT", "BUCKETS", "EPOCH", "PENALTY", "LAST ACK"
+        "{:<20} {:<10} {:>6} {:>8} {:>6} {:>8} {:>10}  {:<10}  CANNOT SERVE",
+        "MEMBER", "STATE", "WEIGHT", "BUCKETS", "EPOCH", "PENALTY", "LAST ACK", "RETURNS IN"
     );
     for m in members {
         let returns = if m.returns_in_ms > 0 {
@@ -253,8 +256,17 @@ fn print_members(members: &[pb::MemberInfo]) {
         } else {
             "-".into()
         };
+        let problems = if m.problems.is_empty() {
+            "-".into()
+        } else {
+            format!(
+                "{} (for {:.0} s)",
+                m.problems.join(", "),
+                m.unhealthy_ms as f64 / 1e3
+            )
+        };
         println!(
-            "{:<20} {:<10} {:>6} {:>8} {:>6} {:>8.0} {:>8} ms  {returns}",
+            "{:<20} {:<10} {:>6} {:>8} {:>6} {:>8.0} {:>8} ms  {returns:<10}  {problems}",
             m.name, m.state, m.weight, m.buckets, m.epoch, m.penalty, m.last_ack_ms_ago
         );
     }
@@ -285,6 +297,11 @@ mod tests {
             health(&ok, &[member("suppressed")]),
             Health::UnhealthyMembers
         );
+        let broken = pb::MemberInfo {
+            problems: vec!["interface_missing".into()],
+            ..member("active")
+        };
+        assert_eq!(health(&ok, &[broken]), Health::UnhealthyMembers);
         let unowned = pb::StatusReply {
             unowned_buckets: 3,
             ..ok.clone()

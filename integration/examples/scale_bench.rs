@@ -106,6 +106,7 @@ async fn agent(name: String, channels: Vec<Channel>, shared: Arc<Shared>, silent
             let req = pb::HeartbeatRequest {
                 protocol_version: PROTOCOL_VERSION,
                 assignment_index: None,
+                problems: Vec::new(),
                 member: name.clone(),
                 member_epoch: epoch.load(Ordering::Relaxed),
                 round,

@@ -1096,6 +1096,7 @@ fn intruder<P: HostProvider>(p: &mut P) -> R {
                     .heartbeat(pb::HeartbeatRequest {
                         protocol_version: PROTOCOL_VERSION,
                         assignment_index: None,
+                        problems: Vec::new(),
                         member: "h1".into(),
                         member_epoch: epoch,
                         round: 1,

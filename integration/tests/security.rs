@@ -137,6 +137,7 @@ fn heartbeat(member: &str, epoch: u64, round: u64) -> pb::HeartbeatRequest {
     pb::HeartbeatRequest {
         protocol_version: PROTOCOL_VERSION,
         assignment_index: None,
+        problems: Vec::new(),
         member: member.into(),
         member_epoch: epoch,
         round,

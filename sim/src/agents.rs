@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 
 use vipshare_core::agent::{AgentState, Assignment, Engine, Reply};
+use vipshare_core::heartbeat::Heartbeat;
 
 /// Network ids of agents start here (controllers use small ids).
 pub const AGENT_ID_BASE: u64 = 1000;
@@ -176,10 +177,8 @@ impl Kernel {
 #[derive(Debug, Clone)]
 pub enum LeaseMsg {
     Heartbeat {
-        member: String,
-        epoch: u64,
         round: u64,
-        assignment_index: u64,
+        hb: Heartbeat,
     },
     HeartbeatReply(Reply),
     Assignment {
@@ -208,12 +207,9 @@ pub enum LeaseMsg {
 impl LeaseMsg {
     pub fn describe(&self) -> String {
         match self {
-            LeaseMsg::Heartbeat {
-                member,
-                epoch,
-                round,
-                ..
-            } => format!("Heartbeat {member}@{epoch} round {round}"),
+            LeaseMsg::Heartbeat { round, hb } => {
+                format!("Heartbeat {}@{} round {round}", hb.member, hb.epoch)
+            }
             LeaseMsg::HeartbeatReply(r) => format!(
                 "HeartbeatReply n{} round {} acked={} epoch={} leader=n{}",
                 r.controller, r.round, r.acked, r.member_epoch, r.leader

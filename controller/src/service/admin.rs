@@ -65,33 +65,38 @@ fn members_reply(v: &NodeView, leases: &crate::leases::Leases) -> pb::MembersRep
     let members = s
         .members
         .iter()
-        .map(|(name, m)| pb::MemberInfo {
-            name: name.clone(),
-            weight: m.weight,
-            state: if m.suppressed {
-                "suppressed"
-            } else if m.stopped {
-                "stopped"
-            } else if m.down {
-                "down"
-            } else if m.evicted {
-                "evicted"
-            } else {
-                match m.state {
-                    MemberState::Active => "active",
-                    MemberState::Draining => "draining",
+        .map(|(name, m)| {
+            let (problems, unhealthy_ms) = leases.health(name);
+            pb::MemberInfo {
+                name: name.clone(),
+                weight: m.weight,
+                state: if m.suppressed {
+                    "suppressed"
+                } else if m.stopped {
+                    "stopped"
+                } else if m.down {
+                    "down"
+                } else if m.evicted {
+                    "evicted"
+                } else {
+                    match m.state {
+                        MemberState::Active => "active",
+                        MemberState::Draining => "draining",
+                    }
                 }
+                .into(),
+                epoch: m.epoch,
+                buckets: s.owned_by(name).count() as u32,
+                penalty: f64::from(damping.current(m.penalty, wall)),
+                returns_in_ms: if m.suppressed {
+                    damping.time_to_reuse(m.penalty, wall)
+                } else {
+                    0
+                },
+                last_ack_ms_ago: leases.since_ack(name),
+                problems,
+                unhealthy_ms,
             }
-            .into(),
-            epoch: m.epoch,
-            buckets: s.owned_by(name).count() as u32,
-            penalty: f64::from(damping.current(m.penalty, wall)),
-            returns_in_ms: if m.suppressed {
-                damping.time_to_reuse(m.penalty, wall)
-            } else {
-                0
-            },
-            last_ack_ms_ago: leases.since_ack(name),
         })
         .collect();
     pb::MembersReply {

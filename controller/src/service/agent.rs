@@ -6,6 +6,7 @@
 
 use tonic::{Request, Response, Status};
 use vipshare_core::agent::Assignment;
+use vipshare_core::heartbeat::Heartbeat;
 use vipshare_core::lease::Refusal;
 use vipshare_proto::pki::Role;
 use vipshare_proto::v1::agent_api_server::AgentApi;
@@ -68,6 +69,16 @@ fn assignment(v: &NodeView, member: &str) -> pb::Assignment {
     }
 }
 
+/// A heartbeat from the wire as core's answer takes it.
+fn heartbeat_of(hb: &pb::HeartbeatRequest) -> Heartbeat {
+    Heartbeat {
+        member: hb.member.clone(),
+        epoch: hb.member_epoch,
+        assignment_index: hb.assignment_index,
+        problems: hb.problems.clone(),
+    }
+}
+
 type AssignmentStream = super::TaskStream<pb::Assignment>;
 
 #[tonic::async_trait]
@@ -81,13 +92,7 @@ impl AgentApi for AgentService {
         check_version(hb.protocol_version)?;
         let v = self.node.view();
         let voter = v.voters.contains(&v.id);
-        let answer = self.leases.heartbeat(
-            &v.state,
-            voter,
-            &hb.member,
-            hb.member_epoch,
-            hb.assignment_index,
-        );
+        let answer = self.leases.heartbeat(&v.state, voter, &heartbeat_of(&hb));
         crate::metrics::heartbeat(answer.verdict.is_ok());
         let stale_assignment = matches!(answer.verdict, Err(Refusal::StaleAssignment { .. }));
         let (acked, reason) = match answer.verdict {

@@ -183,6 +183,9 @@ struct Runtime {
     withdrawing: Vec<(u32, u64)>,
     /// The kernel needs an apply.
     dirty: bool,
+    /// What keeps the data plane from serving, as last assessed: every
+    /// heartbeat says it, and the leader gives such a member nothing.
+    problems: Vec<String>,
     /// What the last successful apply left accepting, and until when.
     applied_owned: BTreeSet<u32>,
     applied_until: u64,
@@ -386,6 +389,7 @@ impl Runtime {
                 member_epoch: epoch,
                 round,
                 assignment_index: Some(assignment_index),
+                problems: self.problems.clone(),
             };
             tokio::spawn(async move {
                 let result = match tokio::time::timeout(timeout, client.heartbeat(req)).await {
@@ -856,6 +860,7 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
         want_until: 0,
         withdrawing: Vec::new(),
         dirty: true,
+        problems: Vec::new(),
         applied_owned: BTreeSet::new(),
         applied_until: 0,
         draining: None,
@@ -897,6 +902,7 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
                 let health = tokio::task::block_in_place(|| rt.plane.health());
                 if let Some(problems) = &health {
                     metrics::dataplane_health(problems);
+                    rt.problems = problems.iter().map(|p| p.name().to_string()).collect();
                     if health != last_health {
                         let names: Vec<&str> = problems.iter().map(|p| p.name()).collect();
                         if names.is_empty() {

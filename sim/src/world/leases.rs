@@ -791,12 +791,7 @@ impl World {
     ) -> Result<(), Failure> {
         let now = self.now;
         match msg {
-            LeaseMsg::Heartbeat {
-                member,
-                epoch,
-                round,
-                assignment_index,
-            } => {
+            LeaseMsg::Heartbeat { round, hb } => {
                 let Some(r) = self.nodes.get(&id).and_then(Node::replica) else {
                     return Ok(());
                 };
@@ -808,15 +803,7 @@ impl World {
                 };
                 let voter = r.conf_state().voters.contains(&id);
                 let local = c.clock.local(now);
-                let answer = heartbeat::answer(
-                    p,
-                    local,
-                    r.state(),
-                    voter,
-                    &member,
-                    epoch,
-                    Some(assignment_index),
-                );
+                let answer = heartbeat::answer(p, local, r.state(), voter, &hb);
                 let reply = Reply {
                     controller: id,
                     round,
@@ -1226,10 +1213,13 @@ impl World {
                 } => {
                     for c in to {
                         let hb = LeaseMsg::Heartbeat {
-                            member: name.clone(),
-                            epoch,
                             round,
-                            assignment_index,
+                            hb: heartbeat::Heartbeat {
+                                member: name.clone(),
+                                epoch,
+                                assignment_index: Some(assignment_index),
+                                problems: Vec::new(),
+                            },
                         };
                         self.lease_send(from, c, hb);
                     }
