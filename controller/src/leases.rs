@@ -151,8 +151,9 @@ impl Leases {
         f(&self.lock())
     }
 
-    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
-        self.lock().retain(keep);
+    /// See [`Promises::forget_retired`].
+    pub fn forget_retired(&self, state: &ClusterState, applied: u64, commit: u64) {
+        self.lock().forget_retired(state, applied, commit);
     }
 
     fn persist(&self, fenced: &BTreeMap<String, u64>) -> Result<(), LeaseError> {

@@ -75,7 +75,7 @@ impl Ownership {
             let state = &view.state;
             self.leases
                 .observe(state.members.keys().map(String::as_str));
-            self.leases.retain(|m| state.members.contains_key(m));
+            self.leases.forget_retired(state, view.applied, view.commit);
             if view.role.role != StateRole::Leader {
                 if leading {
                     planner.reset();

@@ -17,6 +17,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::state::ClusterState;
+
 /// Floor of `kernel_delay_ms`: a kernel timer tick (10 ms at HZ=100) plus the
 /// normal latency of an nft transaction.
 pub const MIN_KERNEL_DELAY_MS: u64 = 20;
@@ -132,6 +134,9 @@ pub struct Promises {
     /// restarts (the controller persists it), or a restarted controller could ack
     /// a fenced epoch again.
     fenced: BTreeMap<String, u64>,
+    /// The commit index first seen after start: until it is applied, the state
+    /// may be an old snapshot that lacks members added later in the log.
+    replay_to: Option<u64>,
 }
 
 /// Why a heartbeat was not acked.
@@ -171,6 +176,7 @@ impl Promises {
             last_ack: BTreeMap::new(),
             acked_since: BTreeMap::new(),
             fenced,
+            replay_to: None,
         }
     }
 
@@ -262,7 +268,21 @@ impl Promises {
         &self.fenced
     }
 
-    /// Forget members that are gone from the replicated state.
+    /// Forget members removed from the replicated state (retired, not added
+    /// back), once the state at `applied` includes everything committed when
+    /// this controller started (`commit` is the commit index now; the first one
+    /// seen is kept). Before that a member absent from the state may be one
+    /// added later in the log, and forgetting its fence mark would let this
+    /// controller ack an epoch it agreed to fence. A retired member added back
+    /// continues above its last epoch, so its old mark is not needed.
+    pub fn forget_retired(&mut self, state: &ClusterState, applied: u64, commit: u64) {
+        if applied < *self.replay_to.get_or_insert(commit) {
+            return;
+        }
+        self.retain(|m| state.members.contains_key(m) || !state.retired.contains_key(m));
+    }
+
+    /// Forget members for which `keep` is false.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.last_ack.retain(|m, _| keep(m));
         self.acked_since.retain(|m, _| keep(m));
@@ -531,5 +551,40 @@ mod tests {
             Err(Refusal::Fenced { epoch: 4 })
         );
         assert!(!r.may_fence(5001, "y"), "restart renews every promise");
+    }
+
+    #[test]
+    fn fence_marks_are_forgotten_only_for_retired_members_after_replay() {
+        use crate::command::Command;
+        let t = LeaseTiming::default();
+        let marks = BTreeMap::from([("late".to_string(), 3), ("gone".to_string(), 2)]);
+        // Restarted on a snapshot (applied 10) without "late", which the log
+        // adds again later (committed up to 20); "gone" was removed for good.
+        let mut snapshot = crate::ownership::tests::cluster(&["late", "gone"]);
+        for m in ["late", "gone"] {
+            snapshot
+                .apply(Command::RemoveMember { name: m.into() })
+                .unwrap();
+        }
+        let mut p = Promises::new(t, 0, marks);
+        p.forget_retired(&snapshot, 10, 20);
+        assert_eq!(p.fenced().len(), 2, "nothing forgotten before replay");
+        // The commit index moves on meanwhile; replay is done at the first one.
+        let mut replayed = snapshot.clone();
+        replayed
+            .apply(Command::AddMember {
+                name: "late".into(),
+                weight: 1,
+            })
+            .unwrap();
+        p.forget_retired(&replayed, 19, 25);
+        assert_eq!(p.fenced().len(), 2);
+        p.forget_retired(&replayed, 20, 25);
+        assert_eq!(p.fenced().get("late"), Some(&3), "a member's mark is kept");
+        assert_eq!(p.fenced().get("gone"), None, "a retired member's is not");
+        // A member this state never heard of (added later still) keeps it too.
+        let mut q = Promises::new(t, 0, BTreeMap::from([("new".to_string(), 1)]));
+        q.forget_retired(&snapshot, 20, 20);
+        assert_eq!(q.fenced().get("new"), Some(&1));
     }
 }

@@ -901,7 +901,7 @@ impl World {
             return Ok(());
         }
         let state = r.state();
-        p.retain(|m| state.members.contains_key(m));
+        p.forget_retired(state, r.applied_index(), r.commit_index());
         let planner = c.planner.get_or_insert_with(|| {
             let mut pl = Planner::new(PlannerConfig::default());
             pl.set_faults(PlannerFaults {
