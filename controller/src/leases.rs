@@ -81,13 +81,6 @@ impl Leases {
         self.promises.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn set_timing(&self, timing: LeaseTiming) {
-        let mut p = self.lock();
-        if p.timing() != timing {
-            p.set_timing(timing);
-        }
-    }
-
     /// Answers a heartbeat ([`heartbeat::answer`]) from the applied `state`.
     pub fn heartbeat(
         &self,
@@ -119,12 +112,6 @@ impl Leases {
         }
     }
 
-    /// Start the promise of members not seen before (see `Promises::observe`).
-    pub fn observe<'a>(&self, members: impl IntoIterator<Item = &'a str>) {
-        let now = self.now_ms();
-        self.lock().observe(now, members);
-    }
-
     /// Agree to fence if the promise ran out; returns once the mark is on disk.
     /// `Ok(None)` on agreement, `Ok(Some(wait_ms))` when not yet. Blocking (an
     /// fsync): call it from `spawn_blocking`. The mark holds in memory from the
@@ -151,10 +138,10 @@ impl Leases {
         f(&self.lock())
     }
 
-    /// See [`Promises::forget_retired`].
-    pub fn forget_retired(&self, state: &ClusterState, applied: u64, commit: u64) {
-        self.lock().forget_retired(state, applied, commit);
+    pub fn with_mut<T>(&self, f: impl FnOnce(&mut Promises) -> T) -> T {
+        f(&mut self.lock())
     }
+
 
     fn persist(&self, fenced: &BTreeMap<String, u64>) -> Result<(), LeaseError> {
         let err = |reason: String| LeaseError::FenceFile {

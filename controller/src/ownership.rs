@@ -1,5 +1,6 @@
-//! Runs the ownership planner (`vipshare_core::ownership`) while this controller is
-//! the leader: every half heartbeat interval it plans, runs fence rounds
+//! Runs the ownership loop (`vipshare_core::ownership::tick`, the same as the
+//! simulator's) every half heartbeat interval; while this controller is the
+//! leader that plans, runs fence rounds
 //! ([`vipshare_core::fence::FenceRound`]) against every voter, and proposes the
 //! resulting commands. Nothing here decides; it only carries out what the
 //! planner and the fence round chose.
@@ -13,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use vipshare_core::command::Command;
 use vipshare_core::fence::{FenceCommand, FenceRound};
-use vipshare_core::ownership::{Action, Planner, PlannerConfig};
+use vipshare_core::ownership::{self, Action, Planner, PlannerConfig, Tick};
 use vipshare_proto::v1::raft_transport_client::RaftTransportClient;
 use vipshare_proto::v1::FenceRequest;
 use vipshare_proto::PROTOCOL_VERSION;
@@ -49,45 +50,47 @@ fn wall_ms() -> u64 {
 
 impl Ownership {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut planner = Planner::new(PlannerConfig::default());
+        let mut planner: Option<Planner> = None;
         let mut peers: Peers = BTreeMap::new();
-        let mut leading = false;
         loop {
-            let view = self.node.view();
-            let timing = view
+            let timing = self
+                .node
+                .view()
                 .state
                 .settings
                 .as_ref()
                 .map(|s| s.lease)
                 .unwrap_or_default();
-            self.leases.set_timing(timing);
             let pause = Duration::from_millis((timing.heartbeat_ms / 2).max(10));
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 Some(r) = self.released.recv() => {
-                    if leading {
-                        planner.released(&r.member, r.bucket, r.epoch);
+                    if let Some(p) = planner.as_mut() {
+                        p.released(&r.member, r.bucket, r.epoch);
                     }
                 }
                 _ = shutdown.changed() => return,
             }
             let view = self.node.view();
-            let state = &view.state;
-            self.leases
-                .observe(state.members.keys().map(String::as_str));
-            self.leases.forget_retired(state, view.applied, view.commit);
-            if view.role.role != StateRole::Leader {
-                if leading {
-                    planner.reset();
-                    leading = false;
-                }
-                continue;
-            }
-            leading = true;
-            self.refresh_peers(&mut peers, &view.state.controllers);
+            let leader = view.role.role == StateRole::Leader;
             let now = self.leases.now_ms();
             let wall = wall_ms();
-            let actions = self.leases.with(|p| planner.plan(now, wall, state, p));
+            let tick = Tick {
+                now,
+                wall_ms: wall,
+                state: &view.state,
+                applied: view.applied,
+                commit: view.commit,
+                leader,
+            };
+            let new_planner = || Planner::new(PlannerConfig::default());
+            let actions = self
+                .leases
+                .with_mut(|p| ownership::tick(p, &mut planner, new_planner, tick));
+            if !leader {
+                continue;
+            }
+            self.refresh_peers(&mut peers, &view.state.controllers);
             for action in actions {
                 match action {
                     Action::Propose(cmd) => self.propose(cmd),

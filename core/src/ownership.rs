@@ -379,6 +379,53 @@ impl Planner {
     }
 }
 
+/// What a controller's ownership loop reads at each tick.
+#[derive(Debug, Clone, Copy)]
+pub struct Tick<'a> {
+    /// This controller's monotonic clock (the one its promises use).
+    pub now: u64,
+    /// Stamps damping penalties.
+    pub wall_ms: u64,
+    /// The applied state, its index, and the commit index now.
+    pub state: &'a ClusterState,
+    pub applied: u64,
+    pub commit: u64,
+    /// Whether this controller is the raft leader.
+    pub leader: bool,
+}
+
+/// One tick of the ownership loop (every H/2 on every controller), the same for
+/// the controller and the simulator: the promises take the applied lease timing,
+/// start a promise for members not seen before and forget retired ones; then the
+/// leader plans. `planner` is `None` while not leading: it is made with
+/// `new_planner` on becoming leader and dropped on losing leadership (its memory
+/// is of one term of leadership only).
+pub fn tick(
+    promises: &mut Promises,
+    planner: &mut Option<Planner>,
+    new_planner: impl FnOnce() -> Planner,
+    t: Tick<'_>,
+) -> Vec<Action> {
+    let timing = t
+        .state
+        .settings
+        .as_ref()
+        .map(|s| s.lease)
+        .unwrap_or_default();
+    if promises.timing() != timing {
+        promises.set_timing(timing);
+    }
+    promises.observe(t.now, t.state.members.keys().map(String::as_str));
+    promises.forget_retired(t.state, t.applied, t.commit);
+    if !t.leader {
+        *planner = None;
+        return Vec::new();
+    }
+    planner
+        .get_or_insert_with(new_planner)
+        .plan(t.now, t.wall_ms, t.state, promises)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -645,5 +692,44 @@ pub(crate) mod tests {
             fences, 1,
             "one fence per interval when most members go silent"
         );
+    }
+
+    #[test]
+    fn a_tick_keeps_the_promises_on_every_controller_and_plans_on_the_leader() {
+        let mut s = cluster(&["a"]);
+        let t = LeaseTiming::default();
+        let lc = t.controller_promise_ms();
+        let mut pr = Promises::new(LeaseTiming::default(), 0, BTreeMap::new());
+        let mut planner = None;
+        fn tick_at(now: u64, s: &ClusterState, leader: bool) -> Tick<'_> {
+            Tick {
+                now,
+                wall_ms: now,
+                state: s,
+                applied: 1,
+                commit: 1,
+                leader,
+            }
+        }
+        let mut new = || Planner::new(PlannerConfig::default());
+        assert!(tick(&mut pr, &mut planner, &mut new, tick_at(10_000, &s, false)).is_empty());
+        assert!(planner.is_none(), "a follower has no planner");
+        // A member seen first at 10 s gets a full promise from then.
+        assert!(!pr.may_fence(10_000 + lc - 1, "a"));
+        s.apply(Command::RemoveMember { name: "a".into() }).unwrap();
+        s.apply(Command::AddMember {
+            name: "b".into(),
+            weight: 1,
+        })
+        .unwrap();
+        let acts = tick(&mut pr, &mut planner, &mut new, tick_at(10_050, &s, true));
+        assert!(planner.is_some(), "the leader plans");
+        assert!(
+            matches!(&acts[..], [Action::Propose(Command::SetOwners { .. })]),
+            "b, observed now, counts as live: {acts:?}"
+        );
+        assert_eq!(pr.last_ack("a"), 0, "a is retired: forgotten");
+        tick(&mut pr, &mut planner, &mut new, tick_at(10_100, &s, false));
+        assert!(planner.is_none(), "dropped on losing leadership");
     }
 }
