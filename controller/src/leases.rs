@@ -93,6 +93,12 @@ impl Leases {
         heartbeat::answer(&mut self.lock(), now, state, voter, member, epoch)
     }
 
+    /// Cluster time now, the base of damping ([`Promises::cluster_ms`]).
+    pub fn cluster_ms(&self) -> u64 {
+        let now = self.now_ms();
+        self.lock().cluster_ms(now)
+    }
+
     /// Milliseconds since this controller last acked `member`.
     pub fn since_ack(&self, member: &str) -> u64 {
         let now = self.now_ms();

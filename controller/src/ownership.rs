@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use raft::StateRole;
 use tokio::sync::{mpsc, watch};
@@ -42,12 +42,6 @@ pub struct Ownership {
 /// Per peer: its address, the TLS generation the channel was made with, the client.
 type Peers = BTreeMap<u64, (String, u64, RaftTransportClient<Channel>)>;
 
-fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl Ownership {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut planner: Option<Planner> = None;
@@ -73,11 +67,8 @@ impl Ownership {
             }
             let view = self.node.view();
             let leader = view.role.role == StateRole::Leader;
-            let now = self.leases.now_ms();
-            let wall = wall_ms();
             let tick = Tick {
-                now,
-                wall_ms: wall,
+                now: self.leases.now_ms(),
                 state: &view.state,
                 applied: view.applied,
                 commit: view.commit,
@@ -94,9 +85,13 @@ impl Ownership {
             for action in actions {
                 match action {
                     Action::Propose(cmd) => self.propose(cmd),
-                    Action::Fence { member, epoch } => {
+                    Action::Fence {
+                        member,
+                        epoch,
+                        at_ms,
+                    } => {
                         let voters = view.voters.clone();
-                        self.fence_round(&peers, voters, member, epoch, wall);
+                        self.fence_round(&peers, voters, member, epoch, at_ms);
                     }
                 }
             }
@@ -134,7 +129,7 @@ impl Ownership {
 
     /// Runs a [`FenceRound`] (two phases, this controller marking last) over
     /// the network: carries out its commands and feeds it the answers.
-    fn fence_round(&self, peers: &Peers, voters: Vec<u64>, member: String, epoch: u64, wall: u64) {
+    fn fence_round(&self, peers: &Peers, voters: Vec<u64>, member: String, epoch: u64, at_ms: u64) {
         let me = self.me;
         let leases = self.leases.clone();
         let node = self.node.clone();
@@ -147,7 +142,7 @@ impl Ownership {
         tokio::spawn(async move {
             let self_could = leases.could_fence(&member).is_none();
             let (mut round, first) =
-                FenceRound::start(me, &voters, &member, epoch, wall, self_could);
+                FenceRound::start(me, &voters, &member, epoch, at_ms, self_could);
             let mut todo: VecDeque<FenceCommand> = first.into();
             while let Some(cmd) = todo.pop_front() {
                 match cmd {

@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::damping::{self, ClusterClock};
 use crate::state::ClusterState;
 
 /// Floor of `kernel_delay_ms`: a kernel timer tick (10 ms at HZ=100) plus the
@@ -137,6 +138,8 @@ pub struct Promises {
     /// The commit index first seen after start: until it is applied, the state
     /// may be an old snapshot that lacks members added later in the log.
     replay_to: Option<u64>,
+    /// The time base of damping, per controller process like the acks.
+    clock: ClusterClock,
 }
 
 /// Why a heartbeat was not acked.
@@ -177,6 +180,7 @@ impl Promises {
             acked_since: BTreeMap::new(),
             fenced,
             replay_to: None,
+            clock: ClusterClock::default(),
         }
     }
 
@@ -237,6 +241,16 @@ impl Promises {
                 self.last_ack.insert(m.to_string(), now);
             }
         }
+    }
+
+    /// Take in the applied state's newest penalty stamp at `now`.
+    pub fn observe_stamps(&mut self, now: u64, state: &ClusterState) {
+        self.clock.observe(now, damping::newest_stamp(state));
+    }
+
+    /// Cluster time at `now` ([`ClusterClock`]): stamps and decays penalties.
+    pub fn cluster_ms(&self, now: u64) -> u64 {
+        self.clock.at(now)
     }
 
     /// When this controller last acked `member` (its start time if never since).

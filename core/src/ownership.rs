@@ -27,6 +27,8 @@ pub enum Action {
     Fence {
         member: String,
         epoch: u64,
+        /// The `FenceMember` stamp (cluster time).
+        at_ms: u64,
     },
     Propose(Command),
 }
@@ -140,12 +142,13 @@ impl Planner {
             .collect()
     }
 
-    /// `now` is this controller's monotonic clock (same as `promises`); `wall_ms`
-    /// stamps damping penalties.
+    /// `now` is this controller's monotonic clock (same as `promises`);
+    /// `cluster_ms` ([`crate::damping::ClusterClock`]) stamps and decays
+    /// damping penalties.
     pub fn plan(
         &mut self,
         now: u64,
-        wall_ms: u64,
+        cluster_ms: u64,
         state: &ClusterState,
         promises: &Promises,
     ) -> Vec<Action> {
@@ -212,13 +215,14 @@ impl Planner {
                 Action::Propose(Command::FenceMember {
                     name: name.clone(),
                     epoch,
-                    at_ms: wall_ms,
+                    at_ms: cluster_ms,
                     marked_by: vec![],
                 })
             } else {
                 Action::Fence {
                     member: name.clone(),
                     epoch,
+                    at_ms: cluster_ms,
                 }
             });
         }
@@ -234,7 +238,7 @@ impl Planner {
                 actions.push(Action::Propose(Command::FenceMember {
                     name: name.clone(),
                     epoch: m.epoch,
-                    at_ms: wall_ms,
+                    at_ms: cluster_ms,
                     marked_by: vec![],
                 }));
             }
@@ -251,7 +255,7 @@ impl Planner {
             let Some(steady) = promises.steady_for(now, name) else {
                 continue;
             };
-            let damped = m.suppressed && damping.current(m.penalty, wall_ms) > damping.reuse;
+            let damped = m.suppressed && damping.current(m.penalty, cluster_ms) > damping.reuse;
             let back = m.stopped
                 && self
                     .stop_fenced
@@ -384,8 +388,6 @@ impl Planner {
 pub struct Tick<'a> {
     /// This controller's monotonic clock (the one its promises use).
     pub now: u64,
-    /// Stamps damping penalties.
-    pub wall_ms: u64,
     /// The applied state, its index, and the commit index now.
     pub state: &'a ClusterState,
     pub applied: u64,
@@ -396,8 +398,8 @@ pub struct Tick<'a> {
 
 /// One tick of the ownership loop (every H/2 on every controller), the same for
 /// the controller and the simulator: the promises take the applied lease timing,
-/// start a promise for members not seen before and forget retired ones; then the
-/// leader plans. `planner` is `None` while not leading: it is made with
+/// start a promise for members not seen before, forget retired ones and advance
+/// the cluster time; then the leader plans. `planner` is `None` while not leading: it is made with
 /// `new_planner` on becoming leader and dropped on losing leadership (its memory
 /// is of one term of leadership only).
 pub fn tick(
@@ -417,13 +419,15 @@ pub fn tick(
     }
     promises.observe(t.now, t.state.members.keys().map(String::as_str));
     promises.forget_retired(t.state, t.applied, t.commit);
+    promises.observe_stamps(t.now, t.state);
     if !t.leader {
         *planner = None;
         return Vec::new();
     }
+    let cluster_ms = promises.cluster_ms(t.now);
     planner
         .get_or_insert_with(new_planner)
-        .plan(t.now, t.wall_ms, t.state, promises)
+        .plan(t.now, cluster_ms, t.state, promises)
 }
 
 #[cfg(test)]
@@ -464,10 +468,14 @@ pub(crate) mod tests {
         let actions = p.plan(now, now, s, pr);
         for a in &actions {
             let cmd = match a.clone() {
-                Action::Fence { member, epoch } => Command::FenceMember {
+                Action::Fence {
+                    member,
+                    epoch,
+                    at_ms,
+                } => Command::FenceMember {
                     name: member,
                     epoch,
-                    at_ms: now,
+                    at_ms,
                     marked_by: vec![],
                 },
                 Action::Propose(c) => c,
@@ -704,7 +712,6 @@ pub(crate) mod tests {
         fn tick_at(now: u64, s: &ClusterState, leader: bool) -> Tick<'_> {
             Tick {
                 now,
-                wall_ms: now,
                 state: s,
                 applied: 1,
                 commit: 1,
@@ -731,5 +738,55 @@ pub(crate) mod tests {
         assert_eq!(pr.last_ack("a"), 0, "a is retired: forgotten");
         tick(&mut pr, &mut planner, &mut new, tick_at(10_100, &s, false));
         assert!(planner.is_none(), "dropped on losing leadership");
+    }
+
+    #[test]
+    fn damping_decays_on_cluster_time_whatever_the_stamping_leaders_wall_clock() {
+        // Three losses stamped by a leader whose wall clock was right, an hour
+        // behind, or an hour ahead (stamps of older versions were wall-clock).
+        // Before, a leader reading its own wall clock re-admitted at once after
+        // a stamp an hour behind, and waited an extra hour after one ahead. Now
+        // the new leader decays from the newest stamp on its monotonic clock:
+        // 3000 -> 750 is two half-lives, whatever the stamps' base.
+        let t = LeaseTiming::default();
+        let half_life = crate::damping::Damping::default().half_life_ms;
+        for stamp in [1_800_000_000_000, 1_800_000_000_000 - 3_600_000, 1_800_000_000_000 + 3_600_000] {
+            let mut s = cluster(&["a", "b"]);
+            for _ in 0..3 {
+                let epoch = s.members["a"].epoch;
+                s.apply(Command::FenceMember {
+                    name: "a".into(),
+                    epoch,
+                    at_ms: stamp,
+                    marked_by: vec![],
+                })
+                .unwrap();
+            }
+            assert!(s.members["a"].suppressed);
+            // The new leader's monotonic clock has nothing to do with the stamps.
+            let start = 7_000_000;
+            let mut pr = Promises::new(t, start, BTreeMap::new());
+            let mut planner = None;
+            let mut back_after = None;
+            for now in (start..start + 3 * half_life).step_by(100) {
+                heartbeat_all(&mut pr, &s, now, &[]);
+                let tick = Tick {
+                    now,
+                    state: &s,
+                    applied: 1,
+                    commit: 1,
+                    leader: true,
+                };
+                let new = || Planner::new(PlannerConfig::default());
+                let acts = super::tick(&mut pr, &mut planner, new, tick);
+                if acts.iter().any(|a| {
+                    matches!(a, Action::Propose(Command::Readmit { name, .. }) if name == "a")
+                }) {
+                    back_after = Some(now - start);
+                    break;
+                }
+            }
+            assert_eq!(back_after, Some(2 * half_life), "stamps at {stamp}");
+        }
     }
 }

@@ -902,7 +902,6 @@ impl World {
         // The controller's own loop step (`Ownership::run` runs the same).
         let tick = Tick {
             now: c.clock.local(now),
-            wall_ms: now,
             state: r.state(),
             applied: r.applied_index(),
             commit: r.commit_index(),
@@ -920,7 +919,8 @@ impl World {
         for a in actions {
             match a {
                 Action::Propose(cmd) => self.ownership_propose(id, cmd)?,
-                Action::Fence { member, epoch } => {
+                // The round stamps the world's time (fence_round).
+                Action::Fence { member, epoch, .. } => {
                     self.fence_round(id, member, epoch, &voters)?;
                 }
             }
