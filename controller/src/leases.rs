@@ -148,7 +148,6 @@ impl Leases {
         f(&mut self.lock())
     }
 
-
     fn persist(&self, fenced: &BTreeMap<String, u64>) -> Result<(), LeaseError> {
         let err = |reason: String| LeaseError::FenceFile {
             file: self.fence_file.clone(),

@@ -57,7 +57,8 @@ impl Default for PlannerConfig {
     }
 }
 
-/// Deliberate bugs, for showing that the simulator catches them.
+/// Deliberate bugs, for showing that the simulator catches them: settable only
+/// with core's `faults` feature, which only the simulator enables.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PlannerFaults {
     /// Fence on the leader's own view after one lease, without the majority
@@ -93,8 +94,14 @@ impl Planner {
         }
     }
 
+    #[cfg(feature = "faults")]
     pub fn set_faults(&mut self, faults: PlannerFaults) {
         self.faults = faults;
+    }
+
+    /// The `skip_fence_wait` bug; always off without the `faults` feature.
+    fn skip_fence_wait(&self) -> bool {
+        cfg!(feature = "faults") && self.faults.skip_fence_wait
     }
 
     /// Forget everything local (on losing leadership).
@@ -161,7 +168,7 @@ impl Planner {
         let mut actions = Vec::new();
 
         // 1. Fence members whose promise ran out on this leader.
-        let wait = if self.faults.skip_fence_wait {
+        let wait = if self.skip_fence_wait() {
             timing.lease_ms
         } else {
             timing.controller_promise_ms()
@@ -211,7 +218,7 @@ impl Planner {
             if mass {
                 self.last_mass_fence = Some(now);
             }
-            actions.push(if self.faults.skip_fence_wait {
+            actions.push(if self.skip_fence_wait() {
                 Action::Propose(Command::FenceMember {
                     name: name.clone(),
                     epoch,
@@ -718,8 +725,8 @@ pub(crate) mod tests {
                 leader,
             }
         }
-        let mut new = || Planner::new(PlannerConfig::default());
-        assert!(tick(&mut pr, &mut planner, &mut new, tick_at(10_000, &s, false)).is_empty());
+        let new = || Planner::new(PlannerConfig::default());
+        assert!(tick(&mut pr, &mut planner, new, tick_at(10_000, &s, false)).is_empty());
         assert!(planner.is_none(), "a follower has no planner");
         // A member seen first at 10 s gets a full promise from then.
         assert!(!pr.may_fence(10_000 + lc - 1, "a"));
@@ -729,14 +736,14 @@ pub(crate) mod tests {
             weight: 1,
         })
         .unwrap();
-        let acts = tick(&mut pr, &mut planner, &mut new, tick_at(10_050, &s, true));
+        let acts = tick(&mut pr, &mut planner, new, tick_at(10_050, &s, true));
         assert!(planner.is_some(), "the leader plans");
         assert!(
             matches!(&acts[..], [Action::Propose(Command::SetOwners { .. })]),
             "b, observed now, counts as live: {acts:?}"
         );
         assert_eq!(pr.last_ack("a"), 0, "a is retired: forgotten");
-        tick(&mut pr, &mut planner, &mut new, tick_at(10_100, &s, false));
+        tick(&mut pr, &mut planner, new, tick_at(10_100, &s, false));
         assert!(planner.is_none(), "dropped on losing leadership");
     }
 
@@ -750,7 +757,11 @@ pub(crate) mod tests {
         // 3000 -> 750 is two half-lives, whatever the stamps' base.
         let t = LeaseTiming::default();
         let half_life = crate::damping::Damping::default().half_life_ms;
-        for stamp in [1_800_000_000_000, 1_800_000_000_000 - 3_600_000, 1_800_000_000_000 + 3_600_000] {
+        for stamp in [
+            1_800_000_000_000,
+            1_800_000_000_000 - 3_600_000,
+            1_800_000_000_000 + 3_600_000,
+        ] {
             let mut s = cluster(&["a", "b"]);
             for _ in 0..3 {
                 let epoch = s.members["a"].epoch;
@@ -779,9 +790,9 @@ pub(crate) mod tests {
                 };
                 let new = || Planner::new(PlannerConfig::default());
                 let acts = super::tick(&mut pr, &mut planner, new, tick);
-                if acts.iter().any(|a| {
-                    matches!(a, Action::Propose(Command::Readmit { name, .. }) if name == "a")
-                }) {
+                if acts.iter().any(
+                    |a| matches!(a, Action::Propose(Command::Readmit { name, .. }) if name == "a"),
+                ) {
                     back_after = Some(now - start);
                     break;
                 }
