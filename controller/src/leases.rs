@@ -81,13 +81,6 @@ impl Leases {
         self.promises.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn set_timing(&self, timing: LeaseTiming) {
-        let mut p = self.lock();
-        if p.timing() != timing {
-            p.set_timing(timing);
-        }
-    }
-
     /// Answers a heartbeat ([`heartbeat::answer`]) from the applied `state`.
     pub fn heartbeat(
         &self,
@@ -108,6 +101,12 @@ impl Leases {
         (problems.to_vec(), since)
     }
 
+    /// Cluster time now, the base of damping ([`Promises::cluster_ms`]).
+    pub fn cluster_ms(&self) -> u64 {
+        let now = self.now_ms();
+        self.lock().cluster_ms(now)
+    }
+
     /// Milliseconds since this controller last acked `member`.
     pub fn since_ack(&self, member: &str) -> u64 {
         let now = self.now_ms();
@@ -124,12 +123,6 @@ impl Leases {
         } else {
             Some(p.promised_until(member).saturating_sub(now))
         }
-    }
-
-    /// Start the promise of members not seen before (see `Promises::observe`).
-    pub fn observe<'a>(&self, members: impl IntoIterator<Item = &'a str>) {
-        let now = self.now_ms();
-        self.lock().observe(now, members);
     }
 
     /// Agree to fence if the promise ran out; returns once the mark is on disk.
@@ -158,8 +151,8 @@ impl Leases {
         f(&self.lock())
     }
 
-    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
-        self.lock().retain(keep);
+    pub fn with_mut<T>(&self, f: impl FnOnce(&mut Promises) -> T) -> T {
+        f(&mut self.lock())
     }
 
     fn persist(&self, fenced: &BTreeMap<String, u64>) -> Result<(), LeaseError> {

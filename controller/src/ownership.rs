@@ -1,19 +1,20 @@
-//! Runs the ownership planner (`vipshare_core::ownership`) while this controller is
-//! the leader: every half heartbeat interval it plans, runs fence rounds
+//! Runs the ownership loop (`vipshare_core::ownership::tick`, the same as the
+//! simulator's) every half heartbeat interval; while this controller is the
+//! leader that plans, runs fence rounds
 //! ([`vipshare_core::fence::FenceRound`]) against every voter, and proposes the
 //! resulting commands. Nothing here decides; it only carries out what the
 //! planner and the fence round chose.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use raft::StateRole;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use vipshare_core::command::Command;
 use vipshare_core::fence::{FenceCommand, FenceRound};
-use vipshare_core::ownership::{Action, Planner, PlannerConfig};
+use vipshare_core::ownership::{self, Action, Planner, PlannerConfig, Tick};
 use vipshare_proto::v1::raft_transport_client::RaftTransportClient;
 use vipshare_proto::v1::FenceRequest;
 use vipshare_proto::PROTOCOL_VERSION;
@@ -41,59 +42,56 @@ pub struct Ownership {
 /// Per peer: its address, the TLS generation the channel was made with, the client.
 type Peers = BTreeMap<u64, (String, u64, RaftTransportClient<Channel>)>;
 
-fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl Ownership {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut planner = Planner::new(PlannerConfig::default());
+        let mut planner: Option<Planner> = None;
         let mut peers: Peers = BTreeMap::new();
-        let mut leading = false;
         loop {
-            let view = self.node.view();
-            let timing = view
+            let timing = self
+                .node
+                .view()
                 .state
                 .settings
                 .as_ref()
                 .map(|s| s.lease)
                 .unwrap_or_default();
-            self.leases.set_timing(timing);
             let pause = Duration::from_millis((timing.heartbeat_ms / 2).max(10));
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 Some(r) = self.released.recv() => {
-                    if leading {
-                        planner.released(&r.member, r.bucket, r.epoch);
+                    if let Some(p) = planner.as_mut() {
+                        p.released(&r.member, r.bucket, r.epoch);
                     }
                 }
                 _ = shutdown.changed() => return,
             }
             let view = self.node.view();
-            let state = &view.state;
-            self.leases
-                .observe(state.members.keys().map(String::as_str));
-            self.leases.retain(|m| state.members.contains_key(m));
-            if view.role.role != StateRole::Leader {
-                if leading {
-                    planner.reset();
-                    leading = false;
-                }
+            let leader = view.role.role == StateRole::Leader;
+            let tick = Tick {
+                now: self.leases.now_ms(),
+                state: &view.state,
+                applied: view.applied,
+                commit: view.commit,
+                leader,
+            };
+            let new_planner = || Planner::new(PlannerConfig::default());
+            let actions = self
+                .leases
+                .with_mut(|p| ownership::tick(p, &mut planner, new_planner, tick));
+            if !leader {
                 continue;
             }
-            leading = true;
             self.refresh_peers(&mut peers, &view.state.controllers);
-            let now = self.leases.now_ms();
-            let wall = wall_ms();
-            let actions = self.leases.with(|p| planner.plan(now, wall, state, p));
             for action in actions {
                 match action {
                     Action::Propose(cmd) => self.propose(cmd),
-                    Action::Fence { member, epoch } => {
+                    Action::Fence {
+                        member,
+                        epoch,
+                        at_ms,
+                    } => {
                         let voters = view.voters.clone();
-                        self.fence_round(&peers, voters, member, epoch, wall);
+                        self.fence_round(&peers, voters, member, epoch, at_ms);
                     }
                 }
             }
@@ -131,7 +129,7 @@ impl Ownership {
 
     /// Runs a [`FenceRound`] (two phases, this controller marking last) over
     /// the network: carries out its commands and feeds it the answers.
-    fn fence_round(&self, peers: &Peers, voters: Vec<u64>, member: String, epoch: u64, wall: u64) {
+    fn fence_round(&self, peers: &Peers, voters: Vec<u64>, member: String, epoch: u64, at_ms: u64) {
         let me = self.me;
         let leases = self.leases.clone();
         let node = self.node.clone();
@@ -144,7 +142,7 @@ impl Ownership {
         tokio::spawn(async move {
             let self_could = leases.could_fence(&member).is_none();
             let (mut round, first) =
-                FenceRound::start(me, &voters, &member, epoch, wall, self_could);
+                FenceRound::start(me, &voters, &member, epoch, at_ms, self_could);
             let mut todo: VecDeque<FenceCommand> = first.into();
             while let Some(cmd) = todo.pop_front() {
                 match cmd {

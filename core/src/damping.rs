@@ -96,12 +96,49 @@ impl Damping {
     }
 }
 
-/// A member's penalty as of `at_ms` (leader wall-clock stamped into the command
-/// that changed it, so applying it reads no clock).
+/// A member's penalty as of `at_ms` (the leader's [`ClusterClock`] time, stamped
+/// into the command that changed it, so applying it reads no clock).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Penalty {
     pub value: u32,
     pub at_ms: u64,
+}
+
+/// The time base of penalty stamps and their decay ("cluster time"), kept by
+/// every controller: the newest stamp in its applied state, advanced by its
+/// monotonic clock since it applied it. No wall clock is read, so a leader whose
+/// clock is ahead cannot re-admit flappers early, nor one behind stop their
+/// decay. It never goes back (stamps are only ever taken in when newer) and never
+/// jumps ahead of the stamps by more than the time elapsed. A restarted controller
+/// counts from the newest stamp at its start: the time it was down is not
+/// counted, which keeps a flapper out longer, never shorter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterClock {
+    /// (cluster time, local monotonic time) at the last observation.
+    anchor: Option<(u64, u64)>,
+}
+
+impl ClusterClock {
+    /// Cluster time at local monotonic `now` (0 before any observation).
+    pub fn at(&self, now: u64) -> u64 {
+        self.anchor
+            .map_or(0, |(cluster, local)| cluster + now.saturating_sub(local))
+    }
+
+    /// Take in the newest penalty stamp of the applied state at local `now`.
+    pub fn observe(&mut self, now: u64, newest_stamp: u64) {
+        self.anchor = Some((self.at(now).max(newest_stamp), now));
+    }
+}
+
+/// The newest penalty stamp in `state`.
+pub fn newest_stamp(state: &crate::state::ClusterState) -> u64 {
+    state
+        .members
+        .values()
+        .map(|m| m.penalty.at_ms)
+        .max()
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -158,5 +195,18 @@ mod tests {
         }
         .validate()
         .is_err());
+    }
+
+    #[test]
+    fn cluster_time_follows_the_newest_stamp_and_never_goes_back() {
+        let mut c = ClusterClock::default();
+        c.observe(5_000, 100);
+        assert_eq!(c.at(5_000), 100);
+        assert_eq!(c.at(6_000), 1_100, "advances with the local clock");
+        c.observe(6_000, 50);
+        assert_eq!(c.at(6_000), 1_100, "an older stamp does not set it back");
+        c.observe(7_000, 9_000);
+        assert_eq!(c.at(7_500), 9_500, "a newer stamp moves it up");
+        assert_eq!(c.at(6_000), 9_000, "nor does an earlier reading");
     }
 }

@@ -52,7 +52,7 @@ pub struct FenceRound {
     me: u64,
     member: String,
     epoch: u64,
-    wall_ms: u64,
+    at_ms: u64,
     others: BTreeSet<u64>,
     need: usize,
     phase: Phase,
@@ -63,14 +63,15 @@ pub struct FenceRound {
 }
 
 impl FenceRound {
-    /// Fence `member` at `epoch` (stamped `wall_ms`) over `voters`;
+    /// Fence `member` at `epoch` over `voters`, stamped `at_ms` (cluster time,
+    /// [`crate::damping::ClusterClock`]);
     /// `self_could`: whether this controller's own promise ran out.
     pub fn start(
         me: u64,
         voters: &[u64],
         member: &str,
         epoch: u64,
-        wall_ms: u64,
+        at_ms: u64,
         self_could: bool,
     ) -> (Self, Vec<FenceCommand>) {
         Self::start_with(
@@ -78,7 +79,7 @@ impl FenceRound {
             voters,
             member,
             epoch,
-            wall_ms,
+            at_ms,
             self_could,
             FenceFaults::default(),
         )
@@ -90,11 +91,11 @@ impl FenceRound {
         voters: &[u64],
         member: &str,
         epoch: u64,
-        wall_ms: u64,
+        at_ms: u64,
         self_could: bool,
         faults: FenceFaults,
     ) -> (Self, Vec<FenceCommand>) {
-        Self::start_with(me, voters, member, epoch, wall_ms, self_could, faults)
+        Self::start_with(me, voters, member, epoch, at_ms, self_could, faults)
     }
 
     fn start_with(
@@ -102,7 +103,7 @@ impl FenceRound {
         voters: &[u64],
         member: &str,
         epoch: u64,
-        wall_ms: u64,
+        at_ms: u64,
         self_could: bool,
         faults: FenceFaults,
     ) -> (Self, Vec<FenceCommand>) {
@@ -110,7 +111,7 @@ impl FenceRound {
             me,
             member: member.to_string(),
             epoch,
-            wall_ms,
+            at_ms,
             others: voters.iter().copied().filter(|&v| v != me).collect(),
             need: majority(voters.len()),
             phase: Phase::Asking,
@@ -211,7 +212,7 @@ impl FenceRound {
                     out.push(FenceCommand::Propose(Command::FenceMember {
                         name: self.member.clone(),
                         epoch: self.epoch,
-                        at_ms: self.wall_ms,
+                        at_ms: self.at_ms,
                         marked_by: self.yes.iter().copied().collect(),
                     }));
                 } else if !self.self_tried && self.yes.len() + 1 >= self.need {

@@ -17,6 +17,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::damping::{self, ClusterClock};
+use crate::state::ClusterState;
+
 /// Floor of `kernel_delay_ms`: a kernel timer tick (10 ms at HZ=100) plus the
 /// normal latency of an nft transaction.
 pub const MIN_KERNEL_DELAY_MS: u64 = 20;
@@ -139,6 +142,11 @@ pub struct Promises {
     /// restarts (the controller persists it), or a restarted controller could ack
     /// a fenced epoch again.
     fenced: BTreeMap<String, u64>,
+    /// The commit index first seen after start: until it is applied, the state
+    /// may be an old snapshot that lacks members added later in the log.
+    replay_to: Option<u64>,
+    /// The time base of damping, per controller process like the acks.
+    clock: ClusterClock,
     /// Per member, since when (this controller's clock) its agent has reported
     /// problems, and the last ones it reported; absent while it serves.
     unhealthy: BTreeMap<String, (u64, Vec<String>)>,
@@ -205,6 +213,8 @@ impl Promises {
             faults: PromiseFaults::default(),
             acked_since: BTreeMap::new(),
             fenced,
+            replay_to: None,
+            clock: ClusterClock::default(),
         }
     }
 
@@ -320,6 +330,16 @@ impl Promises {
             .max(self.start_promise)
     }
 
+    /// Take in the applied state's newest penalty stamp at `now`.
+    pub fn observe_stamps(&mut self, now: u64, state: &ClusterState) {
+        self.clock.observe(now, damping::newest_stamp(state));
+    }
+
+    /// Cluster time at `now` ([`ClusterClock`]): stamps and decays penalties.
+    pub fn cluster_ms(&self, now: u64) -> u64 {
+        self.clock.at(now)
+    }
+
     /// When this controller last acked `member` (its start time if never since).
     pub fn last_ack(&self, member: &str) -> u64 {
         self.last_ack
@@ -349,7 +369,21 @@ impl Promises {
         &self.fenced
     }
 
-    /// Forget members that are gone from the replicated state.
+    /// Forget members removed from the replicated state (retired, not added
+    /// back), once the state at `applied` includes everything committed when
+    /// this controller started (`commit` is the commit index now; the first one
+    /// seen is kept). Before that a member absent from the state may be one
+    /// added later in the log, and forgetting its fence mark would let this
+    /// controller ack an epoch it agreed to fence. A retired member added back
+    /// continues above its last epoch, so its old mark is not needed.
+    pub fn forget_retired(&mut self, state: &ClusterState, applied: u64, commit: u64) {
+        if applied < *self.replay_to.get_or_insert(commit) {
+            return;
+        }
+        self.retain(|m| state.members.contains_key(m) || !state.retired.contains_key(m));
+    }
+
+    /// Forget members for which `keep` is false.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.last_ack.retain(|m, _| keep(m));
         self.promised.retain(|m, _| keep(m));
@@ -682,5 +716,40 @@ mod tests {
             !q.may_fence(lc_long - 1, "y"),
             "and a shorter one does not undo it"
         );
+    }
+
+    #[test]
+    fn fence_marks_are_forgotten_only_for_retired_members_after_replay() {
+        use crate::command::Command;
+        let t = LeaseTiming::default();
+        let marks = BTreeMap::from([("late".to_string(), 3), ("gone".to_string(), 2)]);
+        // Restarted on a snapshot (applied 10) without "late", which the log
+        // adds again later (committed up to 20); "gone" was removed for good.
+        let mut snapshot = crate::ownership::tests::cluster(&["late", "gone"]);
+        for m in ["late", "gone"] {
+            snapshot
+                .apply(Command::RemoveMember { name: m.into() })
+                .unwrap();
+        }
+        let mut p = Promises::new(t, 0, marks);
+        p.forget_retired(&snapshot, 10, 20);
+        assert_eq!(p.fenced().len(), 2, "nothing forgotten before replay");
+        // The commit index moves on meanwhile; replay is done at the first one.
+        let mut replayed = snapshot.clone();
+        replayed
+            .apply(Command::AddMember {
+                name: "late".into(),
+                weight: 1,
+            })
+            .unwrap();
+        p.forget_retired(&replayed, 19, 25);
+        assert_eq!(p.fenced().len(), 2);
+        p.forget_retired(&replayed, 20, 25);
+        assert_eq!(p.fenced().get("late"), Some(&3), "a member's mark is kept");
+        assert_eq!(p.fenced().get("gone"), None, "a retired member's is not");
+        // A member this state never heard of (added later still) keeps it too.
+        let mut q = Promises::new(t, 0, BTreeMap::from([("new".to_string(), 1)]));
+        q.forget_retired(&snapshot, 20, 20);
+        assert_eq!(q.fenced().get("new"), Some(&1));
     }
 }

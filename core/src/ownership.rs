@@ -27,6 +27,8 @@ pub enum Action {
     Fence {
         member: String,
         epoch: u64,
+        /// The `FenceMember` stamp (cluster time).
+        at_ms: u64,
     },
     Propose(Command),
 }
@@ -60,7 +62,8 @@ impl Default for PlannerConfig {
     }
 }
 
-/// Deliberate bugs, for showing that the simulator catches them.
+/// Deliberate bugs, for showing that the simulator catches them: settable only
+/// with core's `faults` feature, which only the simulator enables.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PlannerFaults {
     /// Fence on the leader's own view after one lease, without the majority
@@ -96,8 +99,14 @@ impl Planner {
         }
     }
 
+    #[cfg(feature = "faults")]
     pub fn set_faults(&mut self, faults: PlannerFaults) {
         self.faults = faults;
+    }
+
+    /// The `skip_fence_wait` bug; always off without the `faults` feature.
+    fn skip_fence_wait(&self) -> bool {
+        cfg!(feature = "faults") && self.faults.skip_fence_wait
     }
 
     /// Forget everything local (on losing leadership).
@@ -148,12 +157,13 @@ impl Planner {
             .collect()
     }
 
-    /// `now` is this controller's monotonic clock (same as `promises`); `wall_ms`
-    /// stamps damping penalties.
+    /// `now` is this controller's monotonic clock (same as `promises`);
+    /// `cluster_ms` ([`crate::damping::ClusterClock`]) stamps and decays
+    /// damping penalties.
     pub fn plan(
         &mut self,
         now: u64,
-        wall_ms: u64,
+        cluster_ms: u64,
         state: &ClusterState,
         promises: &Promises,
     ) -> Vec<Action> {
@@ -166,7 +176,7 @@ impl Planner {
         let mut actions = Vec::new();
 
         // 1. Fence members whose promise ran out on this leader.
-        let wait = if self.faults.skip_fence_wait {
+        let wait = if self.skip_fence_wait() {
             timing.lease_ms
         } else {
             timing.controller_promise_ms()
@@ -216,17 +226,18 @@ impl Planner {
             if mass {
                 self.last_mass_fence = Some(now);
             }
-            actions.push(if self.faults.skip_fence_wait {
+            actions.push(if self.skip_fence_wait() {
                 Action::Propose(Command::FenceMember {
                     name: name.clone(),
                     epoch,
-                    at_ms: wall_ms,
+                    at_ms: cluster_ms,
                     marked_by: vec![],
                 })
             } else {
                 Action::Fence {
                     member: name.clone(),
                     epoch,
+                    at_ms: cluster_ms,
                 }
             });
         }
@@ -242,7 +253,7 @@ impl Planner {
                 actions.push(Action::Propose(Command::FenceMember {
                     name: name.clone(),
                     epoch: m.epoch,
-                    at_ms: wall_ms,
+                    at_ms: cluster_ms,
                     marked_by: vec![],
                 }));
             }
@@ -259,7 +270,7 @@ impl Planner {
             let Some(steady) = promises.steady_for(now, name) else {
                 continue;
             };
-            let damped = m.suppressed && damping.current(m.penalty, wall_ms) > damping.reuse;
+            let damped = m.suppressed && damping.current(m.penalty, cluster_ms) > damping.reuse;
             let back = m.stopped
                 && self
                     .stop_fenced
@@ -391,6 +402,53 @@ impl Planner {
     }
 }
 
+/// What a controller's ownership loop reads at each tick.
+#[derive(Debug, Clone, Copy)]
+pub struct Tick<'a> {
+    /// This controller's monotonic clock (the one its promises use).
+    pub now: u64,
+    /// The applied state, its index, and the commit index now.
+    pub state: &'a ClusterState,
+    pub applied: u64,
+    pub commit: u64,
+    /// Whether this controller is the raft leader.
+    pub leader: bool,
+}
+
+/// One tick of the ownership loop (every H/2 on every controller), the same for
+/// the controller and the simulator: the promises take the applied lease timing,
+/// start a promise for members not seen before, forget retired ones and advance
+/// the cluster time; then the leader plans. `planner` is `None` while not leading: it is made with
+/// `new_planner` on becoming leader and dropped on losing leadership (its memory
+/// is of one term of leadership only).
+pub fn tick(
+    promises: &mut Promises,
+    planner: &mut Option<Planner>,
+    new_planner: impl FnOnce() -> Planner,
+    t: Tick<'_>,
+) -> Vec<Action> {
+    let timing = t
+        .state
+        .settings
+        .as_ref()
+        .map(|s| s.lease)
+        .unwrap_or_default();
+    if promises.timing() != timing {
+        promises.set_timing(timing);
+    }
+    promises.observe(t.now, t.state.members.keys().map(String::as_str));
+    promises.forget_retired(t.state, t.applied, t.commit);
+    promises.observe_stamps(t.now, t.state);
+    if !t.leader {
+        *planner = None;
+        return Vec::new();
+    }
+    let cluster_ms = promises.cluster_ms(t.now);
+    planner
+        .get_or_insert_with(new_planner)
+        .plan(t.now, cluster_ms, t.state, promises)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -429,10 +487,14 @@ pub(crate) mod tests {
         let actions = p.plan(now, now, s, pr);
         for a in &actions {
             let cmd = match a.clone() {
-                Action::Fence { member, epoch } => Command::FenceMember {
+                Action::Fence {
+                    member,
+                    epoch,
+                    at_ms,
+                } => Command::FenceMember {
                     name: member,
                     epoch,
-                    at_ms: now,
+                    at_ms,
                     marked_by: vec![],
                 },
                 Action::Propose(c) => c,
@@ -695,5 +757,97 @@ pub(crate) mod tests {
             fences, 1,
             "one fence per interval when most members go silent"
         );
+    }
+
+    #[test]
+    fn a_tick_keeps_the_promises_on_every_controller_and_plans_on_the_leader() {
+        let mut s = cluster(&["a"]);
+        let t = LeaseTiming::default();
+        let lc = t.controller_promise_ms();
+        let mut pr = Promises::new(LeaseTiming::default(), 0, BTreeMap::new());
+        let mut planner = None;
+        fn tick_at(now: u64, s: &ClusterState, leader: bool) -> Tick<'_> {
+            Tick {
+                now,
+                state: s,
+                applied: 1,
+                commit: 1,
+                leader,
+            }
+        }
+        let new = || Planner::new(PlannerConfig::default());
+        assert!(tick(&mut pr, &mut planner, new, tick_at(10_000, &s, false)).is_empty());
+        assert!(planner.is_none(), "a follower has no planner");
+        // A member seen first at 10 s gets a full promise from then.
+        assert!(!pr.may_fence(10_000 + lc - 1, "a"));
+        s.apply(Command::RemoveMember { name: "a".into() }).unwrap();
+        s.apply(Command::AddMember {
+            name: "b".into(),
+            weight: 1,
+        })
+        .unwrap();
+        let acts = tick(&mut pr, &mut planner, new, tick_at(10_050, &s, true));
+        assert!(planner.is_some(), "the leader plans");
+        assert!(
+            matches!(&acts[..], [Action::Propose(Command::SetOwners { .. })]),
+            "b, observed now, counts as live: {acts:?}"
+        );
+        assert_eq!(pr.last_ack("a"), 0, "a is retired: forgotten");
+        tick(&mut pr, &mut planner, new, tick_at(10_100, &s, false));
+        assert!(planner.is_none(), "dropped on losing leadership");
+    }
+
+    #[test]
+    fn damping_decays_on_cluster_time_whatever_the_stamping_leaders_wall_clock() {
+        // Three losses stamped by a leader whose wall clock was right, an hour
+        // behind, or an hour ahead (stamps of older versions were wall-clock).
+        // Before, a leader reading its own wall clock re-admitted at once after
+        // a stamp an hour behind, and waited an extra hour after one ahead. Now
+        // the new leader decays from the newest stamp on its monotonic clock:
+        // 3000 -> 750 is two half-lives, whatever the stamps' base.
+        let t = LeaseTiming::default();
+        let half_life = crate::damping::Damping::default().half_life_ms;
+        for stamp in [
+            1_800_000_000_000,
+            1_800_000_000_000 - 3_600_000,
+            1_800_000_000_000 + 3_600_000,
+        ] {
+            let mut s = cluster(&["a", "b"]);
+            for _ in 0..3 {
+                let epoch = s.members["a"].epoch;
+                s.apply(Command::FenceMember {
+                    name: "a".into(),
+                    epoch,
+                    at_ms: stamp,
+                    marked_by: vec![],
+                })
+                .unwrap();
+            }
+            assert!(s.members["a"].suppressed);
+            // The new leader's monotonic clock has nothing to do with the stamps.
+            let start = 7_000_000;
+            let mut pr = Promises::new(t, start, BTreeMap::new());
+            let mut planner = None;
+            let mut back_after = None;
+            for now in (start..start + 3 * half_life).step_by(100) {
+                heartbeat_all(&mut pr, &s, now, &[]);
+                let tick = Tick {
+                    now,
+                    state: &s,
+                    applied: 1,
+                    commit: 1,
+                    leader: true,
+                };
+                let new = || Planner::new(PlannerConfig::default());
+                let acts = super::tick(&mut pr, &mut planner, new, tick);
+                if acts.iter().any(
+                    |a| matches!(a, Action::Propose(Command::Readmit { name, .. }) if name == "a"),
+                ) {
+                    back_after = Some(now - start);
+                    break;
+                }
+            }
+            assert_eq!(back_after, Some(2 * half_life), "stamps at {stamp}");
+        }
     }
 }

@@ -78,7 +78,8 @@ impl ReplicaConfig {
     }
 }
 
-/// Deliberate bugs, for showing that the simulator catches them. Never set in production.
+/// Deliberate bugs, for showing that the simulator catches them: settable only
+/// with core's `faults` feature, which only the simulator enables.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Faults {
     /// Send messages without syncing the writes they depend on.
@@ -205,6 +206,7 @@ impl<D: Durable> Replica<D> {
         raft.set_randomized_election_timeout(self.election_rng.gen_range(e..2 * e));
     }
 
+    #[cfg(feature = "faults")]
     pub fn set_faults(&mut self, faults: Faults) {
         self.faults = faults;
     }
@@ -409,7 +411,7 @@ impl<D: Durable> Replica<D> {
         if let Some(hs) = rd.hs() {
             self.raw.mut_store().set_hard_state(hs)?;
         }
-        if !self.faults.skip_sync {
+        if !(cfg!(feature = "faults") && self.faults.skip_sync) {
             self.raw.mut_store().sync()?;
         }
         messages.extend(rd.take_persisted_messages());

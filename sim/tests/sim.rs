@@ -269,3 +269,37 @@ fn the_checker_reports_fabricated_violations() {
         .expect_err("a divergent state must be reported");
     assert_eq!(v.invariant, "identical state");
 }
+
+#[test]
+fn a_leader_that_marks_itself_first_is_caught() {
+    // Marking itself first, a leader that no longer hears a member refuses its
+    // epoch for good even while the other voters still ack it. An agent that
+    // yields to that is fenced needlessly and comes back, which no checker can
+    // tell from a real failure; one that keeps heartbeating keeps the refusal,
+    // and ownership never settles. So the scan pairs the bug with never-yield
+    // agents and keeps the seeds that pass when the leader marks last: there
+    // the failure is the bug's alone. Seeds shift with any trajectory change,
+    // hence a scan rather than pinned seeds.
+    let scan = |seed: u64| {
+        let mut cfg = SimConfig::new(seed);
+        cfg.agent_faults.never_yield = true;
+        if run_seed(cfg.clone()).result.is_err() {
+            return None;
+        }
+        cfg.fence_faults.leader_marks_first = true;
+        Some(run_seed(cfg).result.err().map(|f| (f.kind, f.message)))
+    };
+    let mut hit = Vec::new();
+    let mut other = Vec::new();
+    for seed in 0..16 {
+        match scan(seed) {
+            Some(Some((FailureKind::Liveness, _))) => hit.push(seed),
+            Some(Some(f)) => other.push((seed, f)),
+            _ => {}
+        }
+    }
+    assert!(
+        hit.len() >= 2,
+        "leader-marks-first caught only in seeds {hit:?} of 0..16; other failures: {other:?}"
+    );
+}

@@ -59,9 +59,8 @@ fn status_reply(v: &NodeView) -> pb::StatusReply {
 fn members_reply(v: &NodeView, leases: &crate::leases::Leases) -> pb::MembersReply {
     let s = &v.state;
     let damping = s.settings.as_ref().map(|x| x.damping).unwrap_or_default();
-    let wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    // Penalties decay on cluster time, as the planner sees them.
+    let cluster_ms = leases.cluster_ms();
     let members = s
         .members
         .iter()
@@ -87,9 +86,9 @@ fn members_reply(v: &NodeView, leases: &crate::leases::Leases) -> pb::MembersRep
                 .into(),
                 epoch: m.epoch,
                 buckets: s.owned_by(name).count() as u32,
-                penalty: f64::from(damping.current(m.penalty, wall)),
+                penalty: f64::from(damping.current(m.penalty, cluster_ms)),
                 returns_in_ms: if m.suppressed {
-                    damping.time_to_reuse(m.penalty, wall)
+                    damping.time_to_reuse(m.penalty, cluster_ms)
                 } else {
                     0
                 },

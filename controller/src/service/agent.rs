@@ -81,6 +81,63 @@ fn heartbeat_of(hb: &pb::HeartbeatRequest) -> Heartbeat {
 
 type AssignmentStream = super::TaskStream<pb::Assignment>;
 
+/// Sends `member`'s assignment from every applied view in which it changed.
+/// Ends the stream when the certificate (`serial`) is revoked, or when this
+/// controller is not in its own applied voter set: it acks no heartbeats then,
+/// so its assignments must not steer the agent either; the agent follows the
+/// voters it reconnects to instead.
+fn assignment_stream(
+    mut views: tokio::sync::watch::Receiver<std::sync::Arc<NodeView>>,
+    member: String,
+    serial: String,
+) -> AssignmentStream {
+    super::task_stream(4, move |tx| async move {
+        let mut last: Option<pb::Assignment> = None;
+        loop {
+            let view = views.borrow_and_update().clone();
+            // A stream outlives its authorisation if the certificate is revoked
+            // meanwhile: end it then.
+            if view.state.revoked.contains(&serial) {
+                crate::metrics::rpc_rejected(SERVICE, "revoked");
+                tracing::warn!(%member, %serial, reason = "revoked", "ending assignment stream: certificate revoked");
+                let _ = tx
+                    .send(Err(Status::unauthenticated(format!(
+                        "certificate serial {serial} was revoked"
+                    ))))
+                    .await;
+                return;
+            }
+            if !view.voters.contains(&view.id) {
+                tracing::info!(%member, controller = view.id, "ending assignment stream: not a voter");
+                let _ = tx
+                    .send(Err(Status::unavailable(format!(
+                        "controller {} is not a voter of its applied configuration; watch the voters",
+                        view.id
+                    ))))
+                    .await;
+                return;
+            }
+            let a = assignment(&view, &member);
+            let changed = last.as_ref().is_none_or(|l| {
+                l.owned != a.owned
+                    || l.release != a.release
+                    || l.settings != a.settings
+                    || l.member_epoch != a.member_epoch
+                    || l.controllers != a.controllers
+            });
+            if changed {
+                if tx.send(Ok(a.clone())).await.is_err() {
+                    return;
+                }
+                last = Some(a);
+            }
+            if views.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
 #[tonic::async_trait]
 impl AgentApi for AgentService {
     async fn heartbeat(
@@ -124,43 +181,7 @@ impl AgentApi for AgentService {
             .unwrap_or_default();
         let w = req.into_inner();
         check_version(w.protocol_version)?;
-        let mut views = self.node.subscribe();
-        let member = w.member;
-        let stream = super::task_stream(4, move |tx| async move {
-            let mut last: Option<pb::Assignment> = None;
-            loop {
-                let view = views.borrow_and_update().clone();
-                // A stream outlives its authorisation if the certificate is revoked
-                // meanwhile: end it then.
-                if view.state.revoked.contains(&serial) {
-                    crate::metrics::rpc_rejected(SERVICE, "revoked");
-                    tracing::warn!(%member, %serial, reason = "revoked", "ending assignment stream: certificate revoked");
-                    let _ = tx
-                        .send(Err(Status::unauthenticated(format!(
-                            "certificate serial {serial} was revoked"
-                        ))))
-                        .await;
-                    return;
-                }
-                let a = assignment(&view, &member);
-                let changed = last.as_ref().is_none_or(|l| {
-                    l.owned != a.owned
-                        || l.release != a.release
-                        || l.settings != a.settings
-                        || l.member_epoch != a.member_epoch
-                        || l.controllers != a.controllers
-                });
-                if changed {
-                    if tx.send(Ok(a.clone())).await.is_err() {
-                        return;
-                    }
-                    last = Some(a);
-                }
-                if views.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
+        let stream = assignment_stream(self.node.subscribe(), w.member, serial);
         Ok(Response::new(stream))
     }
 
@@ -201,5 +222,51 @@ impl AgentApi for AgentService {
         Ok(Response::new(pb::DrainSelfReply {
             protocol_version: PROTOCOL_VERSION,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tokio_stream::StreamExt;
+    use vipshare_core::replica::RoleState;
+
+    fn view(voters: Vec<u64>) -> Arc<NodeView> {
+        Arc::new(NodeView {
+            id: 1,
+            role: RoleState {
+                role: raft::StateRole::Follower,
+                term: 1,
+                leader: 2,
+            },
+            commit: 0,
+            applied: 0,
+            voters,
+            learners: vec![],
+            state: Arc::new(Default::default()),
+        })
+    }
+
+    #[tokio::test]
+    async fn the_stream_ends_when_this_controller_stops_being_a_voter() {
+        let (tx, rx) = tokio::sync::watch::channel(view(vec![1, 2, 3]));
+        let mut s = assignment_stream(rx, "h1".into(), "1f".into());
+        assert!(s.next().await.expect("first assignment").is_ok());
+        tx.send(view(vec![2, 3, 4])).unwrap();
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), s.next());
+        let e = next
+            .await
+            .expect("the stream ends, not waits for the next change")
+            .expect("an error")
+            .expect_err("not a voter");
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(e.message().contains("controller 1 is not a voter"), "{e:?}");
+        assert!(s.next().await.is_none(), "the stream ended");
+        // A learner (or removed controller) refuses from the start.
+        let (_tx, rx) = tokio::sync::watch::channel(view(vec![2, 3]));
+        let mut s = assignment_stream(rx, "h1".into(), "1f".into());
+        let e = s.next().await.expect("an error").expect_err("not a voter");
+        assert_eq!(e.code(), tonic::Code::Unavailable);
     }
 }

@@ -35,7 +35,7 @@ use vipshare_core::damping::Damping;
 use vipshare_core::fence::{FenceCommand, FenceRound};
 use vipshare_core::heartbeat;
 use vipshare_core::lease::{majority, LeaseTiming, Promises, Refusal};
-use vipshare_core::ownership::{Action, Planner, PlannerConfig, PlannerFaults};
+use vipshare_core::ownership::{self, Action, Planner, PlannerConfig, PlannerFaults, Tick};
 use vipshare_core::policy;
 use vipshare_core::state::{Member, MemberState};
 
@@ -916,33 +916,38 @@ impl World {
         let Some(p) = c.promises.as_mut() else {
             return Ok(());
         };
-        if p.timing() != timing {
-            p.set_timing(timing);
-        }
         let now = self.now;
         c.rounds.retain(|_, rd| now < rd.started + 1000);
-        if r.role().role != StateRole::Leader {
-            if c.planner.take().is_some() && self.trace.print {
+        let leader = r.role().role == StateRole::Leader;
+        let skip_fence_wait = self.cfg.skip_fence_wait;
+        let new_planner = || {
+            let mut pl = Planner::new(PlannerConfig::default());
+            pl.set_faults(PlannerFaults { skip_fence_wait });
+            pl
+        };
+        let had_planner = c.planner.is_some();
+        // The controller's own loop step (`Ownership::run` runs the same).
+        let tick = Tick {
+            now: c.clock.local(now),
+            state: r.state(),
+            applied: r.applied_index(),
+            commit: r.commit_index(),
+            leader,
+        };
+        let actions = ownership::tick(p, &mut c.planner, new_planner, tick);
+        if !leader {
+            if had_planner && self.trace.print {
                 self.trace(Some(id), || "planner reset (not leader)".into());
             }
             return Ok(());
         }
-        let state = r.state();
-        p.retain(|m| state.members.contains_key(m));
-        let planner = c.planner.get_or_insert_with(|| {
-            let mut pl = Planner::new(PlannerConfig::default());
-            pl.set_faults(PlannerFaults {
-                skip_fence_wait: self.cfg.skip_fence_wait,
-            });
-            pl
-        });
-        let actions = planner.plan(c.clock.local(now), now, state, p);
         let mut voters = r.conf_state().voters.clone();
         voters.sort_unstable();
         for a in actions {
             match a {
                 Action::Propose(cmd) => self.ownership_propose(id, cmd)?,
-                Action::Fence { member, epoch } => {
+                // The round stamps the world's time (fence_round).
+                Action::Fence { member, epoch, .. } => {
                     self.fence_round(id, member, epoch, &voters)?;
                 }
             }
