@@ -376,7 +376,8 @@ impl Planner {
             actions.push(Action::Propose(Command::Release { name, buckets }));
         }
 
-        // 6. Evict a live owner that never confirms its releases.
+        // 6. Evict a live owner that never confirms its releases; sooner one
+        // whose data plane reports problems (it likely cannot withdraw).
         self.release_seen
             .retain(|i, _| state.buckets.get(*i as usize).is_some_and(|b| b.releasing));
         for (i, b) in state.buckets.iter().enumerate() {
@@ -388,7 +389,14 @@ impl Planner {
             let Some(m) = state.members.get(owner) else {
                 continue;
             };
-            if now >= seen + self.cfg.release_timeout_ms
+            let timeout = if promises.health(now, owner).0.is_empty() {
+                self.cfg.release_timeout_ms
+            } else {
+                self.cfg
+                    .release_timeout_ms
+                    .min(self.cfg.unhealthy_grace_ms / 2)
+            };
+            if now >= seen + timeout
                 && !m.evicted
                 && self.due(format!("evict:{owner}:{}", m.epoch), now)
             {

@@ -1022,6 +1022,8 @@ pub struct MemberView {
     pub penalty: f64,
     pub returns_in_ms: u64,
     pub last_ack_ms_ago: u64,
+    /// What its agent reports keeps it from serving.
+    pub problems: Vec<String>,
 }
 
 pub fn members<P: HostProvider>(p: &P) -> anyhow::Result<BTreeMap<String, MemberView>> {
@@ -1044,6 +1046,12 @@ pub fn members_via(ctl: &Ctl) -> anyhow::Result<BTreeMap<String, MemberView>> {
                 penalty: m["penalty"].as_f64().unwrap_or(0.0),
                 returns_in_ms: m["returns_in_ms"].as_u64().unwrap_or(0),
                 last_ack_ms_ago: m["last_ack_ms_ago"].as_u64().unwrap_or(u64::MAX),
+                problems: m["problems"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p.as_str().map(String::from))
+                    .collect(),
             },
         );
     }
@@ -1654,6 +1662,25 @@ impl NetnsProvider {
             .filter(|&n| n >= 1 && n <= self.agents.len())
             .map(|n| n - 1)
             .ok_or_else(|| anyhow!("no host {host:?}"))
+    }
+
+    /// Kills agent `host`, sets `interface` in its configuration file and
+    /// starts it again: e.g. a NIC that exists but is down.
+    pub fn restart_agent_on(&mut self, host: &str, interface: &str) -> anyhow::Result<()> {
+        let i = self.index(host)?;
+        let agent = &mut self.agents[i];
+        agent.kill();
+        let text = std::fs::read_to_string(&agent.config)?;
+        let line = |l: &str| {
+            if l.starts_with("interface = ") {
+                format!("interface = \"{interface}\"")
+            } else {
+                l.to_string()
+            }
+        };
+        let text: Vec<String> = text.lines().map(line).collect();
+        std::fs::write(&agent.config, text.join("\n") + "\n")?;
+        agent.restart()
     }
 
     /// Agent `host`'s log so far.

@@ -1831,3 +1831,68 @@ fn agent_restarted_after_a_drain_never_installs_a_released_bucket_from_a_lagging
         )
     });
 }
+
+// ------------------------------------------------------------------ 11. a host that cannot serve
+
+/// The agent of `host` is restarted on a NIC that exists but is down (a
+/// wrong `interface`): its heartbeats report it, so the leader gives it
+/// nothing, its buckets move to the others (it can still withdraw them),
+/// `members` names the problem and `status` exits 5; restarted on the right
+/// NIC it takes its share back.
+fn cannot_serve(p: &mut NetnsProvider, host: &str) -> R {
+    let hosts = names(p);
+    wait_converged(p, &refs(&hosts), CONVERGE)?;
+    let i = hosts.iter().position(|h| h == host).context("host")?;
+    // A veth whose peer is down: it exists, it has no carrier.
+    let nic = [
+        "link", "add", "spare0", "type", "veth", "peer", "name", "spare1",
+    ];
+    p.net.hosts[i].ip(&nic)?;
+    let t = Instant::now();
+    p.restart_agent_on(host, "spare0")?;
+    let problems = poll(CONVERGE, &format!("{host} to report a problem"), || {
+        let m = members(p).ok()?.remove(host)?;
+        (!m.problems.is_empty()).then_some(m.problems)
+    })?;
+    ensure!(
+        problems.iter().any(|p| p == "interface_down"),
+        "{host} reports {problems:?}"
+    );
+    let reported = t.elapsed();
+    let others = except(&hosts, host);
+    wait_converged(p, &others, CONVERGE)?;
+    let moved = t.elapsed();
+    let m = members(p)?.remove(host).context("member")?;
+    ensure!(m.buckets == 0, "{host} still owns {} buckets", m.buckets);
+    let s = status(p)?;
+    ensure!(
+        s["health"]["exit_code"].as_u64() == Some(5),
+        "status health {}",
+        s["health"]
+    );
+    let kernel = p.kernel_owned(host).unwrap_or_default();
+    ensure!(
+        kernel.is_empty(),
+        "{host}'s kernel still accepts {kernel:?}"
+    );
+    p.restart_agent_on(host, "eth0")?;
+    wait_converged(p, &refs(&hosts), CONVERGE)?;
+    let back = members(p)?.remove(host).context("member")?;
+    ensure!(
+        back.problems.is_empty(),
+        "still reported: {:?}",
+        back.problems
+    );
+    eprintln!(
+        "[cannot serve] {host} on a down NIC: reported {problems:?} after {reported:.1?}, \
+         its buckets on the others after {moved:.1?}, status exit 5; back on eth0 after {:.1?}",
+        t.elapsed()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_host_that_cannot_serve_gets_no_bucket_and_is_reported() {
+    let mut p = lab(LabOptions::default());
+    run("cannot serve", &mut p, |p| cannot_serve(p, "h2"));
+}
