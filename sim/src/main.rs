@@ -64,8 +64,6 @@ struct Args {
     /// the controllers' second guard, off too).
     #[arg(long, value_enum)]
     bug: Vec<Bug>,
-    /// Model a proposed controller change: the leader records its own fence
-
     /// The raft-only model: no agents, leases or ownership planner.
     #[arg(long)]
     no_agents: bool,
