@@ -12,30 +12,45 @@ use crate::client::Admin;
 /// Pause after every controller failed once, before the next round.
 const ROUND_PAUSE: Duration = Duration::from_millis(200);
 
-pub async fn run(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
-    let mut last: Option<Vec<pb::BucketInfo>> = None;
+type Open<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<tonic::Streaming<T>>> + 'a>>;
+
+/// Follows one controller's stream, then the next one's when it ends or
+/// fails, round after round: `item` gets each message with the latest note
+/// (what went wrong last, or whom it follows); `echo` also prints the notes
+/// to stderr.
+async fn follow<T>(
+    admin: &Admin,
+    open: impl for<'a> Fn(&'a Admin, &'a str) -> Open<'a, T>,
+    echo: bool,
+    mut item: impl FnMut(&str, T, &str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut note = String::new();
+    let say = |text: String, note: &mut String| {
+        if echo {
+            eprintln!("watch: {text}");
+        }
+        *note = text;
+    };
     loop {
         for address in admin.addresses() {
-            let mut stream = match admin.watch_buckets(address).await {
+            let mut stream = match open(admin, address).await {
                 Ok(s) => s,
                 Err(e) => {
-                    eprintln!("watch: {e:#}");
+                    say(format!("{e:#}"), &mut note);
                     continue;
                 }
             };
-            eprintln!("watch: following controller {address}");
+            say(format!("following controller {address}"), &mut note);
             loop {
                 match stream.message().await {
-                    Ok(Some(m)) => {
-                        print_change(address, &m, last.as_deref(), as_json)?;
-                        last = Some(m.buckets);
-                    }
+                    Ok(Some(m)) => item(address, m, &note)?,
                     Ok(None) => {
-                        eprintln!("watch: controller {address} ended the stream");
+                        say(format!("controller {address} ended the stream"), &mut note);
                         break;
                     }
                     Err(s) => {
-                        eprintln!("watch: controller {address}: {}", s.message());
+                        say(format!("controller {address}: {}", s.message()), &mut note);
                         break;
                     }
                 }
@@ -45,38 +60,44 @@ pub async fn run(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
     }
 }
 
+fn open_buckets<'a>(a: &'a Admin, address: &'a str) -> Open<'a, pb::BucketsReply> {
+    Box::pin(a.watch_buckets(address))
+}
+
+fn open_watch<'a>(a: &'a Admin, address: &'a str) -> Open<'a, pb::WatchReply> {
+    Box::pin(a.watch(address))
+}
+
+/// One line per change of the bucket map (`--lines`, or `--json` maps).
+pub async fn run(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
+    let mut last: Option<Vec<pb::BucketInfo>> = None;
+    follow(
+        admin,
+        open_buckets,
+        true,
+        |address, m: pb::BucketsReply, _| {
+            print_change(address, &m, last.as_deref(), as_json)?;
+            last = Some(m.buckets);
+            Ok(())
+        },
+    )
+    .await
+}
+
 /// The full-screen view: redrawn on every picture the controller sends.
 pub async fn screen(admin: &Admin) -> anyhow::Result<()> {
-    let mut note = String::new();
-    loop {
-        for address in admin.addresses() {
-            let mut stream = match admin.watch(address).await {
-                Ok(s) => s,
-                Err(e) => {
-                    note = format!("{e:#}");
-                    continue;
-                }
-            };
-            loop {
-                match stream.message().await {
-                    Ok(Some(w)) => {
-                        print!("\x1b[H\x1b[2J{}", render(address, &w, &note));
-                        use std::io::Write;
-                        std::io::stdout().flush()?;
-                    }
-                    Ok(None) => {
-                        note = format!("controller {address} ended the stream");
-                        break;
-                    }
-                    Err(s) => {
-                        note = format!("controller {address}: {}", s.message());
-                        break;
-                    }
-                }
-            }
-        }
-        tokio::time::sleep(ROUND_PAUSE).await;
-    }
+    follow(
+        admin,
+        open_watch,
+        false,
+        |address, w: pb::WatchReply, note| {
+            print!("\x1b[H\x1b[2J{}", render(address, &w, note));
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            Ok(())
+        },
+    )
+    .await
 }
 
 /// One picture of the cluster as `address` sees it.
