@@ -150,6 +150,8 @@ pub struct Promises {
     /// Per member, since when (this controller's clock) its agent has reported
     /// problems, and the last ones it reported; absent while it serves.
     unhealthy: BTreeMap<String, (u64, Vec<String>)>,
+    /// Per member, when its agent last stopped reporting problems.
+    recovered: BTreeMap<String, u64>,
     faults: PromiseFaults,
 }
 
@@ -210,6 +212,7 @@ impl Promises {
             promised: BTreeMap::new(),
             start_promise: now + timing.controller_promise_ms(),
             unhealthy: BTreeMap::new(),
+            recovered: BTreeMap::new(),
             faults: PromiseFaults::default(),
             acked_since: BTreeMap::new(),
             fenced,
@@ -274,7 +277,9 @@ impl Promises {
     /// Record what `member`'s agent says keeps it from serving (empty: it serves).
     pub fn report_health(&mut self, now: u64, member: &str, problems: &[String]) {
         if problems.is_empty() {
-            self.unhealthy.remove(member);
+            if self.unhealthy.remove(member).is_some() {
+                self.recovered.insert(member.to_string(), now);
+            }
         } else {
             let e = self
                 .unhealthy
@@ -282,6 +287,15 @@ impl Promises {
                 .or_insert((now, Vec::new()));
             e.1 = problems.to_vec();
         }
+    }
+
+    /// How long ago `member`'s agent stopped reporting problems (`None`: it
+    /// never reported any, or reports some now).
+    pub fn recovered_for(&self, now: u64, member: &str) -> Option<u64> {
+        if self.unhealthy.contains_key(member) {
+            return None;
+        }
+        self.recovered.get(member).map(|&t| now.saturating_sub(t))
     }
 
     /// What keeps `member` from serving, as its agent last reported (empty:
@@ -388,6 +402,7 @@ impl Promises {
         self.last_ack.retain(|m, _| keep(m));
         self.promised.retain(|m, _| keep(m));
         self.unhealthy.retain(|m, _| keep(m));
+        self.recovered.retain(|m, _| keep(m));
         self.acked_since.retain(|m, _| keep(m));
         self.fenced.retain(|m, _| keep(m));
     }

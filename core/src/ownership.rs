@@ -141,16 +141,25 @@ impl Planner {
     }
 
     /// Which members may take buckets now: assignable in the replicated state,
-    /// heard from (by this leader) within one lease, and not reporting that
-    /// their data plane cannot serve.
-    pub fn eligible(state: &ClusterState, promises: &Promises, now: u64) -> Vec<PolicyMember> {
+    /// heard from (by this leader) within one lease, not reporting that their
+    /// data plane cannot serve, nor having stopped reporting it less than the
+    /// grace ago (a host whose health flaps does not pull buckets back and
+    /// forth).
+    pub fn eligible(
+        &self,
+        state: &ClusterState,
+        promises: &Promises,
+        now: u64,
+    ) -> Vec<PolicyMember> {
         let lease = promises.timing().lease_ms;
+        let grace = self.cfg.unhealthy_grace_ms;
         state
             .members
             .iter()
             .map(|(name, m)| {
                 let live = now < promises.last_ack(name) + lease;
-                let serves = promises.health(now, name).0.is_empty();
+                let serves = promises.health(now, name).0.is_empty()
+                    && promises.recovered_for(now, name).is_none_or(|t| t >= grace);
                 let ok = m.assignable() && !m.evicted && live && serves;
                 PolicyMember::new(name.clone(), m.weight, ok)
             })
@@ -288,7 +297,7 @@ impl Planner {
         }
 
         // 3.-5. Move buckets towards the policy's target.
-        let mut members = Self::eligible(state, promises, now);
+        let mut members = self.eligible(state, promises, now);
         for m in &mut members {
             if self.joined.contains_key(&m.name) {
                 m.eligible = false;
@@ -601,32 +610,42 @@ pub(crate) mod tests {
         pr.report_health(0, "b", &broken);
         step(&mut p, &mut s, &pr, 0);
         assert_eq!(s.owned_by("a").count(), 16, "nothing granted to b");
-        // b is repaired and takes half; then it breaks again.
+        // b is repaired: it takes half once it has served for the grace.
+        let grace = PlannerConfig::default().unhealthy_grace_ms;
+        let releasing = |s: &ClusterState| s.buckets.iter().filter(|b| b.releasing).count();
         pr.report_health(100, "b", &[]);
         heartbeat_all(&mut pr, &s, 100, &[]);
         step(&mut p, &mut s, &pr, 100);
-        let releasing = |s: &ClusterState| s.buckets.iter().filter(|b| b.releasing).count();
+        assert_eq!(
+            releasing(&s),
+            0,
+            "b is given nothing right after its repair"
+        );
+        let now = 100 + grace;
+        heartbeat_all(&mut pr, &s, now, &[]);
+        step(&mut p, &mut s, &pr, now);
         assert_eq!(releasing(&s), 8, "a hands half to b");
         for i in 0..16u32 {
             if s.buckets[i as usize].releasing {
                 p.released("a", i, s.buckets[i as usize].epoch);
             }
         }
-        heartbeat_all(&mut pr, &s, 200, &[]);
-        step(&mut p, &mut s, &pr, 200);
+        let t = now + 100;
+        heartbeat_all(&mut pr, &s, t, &[]);
+        step(&mut p, &mut s, &pr, t);
         assert_eq!(s.owned_by("b").count(), 8);
-        let grace = PlannerConfig::default().unhealthy_grace_ms;
-        pr.report_health(300, "b", &broken);
-        for now in (300..300 + grace).step_by(100) {
+        let t = t + 100;
+        pr.report_health(t, "b", &broken);
+        for now in (t..t + grace).step_by(100) {
             heartbeat_all(&mut pr, &s, now, &[]);
             pr.report_health(now, "b", &broken);
             step(&mut p, &mut s, &pr, now);
             assert_eq!(releasing(&s), 0, "released at {now}, within the grace");
         }
-        heartbeat_all(&mut pr, &s, 300 + grace, &[]);
-        step(&mut p, &mut s, &pr, 300 + grace);
+        heartbeat_all(&mut pr, &s, t + grace, &[]);
+        step(&mut p, &mut s, &pr, t + grace);
         assert_eq!(releasing(&s), 8, "after the grace b's buckets move away");
-        assert_eq!(pr.health(300 + grace, "b"), (&broken[..], grace));
+        assert_eq!(pr.health(t + grace, "b"), (&broken[..], grace));
     }
 
     #[test]
