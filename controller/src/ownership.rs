@@ -59,8 +59,14 @@ impl Ownership {
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 Some(r) = self.released.recv() => {
-                    if let Some(p) = planner.as_mut() {
-                        p.released(&r.member, r.bucket, r.epoch);
+                    // And every confirmation queued behind it: one plan, one
+                    // Transfer for all of them.
+                    let mut next = Some(r);
+                    while let Some(r) = next {
+                        if let Some(p) = planner.as_mut() {
+                            p.released(&r.member, r.bucket, r.epoch);
+                        }
+                        next = self.released.try_recv().ok();
                     }
                 }
                 _ = shutdown.changed() => return,

@@ -91,24 +91,30 @@ fn parse_set(json: &str) -> BTreeSet<u32> {
 
 /// Every change of one host's owned set, read by polling the kernel in
 /// process (libnftables, about 1 ms apart) from a thread in its namespace:
-/// (when, the set then).
-type SetHistory = Vec<(Instant, BTreeSet<u32>)>;
+/// (first poll that saw the set, last poll that still saw it, the set). A
+/// change happened somewhere between two polls, and a busy machine can delay a
+/// poll by many milliseconds, so both ends are kept.
+type SetHistory = Vec<(Instant, Instant, BTreeSet<u32>)>;
 
 fn record_sets(ns: &Netns, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<SetHistory> {
     ns.spawn(move || {
         let mut nft = Nft::new().expect("libnftables");
         let mut history: SetHistory = Vec::new();
         while !stop.load(Ordering::Relaxed) {
+            let before = Instant::now();
             if let Ok(out) = nft.run("list set ip vipshare owned") {
-                let at = Instant::now();
                 // `elements = { 0x00000003 timeout 500ms expires 312ms, .. }`
                 let set: BTreeSet<u32> = out
                     .split(|c: char| c.is_whitespace() || c == ',' || c == '{')
                     .filter_map(|w| w.strip_prefix("0x"))
                     .filter_map(|h| u32::from_str_radix(h, 16).ok())
                     .collect();
-                if history.last().map(|(_, s)| s) != Some(&set) {
-                    history.push((at, set));
+                match history.last_mut() {
+                    // The kernel answered somewhere between `before` and now:
+                    // the set was certainly there at `before`'s end of the
+                    // call only, so `before` bounds "still had it" from below.
+                    Some((_, last, s)) if *s == set => *last = before,
+                    _ => history.push((Instant::now(), before, set)),
                 }
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -117,21 +123,37 @@ fn record_sets(ns: &Netns, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Set
     })
 }
 
-/// Per moved bucket: from its removal from one host's kernel to its install
-/// in another's (ms); negative when two kernels held it at once.
+/// Per moved bucket: from the last poll that saw it in the old owner's kernel
+/// to the first poll that saw it in the new owner's (ms, an upper bound of the
+/// gap); an overlap (reported as negative) only when a poll saw it in the new
+/// owner's kernel before a later poll still saw it in the old owner's, which
+/// late polls cannot fake (before, the removal was dated by the first poll
+/// without it: a poll thread held up on a busy machine reported overlaps).
 fn move_gaps(histories: &[SetHistory]) -> Vec<f64> {
-    // (time, bucket, host, added?)
+    // (when, bucket, host, added?): an add at the first poll that saw it, a
+    // removal at the last poll that still saw it.
     let mut events = Vec::new();
+    let mut holder: std::collections::BTreeMap<u32, usize> = Default::default();
     for (host, h) in histories.iter().enumerate() {
+        if let Some((_, _, first)) = h.first() {
+            holder.extend(first.iter().map(|&b| (b, host)));
+        }
         for pair in h.windows(2) {
-            let ((_, before), (at, after)) = (&pair[0], &pair[1]);
-            events.extend(after.difference(before).map(|&b| (*at, b, host, true)));
-            events.extend(before.difference(after).map(|&b| (*at, b, host, false)));
+            let ((_, last_before, before), (first_after, _, after)) = (&pair[0], &pair[1]);
+            events.extend(
+                after
+                    .difference(before)
+                    .map(|&b| (*first_after, b, host, true)),
+            );
+            events.extend(
+                before
+                    .difference(after)
+                    .map(|&b| (*last_before, b, host, false)),
+            );
         }
     }
     events.sort_by_key(|e| e.0);
     let mut gaps = Vec::new();
-    let mut holder: std::collections::BTreeMap<u32, usize> = Default::default();
     let mut removed: std::collections::BTreeMap<u32, (Instant, usize)> = Default::default();
     for (at, b, host, added) in events {
         if added {

@@ -155,6 +155,10 @@ impl Drop for Conn {
     }
 }
 
+/// Release confirmations gathered during one apply: (bucket, epoch) and the
+/// controllers to tell.
+type ReleaseBatch = (Vec<(u32, u64)>, Vec<u64>);
+
 struct Runtime {
     cfg: AgentConfig,
     tls: Arc<rustls::ClientConfig>,
@@ -183,6 +187,9 @@ struct Runtime {
     withdrawing: Vec<(u32, u64)>,
     /// The kernel needs an apply.
     dirty: bool,
+    /// While set, confirmations of releases are gathered here (buckets,
+    /// controllers) and sent as one.
+    release_batch: Option<ReleaseBatch>,
     /// What keeps the data plane from serving, as last assessed: every
     /// heartbeat says it, and the leader gives such a member nothing.
     problems: Vec<String>,
@@ -354,7 +361,13 @@ impl Runtime {
                     // round repeats it.
                     return;
                 }
-                self.send_released(&buckets, &to);
+                match &mut self.release_batch {
+                    Some((all, dest)) => {
+                        all.extend(buckets);
+                        *dest = to;
+                    }
+                    None => self.send_released(&buckets, &to),
+                }
             }
             C::Watch { controllers } => {
                 let list: Vec<(u64, String)> = controllers
@@ -579,8 +592,16 @@ impl Runtime {
                         "assignment applied"
                     );
                 }
+                // One confirmation for every bucket this apply withdrew: one
+                // RPC per controller, one Transfer at the leader.
+                self.release_batch = Some((Vec::new(), Vec::new()));
                 for (bucket, epoch) in std::mem::take(&mut self.withdrawing) {
                     self.step(engine::Event::Withdrawn { bucket, epoch });
+                }
+                if let Some((buckets, to)) = self.release_batch.take() {
+                    if !buckets.is_empty() {
+                        self.send_released(&buckets, &to);
+                    }
                 }
             }
             Err(e) => {
@@ -861,6 +882,7 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
         withdrawing: Vec::new(),
         dirty: true,
         problems: Vec::new(),
+        release_batch: None,
         applied_owned: BTreeSet::new(),
         applied_until: 0,
         draining: None,
