@@ -407,6 +407,20 @@ impl<D: Durable> Replica<D> {
             self.raw.mut_store().install_snapshot(&snap)?;
             out.snapshot_installed = true;
         }
+        if let Some(hs) = rd.hs() {
+            // A new term goes to disk before the entries that arrive under it:
+            // those may truncate entries this replica acknowledged in the old
+            // term, and a crash that kept the truncation but not the term would
+            // leave it in the old term without what it acknowledged there (sim
+            // seed 30004921, `--agents 32 --nodes 5`). Its commit index is
+            // capped by what the log holds until the entries are written.
+            let store = self.raw.store();
+            if !rd.entries().is_empty() && hs.term > store.hard_state().term {
+                let mut early = hs.clone();
+                early.commit = early.commit.min(store.last_index().unwrap_or(0));
+                self.raw.mut_store().set_hard_state(&early)?;
+            }
+        }
         self.raw.mut_store().append(rd.entries())?;
         if let Some(hs) = rd.hs() {
             self.raw.mut_store().set_hard_state(hs)?;
