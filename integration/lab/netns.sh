@@ -117,6 +117,9 @@ address = \"10.77.0.$j:7001\"
 member = "h$i"
 interface = "eth0"
 backend = "linux"
+# One state file per agent: four agents on one machine must not share the
+# default /var/lib/vipshare, nor inherit floors from an earlier lab's cluster.
+state_dir = "$LAB_DIR/agent-h$i-state"
 [tls]
 ca = "$LAB_DIR/pki/ca.crt"
 cert = "$LAB_DIR/pki/agent-h$i.crt"
