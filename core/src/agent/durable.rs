@@ -23,6 +23,12 @@ pub struct AgentState {
     /// all replaced still finds the cluster.
     #[serde(default)]
     pub controllers: BTreeMap<u64, String>,
+    /// Whose state this is: the cluster's ID and the member name, so that a
+    /// state left by another cluster (rebuilt with a new CA) or another
+    /// member is not taken for this one's (its floors would refuse grants
+    /// whose epochs mean nothing to it). `None` in files older than this.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 impl AgentState {
@@ -39,6 +45,12 @@ impl AgentState {
         }
         *f = floor;
         true
+    }
+
+    /// Whether a state loaded from disk may be used by `owner`: written by it,
+    /// or by a version that did not record its owner.
+    pub fn belongs_to(&self, owner: &str) -> bool {
+        self.owner.as_deref().is_none_or(|o| o == owner)
     }
 
     pub fn to_json(&self) -> String {
@@ -70,6 +82,12 @@ mod tests {
         s.timing = Some(LeaseTiming::default());
         let back = AgentState::from_json(&s.to_json()).unwrap();
         assert_eq!(back, s);
+        s.owner = Some("c1/web-1".into());
+        assert!(s.belongs_to("c1/web-1") && !s.belongs_to("c2/web-1"));
+        assert!(
+            AgentState::default().belongs_to("c2/web-1"),
+            "an older file"
+        );
         assert!(AgentState::from_json("{\"floors\": 3}")
             .unwrap_err()
             .contains("invalid type"));

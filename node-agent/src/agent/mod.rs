@@ -155,6 +155,18 @@ impl Drop for Conn {
     }
 }
 
+/// Whose state file this agent keeps: "<cluster ID>/<member>" (the CA's
+/// cluster ID, or its name for a CA made before IDs).
+fn state_owner(cfg: &AgentConfig) -> String {
+    let cluster = vipshare_proto::pki::ca_cluster_id(&cfg.tls.ca)
+        .ok()
+        .flatten()
+        .map(|id| id.as_str().to_string())
+        .or_else(|| vipshare_proto::pki::ca_cluster(&cfg.tls.ca).ok())
+        .unwrap_or_default();
+    format!("{cluster}/{}", cfg.member)
+}
+
 /// Release confirmations gathered during one apply: (bucket, epoch) and the
 /// controllers to tell.
 type ReleaseBatch = (Vec<(u32, u64)>, Vec<u64>);
@@ -839,7 +851,19 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel(1024);
     // Loaded before anything reaches the kernel.
     let state_file = StateFile::new(&cfg.state_dir);
-    let state = state_file.load().context("agent state")?;
+    let owner = state_owner(&cfg);
+    let state = match state_file.load().context("agent state")? {
+        Some(s) if !s.belongs_to(&owner) => {
+            warn!(path = %state_file.path().display(), found = ?s.owner, expected = %owner,
+                "agent state of another cluster or member: starting fresh");
+            None
+        }
+        s => s,
+    };
+    let state = state.map(|s| AgentState {
+        owner: Some(owner.clone()),
+        ..s
+    });
     match &state {
         Some(s) => info!(path = %state_file.path().display(), floors = s.floors.len(),
             voters = ?s.voters, "agent state loaded"),
@@ -865,7 +889,13 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
         linux::watch::spawn(c.table, move |e| foreign_tx.blocking_send(e).is_ok());
     }
     let mut rt = Runtime {
-        engine: Engine::new(seeds, state.unwrap_or_default()),
+        engine: Engine::new(
+            seeds,
+            state.unwrap_or_else(|| AgentState {
+                owner: Some(owner),
+                ..AgentState::default()
+            }),
+        ),
         state_file,
         unpersisted: None,
         settings: None,
