@@ -852,22 +852,14 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
     // Loaded before anything reaches the kernel.
     let state_file = StateFile::new(&cfg.state_dir);
     let owner = state_owner(&cfg);
-    let state = match state_file.load().context("agent state")? {
-        Some(s) if !s.belongs_to(&owner) => {
-            warn!(path = %state_file.path().display(), found = ?s.owner, expected = %owner,
-                "agent state of another cluster or member: starting fresh");
-            None
-        }
-        s => s,
-    };
-    let state = state.map(|s| AgentState {
-        owner: Some(owner.clone()),
-        ..s
-    });
-    match &state {
-        Some(s) => info!(path = %state_file.path().display(), floors = s.floors.len(),
-            voters = ?s.voters, "agent state loaded"),
-        None => info!(path = %state_file.path().display(), "no agent state yet (fresh host)"),
+    let (state, found) = state_file.load_for(&owner).context("agent state")?;
+    let path = state_file.path().display();
+    match found {
+        Ok(true) => info!(%path, floors = state.floors.len(), voters = ?state.voters,
+            "agent state loaded"),
+        Ok(false) => info!(%path, "no agent state yet (fresh host)"),
+        Err(other) => warn!(%path, found = ?other, expected = %owner,
+            "agent state of another cluster or member: starting fresh"),
     }
     let seeds: Vec<engine::Controller> = cfg
         .controllers
@@ -889,13 +881,7 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
         linux::watch::spawn(c.table, move |e| foreign_tx.blocking_send(e).is_ok());
     }
     let mut rt = Runtime {
-        engine: Engine::new(
-            seeds,
-            state.unwrap_or_else(|| AgentState {
-                owner: Some(owner),
-                ..AgentState::default()
-            }),
-        ),
+        engine: Engine::new(seeds, state),
         state_file,
         unpersisted: None,
         settings: None,

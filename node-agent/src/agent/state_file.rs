@@ -59,6 +59,31 @@ impl StateFile {
             })
     }
 
+    /// The state `owner` ("<cluster ID>/<member>") starts from: what it stored
+    /// (or a file too old to name its owner), else a fresh one; a file of
+    /// another cluster or member is not used (its floors mean nothing here)
+    /// and is returned as `Err(that owner)` alongside, for the log.
+    pub fn load_for(
+        &self,
+        owner: &str,
+    ) -> Result<(AgentState, Result<bool, Option<String>>), StateFileError> {
+        let fresh = || AgentState {
+            owner: Some(owner.to_string()),
+            ..AgentState::default()
+        };
+        Ok(match self.load()? {
+            None => (fresh(), Ok(false)),
+            Some(s) if !s.belongs_to(owner) => (fresh(), Err(s.owner)),
+            Some(s) => (
+                AgentState {
+                    owner: Some(owner.to_string()),
+                    ..s
+                },
+                Ok(true),
+            ),
+        })
+    }
+
     /// Stores `state` durably; returns once it is on disk.
     pub fn store(&self, state: &AgentState) -> Result<(), StateFileError> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
@@ -89,6 +114,19 @@ mod tests {
         s.voters = [1, 2, 3].into();
         f.store(&s).unwrap();
         assert_eq!(f.load().unwrap(), Some(s));
+        // Its owner's; another cluster's or member's is not used.
+        let (own, found) = f.load_for("c1/h1").unwrap();
+        assert_eq!(
+            (own.floors.len(), found),
+            (1, Ok(true)),
+            "an older file is kept"
+        );
+        f.store(&own).unwrap();
+        assert_eq!(f.load_for("c1/h1").unwrap().0, own);
+        let (other, found) = f.load_for("c2/h1").unwrap();
+        assert_eq!(found, Err(Some("c1/h1".into())));
+        assert!(other.floors.is_empty() && other.owner.as_deref() == Some("c2/h1"));
+        assert!(f.load_for("c1/h2").unwrap().1.is_err(), "another member's");
         fs::write(f.path(), "{").unwrap();
         let e = f.load().unwrap_err().to_string();
         assert!(
