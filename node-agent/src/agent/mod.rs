@@ -49,7 +49,7 @@ use vipshare_proto::PROTOCOL_VERSION;
 
 use vipshare_core::agent::{self as engine, AgentState, Engine};
 
-use self::state_file::StateFile;
+use self::state_file::{Found, StateFile};
 use self::wire::Settings;
 use crate::config::{uri, AgentConfig};
 use crate::dataplane::freebsd::{self, FreeBsdDataPlane};
@@ -855,10 +855,10 @@ pub async fn run(cfg: AgentConfig, plane: Plane) -> anyhow::Result<()> {
     let (state, found) = state_file.load_for(&owner).context("agent state")?;
     let path = state_file.path().display();
     match found {
-        Ok(true) => info!(%path, floors = state.floors.len(), voters = ?state.voters,
+        Found::Own => info!(%path, floors = state.floors.len(), voters = ?state.voters,
             "agent state loaded"),
-        Ok(false) => info!(%path, "no agent state yet (fresh host)"),
-        Err(other) => warn!(%path, found = ?other, expected = %owner,
+        Found::Nothing => info!(%path, "no agent state yet (fresh host)"),
+        Found::Foreign(other) => warn!(%path, found = ?other, expected = %owner,
             "agent state of another cluster or member: starting fresh"),
     }
     let seeds: Vec<engine::Controller> = cfg

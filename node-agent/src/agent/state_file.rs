@@ -8,6 +8,17 @@ use std::path::{Path, PathBuf};
 
 use vipshare_core::agent::AgentState;
 
+/// What [`StateFile::load_for`] found on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// The owner's own state (or a file too old to name its owner).
+    Own,
+    /// Nothing: a fresh host.
+    Nothing,
+    /// The state of another cluster or member (its owner), not used.
+    Foreign(Option<String>),
+}
+
 /// Where the state lives.
 #[derive(Debug, Clone)]
 pub struct StateFile {
@@ -62,24 +73,21 @@ impl StateFile {
     /// The state `owner` ("<cluster ID>/<member>") starts from: what it stored
     /// (or a file too old to name its owner), else a fresh one; a file of
     /// another cluster or member is not used (its floors mean nothing here)
-    /// and is returned as `Err(that owner)` alongside, for the log.
-    pub fn load_for(
-        &self,
-        owner: &str,
-    ) -> Result<(AgentState, Result<bool, Option<String>>), StateFileError> {
+    /// and is named in [`Found::Foreign`], for the log.
+    pub fn load_for(&self, owner: &str) -> Result<(AgentState, Found), StateFileError> {
         let fresh = || AgentState {
             owner: Some(owner.to_string()),
             ..AgentState::default()
         };
         Ok(match self.load()? {
-            None => (fresh(), Ok(false)),
-            Some(s) if !s.belongs_to(owner) => (fresh(), Err(s.owner)),
+            None => (fresh(), Found::Nothing),
+            Some(s) if !s.belongs_to(owner) => (fresh(), Found::Foreign(s.owner)),
             Some(s) => (
                 AgentState {
                     owner: Some(owner.to_string()),
                     ..s
                 },
-                Ok(true),
+                Found::Own,
             ),
         })
     }
@@ -118,15 +126,18 @@ mod tests {
         let (own, found) = f.load_for("c1/h1").unwrap();
         assert_eq!(
             (own.floors.len(), found),
-            (1, Ok(true)),
+            (1, Found::Own),
             "an older file is kept"
         );
         f.store(&own).unwrap();
         assert_eq!(f.load_for("c1/h1").unwrap().0, own);
         let (other, found) = f.load_for("c2/h1").unwrap();
-        assert_eq!(found, Err(Some("c1/h1".into())));
+        assert_eq!(found, Found::Foreign(Some("c1/h1".into())));
         assert!(other.floors.is_empty() && other.owner.as_deref() == Some("c2/h1"));
-        assert!(f.load_for("c1/h2").unwrap().1.is_err(), "another member's");
+        assert!(
+            matches!(f.load_for("c1/h2").unwrap().1, Found::Foreign(_)),
+            "another member's"
+        );
         fs::write(f.path(), "{").unwrap();
         let e = f.load().unwrap_err().to_string();
         assert!(
