@@ -17,11 +17,14 @@
 //! - [`assignment`]: the assignment as the engine sees it (domain types).
 //! - [`durable`]: what survives a restart (floors, voters, timing).
 //! - [`engine`]: the state machine.
+//! - [`late_write`]: what a kernel write acknowledged past the budget calls for.
 
 pub mod assignment;
 pub mod durable;
 pub mod engine;
+pub mod late_write;
 
 pub use assignment::{Assignment, Controller};
 pub use durable::AgentState;
 pub use engine::{AgentFaults, Command, Engine, Event, Reply};
+pub use late_write::{after_ack, AfterAck};

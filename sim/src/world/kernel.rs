@@ -9,34 +9,114 @@
 //! lands later than delta and its deadline is stretched by the stall
 //! ([`World::kernel_submit`], counted in `Stats::kernel_late_installs`).
 //!
-//! What the shipping code does about a late write: the agent engine
-//! (`vipshare_core::agent::Engine`) has no kernel ack for installs (only
-//! `Event::Withdrawn` for withdrawals), so it neither sees nor handles one.
-//! The rule "the ack came after the kernel-delay budget: write again from a
-//! fresh clock reading, and delete the owned elements if that is late too"
-//! lives only in the Linux data plane of the node agent
-//! (`node-agent/src/dataplane/linux/exec.rs`, `nft_timed_batch`), which the
-//! simulator does not run: here a late install stands until it times out or
-//! is replaced by the agent's next install.
+//! What the shipping code does about a late write is decided in core
+//! ([`vipshare_core::agent::late_write`]) and carried out by the Linux data
+//! plane (`node-agent/src/dataplane/linux/exec.rs`, `nft_timed_batch`), not by
+//! the agent engine, which hears no ack for installs. This model runs the same
+//! decision: the ack of a late install comes back as it lands, the data plane
+//! writes the elements again from a fresh clock reading (what is left of the
+//! lease then, nothing if it ran out), and deletes them if that write is late
+//! too. The writer is one executor, so nothing the agent hands over later
+//! lands before the rewrite. What stays is real: the stretched deadline stands
+//! from the late install until the rewrite lands.
 
 use super::leases::LeaseEvent;
 use super::*;
 use crate::agents::KernelOp;
+use std::time::Duration;
 use vipshare_core::agent::Event as AgentEvent;
+use vipshare_core::agent::{after_ack, AfterAck};
 
 /// One install in this many stalls past the kernel delay.
 const STALL_ONE_IN: u32 = 40;
 
 impl World {
     /// Hands an operation to the kernel: it lands after at most delta, in
-    /// order; an install whose writer stalls lands up to 3 delta later than that.
+    /// order; an install whose writer stalls lands up to 3 delta later than
+    /// that, and is followed by what the data plane does about a late ack.
     pub(super) fn kernel_submit(&mut self, i: usize, op: KernelOp) {
+        let d = self.kernel_delay(false);
+        let (mut read_at, mut acked, sent) = self.kernel_schedule(i, op, self.now, d);
+        let KernelOp::Install {
+            buckets,
+            timeout_ms,
+            member_epoch,
+        } = sent
+        else {
+            return;
+        };
+        let budget = Duration::from_millis(self.lease.timing.kernel_delay_ms);
+        let clock = self.hosts[i].clock;
+        let mut rewrite = false;
+        loop {
+            let lag = Duration::from_millis(clock.local(acked) - clock.local(read_at));
+            let next = match after_ack(lag, budget, rewrite) {
+                AfterAck::Done => return,
+                // Rendered from the clock read at the ack: what is left then.
+                AfterAck::WriteAgain => KernelOp::Install {
+                    buckets: buckets.clone(),
+                    timeout_ms: timeout_ms
+                        .saturating_sub(clock.local(acked) - clock.local(read_at)),
+                    member_epoch,
+                },
+                AfterAck::DeleteOwned => KernelOp::Install {
+                    buckets: Vec::new(),
+                    timeout_ms: 0,
+                    member_epoch,
+                },
+            };
+            self.trace_host(i, || {
+                format!("data plane: the ack came {lag:?} after the clock reading; writes {next:?}")
+            });
+            let last = rewrite;
+            let d = self.kernel_delay(true);
+            (read_at, acked, _) = self.kernel_schedule(i, next, acked, d);
+            if last {
+                return;
+            }
+            rewrite = true;
+        }
+    }
+
+    /// How long the kernel takes to apply an operation handed over now: at most
+    /// delta. Rewrites draw from the world models' generator, so that modelling
+    /// them leaves the main sequence of draws as it was.
+    fn kernel_delay(&mut self, rewrite: bool) -> u64 {
         let delta = self.lease.timing.kernel_delay_ms;
-        let d = match self.rng.gen_range(0..4) {
+        let rng = if rewrite {
+            &mut self.models
+        } else {
+            &mut self.rng
+        };
+        match rng.gen_range(0..4) {
             0 => delta,
             1 => 0,
-            _ => self.rng.gen_range(0..=delta),
-        };
+            _ => rng.gen_range(0..=delta),
+        }
+    }
+
+    /// Schedules `op`, handed over at `from`, to land `d` later (and later
+    /// still if its writer stalls), never before an earlier operation of the
+    /// host. The writer is one executor: it reads the clock for an install's
+    /// timeout when it takes the operation up, after the earlier ones landed,
+    /// and renders what is left of the lease then. Returns that reading's
+    /// time, when the operation lands, and the operation as sent.
+    fn kernel_schedule(
+        &mut self,
+        i: usize,
+        mut op: KernelOp,
+        from: u64,
+        d: u64,
+    ) -> (u64, u64, KernelOp) {
+        let delta = self.lease.timing.kernel_delay_ms;
+        let (clock, last_land) = (self.hosts[i].clock, self.hosts[i].kernel.last_land);
+        let read_at = from.max(last_land);
+        // At most delta on the host's own clock, which the kernel's timers and
+        // the agent's measure of the round trip both run on.
+        let mut d = d;
+        while d > 0 && clock.local(read_at + d) - clock.local(read_at) > delta {
+            d -= 1;
+        }
         let stall = match op {
             // A fault like the others: none in the fault-free end of the run.
             KernelOp::Install { .. }
@@ -47,11 +127,23 @@ impl World {
             _ => 0,
         };
         let h = &mut self.hosts[i];
-        let land = (self.now + d + stall).max(h.kernel.last_land);
+        if let KernelOp::Install {
+            buckets,
+            timeout_ms,
+            ..
+        } = &mut op
+        {
+            let waited = h.clock.local(read_at) - h.clock.local(from);
+            *timeout_ms = timeout_ms.saturating_sub(waited);
+            if *timeout_ms == 0 {
+                buckets.clear();
+            }
+        }
+        let land = (from + d + stall).max(h.kernel.last_land);
         h.kernel.last_land = land;
         if stall > 0 {
             // Later operations of this writer queue behind it.
-            let late = land - self.now;
+            let late = land - from;
             self.stats.kernel_late_installs += 1;
             self.stats.kernel_max_stall_ms = self.stats.kernel_max_stall_ms.max(late - delta);
             self.trace_host(i, || {
@@ -61,15 +153,15 @@ impl World {
                 )
             });
         }
-        let submitted = self.now;
         self.schedule(
             land,
             Event::Lease(LeaseEvent::Kernel {
                 host: i,
-                op,
-                submitted,
+                op: op.clone(),
+                submitted: read_at,
             }),
         );
+        (read_at, land, op)
     }
 
     /// The kernel applies `op` (handed over at `submitted`). An install's
@@ -119,7 +211,7 @@ impl World {
                     let delta = self.lease.timing.kernel_delay_ms;
                     let late = if lag > delta {
                         format!(
-                            "; LATE: {lag}ms after the agent rendered the timeout, {}ms over the kernel delay (the engine hears no ack)",
+                            "; LATE: {lag}ms after the agent rendered the timeout, {}ms over the kernel delay",
                             lag - delta
                         )
                     } else {

@@ -17,6 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use vipshare_core::agent::{after_ack, AfterAck};
 
 use super::libnft::Nft;
 use super::plan::{NftBatch, Present, Step};
@@ -341,46 +342,54 @@ pub fn default_kernel_delay_budget() -> Duration {
 /// Sends a batch whose element timeouts are relative to `started`: the clock
 /// is read immediately before the send and the timeouts rendered from it. The
 /// kernel counts a timeout from its insert, somewhere between that reading and
-/// the ack, so an element can outlive the lease by at most the round trip. If
-/// the round trip exceeded `budget` (the agent was stopped or starved in
-/// between), the write is counted and the elements are written again at once
-/// from a fresh clock reading (which replaces the stale timeouts as soon as a
-/// delete would); if that write is late as well, the owned elements are
-/// deleted and the write reported as [`DataPlaneError::LateWrite`], so a host
-/// too slow to keep within the budget serves nothing rather than too long.
+/// the ack, so an element can outlive the lease by at most the round trip.
+/// What a round trip past `budget` calls for is decided in core
+/// ([`vipshare_core::agent::late_write`], also run by the simulator): write the
+/// elements again at once from a fresh reading, and if that is late as well,
+/// delete the owned elements and fail with [`DataPlaneError::LateWrite`].
 pub fn nft_timed_batch(
     nft: &mut Nft,
     batch: &NftBatch,
     started: Instant,
     budget: Duration,
 ) -> Result<(), DataPlaneError> {
-    let lag = timed_send(nft, batch, started)?;
-    if lag <= budget || batch.elements.is_none() {
+    let Some(elements) = &batch.elements else {
+        timed_send(nft, batch, started)?;
         return Ok(());
-    }
-    crate::metrics::late_kernel_write();
-    tracing::warn!(
-        ?lag,
-        ?budget,
-        "lease write acknowledged late; writing it again"
-    );
-    let table = batch.elements.as_ref().map_or("", |e| e.table.as_str());
+    };
+    let table = elements.table.as_str();
     let again = NftBatch {
         fixed: super::plan::flush_sets(table),
         elements: batch.elements.clone(),
     };
-    let lag = timed_send(nft, &again, started)?;
-    if lag <= budget {
-        return Ok(());
+    let mut sending = batch;
+    let mut rewrite = false;
+    loop {
+        let lag = timed_send(nft, sending, started)?;
+        match after_ack(lag, budget, rewrite) {
+            AfterAck::Done => return Ok(()),
+            AfterAck::WriteAgain => {
+                crate::metrics::late_kernel_write();
+                tracing::warn!(
+                    ?lag,
+                    ?budget,
+                    "lease write acknowledged late; writing it again"
+                );
+                sending = &again;
+                rewrite = true;
+            }
+            AfterAck::DeleteOwned => {
+                crate::metrics::late_kernel_write();
+                tracing::warn!(
+                    ?lag,
+                    ?budget,
+                    "lease write late again; owned elements deleted"
+                );
+                nft.run(&super::plan::flush_sets(table))?;
+                return Err(DataPlaneError::LateWrite { lag, budget });
+            }
+        }
     }
-    crate::metrics::late_kernel_write();
-    tracing::warn!(
-        ?lag,
-        ?budget,
-        "lease write late again; owned elements deleted"
-    );
-    nft.run(&super::plan::flush_sets(table))?;
-    Err(DataPlaneError::LateWrite { lag, budget })
 }
 
 /// Renders `batch` from the clock read now and sends it; returns the time
