@@ -528,9 +528,8 @@ static NEXT_UDP_PORT: AtomicU32 = AtomicU32::new(0);
 /// one datagram each to `dst`, then every reply collected for `wait`.
 /// Returns (source, names of all hosts that answered).
 ///
-/// Every round uses a source port no earlier round of this process used: a
-/// reused (source, port) would match a conntrack entry of the flow's old owner,
-/// which answers it as established, next to the new owner.
+/// Every round uses a source port no earlier round of this process used, so
+/// a late answer to an earlier round is never counted in this one.
 pub fn udp_round(
     sources: &[Ipv4Addr],
     dst: SocketAddrV4,

@@ -342,13 +342,64 @@ impl Drop for LongLived {
     }
 }
 
+/// One UDP flow (a fixed source address and port) that sends a datagram every
+/// 100 ms and records, per datagram, the hosts that answered it within the
+/// 100 ms before the next one.
+struct UdpFlow {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<Vec<Vec<String>>, String>>>,
+}
+
+impl UdpFlow {
+    fn open(c: &Cluster, src: Ipv4Addr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let dst = c.vip_addr();
+        let thread = c.net.client.spawn(move || {
+            // Above udp_round's ports: no other flow of this test uses it.
+            let sock = std::net::UdpSocket::bind(SocketAddrV4::new(src, 33_000))
+                .map_err(|e| e.to_string())?;
+            sock.set_read_timeout(Some(Duration::from_millis(10)))
+                .map_err(|e| e.to_string())?;
+            let mut answers = Vec::new();
+            let mut buf = [0u8; 64];
+            while !s.load(Ordering::Relaxed) {
+                sock.send_to(b"who\n", dst).map_err(|e| e.to_string())?;
+                let end = Instant::now() + Duration::from_millis(100);
+                let mut got = Vec::new();
+                while Instant::now() < end {
+                    if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                        got.push(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+                    }
+                }
+                answers.push(got);
+            }
+            Ok(answers)
+        });
+        UdpFlow {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn close(mut self) -> Result<Vec<Vec<String>>, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("joined once")
+            .join()
+            .expect("flow thread")
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_lived_connection_survives_a_planned_move_of_its_bucket() {
     let c = cluster().await;
     let map = c.bucket_map().unwrap();
     let src = sources_of(&c, &map, "h1")[0];
     let conn = LongLived::open(&c, src);
-    // Let it talk to h1 for a moment before the move.
+    let flow = UdpFlow::open(&c, src);
+    // Let both talk to h1 for a moment before the move.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let watch = DoubleWatch::start(&c, c.net.sources().unwrap());
     let out = c.lab.ctl(&["drain", "h1"]).unwrap();
@@ -364,6 +415,7 @@ async fn long_lived_connection_survives_a_planned_move_of_its_bucket() {
     // The old connection keeps talking to h1 for a while after the move.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let answers = conn.close().expect("long-lived connection broke");
+    let datagrams = flow.close().expect("UDP flow");
     let (doubles, _) = watch.finish();
     assert!(doubles.is_empty(), "two hosts answered: {doubles:?}");
     assert!(answers.len() >= 8, "only {} answers", answers.len());
@@ -380,6 +432,23 @@ async fn long_lived_connection_survives_a_planned_move_of_its_bucket() {
     let want = &map2[c.bucket_of(src) as usize];
     assert_eq!(new[0].1.as_ref(), Ok(want));
     assert_ne!(want, "h1");
+    // The UDP flow moved with its bucket: answered by h1, then by the new
+    // owner alone (h1's conntrack entry for it no longer lets it through),
+    // never by both.
+    let twice: Vec<_> = datagrams
+        .iter()
+        .enumerate()
+        .filter(|(_, got)| got.len() > 1)
+        .collect();
+    assert!(twice.is_empty(), "UDP datagrams answered twice: {twice:?}");
+    let names: Vec<&str> = datagrams.iter().flatten().map(String::as_str).collect();
+    assert_eq!(names.first(), Some(&"h1"), "UDP answers: {names:?}");
+    assert_eq!(names.last(), Some(&want.as_str()), "UDP answers: {names:?}");
+    let switched = names.iter().position(|n| *n != "h1").unwrap_or(names.len());
+    assert!(
+        names[switched..].iter().all(|n| n == want),
+        "UDP answers went back and forth: {names:?}"
+    );
     check_predicted(&c, &map2);
 }
 

@@ -25,7 +25,9 @@
 //! transaction. A frozen or killed agent stops renewing and the kernel stops
 //! accepting its buckets' new flows when the timeouts run out:
 //! [`LeaseEnforcement::KernelTimeout`]. Established flows are accepted before
-//! the bucket check and so survive every change.
+//! the bucket check and so survive every change, except UDP: its datagrams
+//! follow the bucket's owner (a UDP flow moves with its bucket; with the old
+//! owner's conntrack entry letting it through, both hosts delivered it).
 //!
 //! nftables is driven in process through libnftables ([`libnft`]): one
 //! netlink batch per step, no `nft` process on the lease path. The timeouts

@@ -9,7 +9,7 @@
 //!   set dead { type mark; flags timeout }    owned buckets whose old owner is dead
 //!   chain prerouting (raw)   ip daddr {VIPs} meta pkttype multicast meta pkttype set host
 //!   chain input (filter)     ip daddr VIP jump vip_A_B_C_D     per VIP
-//!   chain vip_A_B_C_D        ct state established,related accept
+//!   chain vip_A_B_C_D        meta l4proto != udp ct state established,related accept
 //!                            <key>                         (jhash: meta mark set jhash ..)
 //!                            ct state invalid <key> @dead reject with tcp reset
 //!                            ct state invalid drop
@@ -27,6 +27,10 @@
 //! tables and their base chains (see [`super`] for why a replaced base chain is
 //! unsafe), so packets see the old or the new ruleset, never a mix. Counters
 //! that stay keep counting across rebuilds.
+//!
+//! UDP has no connection to keep: every datagram, established or not, is
+//! accepted only from an owned bucket, so a moved flow is delivered by the new
+//! owner alone (the old owner's conntrack entry no longer lets it through).
 //!
 //! # Order of steps
 //! VIP addresses leave before the rules that filter them, and arrive after: a VIP
@@ -502,7 +506,11 @@ impl Tables {
             for v in VERDICTS {
                 t.counters.push((ip, c(v)));
             }
-            let mut rules = vec!["ct state established,related accept".to_string()];
+            // UDP follows the bucket's owner, established or not: after a move
+            // the old owner's conntrack entry would otherwise deliver a flow's
+            // datagrams next to the new owner, which sees them as new.
+            let mut rules =
+                vec!["meta l4proto != udp ct state established,related accept".to_string()];
             rules.extend(k.compute.iter().cloned());
             rules.push(format!(
                 "ct state invalid meta l4proto tcp {} @dead counter name \"{}\" reject with tcp reset",
