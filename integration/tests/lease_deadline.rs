@@ -172,3 +172,59 @@ fn a_write_acknowledged_over_budget_is_undone() {
     }
     assert!(left.is_none(), "the late elements were left in the kernel");
 }
+
+#[test]
+fn elements_a_late_write_stretched_accept_nothing_past_the_deadline() {
+    // What a writer stopped between its clock reading and the send leaves
+    // behind: owned elements with far too long a timeout. The kernel's own
+    // check of the absolute deadline (chain `lease`, `meta time`) still ends
+    // the lease on time, seen from a client.
+    const PORT: u16 = 7080;
+    let net = NetLab::new(1, 1).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = cfg(tmp.path());
+    let _servers = vipshare_integration::netns::Servers::start(
+        &net.hosts[0],
+        "h1",
+        net.vip(),
+        PORT,
+        Default::default(),
+    )
+    .unwrap();
+    let lease = desired(&net, Instant::now() + Duration::from_secs(2));
+    let deadline = lease.lease_until;
+    let left = run_in(&net.hosts[0], move || {
+        let mut p = LinuxDataPlane::os(cfg).unwrap();
+        p.apply(&lease).unwrap();
+        let mut nft = Nft::new().unwrap();
+        let stretched: Vec<String> = (0..8).map(|b| format!("{b} timeout 60s")).collect();
+        nft.run(&format!(
+            "add element ip vipshare owned {{ {} }}",
+            stretched.join(", ")
+        ))
+        .unwrap();
+        kernel_end(&mut nft)
+    });
+    let left = left.expect("owned elements");
+    assert!(left > deadline + Duration::from_secs(30), "not stretched");
+    let src = net.sources().unwrap()[0];
+    let dst = std::net::SocketAddrV4::new(net.vip(), PORT);
+    let probe = move |timeout| {
+        net.client.run(move || {
+            vipshare_integration::netns::tcp_round(&[src], dst, timeout)[0]
+                .1
+                .clone()
+        })
+    };
+    let before = probe(Duration::from_millis(1500));
+    assert!(Instant::now() < deadline, "the probe outlasted the lease");
+    assert_eq!(before, Ok("h1".to_string()), "no answer within the lease");
+    std::thread::sleep(
+        deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(50),
+    );
+    let after = probe(Duration::from_millis(1000));
+    assert!(
+        after.is_err(),
+        "answered {after:?} after the deadline, by an element that outlives it"
+    );
+}

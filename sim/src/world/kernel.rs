@@ -6,7 +6,7 @@
 //! within `kernel_delay_ms` (delta), which the lease subtracts from the
 //! timeout. Occasionally the writer stalls between rendering and inserting (a
 //! starved or descheduled process, a slow netlink round trip): the install
-//! lands later than delta and its deadline is stretched by the stall
+//! lands later than delta and its element timeouts are stretched by the stall
 //! ([`World::kernel_submit`], counted in `Stats::kernel_late_installs`).
 //!
 //! What the shipping code does about a late write is decided in core
@@ -17,8 +17,10 @@
 //! writes the elements again from a fresh clock reading (what is left of the
 //! lease then, nothing if it ran out), and deletes them if that write is late
 //! too. The writer is one executor, so nothing the agent hands over later
-//! lands before the rewrite. What stays is real: the stretched deadline stands
-//! from the late install until the rewrite lands.
+//! lands before the rewrite. The stretched element timeouts do not make the
+//! kernel accept longer: it also checks the lease's absolute deadline, written
+//! from the same clock reading (`node-agent/src/dataplane/linux/deadline.rs`),
+//! which [`World::kernel_land`] applies as a cap.
 
 use super::leases::LeaseEvent;
 use super::*;
@@ -175,7 +177,12 @@ impl World {
                 member_epoch,
             } => {
                 let h = &self.hosts[i];
-                let until = now + h.clock.true_ms(timeout_ms);
+                // The elements count their timeout from now; the kernel's
+                // absolute deadline (the Linux data plane's `lease` chain, from
+                // the same clock reading) caps them, so a late landing
+                // stretches nothing.
+                let until = (now + h.clock.true_ms(timeout_ms))
+                    .min(submitted + h.clock.true_ms(timeout_ms));
                 // How long after another host stopped accepting a bucket this
                 // host starts: the protocol's slack at every handover.
                 if until > now {

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vipshare_core::agent::{after_ack, AfterAck};
 
+use super::deadline::DeadlineWriter;
 use super::libnft::Nft;
 use super::plan::{NftBatch, Present, Step};
 use super::LinuxConfig;
@@ -53,6 +54,7 @@ struct State {
 /// The real executor.
 pub struct OsExecutor {
     nft: Nft,
+    deadline: DeadlineWriter,
     budget: Duration,
     ip: String,
     sysctl_root: PathBuf,
@@ -83,6 +85,7 @@ impl OsExecutor {
         };
         Ok(OsExecutor {
             nft: Nft::new()?,
+            deadline: DeadlineWriter::open()?,
             budget: default_kernel_delay_budget(),
             ip: cfg.ip.clone(),
             sysctl_root: cfg.sysctl_root.clone(),
@@ -407,7 +410,17 @@ fn timed_send(
 impl Executor for OsExecutor {
     fn execute(&mut self, step: &Step, started: Instant) -> Result<(), DataPlaneError> {
         match step {
-            Step::Nft(batch) => nft_timed_batch(&mut self.nft, batch, started, self.budget),
+            Step::Nft(batch) => {
+                nft_timed_batch(&mut self.nft, batch, started, self.budget)?;
+                match &batch.elements {
+                    Some(e) => self.deadline.write(
+                        super::plan::FILTER_FAMILY,
+                        &e.table,
+                        super::deadline::wall_clock_ns(started + e.until),
+                    ),
+                    None => Ok(()),
+                }
+            }
             Step::Sysctl { key, value } => self.set_sysctl(key, value),
             Step::RestoreSysctls => self.restore_sysctls(),
             Step::AddAddress(v) => self.add_address(v),

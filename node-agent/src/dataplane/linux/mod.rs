@@ -38,17 +38,17 @@
 //! [`DataPlaneError::LateWrite`]) if that write is late too (see
 //! [`exec::nft_timed_batch`]).
 //!
-//! What remains: an agent stopped (SIGSTOP, a frozen cgroup) after reading
-//! the clock but before libnftables has sent the batch writes the stale
-//! timeouts when it runs again; they are replaced right after the ack, so the
-//! host can accept for the few milliseconds from resuming to that rewrite. A
-//! deadline the kernel checks itself would close this: `meta time` compares
-//! the packet's wall-clock time in nanoseconds (kernel >= 5.4), and a rule
-//! `meta time >= DEADLINE drop` before the owned lookup, rewritten with each
-//! renewal, would stop a late write from extending anything (short of a
-//! wall-clock step back during the stall). nft's text syntax only takes whole
-//! seconds for it, too coarse for a 500 ms lease, so it needs the expression
-//! encoded below the text layer (a netlink-level writer); not done yet.
+//! That alone leaves a window: an agent stopped (SIGSTOP, a frozen cgroup)
+//! after reading the clock but before libnftables has sent the batch writes
+//! stale timeouts when it runs again, and the host could accept until the
+//! rewrite. So the kernel also checks the lease's end itself: every bucket
+//! check jumps to chain `lease`, whose one rule `meta time >= DEADLINE drop`
+//! compares the packet's wall-clock time in nanoseconds (kernel >= 5.4) with
+//! the deadline, written as an absolute time after each element write
+//! ([`deadline`], a netlink transaction of its own: nft's text input takes
+//! that value in whole seconds only). A late write of either extends
+//! nothing; a wall-clock step back during a lease does, but only up to the
+//! element timeouts, which still apply.
 //!
 //! Another process editing the agent's tables (`nft flush ruleset`, a
 //! reloaded nftables.service) is seen through netlink notifications
@@ -124,6 +124,7 @@
 //! earlier in prerouting (nft 1.0.6 cannot list a `typeof jhash` set, which
 //! would avoid it).
 
+pub mod deadline;
 pub mod exec;
 pub mod libnft;
 pub mod plan;

@@ -14,8 +14,10 @@
 //!                            ct state invalid <key> @dead reject with tcp reset
 //!                            ct state invalid drop
 //!                            tcp flags & (fin|syn|rst|ack) != syn drop
+//!                            jump lease
 //!                            <key> @owned accept
 //!                            drop
+//!   chain lease              meta time >= DEADLINE drop    (wall clock, ns; see deadline.rs)
 //! table arp vipshare         output: arp saddr ip VIP arp saddr ether set MAC
 //! table netdev vipshare      egress on each VIP interface: the same rewrite, for ARP
 //!                            sent from user space
@@ -232,6 +234,15 @@ impl fmt::Display for Step {
                 write!(f, "nft -f - <<")?;
                 for line in b.render(Duration::ZERO).lines() {
                     write!(f, "\n    {line}")?;
+                }
+                if let Some(e) = &b.elements {
+                    write!(
+                        f,
+                        "\nnetlink: flush chain {FILTER_FAMILY} {} {chain}; add rule meta time >= start+{}ms drop",
+                        e.table,
+                        e.until.as_millis(),
+                        chain = super::deadline::CHAIN,
+                    )?;
                 }
                 Ok(())
             }
@@ -525,6 +536,7 @@ impl Tables {
                 "tcp flags & (fin | syn | rst | ack) != syn counter name \"{}\" drop",
                 c("invalid")
             ));
+            rules.push(format!("jump {}", super::deadline::CHAIN));
             rules.push(format!(
                 "{} @owned counter name \"{}\" accept",
                 k.lookup,
@@ -534,6 +546,12 @@ impl Tables {
             t.rules
                 .extend(rules.into_iter().map(|r| (ip, chain.clone(), r)));
             t.chains.push((ip, chain));
+        }
+        if !base.vips.is_empty() {
+            let lease = super::deadline::CHAIN;
+            t.chains.push((ip, lease.into()));
+            t.rules
+                .push((ip, lease.into(), super::deadline::CLOSED_RULE.into()));
         }
         for vip in &base.vips {
             t.rules.push(("arp", "output".into(), arp_rewrite(vip)));
