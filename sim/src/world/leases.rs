@@ -747,9 +747,16 @@ impl World {
         {
             return;
         }
+        let voter = r.conf_state().voters.contains(&id);
         let Some(c) = self.ctl.get_mut(&id) else {
             return;
         };
+        if !voter {
+            // As the controller's WatchAssignments: a controller that is not a
+            // voter of its applied configuration ends every stream.
+            c.streams.clear();
+            return;
+        }
         let mut out = Vec::new();
         for (i, h) in self.hosts.iter().enumerate() {
             if only.is_some_and(|o| o != i) {
