@@ -28,7 +28,7 @@ use vipshare_core::bucket::bucket_of;
 
 fn vip(last: u8, mac_last: u8) -> VipConfig {
     VipConfig {
-        addr: Ipv4Addr::new(192, 0, 2, last),
+        addr: Ipv4Addr::new(192, 0, 2, last).into(),
         prefix_len: 32,
         mac: Mac([0x01, 0x00, 0x5e, 0x56, 0x53, mac_last]),
         interface: "vtnet0".into(),

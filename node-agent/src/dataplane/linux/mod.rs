@@ -124,6 +124,7 @@
 
 pub mod exec;
 pub mod libnft;
+pub mod nd;
 pub mod plan;
 pub mod watch;
 
@@ -275,7 +276,13 @@ impl<E: Executor> LinuxDataPlane<E> {
             }
             _ => false,
         };
-        Some(assess(&vips, &interfaces, filter_present, ok))
+        Some(assess(
+            &vips,
+            |v| plan::address_holder(v).0,
+            &interfaces,
+            filter_present,
+            ok,
+        ))
     }
 
     fn run(&mut self, plan: &Plan, started: Instant) -> Result<(), DataPlaneError> {
@@ -371,17 +378,13 @@ impl<E: Executor> DataPlane for LinuxDataPlane<E> {
     }
 }
 
-/// Packet counts per (VIP, verdict) of the agent's table, read from the kernel.
+/// Packet counts per (VIP, verdict) of the agent's tables, read from the kernel.
 pub fn read_counters(
     cfg: &LinuxConfig,
-) -> Result<std::collections::BTreeMap<(std::net::Ipv4Addr, &'static str), u64>, DataPlaneError> {
-    let out = exec::run(
-        &cfg.nft,
-        &["-j", "list", "counters", "table", "ip", &cfg.table],
-        None,
-    )?;
-    plan::parse_counters(&out.stdout).map_err(|detail| DataPlaneError::Command {
-        command: format!("{} -j list counters table ip {}", cfg.nft, cfg.table),
+) -> Result<std::collections::BTreeMap<(std::net::IpAddr, &'static str), u64>, DataPlaneError> {
+    let out = exec::run(&cfg.nft, &["-j", "list", "counters"], None)?;
+    plan::parse_counters(&out.stdout, &cfg.table).map_err(|detail| DataPlaneError::Command {
+        command: format!("{} -j list counters", cfg.nft),
         detail,
     })
 }
