@@ -1,21 +1,23 @@
 //! The Linux data plane on real kernels: network namespaces, a bridge, three
 //! controllers, three hosts each running a real `vipshare-agent` and a server
 //! answering with its name, and a client with 200 source addresses (layout in
-//! `vipshare_integration::netns`). Needs root; build the binaries first
-//! (`cargo build --workspace --bins`).
+//! `vipshare_integration::netns`). The cluster serves an IPv4 and an IPv6 VIP
+//! (one bucket map); every check of who answers is made over both, from the
+//! 200 IPv4 sources and their 200 IPv6 twins. Needs root; build the binaries
+//! first (`cargo build --workspace --bins`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vipshare_integration::netns::{owned_set, tcp_round, udp_round, Cluster};
+use vipshare_integration::netns::{owned_set, tcp_round, udp_round, v6_twin, Cluster};
 
 const SOURCES: usize = 200;
 
 /// One UDP round: when it started and who answered each source.
-type Round = (Instant, BTreeMap<Ipv4Addr, Vec<String>>);
+type Round = (Instant, BTreeMap<IpAddr, Vec<String>>);
 /// Probe failures and answers per host.
 type ProbeResult = (Vec<String>, BTreeMap<String, usize>);
 const BUCKETS: u32 = 64;
@@ -34,12 +36,30 @@ async fn cluster() -> Cluster {
     c
 }
 
-/// Every source connects (TCP) and asks (UDP); each must be answered by exactly
-/// the owner the bucket map names, and by no one else.
+/// Every source connects (TCP) and asks (UDP), to the IPv4 VIP from its IPv4
+/// address and to the IPv6 VIP from its IPv6 twin; each must be answered by
+/// exactly the owner the bucket map names, and by no one else.
 fn check_predicted(c: &Cluster, map: &[String]) {
-    let sources = c.net.sources().unwrap();
+    let v4: Vec<IpAddr> = c
+        .net
+        .sources()
+        .unwrap()
+        .into_iter()
+        .map(IpAddr::from)
+        .collect();
+    let v6: Vec<IpAddr> = c
+        .net
+        .sources6()
+        .unwrap()
+        .into_iter()
+        .map(IpAddr::from)
+        .collect();
+    check_predicted_from(c, map, v4, c.vip_addr().into());
+    check_predicted_from(c, map, v6, c.vip6_addr().into());
+}
+
+fn check_predicted_from(c: &Cluster, map: &[String], sources: Vec<IpAddr>, dst: SocketAddr) {
     assert_eq!(sources.len(), SOURCES);
-    let dst = c.vip_addr();
     let srcs = sources.clone();
     let tcp = c
         .net
@@ -102,18 +122,26 @@ struct DoubleWatch {
 }
 
 impl DoubleWatch {
+    /// Over IPv4 and IPv6: the IPv4 sources and their IPv6 twins.
     fn start(c: &Cluster, sources: Vec<Ipv4Addr>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let doubles = Arc::new(Mutex::new(Vec::new()));
         let rounds = Arc::new(Mutex::new(Vec::new()));
-        let dst = c.vip_addr();
+        let (dst, dst6) = (c.vip_addr(), c.vip6_addr());
+        let sources6: Vec<IpAddr> = sources.iter().map(|&a| v6_twin(a).into()).collect();
+        let sources: Vec<IpAddr> = sources.into_iter().map(IpAddr::from).collect();
         let (s, d, r) = (stop.clone(), doubles.clone(), rounds.clone());
         let thread = c.net.client.spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 let at = Instant::now();
-                let Ok(res) = udp_round(&sources, dst, Duration::from_millis(150)) else {
+                let wait = Duration::from_millis(150);
+                let (Ok(res), Ok(res6)) = (
+                    udp_round(&sources, dst, wait),
+                    udp_round(&sources6, dst6, wait),
+                ) else {
                     continue;
                 };
+                let res = res.into_iter().chain(res6);
                 let mut round = BTreeMap::new();
                 for (src, names) in res {
                     let distinct: BTreeSet<&String> = names.iter().collect();
@@ -180,6 +208,32 @@ async fn every_connection_is_answered_by_the_predicted_host() {
         neigh.contains("01:00:5e:"),
         "client neighbour entry: {neigh}"
     );
+    // And from neighbour discovery for the IPv6 VIP: its 33:33 MAC.
+    let vip6 = c.net.vip6();
+    let neigh = c
+        .net
+        .client
+        .ip(&["-6", "neigh", "show", &vip6.to_string()])
+        .unwrap();
+    let o = vip6.octets();
+    let mac = format!(
+        "33:33:{:02x}:{:02x}:{:02x}:{:02x}",
+        o[12], o[13], o[14], o[15]
+    );
+    assert!(neigh.contains(&mac), "client IPv6 neighbour entry: {neigh}");
+    // `vipsharectl which` names the same host as the map for IPv6 sources.
+    for src in c.net.sources6().unwrap().into_iter().step_by(20) {
+        let out = c.lab.ctl(&["which", &src.to_string(), "--json"]).unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let b = c.bucket_of(src);
+        assert_eq!(v["bucket"], b, "{src}");
+        assert_eq!(v["owner"], map[b as usize].as_str(), "{src}");
+    }
     // Each agent exports its buckets, lease and the kernel's packet counters.
     let vip = c.net.vip().to_string();
     let text = vipshare_integration::wait_for(Duration::from_secs(5), "agent metrics", || async {
@@ -256,9 +310,45 @@ async fn killed_agent_stops_accepting_within_its_lease_and_others_take_over() {
         .map(|(s, _)| *s)
         .collect();
     assert!(late.is_empty(), "h1 answered after its lease: {late:?}");
+    // Failover per family: the first round (sent after the kill) from which on
+    // every one of h1's sources was answered by another host.
+    let failover = |v6: bool| {
+        let srcs: Vec<IpAddr> = h1_sources
+            .iter()
+            .map(|&a| if v6 { v6_twin(a).into() } else { a.into() })
+            .collect();
+        let served = |r: &BTreeMap<IpAddr, Vec<String>>| {
+            srcs.iter().all(|s| {
+                r.get(s)
+                    .is_some_and(|n| !n.is_empty() && n.iter().all(|n| n != "h1"))
+            })
+        };
+        let mut first = None;
+        for (at, r) in rounds.iter().filter(|(at, _)| *at > killed) {
+            match (served(r), first) {
+                (true, None) => first = Some(at.duration_since(killed)),
+                (false, _) => first = None,
+                _ => {}
+            }
+        }
+        first
+    };
+    let (f4, f6) = (failover(false), failover(true));
     eprintln!(
-        "h1 killed: kernel set empty after {emptied:?}, its {} sources served by others after {moved:?}",
+        "h1 killed: kernel set empty after {emptied:?}, its {} sources served by others after {moved:?} \
+         (map); first answered elsewhere for good: IPv4 {f4:?}, IPv6 {f6:?}",
         h1_sources.len()
+    );
+    // Both families fail over on the same buckets and leases: within the
+    // convergence bound, and IPv6 within one probe round (150 ms) and a
+    // retry of IPv4.
+    let (f4, f6) = (
+        f4.expect("IPv4 failover seen"),
+        f6.expect("IPv6 failover seen"),
+    );
+    assert!(
+        f6 <= f4 + Duration::from_millis(500),
+        "IPv6 failover {f6:?} against IPv4 {f4:?}"
     );
 }
 
@@ -270,21 +360,23 @@ struct LongLived {
 
 impl LongLived {
     fn open(c: &Cluster, src: Ipv4Addr) -> Self {
-        Self::open_on(&c.net.client, src, c.vip_addr())
+        Self::open_on(&c.net.client, src.into(), c.vip_addr().into())
     }
 
-    fn open_on(
-        client: &vipshare_integration::netns::Netns,
-        src: Ipv4Addr,
-        dst: SocketAddrV4,
-    ) -> Self {
+    /// To the IPv6 VIP from the source's IPv6 twin.
+    fn open6(c: &Cluster, src: Ipv4Addr) -> Self {
+        Self::open_on(&c.net.client, v6_twin(src).into(), c.vip6_addr().into())
+    }
+
+    fn open_on(client: &vipshare_integration::netns::Netns, src: IpAddr, dst: SocketAddr) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = client.spawn(move || {
             use std::io::{BufRead, BufReader, Write};
-            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            let domain = socket2::Domain::for_address(dst);
+            let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)
                 .map_err(|e| e.to_string())?;
-            sock.bind(&SocketAddrV4::new(src, 0).into())
+            sock.bind(&SocketAddr::new(src, 0).into())
                 .map_err(|e| e.to_string())?;
             sock.connect_timeout(&dst.into(), Duration::from_secs(3))
                 .map_err(|e| e.to_string())?;
@@ -348,6 +440,13 @@ async fn long_lived_connection_survives_a_planned_move_of_its_bucket() {
     let map = c.bucket_map().unwrap();
     let src = sources_of(&c, &map, "h1")[0];
     let conn = LongLived::open(&c, src);
+    // IPv6 connections from ten of h1's sources: the drain moves all their
+    // buckets.
+    let conns6: Vec<LongLived> = sources_of(&c, &map, "h1")
+        .into_iter()
+        .take(10)
+        .map(|s| LongLived::open6(&c, s))
+        .collect();
     // Let it talk to h1 for a moment before the move.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let watch = DoubleWatch::start(&c, c.net.sources().unwrap());
@@ -364,6 +463,18 @@ async fn long_lived_connection_survives_a_planned_move_of_its_bucket() {
     // The old connection keeps talking to h1 for a while after the move.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let answers = conn.close().expect("long-lived connection broke");
+    for (i, c6) in conns6.into_iter().enumerate() {
+        let a = c6.close().expect("long-lived IPv6 connection broke");
+        assert!(
+            a.len() >= 8,
+            "IPv6 connection {i}: only {} answers",
+            a.len()
+        );
+        assert!(
+            a.iter().all(|a| a == "h1"),
+            "IPv6 connection {i} switched hosts: {a:?}"
+        );
+    }
     let (doubles, _) = watch.finish();
     assert!(doubles.is_empty(), "two hosts answered: {doubles:?}");
     assert!(answers.len() >= 8, "only {} answers", answers.len());
@@ -596,7 +707,7 @@ mod direct {
     fn desired(net: &NetLab, owned: impl IntoIterator<Item = u32>, lease: Duration) -> Desired {
         Desired {
             vips: vec![VipConfig {
-                addr: net.vip(),
+                addr: net.vip().into(),
                 prefix_len: 32,
                 mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x00, net.k]),
                 interface: "eth0".into(),
@@ -672,7 +783,7 @@ mod direct {
 
         // A connection established on h1; its bucket moves to h2, which is
         // told the old owner is dead: h2 resets the flow it does not know.
-        let mut conn = LongLived::open_on(&net.client, src, dst);
+        let mut conn = LongLived::open_on(&net.client, src.into(), dst.into());
         std::thread::sleep(Duration::from_millis(300));
         let none = desired(&net, [], long);
         let (p1, r) = with(h1, p1, move |p| p.apply(&none));
