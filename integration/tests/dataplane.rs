@@ -7,7 +7,7 @@
 //! first (`cargo build --workspace --bins`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -193,6 +193,17 @@ fn sources_of(c: &Cluster, map: &[String], owner: &str) -> Vec<Ipv4Addr> {
         .collect()
 }
 
+/// The IPv6 sources whose bucket `owner` holds (not the twins of
+/// [`sources_of`]: an address and its twin hash to unrelated buckets).
+fn sources6_of(c: &Cluster, map: &[String], owner: &str) -> Vec<Ipv6Addr> {
+    c.net
+        .sources6()
+        .unwrap()
+        .into_iter()
+        .filter(|s| map[c.bucket_of(*s) as usize] == owner)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_connection_is_answered_by_the_predicted_host() {
     let c = cluster().await;
@@ -312,11 +323,13 @@ async fn killed_agent_stops_accepting_within_its_lease_and_others_take_over() {
     assert!(late.is_empty(), "h1 answered after its lease: {late:?}");
     // Failover per family: the first round (sent after the kill) from which on
     // every one of h1's sources was answered by another host.
+    let h1_sources6 = sources6_of(&c, &map, "h1");
     let failover = |v6: bool| {
-        let srcs: Vec<IpAddr> = h1_sources
-            .iter()
-            .map(|&a| if v6 { v6_twin(a).into() } else { a.into() })
-            .collect();
+        let srcs: Vec<IpAddr> = if v6 {
+            h1_sources6.iter().map(|&a| a.into()).collect()
+        } else {
+            h1_sources.iter().map(|&a| a.into()).collect()
+        };
         let served = |r: &BTreeMap<IpAddr, Vec<String>>| {
             srcs.iter().all(|s| {
                 r.get(s)
@@ -335,9 +348,10 @@ async fn killed_agent_stops_accepting_within_its_lease_and_others_take_over() {
     };
     let (f4, f6) = (failover(false), failover(true));
     eprintln!(
-        "h1 killed: kernel set empty after {emptied:?}, its {} sources served by others after {moved:?} \
-         (map); first answered elsewhere for good: IPv4 {f4:?}, IPv6 {f6:?}",
-        h1_sources.len()
+        "h1 killed: kernel set empty after {emptied:?}, its {} IPv4 and {} IPv6 sources served by \
+         others after {moved:?} (map); first answered elsewhere for good: IPv4 {f4:?}, IPv6 {f6:?}",
+        h1_sources.len(),
+        h1_sources6.len()
     );
     // Both families fail over on the same buckets and leases: within the
     // convergence bound, and IPv6 within one probe round (150 ms) and a
@@ -363,9 +377,8 @@ impl LongLived {
         Self::open_on(&c.net.client, src.into(), c.vip_addr().into())
     }
 
-    /// To the IPv6 VIP from the source's IPv6 twin.
-    fn open6(c: &Cluster, src: Ipv4Addr) -> Self {
-        Self::open_on(&c.net.client, v6_twin(src).into(), c.vip6_addr().into())
+    fn open6(c: &Cluster, src: Ipv6Addr) -> Self {
+        Self::open_on(&c.net.client, src.into(), c.vip6_addr().into())
     }
 
     fn open_on(client: &vipshare_integration::netns::Netns, src: IpAddr, dst: SocketAddr) -> Self {
@@ -442,7 +455,7 @@ async fn long_lived_connection_survives_a_planned_move_of_its_bucket() {
     let conn = LongLived::open(&c, src);
     // IPv6 connections from ten of h1's sources: the drain moves all their
     // buckets.
-    let conns6: Vec<LongLived> = sources_of(&c, &map, "h1")
+    let conns6: Vec<LongLived> = sources6_of(&c, &map, "h1")
         .into_iter()
         .take(10)
         .map(|s| LongLived::open6(&c, s))
