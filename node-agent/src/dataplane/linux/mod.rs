@@ -18,6 +18,43 @@
 //! - sysctls `arp_announce=2` (all and IF), `drop_unicast_in_l2_multicast=0`
 //!   (all and IF) and `nf_conntrack_tcp_loose=0`, restored on teardown.
 //!
+//! # IPv6 VIPs
+//! The filter is the IPv4 one in an `ip6` table (one [`plan::Family`]
+//! descriptor per address family says what differs). What differs is how the
+//! address is held and how neighbour discovery answers:
+//! - the VIP is a /128 on `lo`, added `nodad` (every host holds it: duplicate
+//!   address detection would fail it). Packets to it arriving on the
+//!   interface are local all the same (Linux accepts any local address on any
+//!   interface);
+//! - neighbour solicitations for it are answered from user space by [`nd`]: a
+//!   raw ICMPv6 socket that joins the VIP's solicited-node group on the
+//!   interface and answers with the cluster MAC as target link-layer address,
+//!   the override flag and hop limit 255 (the kernel computes the checksum),
+//!   and announces the VIP with an unsolicited advertisement when it starts.
+//!   Every host answers, with the same MAC, so one dead agent stops nobody's
+//!   resolution;
+//! - `meta pkttype set host` in the ip6 prerouting chain and
+//!   `net.ipv6.conf.{all,IF}.drop_unicast_in_l2_multicast=0`, as for IPv4;
+//!   neighbour solicitations to the VIP itself (unreachability probes, which
+//!   conntrack does not track) are accepted before the bucket check.
+//!
+//! Why not the kernel's own advertisement, rewritten like ARP (measured on
+//! this kernel, 6.18, with nft 1.0.6):
+//! - nft writes a raw transport-header payload (`@th,208,48 set <MAC>` on the
+//!   target link-layer option) without a checksum fix (`csum_type 0` in
+//!   `nft --debug=netlink`), and there is no named `icmpv6` field for the
+//!   option; the client dropped the advertisement (its neighbour entry stayed
+//!   `INCOMPLETE`), where the same advertisement sent from user space was
+//!   accepted with the multicast MAC (`ip -6 neigh`: `lladdr 33:33:..`).
+//! - With the VIP on the interface the kernel also solicits *from* it: to
+//!   resolve a client for a reply whose source is the VIP it sends a
+//!   solicitation with source VIP and the host's own MAC as source link-layer
+//!   address, and the client overwrites its entry for the VIP with that MAC
+//!   (RFC 4861 7.2.3): the IPv6 form of what `arp_announce=2` prevents for
+//!   IPv4, with no sysctl to prevent it. On `lo` the VIP is not an address of
+//!   the interface, so the kernel neither answers for it there nor solicits
+//!   from it (it uses the interface's own address).
+//!
 //! # Buckets and the lease
 //! Rules and layout are in [`plan`]. The owned buckets are elements of one
 //! set, each with `timeout` = the lease left (already net of the kernel

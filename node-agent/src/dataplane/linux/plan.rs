@@ -1,7 +1,7 @@
 //! Pure plan generation for the Linux backend: from what is installed and what
 //! is desired to the list of steps the executor runs.
 //!
-//! # Kernel layout (table `vipshare` in the `ip`, `arp` and `netdev` families)
+//! # Kernel layout (table `vipshare` in the `ip`, `ip6`, `arp` and `netdev` families)
 //! ```text
 //! table ip vipshare
 //!   counter vip_A_B_C_D_{accepted,not_owned,invalid,reset}   per VIP
@@ -16,6 +16,10 @@
 //!                            tcp flags & (fin|syn|rst|ack) != syn drop
 //!                            <key> @owned accept
 //!                            drop
+//! table ip6 vipshare         the same for the IPv6 VIPs (`ip6 daddr`, `jhash ip6 saddr`,
+//!                            its own owned and dead sets), plus in each VIP chain, after
+//!                            the established accept: icmpv6 type nd-neighbor-solicit accept
+//!                            (only the families with a VIP have a filter table)
 //! table arp vipshare         output: arp saddr ip VIP arp saddr ether set MAC
 //! table netdev vipshare      egress on each VIP interface: the same rewrite, for ARP
 //!                            sent from user space
