@@ -26,6 +26,18 @@ pub struct Settings {
     pub timing: LeaseTiming,
 }
 
+impl Settings {
+    /// The IPv6 VIPs moved to `unserved` with `reason` (a backend that cannot
+    /// serve them still serves the rest).
+    pub fn without_ipv6(mut self, reason: &str) -> Settings {
+        let (v6, v4): (Vec<_>, Vec<_>) = self.vips.into_iter().partition(|v| v.0.is_ipv6());
+        self.vips = v4;
+        self.unserved
+            .extend(v6.into_iter().map(|v| format!("VIP {}: {reason}", v.0)));
+        self
+    }
+}
+
 fn timing(t: Option<&pb::LeaseTiming>) -> Result<LeaseTiming, String> {
     let Some(t) = t else {
         return Ok(LeaseTiming::default());
@@ -221,6 +233,22 @@ mod tests {
             [(1, 4)].into(),
             "the buckets are taken all the same"
         );
+    }
+
+    #[test]
+    fn a_backend_without_ipv6_serves_the_ipv4_vips_and_reports_the_others() {
+        let mut a = assignment(13, 1, &[]);
+        let vips = &mut a.settings.as_mut().unwrap().vips;
+        vips.push(pb::Vip {
+            address: "2001:db8::10".into(),
+            prefix_len: 0,
+            mac: "33:33:00:00:00:10".into(),
+        });
+        let (s, _) = validate("h1", &a).unwrap();
+        let s = s.unwrap().without_ipv6("not here");
+        assert_eq!(s.vips.len(), 1);
+        assert!(s.vips[0].0.is_ipv4());
+        assert_eq!(s.unserved, ["VIP 2001:db8::10: not here"]);
     }
 
     #[test]
