@@ -42,6 +42,9 @@ lab_addr() {
 lab_attach() {
   local name=$1 addr=$2 peer="v${1#"${LAB}"-}"
   ip netns add "$name"
+  # No DAD for the link-local address either: while it is tentative the host
+  # sends no neighbour solicitation, so it could not resolve a client at first.
+  ns "$name" sh -c 'echo 0 >/proc/sys/net/ipv6/conf/default/accept_dad'
   ip link add "$peer" type veth peer name eth0 netns "$name"
   ip link set "$peer" netns "${LAB}-sw"
   ns "${LAB}-sw" ip link set "$peer" master br0 up

@@ -264,6 +264,11 @@ impl NetLab {
         }
         sh("ip", &["link", "set", &root.name, "up"])?;
         let plug = |ns: &Netns, port: &str, addrs: &[Ipv4Addr]| -> anyhow::Result<()> {
+            // No duplicate address detection for the link-local address either:
+            // while it is tentative the kernel sends no neighbour solicitation
+            // (they must come from a link-local source), so a host could not
+            // resolve a client to answer it for the first second or two.
+            ns.write_sysctl("net.ipv6.conf.default.accept_dad", "0")?;
             switch.ip(&[
                 "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
             ])?;

@@ -717,14 +717,23 @@ mod direct {
 
     type Plane = LinuxDataPlane<OsExecutor>;
 
+    /// Both VIPs, IPv4 and IPv6.
     fn desired(net: &NetLab, owned: impl IntoIterator<Item = u32>, lease: Duration) -> Desired {
         Desired {
-            vips: vec![VipConfig {
-                addr: net.vip().into(),
-                prefix_len: 32,
-                mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x00, net.k]),
-                interface: "eth0".into(),
-            }],
+            vips: vec![
+                VipConfig {
+                    addr: net.vip().into(),
+                    prefix_len: 32,
+                    mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x00, net.k]),
+                    interface: "eth0".into(),
+                },
+                VipConfig {
+                    addr: net.vip6().into(),
+                    prefix_len: 64,
+                    mac: Mac([0x33, 0x33, 0x7f, 0x00, 0x00, net.k]),
+                    interface: "eth0".into(),
+                },
+            ],
             bucket_count: 4,
             bucket_fn: BucketFn::Jhash,
             affinity: Affinity::Address,
@@ -782,6 +791,16 @@ mod direct {
                 .clone()
         };
         assert_eq!(probe(&net.client), Ok("h1".to_string()));
+        let (src6, dst6) = (
+            net.sources6().unwrap()[0],
+            SocketAddr::new(net.vip6().into(), PORT),
+        );
+        let probe6 = |n: &Netns| {
+            n.run(move || tcp_round(&[src6], dst6, Duration::from_millis(1500)))[0]
+                .1
+                .clone()
+        };
+        assert_eq!(probe6(&net.client), Ok("h1".to_string()));
 
         // The kernel ends a lease on its own: nothing renews h1's 300 ms lease.
         let short = desired(&net, all.clone(), Duration::from_millis(300));
@@ -790,6 +809,10 @@ mod direct {
         std::thread::sleep(Duration::from_millis(450));
         assert_eq!(owned_set(h1), Some(BTreeSet::new()));
         assert!(probe(&net.client).is_err(), "h1 accepted after its lease");
+        assert!(
+            probe6(&net.client).is_err(),
+            "h1 accepted over IPv6 after its lease"
+        );
         let d1 = desired(&net, all.clone(), long);
         let (p1, r) = with(h1, p1, move |p| p.apply(&d1));
         r.unwrap();
@@ -813,14 +836,22 @@ mod direct {
             "{err}"
         );
         assert_eq!(probe(&net.client), Ok("h2".to_string()));
+        assert_eq!(probe6(&net.client), Ok("h2".to_string()));
 
-        // Teardown: VIP, tables and sysctls as before.
+        // Teardown: VIPs, tables and sysctls as before.
         for (ns, p) in [(h1, p1), (h2, p2)] {
             let (_, r) = with(ns, p, |p| p.teardown());
             r.unwrap();
             assert!(owned_set(ns).is_none());
             let addrs = ns.ip(&["-4", "addr", "show", "dev", "eth0"]).unwrap();
             assert!(!addrs.contains(&net.vip().to_string()), "{addrs}");
+            let addrs = ns.ip(&["-6", "addr", "show", "dev", "lo"]).unwrap();
+            assert!(!addrs.contains(&net.vip6().to_string()), "{addrs}");
+            assert!(
+                ns.exec("nft", &["list", "table", "ip6", "vipshare"])
+                    .is_err(),
+                "ip6 table left behind"
+            );
             assert_eq!(
                 ns.read_sysctl("net.ipv4.conf.all.arp_announce").unwrap(),
                 before

@@ -32,7 +32,9 @@
 //!   the override flag and hop limit 255 (the kernel computes the checksum),
 //!   and announces the VIP with an unsolicited advertisement when it starts.
 //!   Every host answers, with the same MAC, so one dead agent stops nobody's
-//!   resolution;
+//!   resolution. An answer to a unicast solicitor waits for the kernel to
+//!   resolve it (a solicitation from the interface's link-local address, so
+//!   not before that address has passed duplicate address detection);
 //! - `meta pkttype set host` in the ip6 prerouting chain and
 //!   `net.ipv6.conf.{all,IF}.drop_unicast_in_l2_multicast=0`, as for IPv4;
 //!   neighbour solicitations to the VIP itself (unreachability probes, which
