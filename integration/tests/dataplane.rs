@@ -132,16 +132,21 @@ impl DoubleWatch {
         let sources: Vec<IpAddr> = sources.into_iter().map(IpAddr::from).collect();
         let (s, d, r) = (stop.clone(), doubles.clone(), rounds.clone());
         let thread = c.net.client.spawn(move || {
-            while !s.load(Ordering::Relaxed) {
+            // Alternating families, each round with its own start time.
+            for ipv6 in [false, true].into_iter().cycle() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
                 let at = Instant::now();
                 let wait = Duration::from_millis(150);
-                let (Ok(res), Ok(res6)) = (
-                    udp_round(&sources, dst, wait),
-                    udp_round(&sources6, dst6, wait),
-                ) else {
+                let res = if ipv6 {
+                    udp_round(&sources6, dst6, wait)
+                } else {
+                    udp_round(&sources, dst, wait)
+                };
+                let Ok(res) = res else {
                     continue;
                 };
-                let res = res.into_iter().chain(res6);
                 let mut round = BTreeMap::new();
                 for (src, names) in res {
                     let distinct: BTreeSet<&String> = names.iter().collect();
@@ -161,6 +166,11 @@ impl DoubleWatch {
             rounds,
             thread: Some(thread),
         }
+    }
+
+    /// The rounds so far.
+    fn rounds(&self) -> Vec<Round> {
+        self.rounds.lock().unwrap().clone()
     }
 
     fn finish(mut self) -> (Vec<String>, Vec<Round>) {
@@ -309,6 +319,42 @@ async fn killed_agent_stops_accepting_within_its_lease_and_others_take_over() {
         .await
         .unwrap();
     let moved = killed.elapsed();
+    // Failover per family: when the last of h1's sources was first answered
+    // by another host, over rounds sent after the kill (a lost datagram only
+    // delays its source by a round; h1 answering late is checked below).
+    let h1_sources6 = sources6_of(&c, &map, "h1");
+    let failover = |rounds: &[Round], v6: bool| {
+        let srcs: Vec<IpAddr> = if v6 {
+            h1_sources6.iter().map(|&a| a.into()).collect()
+        } else {
+            h1_sources.iter().map(|&a| a.into()).collect()
+        };
+        let first = |s: &IpAddr| {
+            rounds
+                .iter()
+                .filter(|(at, _)| *at > killed)
+                .find(|(_, r)| {
+                    r.get(s)
+                        .is_some_and(|n| !n.is_empty() && n.iter().all(|n| n != "h1"))
+                })
+                .map(|(at, _)| at.duration_since(killed))
+        };
+        srcs.iter()
+            .map(first)
+            .collect::<Option<Vec<_>>>()?
+            .into_iter()
+            .max()
+    };
+    let (f4, f6) = vipshare_integration::wait_for(
+        Duration::from_secs(10),
+        "failover seen by the client",
+        || async {
+            let r = watch.rounds();
+            Some((failover(&r, false)?, failover(&r, true)?))
+        },
+    )
+    .await
+    .unwrap();
     let (doubles, rounds) = watch.finish();
     assert!(doubles.is_empty(), "two hosts answered: {doubles:?}");
     check_predicted(&c, &map2);
@@ -321,47 +367,16 @@ async fn killed_agent_stops_accepting_within_its_lease_and_others_take_over() {
         .map(|(s, _)| *s)
         .collect();
     assert!(late.is_empty(), "h1 answered after its lease: {late:?}");
-    // Failover per family: the first round (sent after the kill) from which on
-    // every one of h1's sources was answered by another host.
-    let h1_sources6 = sources6_of(&c, &map, "h1");
-    let failover = |v6: bool| {
-        let srcs: Vec<IpAddr> = if v6 {
-            h1_sources6.iter().map(|&a| a.into()).collect()
-        } else {
-            h1_sources.iter().map(|&a| a.into()).collect()
-        };
-        let served = |r: &BTreeMap<IpAddr, Vec<String>>| {
-            srcs.iter().all(|s| {
-                r.get(s)
-                    .is_some_and(|n| !n.is_empty() && n.iter().all(|n| n != "h1"))
-            })
-        };
-        let mut first = None;
-        for (at, r) in rounds.iter().filter(|(at, _)| *at > killed) {
-            match (served(r), first) {
-                (true, None) => first = Some(at.duration_since(killed)),
-                (false, _) => first = None,
-                _ => {}
-            }
-        }
-        first
-    };
-    let (f4, f6) = (failover(false), failover(true));
     eprintln!(
         "h1 killed: kernel set empty after {emptied:?}, its {} IPv4 and {} IPv6 sources served by \
-         others after {moved:?} (map); first answered elsewhere for good: IPv4 {f4:?}, IPv6 {f6:?}",
+         others after {moved:?} (map); all answered elsewhere after IPv4 {f4:?}, IPv6 {f6:?}",
         h1_sources.len(),
         h1_sources6.len()
     );
-    // Both families fail over on the same buckets and leases: within the
-    // convergence bound, and IPv6 within one probe round (150 ms) and a
-    // retry of IPv4.
-    let (f4, f6) = (
-        f4.expect("IPv4 failover seen"),
-        f6.expect("IPv6 failover seen"),
-    );
+    // Both families fail over with the same buckets and leases: IPv6 within
+    // IPv4's time plus a few probe rounds (150 ms each, alternating families).
     assert!(
-        f6 <= f4 + Duration::from_millis(500),
+        f6 <= f4 + Duration::from_millis(600),
         "IPv6 failover {f6:?} against IPv4 {f4:?}"
     );
 }

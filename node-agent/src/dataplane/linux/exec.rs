@@ -178,16 +178,11 @@ impl OsExecutor {
         family: Family,
     ) -> Result<Vec<(IpAddr, u8)>, DataPlaneError> {
         let out = self.ip_output(&[family.ip_flag, "-o", "addr", "show", "dev", interface])?;
-        let word = if family == Family::V4 {
-            "inet"
-        } else {
-            "inet6"
-        };
         Ok(out
             .lines()
             .filter_map(|l| {
                 let mut w = l.split_whitespace();
-                w.find(|&x| x == word)?;
+                w.find(|&x| x == family.ip_addr_word)?;
                 let (a, p) = w.next()?.split_once('/')?;
                 Some((a.parse().ok()?, p.parse().ok()?))
             })

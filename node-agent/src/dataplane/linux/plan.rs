@@ -530,8 +530,9 @@ pub struct Family {
     pub core: IpFamily,
     /// `net.<tree>.conf` sysctls.
     pub sysctl_tree: &'static str,
-    /// `ip -4` / `ip -6`.
+    /// `ip -4` / `ip -6`, and the word before an address in `ip -o addr`.
     pub ip_flag: &'static str,
+    pub ip_addr_word: &'static str,
     /// Rules in each VIP chain after the established-flow accept, before the
     /// bucket check: IPv6 accepts neighbour solicitations (untracked by
     /// conntrack, they would otherwise be answered only by the owner of the
@@ -546,6 +547,7 @@ impl Family {
         core: IpFamily::V4,
         sysctl_tree: "ipv4",
         ip_flag: "-4",
+        ip_addr_word: "inet",
         always_accept: &[],
     };
     pub const V6: Family = Family {
@@ -554,6 +556,7 @@ impl Family {
         core: IpFamily::V6,
         sysctl_tree: "ipv6",
         ip_flag: "-6",
+        ip_addr_word: "inet6",
         always_accept: &["icmpv6 type nd-neighbor-solicit accept"],
     };
     pub const ALL: [Family; 2] = [Family::V4, Family::V6];
