@@ -144,6 +144,12 @@
 //! - teardown: VIP addresses removed first; only then are the tables deleted
 //!   (a packet for a VIP that is no longer local never reaches `input`).
 //!
+//! The `ip6` table follows the same rules (its own base chains, one jump
+//! rule per VIP, its own named sets recreated on a rebuild, all in the same
+//! transaction as the `ip` table); a packet is IPv4 or IPv6, so it meets the
+//! input chain of one family only, and a renewal writes both families'
+//! elements in one transaction.
+//!
 //! Not covered: a base chain whose hook or priority was changed by hand (or by
 //! a future version) makes `add chain` fail; the rebuild then fails and is
 //! retried, leaving the old filter in place.
