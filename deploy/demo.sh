@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# vipshare demo: 3 controllers and 4 hosts sharing one VIP in network namespaces on
-# this machine, real certificates, client traffic, a host crash and its failover.
+# vipshare demo: 3 controllers and 4 hosts sharing an IPv4 and an IPv6 VIP in network
+# namespaces on this machine, real certificates, client traffic over both, a host
+# crash and its failover.
 #
 #   deploy/demo.sh                 # as root (or: sudo deploy/demo.sh); builds, runs, cleans up on exit or Ctrl-C
 #   KEEP=1 deploy/demo.sh          # leave the lab running at the end (lab_down later)
@@ -37,7 +38,7 @@ for i in 1 2 3; do lab_start_controller "$i"; done
 
 say "waiting for a raft leader"
 ctl status --wait 20 >/dev/null
-ctl cluster init --vip "$VIP" --buckets 256
+ctl cluster init --vip "$VIP" --vip "$VIP6" --buckets 256
 for i in 1 2 3 4; do
   ctl member add "h$i"
   lab_start_server "$i"
@@ -50,16 +51,25 @@ ctl status --wait 20 || echo "  not healthy after 20 s (exit status $?)"
 ctl members
 ctl buckets
 
-# shellcheck disable=SC2046
-tally() { lab_client once "$VIP" "$PORT" $(lab_sources) | python3 -c '
+# $2: the sources, split into words on purpose.
+# shellcheck disable=SC2086
+tally1() { lab_client once "$1" "$PORT" $2 | python3 -c '
 import json, sys, collections
 r = json.load(sys.stdin)
 c = collections.Counter(v for v in r.values())
-print("  answers by host:", dict(sorted(c.items())))'; }
+print("  answers by host over " + sys.argv[1] + ":", dict(sorted(c.items())))' "$3"; }
+tally() {
+  tally1 "$VIP" "$(lab_sources)" IPv4
+  tally1 "$VIP6" "$(lab_sources6)" IPv6
+}
 
-say "200 clients, one new connection each"
+say "200 clients, one new connection each, to $VIP and to $VIP6"
 tally
 ctl which 10.77.2.7
+ctl which fd77::2:7
+echo "  the client's neighbour entries (ARP and ND answered with the cluster's multicast MACs):"
+ns "${LAB}-cl" ip neigh show "$VIP" | sed 's/^/  /'
+ns "${LAB}-cl" ip -6 neigh show "$VIP6" | sed 's/^/  /'
 
 say "crashing host h2 (agent and server killed, link down)"
 start=$(date +%s%N)

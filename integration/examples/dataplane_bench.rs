@@ -9,7 +9,8 @@
 //!    install in the new owner's (both kernels polled in process, ~1 ms apart);
 //! 2. TCP throughput to the VIP (multicast MAC flooded to 3 hosts, filtered)
 //!    versus to a host's own address (unicast, untouched), same client, same
-//!    receiving host.
+//!    receiving host; over IPv4 and over IPv6 (the lab cluster serves both
+//!    VIPs, so every kernel write in 1. covers both families' sets).
 //!
 //! Build the binaries first, then run:
 //!
@@ -20,7 +21,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -187,7 +188,8 @@ fn start_sinks(c: &Cluster, stop: Arc<AtomicBool>) {
     for ns in &c.net.hosts {
         let stop = stop.clone();
         ns.spawn(move || {
-            let l = std::net::TcpListener::bind("0.0.0.0:9000").expect("sink bind");
+            // Dual-stack: IPv4 clients arrive as mapped addresses.
+            let l = std::net::TcpListener::bind("[::]:9000").expect("sink bind");
             l.set_nonblocking(true).unwrap();
             while !stop.load(Ordering::Relaxed) {
                 match l.accept() {
@@ -206,10 +208,11 @@ fn start_sinks(c: &Cluster, stop: Arc<AtomicBool>) {
 }
 
 /// Bytes per second sent from `src` to `dst` for `secs`.
-fn throughput(client: &Netns, src: Ipv4Addr, dst: SocketAddrV4, secs: u64) -> anyhow::Result<f64> {
+fn throughput(client: &Netns, src: IpAddr, dst: SocketAddr, secs: u64) -> anyhow::Result<f64> {
     client.run(move || {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        sock.bind(&SocketAddrV4::new(src, 0).into())?;
+        let domain = socket2::Domain::for_address(dst);
+        let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+        sock.bind(&SocketAddr::new(src, 0).into())?;
         sock.connect_timeout(&dst.into(), Duration::from_secs(3))?;
         let mut s: std::net::TcpStream = sock.into();
         let chunk = vec![0x5au8; 1 << 16];
@@ -318,41 +321,67 @@ async fn main() -> anyhow::Result<()> {
     start_sinks(&c, stop.clone());
     std::thread::sleep(Duration::from_millis(200));
     let map = c.bucket_map()?;
-    let src = c
+    let h1 = |a: IpAddr| map[c.bucket_of(a) as usize] == "h1";
+    let src4 = c
         .net
         .sources()?
         .into_iter()
-        .find(|s| map[c.bucket_of(*s) as usize] == "h1")
-        .context("a source of h1")?;
-    let vip = SocketAddrV4::new(c.net.vip(), 9000);
-    let plain = SocketAddrV4::new(c.net.host_ip(0), 9000);
-    let mut ratios = Vec::new();
-    let (mut v_all, mut p_all) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        let v = throughput(&c.net.client, src, vip, 2)?;
-        let p = throughput(&c.net.client, src, plain, 2)?;
-        ratios.push(v / p);
-        v_all.push(v / 1e6);
-        p_all.push(p / 1e6);
+        .map(IpAddr::from)
+        .find(|&s| h1(s));
+    let src6 = c
+        .net
+        .sources6()?
+        .into_iter()
+        .map(IpAddr::from)
+        .find(|&s| h1(s));
+    let host6 = vipshare_integration::netns::v6_twin(c.net.host_ip(0));
+    let families = [
+        (
+            "IPv4",
+            src4,
+            IpAddr::from(c.net.vip()),
+            IpAddr::from(c.net.host_ip(0)),
+        ),
+        (
+            "IPv6",
+            src6,
+            IpAddr::from(c.net.vip6()),
+            IpAddr::from(host6),
+        ),
+    ];
+    for (family, src, vip, plain) in families {
+        let src = src.with_context(|| format!("an {family} source of h1"))?;
+        let (vip, plain) = (SocketAddr::new(vip, 9000), SocketAddr::new(plain, 9000));
+        let mut ratios = Vec::new();
+        let (mut v_all, mut p_all) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            let v = throughput(&c.net.client, src, vip, 2)?;
+            let p = throughput(&c.net.client, src, plain, 2)?;
+            ratios.push(v / p);
+            v_all.push(v / 1e6);
+            p_all.push(p / 1e6);
+        }
+        println!(
+            "\n== TCP throughput over {family}, client -> h1 (3 runs of 2 s each, alternating)"
+        );
+        println!(
+            "VIP (flooded to 3 hosts, filtered)   median {:.0} MB/s",
+            pct(&mut v_all, 0.5)
+        );
+        println!(
+            "h1's own address (unicast, no rules) median {:.0} MB/s",
+            pct(&mut p_all, 0.5)
+        );
+        println!(
+            "ratio VIP / plain                    median {:.2} (runs: {})",
+            pct(&mut ratios.clone(), 0.5),
+            ratios
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     stop.store(true, Ordering::Relaxed);
-    println!("\n== TCP throughput, client -> h1 (3 runs of 2 s each, alternating)");
-    println!(
-        "VIP (flooded to 3 hosts, filtered)   median {:.0} MB/s",
-        pct(&mut v_all, 0.5)
-    );
-    println!(
-        "h1's own address (unicast, no rules) median {:.0} MB/s",
-        pct(&mut p_all, 0.5)
-    );
-    println!(
-        "ratio VIP / plain                    median {:.2} (runs: {})",
-        pct(&mut ratios.clone(), 0.5),
-        ratios
-            .iter()
-            .map(|r| format!("{r:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
     Ok(())
 }

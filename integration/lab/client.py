@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Lab client: opens one new TCP connection per source address and reports who answered.
+IPv4 or IPv6, by the VIP's form.
 
 Usage:
   client.py once VIP PORT SRC...          one round; prints JSON {src: host|"FAIL:reason"}
@@ -14,7 +15,7 @@ import time
 
 
 def ask(vip, port, src, timeout=0.5):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(socket.AF_INET6 if ":" in vip else socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.bind((src, 0))

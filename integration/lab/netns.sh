@@ -7,12 +7,15 @@
 #   ${LAB}-hN   host N (agent+srv)  10.77.0.(10+N)/16     VIP 10.77.0.100
 #   ${LAB}-cl   client              10.77.2.1 .. 10.77.2.K /16
 #
+# Every address 10.77.A.B also has an IPv6 twin fd77::A:B/64 (VIP6 fd77::100).
+#
 # Every function is idempotent enough to be re-run after a failure; lab_down
 # removes everything the lab created.
 
 LAB=${LAB:-vsd}
 LAB_DIR=${LAB_DIR:-/tmp/${LAB}-lab}
 VIP=${VIP:-10.77.0.100}
+VIP6=${VIP6:-fd77::100}
 PORT=${PORT:-8080}
 CLUSTER=${CLUSTER:-demo}
 BIN=${BIN:-target/release}
@@ -22,16 +25,32 @@ ns() { ip netns exec "$1" "${@:2}"; }
 
 lab_log() { printf '[lab] %s\n' "$*" >&2; }
 
+# The IPv6 twin of 10.77.A.B: fd77::A:B.
+v6of() {
+  local c d
+  IFS=. read -r _ _ c d <<<"$1"
+  printf 'fd77::%s:%s' "$c" "$d"
+}
+
+# Both addresses of $2 on eth0 of namespace $1 (no DAD: usable at once).
+lab_addr() {
+  ns "$1" ip addr add "$2/16" dev eth0
+  ns "$1" ip addr add "$(v6of "$2")/64" dev eth0 nodad
+}
+
 # veth from namespace $1 (named eth0 there) to the bridge, with address $2.
 lab_attach() {
   local name=$1 addr=$2 peer="v${1#"${LAB}"-}"
   ip netns add "$name"
+  # No DAD for the link-local address either: while it is tentative the host
+  # sends no neighbour solicitation, so it could not resolve a client at first.
+  ns "$name" sh -c 'echo 0 >/proc/sys/net/ipv6/conf/default/accept_dad'
   ip link add "$peer" type veth peer name eth0 netns "$name"
   ip link set "$peer" netns "${LAB}-sw"
   ns "${LAB}-sw" ip link set "$peer" master br0 up
   ns "$name" ip link set lo up
   ns "$name" ip link set eth0 up
-  ns "$name" ip addr add "$addr/16" dev eth0
+  lab_addr "$name" "$addr"
 }
 
 # lab_up CONTROLLERS HOSTS CLIENT_ADDRS
@@ -47,7 +66,7 @@ lab_up() {
   for i in $(seq 1 "$nhost"); do lab_attach "${LAB}-h$i" "10.77.0.$((10 + i))"; done
   lab_attach "${LAB}-cl" 10.77.2.1
   for i in $(seq 2 "$ncl"); do
-    ns "${LAB}-cl" ip addr add "10.77.2.$i/16" dev eth0
+    lab_addr "${LAB}-cl" "10.77.2.$i"
   done
   echo "$nctl" >"$LAB_DIR/controllers"
   echo "$nhost" >"$LAB_DIR/hosts"
@@ -57,6 +76,11 @@ lab_up() {
 lab_sources() {
   local i
   for i in $(seq 1 "$(cat "$LAB_DIR/clients")"); do printf '10.77.2.%s ' "$i"; done
+}
+
+lab_sources6() {
+  local i
+  for i in $(seq 1 "$(cat "$LAB_DIR/clients")"); do printf 'fd77::2:%s ' "$i"; done
 }
 
 lab_controllers_csv() {
@@ -134,8 +158,9 @@ EOF
 
 lab_start_server() {
   local i=$1
-  # The agent adds the VIP; the server binds any address and answers on the VIP.
-  ns "${LAB}-h$i" python3 "$LAB_SRC/server.py" "h$i" 0.0.0.0 "$PORT" \
+  # The agent adds the VIPs; the server binds any address (IPv4 and IPv6) and
+  # answers on the VIPs.
+  ns "${LAB}-h$i" python3 "$LAB_SRC/server.py" "h$i" :: "$PORT" \
     >>"$LAB_DIR/server-h$i.log" 2>&1 &
   echo $! >"$LAB_DIR/server-h$i.pid"
   disown

@@ -8,6 +8,8 @@
 //!                                       |-- host namespaces: eth0 10.K.1.i/16, VIP 10.K.0.100
 //!                                       `-- client namespace: eth0 10.K.2.1 .. (one per source)
 //! ```
+//! Every address has an IPv6 twin in fd00:0:K::/64 (hosts `::1:i`, sources
+//! `::2:j`, VIP `::100`, see [`NetLab::vip6`]); a [`Cluster`] serves both VIPs.
 //! The controllers are the ordinary [`crate::Lab`] processes in the root
 //! namespace, listening on `10.K.0.id:7001` instead of loopback, which the
 //! agents in the host namespaces reach over the bridge. Servers (TCP and UDP,
@@ -19,7 +21,9 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, UdpSocket,
+};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -260,15 +264,25 @@ impl NetLab {
         }
         sh("ip", &["link", "set", &root.name, "up"])?;
         let plug = |ns: &Netns, port: &str, addrs: &[Ipv4Addr]| -> anyhow::Result<()> {
+            // No duplicate address detection for the link-local address either:
+            // while it is tentative the kernel sends no neighbour solicitation
+            // (they must come from a link-local source), so a host could not
+            // resolve a client to answer it for the first second or two.
+            ns.write_sysctl("net.ipv6.conf.default.accept_dad", "0")?;
             switch.ip(&[
                 "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
             ])?;
             switch.ip(&["link", "set", port, "master", "br0", "up"])?;
             let mut batch = String::new();
-            for a in addrs {
+            for &a in addrs {
                 batch.push_str(&format!("addr add {a}/16 dev eth0\n"));
+                // No DAD: the addresses are usable at once (the lab has no
+                // duplicates).
+                let a6 = v6_twin(a);
+                batch.push_str(&format!("addr add {a6}/64 dev eth0 nodad\n"));
             }
             batch.push_str("link set eth0 up\n");
+            batch.push_str("link set lo up\n");
             ns.ip_batch(&batch)
         };
         let mut host_ns = Vec::new();
@@ -305,6 +319,16 @@ impl NetLab {
         Ipv4Addr::new(10, self.k, 0, 100)
     }
 
+    /// The IPv6 VIP, `fd00:0:K::100`.
+    pub fn vip6(&self) -> Ipv6Addr {
+        v6_twin(self.vip())
+    }
+
+    /// Every client IPv6 source address (the twins of [`NetLab::sources`]).
+    pub fn sources6(&self) -> anyhow::Result<Vec<Ipv6Addr>> {
+        Ok(self.sources()?.into_iter().map(v6_twin).collect())
+    }
+
     pub fn host_ip(&self, i: usize) -> Ipv4Addr {
         Ipv4Addr::new(10, self.k, 1, i as u8 + 1)
     }
@@ -325,13 +349,20 @@ impl NetLab {
     }
 }
 
+/// The lab's IPv6 address for its IPv4 address 10.K.x.y: `fd00:0:K::x:y`.
+pub fn v6_twin(a: Ipv4Addr) -> Ipv6Addr {
+    let [_, k, x, y] = a.octets();
+    Ipv6Addr::new(0xfd00, 0, k.into(), 0, 0, 0, x.into(), y.into())
+}
+
 /// Flows a server accepted: (host name, client address).
 pub type Accepted = Arc<Mutex<Vec<(String, SocketAddr)>>>;
 
 /// TCP and UDP servers on `port` in a host namespace, answering every line or
-/// datagram with the host's name. TCP listens on all addresses; UDP binds the
-/// VIP (with IP_FREEBIND, so it may start before the VIP exists), since replies
-/// must leave from the VIP.
+/// datagram with the host's name, over IPv4 and IPv6. TCP listens on all
+/// addresses; UDP binds the VIP and its IPv6 twin ([`v6_twin`]) (with
+/// IP_FREEBIND, so it may start before the VIP exists), since replies must
+/// leave from the VIP.
 pub struct Servers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -356,7 +387,9 @@ impl Servers {
             // machine, where a thread per connection fell behind its accept
             // queue and looked like a host that does not answer.
             ns.spawn(move || {
-                let l = match tcp_listener(port) {
+                let l = match tcp_listener(port, false)
+                    .and_then(|l4| Ok((l4, tcp_listener(port, true)?)))
+                {
                     Ok(l) => l,
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -374,7 +407,8 @@ impl Servers {
                     }
                 };
                 rt.block_on(async move {
-                    let l = match tokio::net::TcpListener::from_std(l) {
+                    let from_std = |l| tokio::net::TcpListener::from_std(l);
+                    let (l4, l6) = match from_std(l.0).and_then(|l4| Ok((l4, from_std(l.1)?))) {
                         Ok(l) => {
                             let _ = tx.send(Ok(()));
                             l
@@ -384,19 +418,26 @@ impl Servers {
                             return;
                         }
                     };
-                    while !stop.load(Ordering::Relaxed) {
-                        let accept = tokio::time::timeout(Duration::from_millis(100), l.accept());
-                        let Ok(Ok((conn, peer))) = accept.await else {
-                            continue;
-                        };
-                        accepted.lock().unwrap().push((name.clone(), peer));
-                        tokio::spawn(serve_conn(conn, name.clone(), stop.clone()));
-                    }
+                    let accept = |l: tokio::net::TcpListener| {
+                        let (stop, name, accepted) = (stop.clone(), name.clone(), accepted.clone());
+                        async move {
+                            while !stop.load(Ordering::Relaxed) {
+                                let accept =
+                                    tokio::time::timeout(Duration::from_millis(100), l.accept());
+                                let Ok(Ok((conn, peer))) = accept.await else {
+                                    continue;
+                                };
+                                accepted.lock().unwrap().push((name.clone(), peer));
+                                tokio::spawn(serve_conn(conn, name.clone(), stop.clone()));
+                            }
+                        }
+                    };
+                    futures::future::join(accept(l4), accept(l6)).await;
                 });
             })
         };
-        let udp = {
-            let (stop, name, tx) = (stop.clone(), name.to_string(), tx);
+        let udp = |vip: IpAddr| {
+            let (stop, name, tx) = (stop.clone(), name.to_string(), tx.clone());
             ns.spawn(move || {
                 let s = match udp_socket(vip, port) {
                     Ok(s) => {
@@ -416,35 +457,50 @@ impl Servers {
                 }
             })
         };
-        for _ in 0..2 {
+        let threads = vec![tcp, udp(vip.into()), udp(v6_twin(vip).into())];
+        for _ in 0..threads.len() {
             rx.recv_timeout(Duration::from_secs(5))
                 .context("server start")?
                 .context("server start")?;
         }
         Ok(Servers {
             stop,
-            threads: vec![tcp, udp],
+            threads,
             accepted,
         })
     }
 }
 
-fn tcp_listener(port: u16) -> anyhow::Result<TcpListener> {
+fn tcp_listener(port: u16, v6: bool) -> anyhow::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    let any: SocketAddr = if v6 {
+        (Ipv6Addr::UNSPECIFIED, port).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, port).into()
+    };
+    let s = Socket::new(Domain::for_address(any), Type::STREAM, None)?;
+    if v6 {
+        // IPv4 clients stay on the IPv4 socket (their peers unmapped).
+        s.set_only_v6(true)?;
+    }
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
-    s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())?;
+    s.bind(&any.into())?;
     s.listen(4096)?;
     Ok(s.into())
 }
 
-fn udp_socket(vip: Ipv4Addr, port: u16) -> anyhow::Result<UdpSocket> {
+fn udp_socket(vip: IpAddr, port: u16) -> anyhow::Result<UdpSocket> {
     use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
-    s.set_freebind_v4(true)?;
+    let at = SocketAddr::new(vip, port);
+    let s = Socket::new(Domain::for_address(at), Type::DGRAM, None)?;
+    if vip.is_ipv6() {
+        s.set_freebind_v6(true)?;
+    } else {
+        s.set_freebind_v4(true)?;
+    }
     s.set_read_timeout(Some(Duration::from_millis(100)))?;
-    s.bind(&SocketAddrV4::new(vip, port).into())?;
+    s.bind(&at.into())?;
     Ok(s.into())
 }
 
@@ -482,16 +538,21 @@ impl Drop for Servers {
 
 /// One TCP probe: connect from `src`, read the first line (the host's name).
 pub async fn tcp_probe(
-    src: Ipv4Addr,
-    dst: SocketAddrV4,
+    src: impl Into<IpAddr>,
+    dst: impl Into<SocketAddr>,
     timeout: Duration,
 ) -> Result<String, String> {
     use tokio::io::AsyncBufReadExt;
-    let s = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
-    s.bind(SocketAddrV4::new(src, 0).into())
-        .map_err(|e| e.to_string())?;
+    let (src, dst) = (src.into(), dst.into());
+    let s = if src.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()
+    } else {
+        tokio::net::TcpSocket::new_v4()
+    }
+    .map_err(|e| e.to_string())?;
+    s.bind(SocketAddr::new(src, 0)).map_err(|e| e.to_string())?;
     let fut = async {
-        let stream = s.connect(dst.into()).await.map_err(|e| e.to_string())?;
+        let stream = s.connect(dst).await.map_err(|e| e.to_string())?;
         let mut r = tokio::io::BufReader::new(stream);
         let mut line = String::new();
         r.read_line(&mut line).await.map_err(|e| e.to_string())?;
@@ -503,13 +564,13 @@ pub async fn tcp_probe(
     }
 }
 
-/// TCP probes from every source at once (run inside the client namespace).
-/// Returns (source, host name or error).
-pub fn tcp_round(
-    sources: &[Ipv4Addr],
-    dst: SocketAddrV4,
+/// TCP probes from every source at once (run inside the client namespace),
+/// IPv4 or IPv6 alike. Returns (source, host name or error).
+pub fn tcp_round<A: Copy + Into<IpAddr>>(
+    sources: &[A],
+    dst: impl Into<SocketAddr> + Copy,
     timeout: Duration,
-) -> Vec<(Ipv4Addr, Result<String, String>)> {
+) -> Vec<(A, Result<String, String>)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -530,19 +591,19 @@ static NEXT_UDP_PORT: AtomicU32 = AtomicU32::new(0);
 ///
 /// Every round uses a source port no earlier round of this process used, so
 /// a late answer to an earlier round is never counted in this one.
-pub fn udp_round(
-    sources: &[Ipv4Addr],
-    dst: SocketAddrV4,
+pub fn udp_round<A: Copy + Into<IpAddr>>(
+    sources: &[A],
+    dst: impl Into<SocketAddr> + Copy,
     wait: Duration,
-) -> anyhow::Result<Vec<(Ipv4Addr, Vec<String>)>> {
+) -> anyhow::Result<Vec<(A, Vec<String>)>> {
     let n = NEXT_UDP_PORT.fetch_add(1, Ordering::SeqCst);
     // 10000..32767: below the ephemeral range.
     let port = 10_000 + (n % 22_768) as u16;
     let mut socks = Vec::new();
     for &src in sources {
-        let s = UdpSocket::bind(SocketAddrV4::new(src, port))?;
+        let s = UdpSocket::bind(SocketAddr::new(src.into(), port))?;
         s.set_nonblocking(true)?;
-        s.send_to(b"who\n", dst)?;
+        s.send_to(b"who\n", dst.into())?;
         socks.push((src, s, Vec::new()));
     }
     let end = Instant::now() + wait;
@@ -774,6 +835,8 @@ impl Cluster {
             "init",
             "--vip",
             &net.vip().to_string(),
+            "--vip",
+            &net.vip6().to_string(),
             "--buckets",
             &buckets.to_string(),
             "--seed",
@@ -853,13 +916,13 @@ impl Cluster {
         Ok(map)
     }
 
-    pub fn bucket_of(&self, src: Ipv4Addr) -> u32 {
+    pub fn bucket_of(&self, src: impl Into<IpAddr>) -> u32 {
         vipshare_core::bucket::bucket_of(
             vipshare_core::bucket::BucketFn::Jhash,
             vipshare_core::bucket::Affinity::Address,
             self.bucket_count,
             self.seed,
-            std::net::IpAddr::V4(src),
+            src.into(),
             None,
         )
         .expect("valid bucket config")
@@ -940,6 +1003,10 @@ impl Cluster {
 
     pub fn vip_addr(&self) -> SocketAddrV4 {
         SocketAddrV4::new(self.net.vip(), self.port)
+    }
+
+    pub fn vip6_addr(&self) -> SocketAddrV6 {
+        SocketAddrV6::new(self.net.vip6(), self.port, 0, 0)
     }
 }
 

@@ -1,21 +1,23 @@
 //! The Linux data plane on real kernels: network namespaces, a bridge, three
 //! controllers, three hosts each running a real `vipshare-agent` and a server
 //! answering with its name, and a client with 200 source addresses (layout in
-//! `vipshare_integration::netns`). Needs root; build the binaries first
-//! (`cargo build --workspace --bins`).
+//! `vipshare_integration::netns`). The cluster serves an IPv4 and an IPv6 VIP
+//! (one bucket map); every check of who answers is made over both, from the
+//! 200 IPv4 sources and their 200 IPv6 twins. Needs root; build the binaries
+//! first (`cargo build --workspace --bins`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vipshare_integration::netns::{owned_set, tcp_round, udp_round, Cluster};
+use vipshare_integration::netns::{owned_set, tcp_round, udp_round, v6_twin, Cluster};
 
 const SOURCES: usize = 200;
 
 /// One UDP round: when it started and who answered each source.
-type Round = (Instant, BTreeMap<Ipv4Addr, Vec<String>>);
+type Round = (Instant, BTreeMap<IpAddr, Vec<String>>);
 /// Probe failures and answers per host.
 type ProbeResult = (Vec<String>, BTreeMap<String, usize>);
 const BUCKETS: u32 = 64;
@@ -34,12 +36,30 @@ async fn cluster() -> Cluster {
     c
 }
 
-/// Every source connects (TCP) and asks (UDP); each must be answered by exactly
-/// the owner the bucket map names, and by no one else.
+/// Every source connects (TCP) and asks (UDP), to the IPv4 VIP from its IPv4
+/// address and to the IPv6 VIP from its IPv6 twin; each must be answered by
+/// exactly the owner the bucket map names, and by no one else.
 fn check_predicted(c: &Cluster, map: &[String]) {
-    let sources = c.net.sources().unwrap();
+    let v4: Vec<IpAddr> = c
+        .net
+        .sources()
+        .unwrap()
+        .into_iter()
+        .map(IpAddr::from)
+        .collect();
+    let v6: Vec<IpAddr> = c
+        .net
+        .sources6()
+        .unwrap()
+        .into_iter()
+        .map(IpAddr::from)
+        .collect();
+    check_predicted_from(c, map, v4, c.vip_addr().into());
+    check_predicted_from(c, map, v6, c.vip6_addr().into());
+}
+
+fn check_predicted_from(c: &Cluster, map: &[String], sources: Vec<IpAddr>, dst: SocketAddr) {
     assert_eq!(sources.len(), SOURCES);
-    let dst = c.vip_addr();
     let srcs = sources.clone();
     let tcp = c
         .net
@@ -102,16 +122,29 @@ struct DoubleWatch {
 }
 
 impl DoubleWatch {
+    /// Over IPv4 and IPv6: the IPv4 sources and their IPv6 twins.
     fn start(c: &Cluster, sources: Vec<Ipv4Addr>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let doubles = Arc::new(Mutex::new(Vec::new()));
         let rounds = Arc::new(Mutex::new(Vec::new()));
-        let dst = c.vip_addr();
+        let (dst, dst6) = (c.vip_addr(), c.vip6_addr());
+        let sources6: Vec<IpAddr> = sources.iter().map(|&a| v6_twin(a).into()).collect();
+        let sources: Vec<IpAddr> = sources.into_iter().map(IpAddr::from).collect();
         let (s, d, r) = (stop.clone(), doubles.clone(), rounds.clone());
         let thread = c.net.client.spawn(move || {
-            while !s.load(Ordering::Relaxed) {
+            // Alternating families, each round with its own start time.
+            for ipv6 in [false, true].into_iter().cycle() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
                 let at = Instant::now();
-                let Ok(res) = udp_round(&sources, dst, Duration::from_millis(150)) else {
+                let wait = Duration::from_millis(150);
+                let res = if ipv6 {
+                    udp_round(&sources6, dst6, wait)
+                } else {
+                    udp_round(&sources, dst, wait)
+                };
+                let Ok(res) = res else {
                     continue;
                 };
                 let mut round = BTreeMap::new();
@@ -133,6 +166,11 @@ impl DoubleWatch {
             rounds,
             thread: Some(thread),
         }
+    }
+
+    /// The rounds so far.
+    fn rounds(&self) -> Vec<Round> {
+        self.rounds.lock().unwrap().clone()
     }
 
     fn finish(mut self) -> (Vec<String>, Vec<Round>) {
@@ -165,6 +203,17 @@ fn sources_of(c: &Cluster, map: &[String], owner: &str) -> Vec<Ipv4Addr> {
         .collect()
 }
 
+/// The IPv6 sources whose bucket `owner` holds (not the twins of
+/// [`sources_of`]: an address and its twin hash to unrelated buckets).
+fn sources6_of(c: &Cluster, map: &[String], owner: &str) -> Vec<Ipv6Addr> {
+    c.net
+        .sources6()
+        .unwrap()
+        .into_iter()
+        .filter(|s| map[c.bucket_of(*s) as usize] == owner)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_connection_is_answered_by_the_predicted_host() {
     let c = cluster().await;
@@ -180,6 +229,32 @@ async fn every_connection_is_answered_by_the_predicted_host() {
         neigh.contains("01:00:5e:"),
         "client neighbour entry: {neigh}"
     );
+    // And from neighbour discovery for the IPv6 VIP: its 33:33 MAC.
+    let vip6 = c.net.vip6();
+    let neigh = c
+        .net
+        .client
+        .ip(&["-6", "neigh", "show", &vip6.to_string()])
+        .unwrap();
+    let o = vip6.octets();
+    let mac = format!(
+        "33:33:{:02x}:{:02x}:{:02x}:{:02x}",
+        o[12], o[13], o[14], o[15]
+    );
+    assert!(neigh.contains(&mac), "client IPv6 neighbour entry: {neigh}");
+    // `vipsharectl which` names the same host as the map for IPv6 sources.
+    for src in c.net.sources6().unwrap().into_iter().step_by(20) {
+        let out = c.lab.ctl(&["which", &src.to_string(), "--json"]).unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let b = c.bucket_of(src);
+        assert_eq!(v["bucket"], b, "{src}");
+        assert_eq!(v["owner"], map[b as usize].as_str(), "{src}");
+    }
     // Each agent exports its buckets, lease and the kernel's packet counters.
     let vip = c.net.vip().to_string();
     let text = vipshare_integration::wait_for(Duration::from_secs(5), "agent metrics", || async {
@@ -244,6 +319,42 @@ async fn killed_agent_stops_accepting_within_its_lease_and_others_take_over() {
         .await
         .unwrap();
     let moved = killed.elapsed();
+    // Failover per family: when the last of h1's sources was first answered
+    // by another host, over rounds sent after the kill (a lost datagram only
+    // delays its source by a round; h1 answering late is checked below).
+    let h1_sources6 = sources6_of(&c, &map, "h1");
+    let failover = |rounds: &[Round], v6: bool| {
+        let srcs: Vec<IpAddr> = if v6 {
+            h1_sources6.iter().map(|&a| a.into()).collect()
+        } else {
+            h1_sources.iter().map(|&a| a.into()).collect()
+        };
+        let first = |s: &IpAddr| {
+            rounds
+                .iter()
+                .filter(|(at, _)| *at > killed)
+                .find(|(_, r)| {
+                    r.get(s)
+                        .is_some_and(|n| !n.is_empty() && n.iter().all(|n| n != "h1"))
+                })
+                .map(|(at, _)| at.duration_since(killed))
+        };
+        srcs.iter()
+            .map(first)
+            .collect::<Option<Vec<_>>>()?
+            .into_iter()
+            .max()
+    };
+    let (f4, f6) = vipshare_integration::wait_for(
+        Duration::from_secs(10),
+        "failover seen by the client",
+        || async {
+            let r = watch.rounds();
+            Some((failover(&r, false)?, failover(&r, true)?))
+        },
+    )
+    .await
+    .unwrap();
     let (doubles, rounds) = watch.finish();
     assert!(doubles.is_empty(), "two hosts answered: {doubles:?}");
     check_predicted(&c, &map2);
@@ -257,8 +368,16 @@ async fn killed_agent_stops_accepting_within_its_lease_and_others_take_over() {
         .collect();
     assert!(late.is_empty(), "h1 answered after its lease: {late:?}");
     eprintln!(
-        "h1 killed: kernel set empty after {emptied:?}, its {} sources served by others after {moved:?}",
-        h1_sources.len()
+        "h1 killed: kernel set empty after {emptied:?}, its {} IPv4 and {} IPv6 sources served by \
+         others after {moved:?} (map); all answered elsewhere after IPv4 {f4:?}, IPv6 {f6:?}",
+        h1_sources.len(),
+        h1_sources6.len()
+    );
+    // Both families fail over with the same buckets and leases: IPv6 within
+    // IPv4's time plus a few probe rounds (150 ms each, alternating families).
+    assert!(
+        f6 <= f4 + Duration::from_millis(600),
+        "IPv6 failover {f6:?} against IPv4 {f4:?}"
     );
 }
 
@@ -270,21 +389,22 @@ struct LongLived {
 
 impl LongLived {
     fn open(c: &Cluster, src: Ipv4Addr) -> Self {
-        Self::open_on(&c.net.client, src, c.vip_addr())
+        Self::open_on(&c.net.client, src.into(), c.vip_addr().into())
     }
 
-    fn open_on(
-        client: &vipshare_integration::netns::Netns,
-        src: Ipv4Addr,
-        dst: SocketAddrV4,
-    ) -> Self {
+    fn open6(c: &Cluster, src: Ipv6Addr) -> Self {
+        Self::open_on(&c.net.client, src.into(), c.vip6_addr().into())
+    }
+
+    fn open_on(client: &vipshare_integration::netns::Netns, src: IpAddr, dst: SocketAddr) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = client.spawn(move || {
             use std::io::{BufRead, BufReader, Write};
-            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            let domain = socket2::Domain::for_address(dst);
+            let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)
                 .map_err(|e| e.to_string())?;
-            sock.bind(&SocketAddrV4::new(src, 0).into())
+            sock.bind(&SocketAddr::new(src, 0).into())
                 .map_err(|e| e.to_string())?;
             sock.connect_timeout(&dst.into(), Duration::from_secs(3))
                 .map_err(|e| e.to_string())?;
@@ -398,8 +518,15 @@ async fn long_lived_connection_survives_a_planned_move_of_its_bucket() {
     let map = c.bucket_map().unwrap();
     let src = sources_of(&c, &map, "h1")[0];
     let conn = LongLived::open(&c, src);
+    // IPv6 connections from ten of h1's sources: the drain moves all their
+    // buckets.
+    let conns6: Vec<LongLived> = sources6_of(&c, &map, "h1")
+        .into_iter()
+        .take(10)
+        .map(|s| LongLived::open6(&c, s))
+        .collect();
     let flow = UdpFlow::open(&c, src);
-    // Let both talk to h1 for a moment before the move.
+    // Let them talk to h1 for a moment before the move.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let watch = DoubleWatch::start(&c, c.net.sources().unwrap());
     let out = c.lab.ctl(&["drain", "h1"]).unwrap();
@@ -415,6 +542,18 @@ async fn long_lived_connection_survives_a_planned_move_of_its_bucket() {
     // The old connection keeps talking to h1 for a while after the move.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let answers = conn.close().expect("long-lived connection broke");
+    for (i, c6) in conns6.into_iter().enumerate() {
+        let a = c6.close().expect("long-lived IPv6 connection broke");
+        assert!(
+            a.len() >= 8,
+            "IPv6 connection {i}: only {} answers",
+            a.len()
+        );
+        assert!(
+            a.iter().all(|a| a == "h1"),
+            "IPv6 connection {i} switched hosts: {a:?}"
+        );
+    }
     let datagrams = flow.close().expect("UDP flow");
     let (doubles, _) = watch.finish();
     assert!(doubles.is_empty(), "two hosts answered: {doubles:?}");
@@ -662,14 +801,23 @@ mod direct {
 
     type Plane = LinuxDataPlane<OsExecutor>;
 
+    /// Both VIPs, IPv4 and IPv6.
     fn desired(net: &NetLab, owned: impl IntoIterator<Item = u32>, lease: Duration) -> Desired {
         Desired {
-            vips: vec![VipConfig {
-                addr: net.vip(),
-                prefix_len: 32,
-                mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x00, net.k]),
-                interface: "eth0".into(),
-            }],
+            vips: vec![
+                VipConfig {
+                    addr: net.vip().into(),
+                    prefix_len: 32,
+                    mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x00, net.k]),
+                    interface: "eth0".into(),
+                },
+                VipConfig {
+                    addr: net.vip6().into(),
+                    prefix_len: 64,
+                    mac: Mac([0x33, 0x33, 0x7f, 0x00, 0x00, net.k]),
+                    interface: "eth0".into(),
+                },
+            ],
             bucket_count: 4,
             bucket_fn: BucketFn::Jhash,
             affinity: Affinity::Address,
@@ -727,6 +875,16 @@ mod direct {
                 .clone()
         };
         assert_eq!(probe(&net.client), Ok("h1".to_string()));
+        let (src6, dst6) = (
+            net.sources6().unwrap()[0],
+            SocketAddr::new(net.vip6().into(), PORT),
+        );
+        let probe6 = |n: &Netns| {
+            n.run(move || tcp_round(&[src6], dst6, Duration::from_millis(1500)))[0]
+                .1
+                .clone()
+        };
+        assert_eq!(probe6(&net.client), Ok("h1".to_string()));
 
         // The kernel ends a lease on its own: nothing renews h1's 300 ms lease.
         let short = desired(&net, all.clone(), Duration::from_millis(300));
@@ -735,13 +893,17 @@ mod direct {
         std::thread::sleep(Duration::from_millis(450));
         assert_eq!(owned_set(h1), Some(BTreeSet::new()));
         assert!(probe(&net.client).is_err(), "h1 accepted after its lease");
+        assert!(
+            probe6(&net.client).is_err(),
+            "h1 accepted over IPv6 after its lease"
+        );
         let d1 = desired(&net, all.clone(), long);
         let (p1, r) = with(h1, p1, move |p| p.apply(&d1));
         r.unwrap();
 
         // A connection established on h1; its bucket moves to h2, which is
         // told the old owner is dead: h2 resets the flow it does not know.
-        let mut conn = LongLived::open_on(&net.client, src, dst);
+        let mut conn = LongLived::open_on(&net.client, src.into(), dst.into());
         std::thread::sleep(Duration::from_millis(300));
         let none = desired(&net, [], long);
         let (p1, r) = with(h1, p1, move |p| p.apply(&none));
@@ -758,14 +920,22 @@ mod direct {
             "{err}"
         );
         assert_eq!(probe(&net.client), Ok("h2".to_string()));
+        assert_eq!(probe6(&net.client), Ok("h2".to_string()));
 
-        // Teardown: VIP, tables and sysctls as before.
+        // Teardown: VIPs, tables and sysctls as before.
         for (ns, p) in [(h1, p1), (h2, p2)] {
             let (_, r) = with(ns, p, |p| p.teardown());
             r.unwrap();
             assert!(owned_set(ns).is_none());
             let addrs = ns.ip(&["-4", "addr", "show", "dev", "eth0"]).unwrap();
             assert!(!addrs.contains(&net.vip().to_string()), "{addrs}");
+            let addrs = ns.ip(&["-6", "addr", "show", "dev", "lo"]).unwrap();
+            assert!(!addrs.contains(&net.vip6().to_string()), "{addrs}");
+            assert!(
+                ns.exec("nft", &["list", "table", "ip6", "vipshare"])
+                    .is_err(),
+                "ip6 table left behind"
+            );
             assert_eq!(
                 ns.read_sysctl("net.ipv4.conf.all.arp_announce").unwrap(),
                 before

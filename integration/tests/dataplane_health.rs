@@ -21,7 +21,7 @@ fn health_names_what_keeps_the_host_from_serving() {
     let vip = net.vip();
     let desired = move |interface: &str| Desired {
         vips: vec![VipConfig {
-            addr: vip,
+            addr: vip.into(),
             prefix_len: 32,
             mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x04, 0x01]),
             interface: interface.into(),

@@ -30,7 +30,7 @@ fn foreign_edits_are_reported_and_repaired() {
     let owned: BTreeSet<u32> = (0..4).collect();
     let desired = Desired {
         vips: vec![VipConfig {
-            addr: net.vip(),
+            addr: net.vip().into(),
             prefix_len: 32,
             mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x03, net.k]),
             interface: "eth0".into(),

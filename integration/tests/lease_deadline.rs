@@ -42,7 +42,7 @@ impl Executor for Stalling {
 fn desired(net: &NetLab, until: Instant) -> Desired {
     Desired {
         vips: vec![VipConfig {
-            addr: net.vip(),
+            addr: net.vip().into(),
             prefix_len: 32,
             mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x02, net.k]),
             interface: "eth0".into(),

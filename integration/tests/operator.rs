@@ -197,10 +197,10 @@ async fn status_exit_codes_local_view_and_refusals() -> anyhow::Result<()> {
         assert_eq!(code(&out), Some(1), "vip add {bad} accepted");
         assert!(stderr(&out).contains("unicast"), "{}", stderr(&out));
     }
-    // An IPv6 VIP would be stored and served by no agent: refused with the reason.
-    let out = lab.ctl(&["vip", "add", "2001:db8::10"])?;
-    assert_eq!(code(&out), Some(1), "IPv6 VIP accepted");
-    assert!(stderr(&out).contains("IPv6"), "{}", stderr(&out));
+    // A link-local IPv6 VIP is scoped to one link: refused with the reason.
+    let out = lab.ctl(&["vip", "add", "fe80::10"])?;
+    assert_eq!(code(&out), Some(1), "link-local VIP accepted");
+    assert!(stderr(&out).contains("link-local"), "{}", stderr(&out));
     let addr2 = lab.address(2);
     let out = lab.ctl(&["controller", "add", "--id", "2", "--address", &addr2])?;
     assert_eq!(code(&out), Some(1), "controller add of a voter accepted");

@@ -322,7 +322,7 @@ fn full_rebuilds_never_answer_a_foreign_bucket() {
     };
     let desired = move |owned: &BTreeSet<u32>| Desired {
         vips: vec![VipConfig {
-            addr: vip,
+            addr: vip.into(),
             prefix_len: 32,
             mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x01, 0x10]),
             interface: "eth0".into(),

@@ -17,9 +17,11 @@
 //! - [`dataplane`]: the [`dataplane::DataPlane`] trait every kernel backend
 //!   implements, and the types it takes ([`dataplane::Desired`]: VIPs, bucket
 //!   function, owned buckets, remaining lease).
-//! - [`dataplane::linux`]: the Linux backend (VIP as a secondary address, ARP
-//!   rewritten to the multicast MAC by nftables, an nftables input filter whose
-//!   owned-bucket set elements carry the lease as their kernel `timeout`).
+//! - [`dataplane::linux`]: the Linux backend (IPv4 VIP as a secondary address,
+//!   ARP rewritten to the multicast MAC by nftables; IPv6 VIP on loopback,
+//!   neighbour discovery answered with the multicast MAC from user space; an
+//!   nftables input filter per family whose owned-bucket set elements carry
+//!   the lease as their kernel `timeout`).
 //! - [`dataplane::freebsd`]: the FreeBSD backend (CARP-INIT shared alias,
 //!   published multicast ARP entry, IGMP membership, ipfw mask rules swapped
 //!   atomically, and a watchdog process that withdraws the rules when the lease

@@ -1,7 +1,7 @@
 //! Prometheus metrics of the agent, named in one place.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -166,15 +166,15 @@ pub fn epoch_changed() {
 /// is rebuilt) into monotonic Prometheus counters.
 #[derive(Debug, Default)]
 pub struct PacketCounters {
-    last: BTreeMap<(Ipv4Addr, &'static str), u64>,
+    last: BTreeMap<(IpAddr, &'static str), u64>,
 }
 
 impl PacketCounters {
     /// The increments since the previous reading.
     pub fn deltas(
         &mut self,
-        now: &BTreeMap<(Ipv4Addr, &'static str), u64>,
-    ) -> Vec<((Ipv4Addr, &'static str), u64)> {
+        now: &BTreeMap<(IpAddr, &'static str), u64>,
+    ) -> Vec<((IpAddr, &'static str), u64)> {
         let mut out = Vec::new();
         for (k, &v) in now {
             let prev = self.last.get(k).copied().unwrap_or(0);
@@ -188,7 +188,7 @@ impl PacketCounters {
         out
     }
 
-    pub fn record(&mut self, now: &BTreeMap<(Ipv4Addr, &'static str), u64>) {
+    pub fn record(&mut self, now: &BTreeMap<(IpAddr, &'static str), u64>) {
         for ((vip, verdict), d) in self.deltas(now) {
             counter!(PACKETS, "vip" => vip.to_string(), "verdict" => verdict).increment(d);
         }
@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn counter_resets_are_counted_from_zero() {
-        let a = Ipv4Addr::new(10, 0, 0, 1);
+        let a = IpAddr::from([10, 0, 0, 1]);
         let mut p = PacketCounters::default();
         let m = |v: u64| BTreeMap::from([((a, "accepted"), v)]);
         assert_eq!(p.deltas(&m(5)), vec![((a, "accepted"), 5)]);

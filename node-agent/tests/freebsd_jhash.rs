@@ -200,7 +200,7 @@ fn linux_and_freebsd_plans_accept_the_same_sources() {
     for affinity in [Affinity::Address, Affinity::AddressPort] {
         let d = Desired {
             vips: vec![VipConfig {
-                addr: Ipv4Addr::new(192, 0, 2, 10),
+                addr: Ipv4Addr::new(192, 0, 2, 10).into(),
                 prefix_len: 32,
                 mac: Mac([0x01, 0x00, 0x5e, 0x56, 0x53, 0x01]),
                 interface: "eth0".into(),

@@ -26,7 +26,7 @@ use vipshare_agent::dataplane::{
 
 fn vip(last: u8) -> VipConfig {
     VipConfig {
-        addr: Ipv4Addr::new(192, 0, 2, last),
+        addr: Ipv4Addr::new(192, 0, 2, last).into(),
         prefix_len: 32,
         mac: Mac([0x01, 0x00, 0x5e, 0x00, 0x02, last]),
         interface: "eth0".into(),
@@ -148,6 +148,43 @@ fn lowbits_and_address_port() {
     out.push_str(&scenario(&[("lowbits network24", net)]));
     out.push_str(&scenario(&[("jhash address_port", port)]));
     golden("bucket_functions", &out);
+}
+
+fn vip6(last: u16) -> VipConfig {
+    VipConfig {
+        addr: std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last).into(),
+        prefix_len: 64,
+        mac: Mac([0x33, 0x33, 0, 0, 0, last as u8]),
+        interface: "eth0".into(),
+    }
+}
+
+/// IPv6 beside IPv4: the ip6 table has the shape of the ip one, a renewal
+/// writes both families' sets in one transaction, and a family whose last VIP
+/// goes leaves an empty table.
+#[test]
+fn ipv6_beside_ipv4() {
+    let mut mixed = desired([2, 5], 400);
+    mixed.vips.push(vip6(0x10));
+    let mut renewed = mixed.clone();
+    renewed.lease_until = t0() + Duration::from_millis(380);
+    let mut only6 = desired([5], 400);
+    only6.vips = vec![vip6(0x10)];
+    let mut out = scenario(&[
+        ("IPv4 and IPv6", mixed.clone()),
+        ("renewal", renewed),
+        ("IPv6 only", only6.clone()),
+    ]);
+    let mut low = only6.clone();
+    low.bucket_fn = BucketFn::Lowbits;
+    let mut net = low.clone();
+    net.affinity = Affinity::Network24;
+    out.push_str(&scenario(&[("IPv6 lowbits address", low)]));
+    out.push_str(&scenario(&[("IPv6 lowbits network24", net)]));
+    let t = plan_teardown(&cfg(), None, &mixed.vips);
+    out.push_str("## teardown\n");
+    out.push_str(&t.render());
+    golden("ipv6", &out);
 }
 
 #[test]

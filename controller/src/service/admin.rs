@@ -487,20 +487,15 @@ fn vip_from_pb(v: pb::Vip) -> Result<Vip, Status> {
         Some("a loopback address")
     } else if matches!(addr, std::net::IpAddr::V4(a) if a.is_broadcast()) {
         Some("the broadcast address")
+    } else if matches!(addr, std::net::IpAddr::V6(a) if a.is_unicast_link_local()) {
+        // Neighbour discovery and routing scope it to one link and interface.
+        Some("a link-local address")
     } else {
         None
     };
     if let Some(what) = special {
         return Err(Status::invalid_argument(format!(
             "VIP {addr} is {what}; a VIP must be a unicast address"
-        )));
-    }
-    // The agents serve IPv4 VIPs only: an IPv6 VIP would be stored and never
-    // served (they skip it and report it), so it is refused here.
-    if addr.is_ipv6() {
-        return Err(Status::invalid_argument(format!(
-            "VIP {addr}: IPv6 VIPs are not served by this version's agents yet; \
-             add an IPv4 address"
         )));
     }
     let max = if addr.is_ipv4() { 32 } else { 128 };
@@ -659,6 +654,7 @@ mod tests {
             "::",
             "ff02::1",
             "127.0.0.1",
+            "fe80::1",
         ] {
             let e = v(bad, "").unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument);
@@ -667,9 +663,12 @@ mod tests {
                 "{e:?}"
             );
         }
-        let e = v("2001:db8::10", "").unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        assert!(e.message().contains("2001:db8::10") && e.message().contains("IPv6"));
+        let six = v("2001:db8::a:b", "").unwrap();
+        assert_eq!(
+            (six.prefix_len, six.mac.to_string()),
+            (128, "33:33:00:0a:00:0b".to_string()),
+            "IPv6: a /128 with the RFC 2464 MAC by default"
+        );
         assert!(v("192.0.2.10", "00:11:22:33:44:55")
             .unwrap_err()
             .message()

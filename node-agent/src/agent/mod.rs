@@ -122,6 +122,15 @@ impl Plane {
         }
     }
 
+    /// Moves the VIPs this backend cannot serve to `unserved`, so that the
+    /// others are served (FreeBSD has no IPv6 plans yet).
+    fn keep_servable(&self, s: Settings) -> Settings {
+        match self {
+            Plane::Linux(_) => s,
+            Plane::FreeBsd(_) => s.without_ipv6("IPv6 VIPs are not served on FreeBSD yet"),
+        }
+    }
+
     fn linux_config(&self) -> Option<linux::LinuxConfig> {
         match self {
             Plane::Linux(p) => Some(p.config().clone()),
@@ -461,6 +470,7 @@ impl Runtime {
                         "assignment refused");
                 }
                 Ok((settings, a)) => {
+                    let settings = settings.map(|s| self.plane.keep_servable(s));
                     let index = a.applied_index;
                     let held = |e: &Engine| e.assignment().map(|a| a.applied_index);
                     let before = held(&self.engine);

@@ -3,7 +3,7 @@
 //! cluster settings the data plane needs (VIPs, bucket function) stay here.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use vipshare_core::agent::{Assignment, Controller, Reply};
 use vipshare_core::bucket::{self, Affinity, BucketFn};
@@ -15,7 +15,7 @@ use vipshare_proto::v1 as pb;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// (address, prefix length, MAC)
-    pub vips: Vec<(Ipv4Addr, u8, Mac)>,
+    pub vips: Vec<(IpAddr, u8, Mac)>,
     /// VIPs this agent cannot serve, each with the reason: the others are
     /// served (one VIP never freezes the rest); reported, not applied.
     pub unserved: Vec<String>,
@@ -24,6 +24,18 @@ pub struct Settings {
     pub affinity: Affinity,
     pub seed: u32,
     pub timing: LeaseTiming,
+}
+
+impl Settings {
+    /// The IPv6 VIPs moved to `unserved` with `reason` (a backend that cannot
+    /// serve them still serves the rest).
+    pub fn without_ipv6(mut self, reason: &str) -> Settings {
+        let (v6, v4): (Vec<_>, Vec<_>) = self.vips.into_iter().partition(|v| v.0.is_ipv6());
+        self.vips = v4;
+        self.unserved
+            .extend(v6.into_iter().map(|v| format!("VIP {}: {reason}", v.0)));
+        self
+    }
 }
 
 fn timing(t: Option<&pb::LeaseTiming>) -> Result<LeaseTiming, String> {
@@ -72,23 +84,16 @@ pub fn validate(
             let mut vips = Vec::new();
             let mut unserved = Vec::new();
             for v in &s.vips {
-                let addr = match v.address.parse::<IpAddr>() {
-                    Ok(IpAddr::V4(a)) => a,
-                    Ok(IpAddr::V6(_)) => {
-                        unserved.push(format!(
-                            "VIP {}: IPv6 VIPs are not supported by this agent yet",
-                            v.address
-                        ));
-                        continue;
-                    }
-                    Err(_) => {
-                        unserved.push(format!("VIP {:?}: unknown address family", v.address));
-                        continue;
-                    }
+                let Ok(addr) = v.address.parse::<IpAddr>() else {
+                    unserved.push(format!("VIP {:?}: unknown address family", v.address));
+                    continue;
                 };
-                let prefix = if v.prefix_len == 0 { 32 } else { v.prefix_len };
-                if prefix > 32 {
-                    return Err(format!("VIP {addr}: prefix length {prefix}"));
+                let max = if addr.is_ipv4() { 32 } else { 128 };
+                let prefix = if v.prefix_len == 0 { max } else { v.prefix_len };
+                if prefix > max {
+                    return Err(format!(
+                        "VIP {addr}: prefix length {prefix} is not in 1..={max}"
+                    ));
                 }
                 let mac = v
                     .mac
@@ -219,15 +224,53 @@ mod tests {
         });
         let (s, a) = validate("h1", &a).unwrap();
         let s = s.unwrap();
-        assert_eq!(s.vips.len(), 1, "192.0.2.10 still served");
-        assert_eq!(s.unserved.len(), 2);
-        assert!(s.unserved[0].contains("fd00::1") && s.unserved[0].contains("IPv6"));
-        assert!(s.unserved[1].contains("unknown address family"));
+        assert_eq!(s.vips.len(), 2, "192.0.2.10 and fd00::1 served");
+        assert_eq!(s.vips[1].0, "fd00::1".parse::<IpAddr>().unwrap());
+        assert_eq!(s.unserved.len(), 1);
+        assert!(s.unserved[0].contains("unknown address family"));
         assert_eq!(
             a.owned,
             [(1, 4)].into(),
             "the buckets are taken all the same"
         );
+    }
+
+    #[test]
+    fn a_backend_without_ipv6_serves_the_ipv4_vips_and_reports_the_others() {
+        let mut a = assignment(13, 1, &[]);
+        let vips = &mut a.settings.as_mut().unwrap().vips;
+        vips.push(pb::Vip {
+            address: "2001:db8::10".into(),
+            prefix_len: 0,
+            mac: "33:33:00:00:00:10".into(),
+        });
+        let (s, _) = validate("h1", &a).unwrap();
+        let s = s.unwrap().without_ipv6("not here");
+        assert_eq!(s.vips.len(), 1);
+        assert!(s.vips[0].0.is_ipv4());
+        assert_eq!(s.unserved, ["VIP 2001:db8::10: not here"]);
+    }
+
+    #[test]
+    fn prefix_lengths_default_and_are_checked_per_family() {
+        let mut a = assignment(13, 1, &[]);
+        let vips = &mut a.settings.as_mut().unwrap().vips;
+        vips[0].prefix_len = 0;
+        vips.push(pb::Vip {
+            address: "2001:db8::10".into(),
+            prefix_len: 0,
+            mac: "33:33:00:00:00:10".into(),
+        });
+        let (s, _) = validate("h1", &a).unwrap();
+        let prefixes: Vec<u8> = s.unwrap().vips.iter().map(|v| v.1).collect();
+        assert_eq!(prefixes, [32, 128]);
+        a.settings.as_mut().unwrap().vips[1].prefix_len = 129;
+        let e = validate("h1", &a).unwrap_err();
+        assert!(e.contains("2001:db8::10") && e.contains("1..=128"), "{e}");
+        a.settings.as_mut().unwrap().vips[1].prefix_len = 64;
+        a.settings.as_mut().unwrap().vips[0].prefix_len = 33;
+        let e = validate("h1", &a).unwrap_err();
+        assert!(e.contains("192.0.2.10") && e.contains("1..=32"), "{e}");
     }
 
     #[test]

@@ -28,7 +28,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 pub use vipshare_core::bucket::{Affinity, BucketFn};
@@ -40,12 +40,13 @@ pub mod linux;
 /// One shared address as this host must configure it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VipConfig {
-    /// The shared IPv4 address.
-    pub addr: Ipv4Addr,
-    /// Prefix length of the alias (normally 32: the host's own address covers
-    /// the subnet).
+    /// The shared address, IPv4 or IPv6.
+    pub addr: IpAddr,
+    /// Prefix length of the alias (normally 32 or 128: the host's own address
+    /// covers the subnet).
     pub prefix_len: u8,
-    /// The cluster's multicast MAC that ARP publishes for `addr`.
+    /// The cluster's multicast MAC that ARP (IPv4) or neighbour discovery
+    /// (IPv6) publishes for `addr`.
     pub mac: Mac,
     /// Interface carrying the VIP (e.g. `vtnet0`, `eth0`).
     pub interface: String,
@@ -95,9 +96,10 @@ impl Desired {
         }
         let mut seen = BTreeSet::new();
         for vip in &self.vips {
-            if vip.prefix_len == 0 || vip.prefix_len > 32 {
+            let max = vip.max_prefix_len();
+            if vip.prefix_len == 0 || vip.prefix_len > max {
                 return Err(DataPlaneError::InvalidDesired(format!(
-                    "VIP {}: prefix length {} is not in 1..=32",
+                    "VIP {}: prefix length {} is not in 1..={max}",
                     vip.addr, vip.prefix_len
                 )));
             }
@@ -203,13 +205,17 @@ impl Problem {
 pub struct Interface {
     /// Administratively up and with carrier.
     pub up: bool,
-    pub ipv4: BTreeSet<Ipv4Addr>,
+    /// Its addresses, both families.
+    pub addrs: BTreeSet<IpAddr>,
 }
 
 /// The data plane's health: the problems found (none = healthy). Pure, so the
-/// backends and the tests share one judgement.
-pub fn assess(
-    vips: &[VipConfig],
+/// backends and the tests share one judgement. `holder` names the interface
+/// that must hold a VIP's address (a backend may keep it elsewhere than on
+/// the interface that carries its traffic).
+pub fn assess<'a>(
+    vips: &'a [VipConfig],
+    holder: impl Fn(&'a VipConfig) -> &'a str,
     interfaces: &std::collections::BTreeMap<String, Interface>,
     filter_present: bool,
     last_apply_ok: bool,
@@ -225,7 +231,10 @@ pub fn assess(
                 if !i.up {
                     p.insert(Problem::InterfaceDown);
                 }
-                if !i.ipv4.contains(&vip.addr) {
+                let held = interfaces
+                    .get(holder(vip))
+                    .is_some_and(|h| h.addrs.contains(&vip.addr));
+                if !held {
                     p.insert(Problem::VipMissing);
                 }
             }
@@ -311,6 +320,16 @@ impl<S: Clone + fmt::Display> RecordingExecutor<S> {
     }
 }
 
+impl VipConfig {
+    /// 32 for IPv4, 128 for IPv6.
+    pub fn max_prefix_len(&self) -> u8 {
+        match self.addr {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
+        }
+    }
+}
+
 impl fmt::Display for VipConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -328,7 +347,7 @@ mod tests {
     fn desired() -> Desired {
         Desired {
             vips: vec![VipConfig {
-                addr: Ipv4Addr::new(192, 0, 2, 10),
+                addr: "192.0.2.10".parse().unwrap(),
                 prefix_len: 32,
                 mac: Mac([0x01, 0x00, 0x5e, 0x0a, 0x0b, 0x0c]),
                 interface: "vtnet0".into(),
@@ -360,6 +379,15 @@ mod tests {
         let mut d = desired();
         d.vips.push(d.vips[0].clone());
         assert!(d.validate().is_err());
+        let mut d = desired();
+        d.vips[0].prefix_len = 33;
+        let e = d.validate().unwrap_err().to_string();
+        assert!(e.contains("192.0.2.10") && e.contains("1..=32"), "{e}");
+        d.vips[0].addr = "2001:db8::10".parse().unwrap();
+        assert!(d.validate().is_ok(), "33 is a fine IPv6 prefix");
+        d.vips[0].prefix_len = 129;
+        let e = d.validate().unwrap_err().to_string();
+        assert!(e.contains("2001:db8::10") && e.contains("1..=128"), "{e}");
     }
 
     #[test]
@@ -367,12 +395,12 @@ mod tests {
         let vips = desired().vips;
         let up = Interface {
             up: true,
-            ipv4: [vips[0].addr].into(),
+            addrs: [vips[0].addr].into(),
         };
         let ifs = |i: Interface| std::collections::BTreeMap::from([("vtnet0".to_string(), i)]);
-        assert!(assess(&vips, &ifs(up.clone()), true, true).is_empty());
+        assert!(assess(&vips, |v| &v.interface, &ifs(up.clone()), true, true).is_empty());
         assert_eq!(
-            assess(&vips, &Default::default(), true, true),
+            assess(&vips, |v| &v.interface, &Default::default(), true, true),
             [Problem::InterfaceMissing, Problem::VipMissing].into()
         );
         let down = Interface {
@@ -380,11 +408,17 @@ mod tests {
             ..up.clone()
         };
         assert_eq!(
-            assess(&vips, &ifs(down), true, true),
+            assess(&vips, |v| &v.interface, &ifs(down), true, true),
             [Problem::InterfaceDown].into()
         );
         assert_eq!(
-            assess(&vips, &ifs(Interface::default()), false, false),
+            assess(
+                &vips,
+                |v| &v.interface,
+                &ifs(Interface::default()),
+                false,
+                false
+            ),
             [
                 Problem::InterfaceDown,
                 Problem::VipMissing,

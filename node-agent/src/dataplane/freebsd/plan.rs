@@ -29,7 +29,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use super::masks::{compress, Cube};
@@ -476,6 +476,10 @@ fn owned_swap(cfg: &FreeBsdConfig, vips: &[VipConfig], matches: &[OwnedMatch]) -
 }
 
 fn add_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
+    // IPv6 VIPs are refused by `plan_apply` before this.
+    let IpAddr::V4(addr) = vip.addr else {
+        return Vec::new();
+    };
     let publish = Step::run([
         cfg.arp.as_str(),
         "-S",
@@ -487,7 +491,7 @@ fn add_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
         vec![
             Step::AddSharedAddress {
                 interface: vip.interface.clone(),
-                addr: vip.addr,
+                addr,
                 prefix_len: vip.prefix_len,
             },
             publish,
@@ -498,7 +502,7 @@ fn add_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
     if let Some(group) = vip.mac.igmp_group() {
         steps.push(Step::JoinGroup {
             group,
-            via: vip.addr,
+            via: addr,
             interface: vip.interface.clone(),
         });
     }
@@ -533,10 +537,10 @@ fn carp_init_vip(cfg: &FreeBsdConfig, vip: &VipConfig, publish: Step) -> Vec<Ste
 
 fn remove_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
     let mut steps = Vec::new();
-    if let Some(group) = vip.mac.igmp_group() {
+    if let (Some(group), IpAddr::V4(via)) = (vip.mac.igmp_group(), vip.addr) {
         steps.push(Step::LeaveGroup {
             group,
-            via: vip.addr,
+            via,
             interface: vip.interface.clone(),
         });
     }
@@ -601,6 +605,12 @@ pub fn plan_apply(
     desired.validate()?;
     cfg.validate()?;
     for vip in &desired.vips {
+        if vip.addr.is_ipv6() {
+            return Err(DataPlaneError::Unsupported(format!(
+                "VIP {}: IPv6 VIPs are not planned for FreeBSD yet",
+                vip.addr
+            )));
+        }
         if vip.mac.igmp_group().is_none() {
             return Err(DataPlaneError::Unsupported(format!(
                 "VIP {}: MAC {} has no IPv4 multicast group mapping to it, so FreeBSD \
@@ -654,8 +664,8 @@ pub fn plan_apply(
         });
     }
 
-    let old_addrs: BTreeSet<Ipv4Addr> = old.vips.iter().map(|v| v.addr).collect();
-    let new_addrs: BTreeSet<Ipv4Addr> = vips.iter().map(|v| v.addr).collect();
+    let old_addrs: BTreeSet<IpAddr> = old.vips.iter().map(|v| v.addr).collect();
+    let new_addrs: BTreeSet<IpAddr> = vips.iter().map(|v| v.addr).collect();
     let added: Vec<&VipConfig> = vips
         .iter()
         .filter(|v| !old_addrs.contains(&v.addr))

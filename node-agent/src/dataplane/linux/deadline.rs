@@ -114,27 +114,30 @@ impl DeadlineWriter {
         Ok(DeadlineWriter { fd, seq: 0 })
     }
 
-    /// Replaces the rule of [`CHAIN`] in `family`/`table` by `meta time >=
-    /// deadline_ns drop`, in one transaction.
+    /// Replaces the rule of [`CHAIN`] in `table` of each of `families` by
+    /// `meta time >= deadline_ns drop`, in one transaction.
     pub fn write(
         &mut self,
-        family: &str,
+        families: &[&str],
         table: &str,
         deadline_ns: u64,
     ) -> Result<(), DataPlaneError> {
-        let family = nfproto(family)?;
+        let families = families
+            .iter()
+            .map(|f| nfproto(f))
+            .collect::<Result<Vec<u8>, _>>()?;
         let first = self.seq.wrapping_add(1);
-        self.seq = self.seq.wrapping_add(4);
-        let msg = transaction(family, table, deadline_ns, first);
+        let (msg, asks) = transaction(&families, table, deadline_ns, first);
+        self.seq = self.seq.wrapping_add(asks as u32 + 2);
         // SAFETY: send(2) of an initialised buffer on our socket.
         let sent = unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
         if sent < 0 || sent as usize != msg.len() {
             return Err(os_error("netlink send"));
         }
-        // The flush and the add each ask for an ack.
+        // Every flush and add asks for an ack.
         let mut acked = 0;
         let mut buf = vec![0u8; 8192];
-        while acked < 2 {
+        while acked < asks {
             // SAFETY: recv(2) into a buffer we own, of its length.
             let n =
                 unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -142,7 +145,7 @@ impl DeadlineWriter {
                 return Err(os_error("netlink ack"));
             }
             for (seq, errno) in acks(&buf[..n as usize]) {
-                if seq != first.wrapping_add(1) && seq != first.wrapping_add(2) {
+                if seq.wrapping_sub(first) == 0 || seq.wrapping_sub(first) > asks as u32 {
                     continue;
                 }
                 if errno != 0 {
@@ -185,9 +188,10 @@ fn align(n: usize) -> usize {
     (n + 3) & !3
 }
 
-/// begin, flush `lease`, add `meta time >= deadline drop`, end; sequence
-/// numbers from `first`.
-fn transaction(family: u8, table: &str, deadline_ns: u64, first: u32) -> Vec<u8> {
+/// begin, then per family flush `lease` and add `meta time >= deadline drop`,
+/// end; sequence numbers from `first`. Returns the batch and how many of its
+/// messages ask for an ack.
+fn transaction(families: &[u8], table: &str, deadline_ns: u64, first: u32) -> (Vec<u8>, usize) {
     let mut out = Vec::new();
     let subsys = NFNL_SUBSYS_NFTABLES.to_be_bytes();
     message(
@@ -202,40 +206,45 @@ fn transaction(family: u8, table: &str, deadline_ns: u64, first: u32) -> Vec<u8>
     let mut names = Vec::new();
     attr(&mut names, NFTA_RULE_TABLE, &cstr(table));
     attr(&mut names, NFTA_RULE_CHAIN, &cstr(CHAIN));
-    message(
-        &mut out,
-        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELRULE,
-        NLM_F_REQUEST | NLM_F_ACK,
-        first.wrapping_add(1),
-        family,
-        [0, 0],
-        &names,
-    );
-    let mut rule = names;
+    let mut rule = names.clone();
     attr(
         &mut rule,
         NFTA_RULE_EXPRESSIONS | NLA_F_NESTED,
         &expressions(deadline_ns),
     );
-    message(
-        &mut out,
-        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE,
-        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND,
-        first.wrapping_add(2),
-        family,
-        [0, 0],
-        &rule,
-    );
+    let mut seq = first;
+    for &family in families {
+        seq = seq.wrapping_add(1);
+        message(
+            &mut out,
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELRULE,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            family,
+            [0, 0],
+            &names,
+        );
+        seq = seq.wrapping_add(1);
+        message(
+            &mut out,
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND,
+            seq,
+            family,
+            [0, 0],
+            &rule,
+        );
+    }
     message(
         &mut out,
         NFNL_MSG_BATCH_END,
         NLM_F_REQUEST,
-        first.wrapping_add(3),
+        seq.wrapping_add(1),
         0,
         subsys,
         &[],
     );
-    out
+    (out, 2 * families.len())
 }
 
 /// `meta load time => reg 1; byteorder reg 1 = hton(reg 1, 8, 8); cmp gte
@@ -323,7 +332,8 @@ mod tests {
 
     #[test]
     fn messages_are_aligned_and_sized() {
-        let m = transaction(2, "vipshare", 1_796_000_000_123_456_789, 7);
+        let (m, asks) = transaction(&[2, 10], "vipshare", 1_796_000_000_123_456_789, 7);
+        assert_eq!(asks, 4);
         let mut rest = &m[..];
         let mut kinds = Vec::new();
         while !rest.is_empty() {
@@ -332,7 +342,7 @@ mod tests {
             kinds.push(u16::from_ne_bytes([rest[4], rest[5]]));
             rest = &rest[len..];
         }
-        assert_eq!(kinds, vec![16, 0x0a08, 0x0a06, 17]);
+        assert_eq!(kinds, vec![16, 0x0a08, 0x0a06, 0x0a08, 0x0a06, 17]);
         // The deadline travels big-endian, as the rule compares it after hton.
         let be = 1_796_000_000_123_456_789u64.to_be_bytes();
         assert!(m.windows(8).any(|w| w == be));

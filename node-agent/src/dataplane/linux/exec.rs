@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -21,7 +21,8 @@ use vipshare_core::agent::{after_ack, AfterAck};
 
 use super::deadline::DeadlineWriter;
 use super::libnft::Nft;
-use super::plan::{NftBatch, Present, Step};
+use super::nd::NdResponder;
+use super::plan::{address_holder, Family, NftBatch, Present, Step};
 use super::LinuxConfig;
 use crate::dataplane::{DataPlaneError, Interface, Mac, VipConfig};
 
@@ -48,7 +49,7 @@ struct State {
     /// Original values of the sysctls the agent changed.
     sysctls: BTreeMap<String, String>,
     /// VIP addresses the agent added: (interface, address, prefix length, MAC).
-    vips: BTreeSet<(String, Ipv4Addr, u8, String)>,
+    vips: BTreeSet<(String, IpAddr, u8, String)>,
 }
 
 /// The real executor.
@@ -61,6 +62,8 @@ pub struct OsExecutor {
     state_file: Option<PathBuf>,
     state: State,
     groups: HashMap<(String, Ipv4Addr), UdpSocket>,
+    /// Started with the first IPv6 VIP.
+    nd: Option<NdResponder>,
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DataPlaneError {
@@ -92,6 +95,7 @@ impl OsExecutor {
             state_file,
             state,
             groups: HashMap::new(),
+            nd: None,
         })
     }
 
@@ -170,14 +174,19 @@ impl OsExecutor {
         run(&self.ip, args, None).map(|o| o.stdout)
     }
 
-    /// The interface's IPv4 addresses with prefix lengths, in kernel order.
-    fn addresses(&self, interface: &str) -> Result<Vec<(Ipv4Addr, u8)>, DataPlaneError> {
-        let out = self.ip_output(&["-4", "-o", "addr", "show", "dev", interface])?;
+    /// The interface's addresses of `family` with prefix lengths, in kernel
+    /// order.
+    fn addresses(
+        &self,
+        interface: &str,
+        family: Family,
+    ) -> Result<Vec<(IpAddr, u8)>, DataPlaneError> {
+        let out = self.ip_output(&[family.ip_flag, "-o", "addr", "show", "dev", interface])?;
         Ok(out
             .lines()
             .filter_map(|l| {
                 let mut w = l.split_whitespace();
-                w.find(|&x| x == "inet")?;
+                w.find(|&x| x == family.ip_addr_word)?;
                 let (a, p) = w.next()?.split_once('/')?;
                 Some((a.parse().ok()?, p.parse().ok()?))
             })
@@ -185,16 +194,23 @@ impl OsExecutor {
     }
 
     fn add_address(&mut self, vip: &VipConfig) -> Result<(), DataPlaneError> {
-        let (interface, addr, prefix_len) = (vip.interface.as_str(), vip.addr, vip.prefix_len);
-        let have = self.addresses(interface)?;
-        self.state
-            .vips
-            .insert((interface.to_string(), addr, prefix_len, vip.mac.to_string()));
+        let addr = vip.addr;
+        let family = Family::of(addr);
+        let (interface, prefix_len, flags) = address_holder(vip);
+        let have = self.addresses(interface, family)?;
+        self.state.vips.insert((
+            vip.interface.clone(),
+            addr,
+            vip.prefix_len,
+            vip.mac.to_string(),
+        ));
         self.save()?;
         if have.contains(&(addr, prefix_len)) {
             return Ok(());
         }
-        if !have.iter().any(|(a, _)| *a != addr) {
+        // An IPv6 VIP lives on loopback, where source selection never
+        // prefers it over the outgoing interface's own address.
+        if family == Family::V4 && !have.iter().any(|(a, _)| *a != addr) {
             return Err(DataPlaneError::Command {
                 command: format!("ip addr add {addr}/{prefix_len} dev {interface}"),
                 detail: format!(
@@ -204,36 +220,31 @@ impl OsExecutor {
             });
         }
         let cidr = format!("{addr}/{prefix_len}");
-        run(
-            &self.ip,
-            &["-4", "addr", "add", &cidr, "dev", interface],
-            None,
-        )?;
+        let mut args = vec![family.ip_flag, "addr", "add", &cidr, "dev", interface];
+        args.extend(flags.split_whitespace());
+        run(&self.ip, &args, None)?;
         Ok(())
     }
 
-    fn del_address(
-        &mut self,
-        interface: &str,
-        addr: Ipv4Addr,
-        prefix_len: u8,
-    ) -> Result<(), DataPlaneError> {
+    fn del_address(&mut self, vip: &VipConfig) -> Result<(), DataPlaneError> {
+        let family = Family::of(vip.addr);
+        let (interface, prefix_len, _) = address_holder(vip);
         // Missing interface or address: nothing to remove.
         let present = self
-            .addresses(interface)
-            .map(|a| a.contains(&(addr, prefix_len)))
+            .addresses(interface, family)
+            .map(|a| a.contains(&(vip.addr, prefix_len)))
             .unwrap_or(false);
         if present {
-            let cidr = format!("{addr}/{prefix_len}");
+            let cidr = format!("{}/{prefix_len}", vip.addr);
             run(
                 &self.ip,
-                &["-4", "addr", "del", &cidr, "dev", interface],
+                &[family.ip_flag, "addr", "del", &cidr, "dev", interface],
                 None,
             )?;
         }
-        self.state
-            .vips
-            .retain(|(i, a, p, _)| !(i == interface && *a == addr && *p == prefix_len));
+        self.state.vips.retain(|(i, a, p, _)| {
+            !(*i == vip.interface && *a == vip.addr && *p == vip.prefix_len)
+        });
         self.save()
     }
 
@@ -360,9 +371,9 @@ pub fn nft_timed_batch(
         timed_send(nft, batch, started)?;
         return Ok(());
     };
-    let table = elements.table.as_str();
+    let flush = elements.flush();
     let again = NftBatch {
-        fixed: super::plan::flush_sets(table),
+        fixed: flush.clone(),
         elements: batch.elements.clone(),
     };
     let mut sending = batch;
@@ -388,7 +399,7 @@ pub fn nft_timed_batch(
                     ?budget,
                     "lease write late again; owned elements deleted"
                 );
-                nft.run(&super::plan::flush_sets(table))?;
+                nft.run(&flush)?;
                 return Err(DataPlaneError::LateWrite { lag, budget });
             }
         }
@@ -413,18 +424,21 @@ impl Executor for OsExecutor {
             Step::Nft(batch) => {
                 nft_timed_batch(&mut self.nft, batch, started, self.budget)?;
                 match &batch.elements {
-                    Some(e) => self.deadline.write(
-                        super::plan::FILTER_FAMILY,
-                        &e.table,
-                        super::deadline::wall_clock_ns(started + e.until),
-                    ),
+                    Some(e) => {
+                        let families: Vec<&str> = e.keys.iter().map(|(f, _)| f.nft).collect();
+                        self.deadline.write(
+                            &families,
+                            &e.table,
+                            super::deadline::wall_clock_ns(started + e.until),
+                        )
+                    }
                     None => Ok(()),
                 }
             }
             Step::Sysctl { key, value } => self.set_sysctl(key, value),
             Step::RestoreSysctls => self.restore_sysctls(),
             Step::AddAddress(v) => self.add_address(v),
-            Step::DelAddress(v) => self.del_address(&v.interface, v.addr, v.prefix_len),
+            Step::DelAddress(v) => self.del_address(v),
             Step::AddMaddr { interface, mac } => {
                 let m = mac.to_string();
                 if !self.has_static_maddr(interface, &m)? {
@@ -445,6 +459,21 @@ impl Executor for OsExecutor {
                 self.groups.remove(&(interface.clone(), *group));
                 Ok(())
             }
+            Step::AnswerNd {
+                interface,
+                addr,
+                mac,
+            } => {
+                let nd = match &mut self.nd {
+                    Some(nd) => nd,
+                    None => self.nd.insert(NdResponder::start()?),
+                };
+                nd.answer(interface, *addr, *mac)
+            }
+            Step::StopNd { interface, addr } => match &mut self.nd {
+                Some(nd) => nd.stop(interface, *addr),
+                None => Ok(()),
+            },
         }
     }
 
@@ -474,15 +503,24 @@ impl Executor for OsExecutor {
             let up_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_uint;
             let entry = out.entry(name).or_default();
             entry.up |= ifa.ifa_flags & up_flags == up_flags;
-            if !ifa.ifa_addr.is_null()
+            let family = if ifa.ifa_addr.is_null() {
+                0
+            } else {
                 // SAFETY: a non-NULL sockaddr of the node.
-                && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
-            {
+                i32::from(unsafe { (*ifa.ifa_addr).sa_family })
+            };
+            if family == libc::AF_INET {
                 // SAFETY: an AF_INET address is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
                 entry
-                    .ipv4
-                    .insert(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                    .addrs
+                    .insert(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into());
+            } else if family == libc::AF_INET6 {
+                // SAFETY: an AF_INET6 address is a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                entry
+                    .addrs
+                    .insert(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into());
             }
             cur = ifa.ifa_next;
         }
@@ -519,10 +557,15 @@ impl Executor for RecordingExecutor {
     }
 }
 
-/// Reads the remaining lifetimes of the owned set's elements (empty when the
-/// table does not exist).
+/// Reads the remaining lifetimes of the owned sets' elements, every filter
+/// family (empty when no table exists).
 pub fn owned_expiries(nft: &str, table: &str) -> Vec<std::time::Duration> {
-    run(nft, &["list", "set", "ip", table, "owned"], None)
-        .map(|o| super::plan::parse_expires(&o.stdout))
-        .unwrap_or_default()
+    Family::ALL
+        .iter()
+        .flat_map(|f| {
+            run(nft, &["list", "set", f.nft, table, "owned"], None)
+                .map(|o| super::plan::parse_expires(&o.stdout))
+                .unwrap_or_default()
+        })
+        .collect()
 }

@@ -18,6 +18,45 @@
 //! - sysctls `arp_announce=2` (all and IF), `drop_unicast_in_l2_multicast=0`
 //!   (all and IF) and `nf_conntrack_tcp_loose=0`, restored on teardown.
 //!
+//! # IPv6 VIPs
+//! The filter is the IPv4 one in an `ip6` table (one [`plan::Family`]
+//! descriptor per address family says what differs). What differs is how the
+//! address is held and how neighbour discovery answers:
+//! - the VIP is a /128 on `lo`, added `nodad` (every host holds it: duplicate
+//!   address detection would fail it). Packets to it arriving on the
+//!   interface are local all the same (Linux accepts any local address on any
+//!   interface);
+//! - neighbour solicitations for it are answered from user space by [`nd`]: a
+//!   raw ICMPv6 socket that joins the VIP's solicited-node group on the
+//!   interface and answers with the cluster MAC as target link-layer address,
+//!   the override flag and hop limit 255 (the kernel computes the checksum),
+//!   and announces the VIP with an unsolicited advertisement when it starts.
+//!   Every host answers, with the same MAC, so one dead agent stops nobody's
+//!   resolution. An answer to a unicast solicitor waits for the kernel to
+//!   resolve it (a solicitation from the interface's link-local address, so
+//!   not before that address has passed duplicate address detection);
+//! - `meta pkttype set host` in the ip6 prerouting chain and
+//!   `net.ipv6.conf.{all,IF}.drop_unicast_in_l2_multicast=0`, as for IPv4;
+//!   neighbour solicitations to the VIP itself (unreachability probes, which
+//!   conntrack does not track) are accepted before the bucket check.
+//!
+//! Why not the kernel's own advertisement, rewritten like ARP (measured on
+//! this kernel, 6.18, with nft 1.0.6):
+//! - nft writes a raw transport-header payload (`@th,208,48 set <MAC>` on the
+//!   target link-layer option) without a checksum fix (`csum_type 0` in
+//!   `nft --debug=netlink`), and there is no named `icmpv6` field for the
+//!   option; the client dropped the advertisement (its neighbour entry stayed
+//!   `INCOMPLETE`), where the same advertisement sent from user space was
+//!   accepted with the multicast MAC (`ip -6 neigh`: `lladdr 33:33:..`).
+//! - With the VIP on the interface the kernel also solicits *from* it: to
+//!   resolve a client for a reply whose source is the VIP it sends a
+//!   solicitation with source VIP and the host's own MAC as source link-layer
+//!   address, and the client overwrites its entry for the VIP with that MAC
+//!   (RFC 4861 7.2.3): the IPv6 form of what `arp_announce=2` prevents for
+//!   IPv4, with no sysctl to prevent it. On `lo` the VIP is not an address of
+//!   the interface, so the kernel neither answers for it there nor solicits
+//!   from it (it uses the interface's own address).
+//!
 //! # Buckets and the lease
 //! Rules and layout are in [`plan`]. The owned buckets are elements of one
 //! set, each with `timeout` = the lease left (already net of the kernel
@@ -107,6 +146,12 @@
 //! - teardown: VIP addresses removed first; only then are the tables deleted
 //!   (a packet for a VIP that is no longer local never reaches `input`).
 //!
+//! The `ip6` table follows the same rules (its own base chains, one jump
+//! rule per VIP, its own named sets recreated on a rebuild, all in the same
+//! transaction as the `ip` table); a packet is IPv4 or IPv6, so it meets the
+//! input chain of one family only, and a renewal writes both families'
+//! elements in one transaction.
+//!
 //! Not covered: a base chain whose hook or priority was changed by hand (or by
 //! a future version) makes `add chain` fail; the rebuild then fails and is
 //! retried, leaving the old filter in place.
@@ -127,6 +172,7 @@
 pub mod deadline;
 pub mod exec;
 pub mod libnft;
+pub mod nd;
 pub mod plan;
 pub mod watch;
 
@@ -278,7 +324,13 @@ impl<E: Executor> LinuxDataPlane<E> {
             }
             _ => false,
         };
-        Some(assess(&vips, &interfaces, filter_present, ok))
+        Some(assess(
+            &vips,
+            |v| plan::address_holder(v).0,
+            &interfaces,
+            filter_present,
+            ok,
+        ))
     }
 
     fn run(&mut self, plan: &Plan, started: Instant) -> Result<(), DataPlaneError> {
@@ -374,17 +426,13 @@ impl<E: Executor> DataPlane for LinuxDataPlane<E> {
     }
 }
 
-/// Packet counts per (VIP, verdict) of the agent's table, read from the kernel.
+/// Packet counts per (VIP, verdict) of the agent's tables, read from the kernel.
 pub fn read_counters(
     cfg: &LinuxConfig,
-) -> Result<std::collections::BTreeMap<(std::net::Ipv4Addr, &'static str), u64>, DataPlaneError> {
-    let out = exec::run(
-        &cfg.nft,
-        &["-j", "list", "counters", "table", "ip", &cfg.table],
-        None,
-    )?;
-    plan::parse_counters(&out.stdout).map_err(|detail| DataPlaneError::Command {
-        command: format!("{} -j list counters table ip {}", cfg.nft, cfg.table),
+) -> Result<std::collections::BTreeMap<(std::net::IpAddr, &'static str), u64>, DataPlaneError> {
+    let out = exec::run(&cfg.nft, &["-j", "list", "counters"], None)?;
+    plan::parse_counters(&out.stdout, &cfg.table).map_err(|detail| DataPlaneError::Command {
+        command: format!("{} -j list counters", cfg.nft),
         detail,
     })
 }

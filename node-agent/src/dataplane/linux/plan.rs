@@ -1,7 +1,7 @@
 //! Pure plan generation for the Linux backend: from what is installed and what
 //! is desired to the list of steps the executor runs.
 //!
-//! # Kernel layout (table `vipshare` in the `ip`, `arp` and `netdev` families)
+//! # Kernel layout (table `vipshare` in the `ip`, `ip6`, `arp` and `netdev` families)
 //! ```text
 //! table ip vipshare
 //!   counter vip_A_B_C_D_{accepted,not_owned,invalid,reset}   per VIP
@@ -18,6 +18,10 @@
 //!                            <key> @owned accept
 //!                            drop
 //!   chain lease              meta time >= DEADLINE drop    (wall clock, ns; see deadline.rs)
+//! table ip6 vipshare         the same for the IPv6 VIPs (`ip6 daddr`, `jhash ip6 saddr`,
+//!                            its own owned and dead sets), plus in each VIP chain, after
+//!                            the established accept: icmpv6 type nd-neighbor-solicit accept
+//!                            (only the families with a VIP have a filter table)
 //! table arp vipshare         output: arp saddr ip VIP arp saddr ether set MAC
 //! table netdev vipshare      egress on each VIP interface: the same rewrite, for ARP
 //!                            sent from user space
@@ -42,7 +46,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use vipshare_core::bucket::{nft_hash_expr, IpFamily};
@@ -66,7 +70,9 @@ pub enum Step {
     },
     /// Put back every sysctl value this agent replaced.
     RestoreSysctls,
-    /// Add the VIP as an address of its interface (after the host's own address).
+    /// Add the VIP as an address: an IPv4 VIP on its interface (after the
+    /// host's own address), an IPv6 VIP as a /128 on loopback without DAD
+    /// (see [`super`] for why).
     AddAddress(VipConfig),
     DelAddress(VipConfig),
     /// `ip maddr add MAC dev IF`: receive frames to the MAC on filtering NICs.
@@ -88,6 +94,18 @@ pub enum Step {
         interface: String,
         group: Ipv4Addr,
     },
+    /// Answer neighbour solicitations for the IPv6 `addr` on `interface` with
+    /// `mac` (the executor's responder, which joins the solicited-node group
+    /// and sends an unsolicited advertisement when it starts answering).
+    AnswerNd {
+        interface: String,
+        addr: Ipv6Addr,
+        mac: Mac,
+    },
+    StopNd {
+        interface: String,
+        addr: Ipv6Addr,
+    },
 }
 
 /// An nftables transaction. `fixed` is rendered as is; `elements`, when set,
@@ -103,7 +121,8 @@ pub struct NftBatch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Elements {
     pub table: String,
-    pub key: KeyKind,
+    /// The filter families written, each with its key (one set pair per family).
+    pub keys: Vec<(Family, KeyKind)>,
     pub owned: Vec<u32>,
     pub reset: Vec<u32>,
     /// Lease left at the start of the apply (the executor's `started`).
@@ -117,6 +136,8 @@ pub enum KeyKind {
     Mark,
     /// `type ipv4_addr`: the bucket's bits in place, `shift` bits up (lowbits).
     Ipv4 { shift: u32 },
+    /// `type ipv6_addr`, likewise.
+    Ipv6 { shift: u32 },
 }
 
 impl KeyKind {
@@ -124,6 +145,7 @@ impl KeyKind {
         match self {
             KeyKind::Mark => bucket.to_string(),
             KeyKind::Ipv4 { shift } => Ipv4Addr::from(bucket << shift).to_string(),
+            KeyKind::Ipv6 { shift } => Ipv6Addr::from(u128::from(bucket) << shift).to_string(),
         }
     }
 }
@@ -137,20 +159,23 @@ impl NftBatch {
         if let Some(e) = &self.elements {
             let left = e.until.saturating_sub(elapsed).as_millis();
             if left > 0 {
-                for (set, buckets) in [("owned", &e.owned), ("dead", &e.reset)] {
-                    if buckets.is_empty() {
-                        continue;
+                for (family, key) in &e.keys {
+                    for (set, buckets) in [("owned", &e.owned), ("dead", &e.reset)] {
+                        if buckets.is_empty() {
+                            continue;
+                        }
+                        let items: Vec<String> = buckets
+                            .iter()
+                            .map(|&b| format!("{} timeout {left}ms", key.element(b)))
+                            .collect();
+                        let _ = writeln!(
+                            s,
+                            "add element {} {} {set} {{ {} }}",
+                            family.nft,
+                            e.table,
+                            items.join(", ")
+                        );
                     }
-                    let items: Vec<String> = buckets
-                        .iter()
-                        .map(|&b| format!("{} timeout {left}ms", e.key.element(b)))
-                        .collect();
-                    let _ = writeln!(
-                        s,
-                        "add element {FILTER_FAMILY} {} {set} {{ {} }}",
-                        e.table,
-                        items.join(", ")
-                    );
                 }
             }
         }
@@ -177,6 +202,20 @@ pub struct Base {
 }
 
 impl Base {
+    /// The filter families with VIPs, IPv4 first; IPv4 alone when there is
+    /// no VIP (the layout before IPv6).
+    pub fn families(&self) -> Vec<Family> {
+        let f: Vec<Family> = Family::ALL
+            .into_iter()
+            .filter(|f| self.vips.iter().any(|v| Family::of(v.addr) == *f))
+            .collect();
+        if f.is_empty() {
+            vec![Family::V4]
+        } else {
+            f
+        }
+    }
+
     fn of(desired: &Desired) -> Self {
         let mut vips = desired.vips.clone();
         vips.sort();
@@ -236,28 +275,36 @@ impl fmt::Display for Step {
                     write!(f, "\n    {line}")?;
                 }
                 if let Some(e) = &b.elements {
-                    write!(
-                        f,
-                        "\nnetlink: flush chain {FILTER_FAMILY} {} {chain}; add rule meta time >= start+{}ms drop",
-                        e.table,
-                        e.until.as_millis(),
-                        chain = super::deadline::CHAIN,
-                    )?;
+                    for (family, _) in &e.keys {
+                        write!(
+                            f,
+                            "\nnetlink: flush chain {} {} {chain}; add rule meta time >= start+{}ms drop",
+                            family.nft,
+                            e.table,
+                            e.until.as_millis(),
+                            chain = super::deadline::CHAIN,
+                        )?;
+                    }
                 }
                 Ok(())
             }
             Step::Sysctl { key, value } => write!(f, "sysctl {key}={value}"),
             Step::RestoreSysctls => write!(f, "sysctl restore"),
-            Step::AddAddress(v) => write!(
-                f,
-                "ip -4 addr add {}/{} dev {}",
-                v.addr, v.prefix_len, v.interface
-            ),
-            Step::DelAddress(v) => write!(
-                f,
-                "ip -4 addr del {}/{} dev {}",
-                v.addr, v.prefix_len, v.interface
-            ),
+            Step::AddAddress(v) => {
+                let (dev, prefix, flags) = address_holder(v);
+                let opt = if flags.is_empty() { "" } else { " " };
+                let fam = Family::of(v.addr).ip_flag;
+                write!(
+                    f,
+                    "ip {fam} addr add {}/{prefix} dev {dev}{opt}{flags}",
+                    v.addr
+                )
+            }
+            Step::DelAddress(v) => {
+                let (dev, prefix, _) = address_holder(v);
+                let fam = Family::of(v.addr).ip_flag;
+                write!(f, "ip {fam} addr del {}/{prefix} dev {dev}", v.addr)
+            }
             Step::AddMaddr { interface, mac } => {
                 write!(f, "ip maddr add {mac} dev {interface}")
             }
@@ -268,30 +315,67 @@ impl fmt::Display for Step {
             Step::LeaveGroup { interface, group } => {
                 write!(f, "igmp leave {group} on {interface}")
             }
+            Step::AnswerNd {
+                interface,
+                addr,
+                mac,
+            } => write!(f, "nd answer {addr} with {mac} on {interface}"),
+            Step::StopNd { interface, addr } => write!(f, "nd stop {addr} on {interface}"),
         }
     }
 }
 
-/// Name of a VIP's chain and the prefix of its counters: `vip_192_0_2_10`.
-pub fn vip_ident(addr: Ipv4Addr) -> String {
-    let o = addr.octets();
-    format!("vip_{}_{}_{}_{}", o[0], o[1], o[2], o[3])
+/// Where the executor puts a VIP's address: (device, prefix length, `ip`
+/// flags). IPv6 VIPs go on loopback as /128 (the prefix would add a route via
+/// `lo`), so that the kernel neither answers neighbour solicitations for them
+/// on the interface nor solicits from them; see [`super`].
+pub fn address_holder(v: &VipConfig) -> (&str, u8, &'static str) {
+    match v.addr {
+        IpAddr::V4(_) => (v.interface.as_str(), v.prefix_len, ""),
+        IpAddr::V6(_) => (LOOPBACK, 128, "nodad"),
+    }
+}
+
+/// The loopback interface, which holds the IPv6 VIPs.
+pub const LOOPBACK: &str = "lo";
+
+/// Name of a VIP's chain and the prefix of its counters: `vip_192_0_2_10`,
+/// `vip6_2001_db8_0_0_0_0_0_10` (the eight groups in hex).
+pub fn vip_ident(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            format!("vip_{}_{}_{}_{}", o[0], o[1], o[2], o[3])
+        }
+        IpAddr::V6(a) => {
+            let groups: Vec<String> = a.segments().iter().map(|g| format!("{g:x}")).collect();
+            format!("vip6_{}", groups.join("_"))
+        }
+    }
 }
 
 /// The VIP and verdict of a counter named by [`counter_name`].
-pub fn parse_counter_name(name: &str) -> Option<(Ipv4Addr, &'static str)> {
-    let rest = name.strip_prefix("vip_")?;
-    let verdict = VERDICTS.iter().find(|v| rest.ends_with(&format!("_{v}")))?;
-    let addr = &rest[..rest.len() - verdict.len() - 1];
-    let octets: Vec<u8> = addr
+pub fn parse_counter_name(name: &str) -> Option<(IpAddr, &'static str)> {
+    let verdict = VERDICTS.iter().find(|v| name.ends_with(&format!("_{v}")))?;
+    let ident = &name[..name.len() - verdict.len() - 1];
+    if let Some(rest) = ident.strip_prefix("vip6_") {
+        let groups: Vec<u16> = rest
+            .split('_')
+            .map(|p| u16::from_str_radix(p, 16).ok())
+            .collect::<Option<_>>()?;
+        let groups: [u16; 8] = groups.try_into().ok()?;
+        return Some((IpAddr::V6(Ipv6Addr::from(groups)), verdict));
+    }
+    let octets: Vec<u8> = ident
+        .strip_prefix("vip_")?
         .split('_')
         .map(|p| p.parse().ok())
         .collect::<Option<_>>()?;
     let octets: [u8; 4] = octets.try_into().ok()?;
-    Some((Ipv4Addr::from(octets), verdict))
+    Some((IpAddr::V4(Ipv4Addr::from(octets)), verdict))
 }
 
-pub fn counter_name(addr: Ipv4Addr, verdict: &str) -> String {
+pub fn counter_name(addr: IpAddr, verdict: &str) -> String {
     format!("{}_{verdict}", vip_ident(addr))
 }
 
@@ -304,15 +388,22 @@ pub fn sysctls(base: &Base) -> Vec<(String, String)> {
     for ifname in base.interfaces() {
         v.push((format!("net.ipv4.conf.{ifname}.arp_announce"), "2".into()));
     }
-    v.push((
-        "net.ipv4.conf.all.drop_unicast_in_l2_multicast".into(),
-        "0".into(),
-    ));
-    for ifname in base.interfaces() {
+    for family in base.families() {
+        let tree = family.sysctl_tree;
+        if tree == "ipv6" {
+            // IPv6 on loopback is off in some network namespaces and images.
+            v.push(("net.ipv6.conf.lo.disable_ipv6".into(), "0".into()));
+        }
         v.push((
-            format!("net.ipv4.conf.{ifname}.drop_unicast_in_l2_multicast"),
+            format!("net.{tree}.conf.all.drop_unicast_in_l2_multicast"),
             "0".into(),
         ));
+        for ifname in base.interfaces() {
+            v.push((
+                format!("net.{tree}.conf.{ifname}.drop_unicast_in_l2_multicast"),
+                "0".into(),
+            ));
+        }
     }
     v
 }
@@ -330,17 +421,17 @@ struct Key {
     kind: KeyKind,
 }
 
-fn key(base: &Base) -> Result<Key, DataPlaneError> {
+fn key(base: &Base, family: Family) -> Result<Key, DataPlaneError> {
     let count = base.bucket_count;
     match base.bucket_fn {
         BucketFn::Jhash => {
-            let expr = nft_hash_expr(base.affinity, IP_FAMILY, count, base.seed)
+            let expr = nft_hash_expr(base.affinity, family.core, count, base.seed)
                 .map_err(|e| DataPlaneError::InvalidDesired(e.to_string()))?;
             let compute = if base.affinity == Affinity::AddressPort {
                 // `th sport` reads the first bytes of any transport header (ICMP's
                 // type and code); only TCP and UDP have ports. Other protocols
                 // hash the address alone, so exactly one host still answers.
-                let addr_only = nft_hash_expr(Affinity::Address, IP_FAMILY, count, base.seed)
+                let addr_only = nft_hash_expr(Affinity::Address, family.core, count, base.seed)
                     .map_err(|e| DataPlaneError::InvalidDesired(e.to_string()))?;
                 vec![
                     format!("meta l4proto {{ tcp, udp }} meta mark set {expr}"),
@@ -357,21 +448,34 @@ fn key(base: &Base) -> Result<Key, DataPlaneError> {
             })
         }
         BucketFn::Lowbits => {
-            let shift = match base.affinity {
-                Affinity::Address => 0,
-                Affinity::Network24 => 8,
-                Affinity::AddressPort => {
+            // Network24 is the /24 for IPv4, the /64 for IPv6 (core's bucket_of).
+            let shift = match (base.affinity, family.core) {
+                (Affinity::Address, _) => 0,
+                (Affinity::Network24, IpFamily::V4) => 8,
+                (Affinity::Network24, IpFamily::V6) => 64,
+                (Affinity::AddressPort, _) => {
                     return Err(DataPlaneError::InvalidDesired(
                         "affinity address_port needs the jhash bucket function".into(),
                     ))
                 }
             };
-            let mask = Ipv4Addr::from((count - 1) << shift);
+            let (mask, set_type, kind) = match family.core {
+                IpFamily::V4 => (
+                    Ipv4Addr::from((count - 1) << shift).to_string(),
+                    "ipv4_addr",
+                    KeyKind::Ipv4 { shift },
+                ),
+                IpFamily::V6 => (
+                    Ipv6Addr::from(u128::from(count - 1) << shift).to_string(),
+                    "ipv6_addr",
+                    KeyKind::Ipv6 { shift },
+                ),
+            };
             Ok(Key {
                 compute: vec![],
-                lookup: format!("ip saddr & {mask}"),
-                set_type: "ipv4_addr",
-                kind: KeyKind::Ipv4 { shift },
+                lookup: format!("{} saddr & {mask}", family.selector),
+                set_type,
+                kind,
             })
         }
     }
@@ -426,14 +530,62 @@ impl Present {
     }
 }
 
-/// The families of the agent's tables. The filter is in [`FILTER_FAMILY`].
-const FAMILIES: [&str; 3] = [FILTER_FAMILY, "arp", "netdev"];
+/// Every family the agent's tables can be in: the filter families of
+/// [`Family`], then ARP and netdev.
+const FAMILIES: [&str; 4] = [Family::V4.nft, Family::V6.nft, "arp", "netdev"];
 
-/// The nftables family of the bucket filter, and with it of every address the
-/// rules match (`ip saddr`, `ip daddr`). IPv6 (issue 14) changes it here, with
-/// `IP_FAMILY` and the `ip ...` selectors of `key` and `Tables::of`.
-pub const FILTER_FAMILY: &str = "ip";
-const IP_FAMILY: IpFamily = IpFamily::V4;
+/// What differs between IPv4 and IPv6 in the bucket filter: the one place per
+/// address family. Each family with a VIP gets its own filter table (`ip` or
+/// `ip6`) of the same shape, with its own owned and dead sets; a renewal
+/// writes the elements of every family in one transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Family {
+    /// nftables family of the filter table.
+    pub nft: &'static str,
+    /// Header selector of the addresses (`ip saddr`, `ip6 daddr`).
+    pub selector: &'static str,
+    /// Key of core's hash expression.
+    pub core: IpFamily,
+    /// `net.<tree>.conf` sysctls.
+    pub sysctl_tree: &'static str,
+    /// `ip -4` / `ip -6`, and the word before an address in `ip -o addr`.
+    pub ip_flag: &'static str,
+    pub ip_addr_word: &'static str,
+    /// Rules in each VIP chain after the established-flow accept, before the
+    /// bucket check: IPv6 accepts neighbour solicitations (untracked by
+    /// conntrack, they would otherwise be answered only by the owner of the
+    /// client's bucket, and not at all while it has none).
+    pub always_accept: &'static [&'static str],
+}
+
+impl Family {
+    pub const V4: Family = Family {
+        nft: "ip",
+        selector: "ip",
+        core: IpFamily::V4,
+        sysctl_tree: "ipv4",
+        ip_flag: "-4",
+        ip_addr_word: "inet",
+        always_accept: &[],
+    };
+    pub const V6: Family = Family {
+        nft: "ip6",
+        selector: "ip6",
+        core: IpFamily::V6,
+        sysctl_tree: "ipv6",
+        ip_flag: "-6",
+        ip_addr_word: "inet6",
+        always_accept: &["icmpv6 type nd-neighbor-solicit accept"],
+    };
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn of(addr: IpAddr) -> Family {
+        match addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
 
 /// A base chain: name and hook specification.
 struct BaseChain {
@@ -456,72 +608,108 @@ struct Tables {
 
 impl Tables {
     fn of(base: &Base, arp_egress: bool) -> Result<Tables, DataPlaneError> {
-        let k = key(base)?;
-        let ip = FILTER_FAMILY;
         let mut t = Tables {
-            base_chains: vec![
-                BaseChain {
-                    family: ip,
-                    name: "prerouting".into(),
-                    spec: "type filter hook prerouting priority raw; policy accept;".into(),
-                },
-                BaseChain {
-                    family: ip,
-                    name: "input".into(),
-                    spec: "type filter hook input priority filter; policy accept;".into(),
-                },
-                BaseChain {
-                    family: "arp",
-                    name: "output".into(),
-                    spec: "type filter hook output priority filter; policy accept;".into(),
-                },
-            ],
+            base_chains: Vec::new(),
             chains: Vec::new(),
-            sets: ["owned", "dead"]
-                .map(|set| {
-                    (
-                        ip,
-                        set,
-                        format!("{{ type {}; flags timeout; }}", k.set_type),
-                    )
-                })
-                .into(),
+            sets: Vec::new(),
             counters: Vec::new(),
             rules: Vec::new(),
         };
-        let addrs: Vec<String> = base.vips.iter().map(|v| v.addr.to_string()).collect();
+        for family in base.families() {
+            t.add_filter(base, family)?;
+        }
+        t.base_chains.push(BaseChain {
+            family: "arp",
+            name: "output".into(),
+            spec: "type filter hook output priority filter; policy accept;".into(),
+        });
+        let v4 = |v: &&VipConfig| v.addr.is_ipv4();
+        for vip in base.vips.iter().filter(v4) {
+            t.rules.push(("arp", "output".into(), arp_rewrite(vip)));
+        }
+        if arp_egress {
+            for ifname in base.interfaces() {
+                let name = format!("egress_{ifname}");
+                t.base_chains.push(BaseChain {
+                    family: "netdev",
+                    name: name.clone(),
+                    spec: format!(
+                        "type filter hook egress device \"{ifname}\" priority filter; policy accept;"
+                    ),
+                });
+                for vip in base
+                    .vips
+                    .iter()
+                    .filter(v4)
+                    .filter(|v| v.interface == ifname)
+                {
+                    t.rules.push(("netdev", name.clone(), arp_rewrite(vip)));
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    /// The bucket filter of one address family: its table's base chains,
+    /// sets, per-VIP chains and counters.
+    fn add_filter(&mut self, base: &Base, family: Family) -> Result<(), DataPlaneError> {
+        let k = key(base, family)?;
+        let (ip, sel) = (family.nft, family.selector);
+        let vips: Vec<&VipConfig> = base
+            .vips
+            .iter()
+            .filter(|v| Family::of(v.addr) == family)
+            .collect();
+        self.base_chains.extend([
+            BaseChain {
+                family: ip,
+                name: "prerouting".into(),
+                spec: "type filter hook prerouting priority raw; policy accept;".into(),
+            },
+            BaseChain {
+                family: ip,
+                name: "input".into(),
+                spec: "type filter hook input priority filter; policy accept;".into(),
+            },
+        ]);
+        for set in ["owned", "dead"] {
+            let def = format!("{{ type {}; flags timeout; }}", k.set_type);
+            self.sets.push((ip, set, def));
+        }
+        let addrs: Vec<String> = vips.iter().map(|v| v.addr.to_string()).collect();
         if !addrs.is_empty() {
-            t.rules.push((
+            self.rules.push((
                 ip,
                 "prerouting".into(),
                 format!(
-                    "ip daddr {{ {} }} meta pkttype multicast meta pkttype set host",
+                    "{sel} daddr {{ {} }} meta pkttype multicast meta pkttype set host",
                     addrs.join(", ")
                 ),
             ));
-            // One rule per VIP, not a `vmap`: a set lookup reads the generation
-            // when it runs, and a rebuild deactivates the elements of the old
-            // rule's anonymous map in the new one, so an old-generation rule
-            // racing the commit would find no jump and fall through to accept.
-            for v in &base.vips {
-                t.rules.push((
-                    ip,
-                    "input".into(),
-                    format!("ip daddr {} jump {}", v.addr, vip_ident(v.addr)),
-                ));
-            }
         }
-        for vip in &base.vips {
+        // One rule per VIP, not a `vmap`: a set lookup reads the generation
+        // when it runs, and a rebuild deactivates the elements of the old
+        // rule's anonymous map in the new one, so an old-generation rule
+        // racing the commit would find no jump and fall through to accept.
+        for v in &vips {
+            self.rules.push((
+                ip,
+                "input".into(),
+                format!("{sel} daddr {} jump {}", v.addr, vip_ident(v.addr)),
+            ));
+        }
+        for vip in &vips {
             let chain = vip_ident(vip.addr);
             let c = |v: &str| counter_name(vip.addr, v);
             for v in VERDICTS {
-                t.counters.push((ip, c(v)));
+                self.counters.push((ip, c(v)));
             }
             // UDP follows the bucket's owner, established or not: after a move
             // the old owner's conntrack entry would otherwise deliver a flow's
             // datagrams next to the new owner, which sees them as new.
             let mut rules =
                 vec!["meta l4proto != udp ct state established,related accept".to_string()];
+            rules.extend(family.always_accept.iter().map(|r| r.to_string()));
             rules.extend(k.compute.iter().cloned());
             rules.push(format!(
                 "ct state invalid meta l4proto tcp {} @dead counter name \"{}\" reject with tcp reset",
@@ -543,35 +731,17 @@ impl Tables {
                 c("accepted")
             ));
             rules.push(format!("counter name \"{}\" drop", c("not_owned")));
-            t.rules
+            self.rules
                 .extend(rules.into_iter().map(|r| (ip, chain.clone(), r)));
-            t.chains.push((ip, chain));
+            self.chains.push((ip, chain));
         }
-        if !base.vips.is_empty() {
+        if !vips.is_empty() {
             let lease = super::deadline::CHAIN;
-            t.chains.push((ip, lease.into()));
-            t.rules
+            self.chains.push((ip, lease.into()));
+            self.rules
                 .push((ip, lease.into(), super::deadline::CLOSED_RULE.into()));
         }
-        for vip in &base.vips {
-            t.rules.push(("arp", "output".into(), arp_rewrite(vip)));
-        }
-        if arp_egress {
-            for ifname in base.interfaces() {
-                let name = format!("egress_{ifname}");
-                t.base_chains.push(BaseChain {
-                    family: "netdev",
-                    name: name.clone(),
-                    spec: format!(
-                        "type filter hook egress device \"{ifname}\" priority filter; policy accept;"
-                    ),
-                });
-                for vip in base.vips.iter().filter(|v| v.interface == ifname) {
-                    t.rules.push(("netdev", name.clone(), arp_rewrite(vip)));
-                }
-            }
-        }
-        Ok(t)
+        Ok(())
     }
 
     fn objects(&self) -> Present {
@@ -609,7 +779,9 @@ fn rebuild(
     let t = Tables::of(base, arp_egress)?;
     let wanted = t.objects();
     let mut s = String::new();
-    for family in FAMILIES {
+    // A filter family that goes (its last VIP removed) keeps an empty table.
+    let families = base.families().into_iter().map(|f| f.nft);
+    for family in families.chain(["arp", "netdev"]) {
         let _ = writeln!(s, "add table {family} {table}");
     }
     for c in &t.base_chains {
@@ -659,26 +831,47 @@ fn elements(
     if owned.is_empty() || until.is_zero() {
         return Ok(None);
     }
+    let keys = base
+        .families()
+        .into_iter()
+        .map(|f| Ok((f, key(base, f)?.kind)))
+        .collect::<Result<_, DataPlaneError>>()?;
     Ok(Some(Elements {
         table: table.to_string(),
-        key: key(base)?.kind,
+        keys,
         owned: owned.iter().copied().collect(),
         reset: reset.intersection(owned).copied().collect(),
         until,
     }))
 }
 
+/// Adding (or removing) the VIP addresses, and for IPv6 VIPs the neighbour
+/// discovery answers: started after the address is there, stopped before it
+/// goes.
 fn addr_steps(base: &Base, add: bool) -> Vec<Step> {
-    base.vips
-        .iter()
-        .map(|v| {
-            if add {
-                Step::AddAddress(v.clone())
-            } else {
-                Step::DelAddress(v.clone())
-            }
-        })
-        .collect()
+    let mut steps = Vec::new();
+    for v in &base.vips {
+        let nd = |add: bool| match v.addr {
+            IpAddr::V6(addr) if add => Some(Step::AnswerNd {
+                interface: v.interface.clone(),
+                addr,
+                mac: v.mac,
+            }),
+            IpAddr::V6(addr) => Some(Step::StopNd {
+                interface: v.interface.clone(),
+                addr,
+            }),
+            IpAddr::V4(_) => None,
+        };
+        if add {
+            steps.push(Step::AddAddress(v.clone()));
+            steps.extend(nd(true));
+        } else {
+            steps.extend(nd(false));
+            steps.push(Step::DelAddress(v.clone()));
+        }
+    }
+    steps
 }
 
 /// (interface, MAC) pairs the VIPs need to receive, deduplicated.
@@ -708,9 +901,26 @@ fn vip_minus(a: &Base, b: Option<&Base>) -> Base {
     }
 }
 
-/// Empties the owned and dead sets (the first half of a renewal or withdraw).
-pub fn flush_sets(table: &str) -> String {
-    format!("flush set {FILTER_FAMILY} {table} owned\nflush set {FILTER_FAMILY} {table} dead\n")
+/// Empties the owned and dead sets of `families` (the first half of a
+/// renewal or withdraw).
+pub fn flush_sets(table: &str, families: &[Family]) -> String {
+    let mut s = String::new();
+    for f in families {
+        let _ = write!(
+            s,
+            "flush set {0} {table} owned\nflush set {0} {table} dead\n",
+            f.nft
+        );
+    }
+    s
+}
+
+impl Elements {
+    /// Empties the sets these elements go into.
+    pub fn flush(&self) -> String {
+        let families: Vec<Family> = self.keys.iter().map(|(f, _)| *f).collect();
+        flush_sets(&self.table, &families)
+    }
 }
 
 /// Whether applying `desired` over `installed` rebuilds the tables (and so
@@ -737,7 +947,9 @@ pub fn plan_apply(
     desired.validate()?;
     let base = Base::of(desired);
     // Fails early on combinations the rules cannot express.
-    key(&base)?;
+    for f in base.families() {
+        key(&base, f)?;
+    }
     let table = &cfg.table;
     let until = desired.lease_left(now);
     let owned = if until.is_zero() {
@@ -758,7 +970,7 @@ pub fn plan_apply(
         // Renewal (or a change of owned buckets only): one small transaction.
         return Ok(Plan {
             steps: vec![Step::Nft(NftBatch {
-                fixed: flush_sets(table),
+                fixed: flush_sets(table, &base.families()),
                 elements: elems,
             })],
             next: Some(next),
@@ -840,9 +1052,10 @@ pub fn plan_filter_repair(
 /// stay.
 pub fn plan_withdraw(cfg: &LinuxConfig, installed: Option<&Installed>) -> Plan {
     let table = &cfg.table;
+    let families = installed.map_or(vec![Family::V4], |i| i.base.families());
     Plan {
         steps: vec![Step::Nft(NftBatch {
-            fixed: flush_sets(table),
+            fixed: flush_sets(table, &families),
             elements: None,
         })],
         next: installed.map(|i| Installed {
@@ -948,8 +1161,11 @@ pub fn parse_nft_duration(s: &str) -> Option<Duration> {
     (any && num.is_empty()).then_some(total)
 }
 
-/// Packet counts per (VIP, verdict) from `nft -j list counters table ip T`.
-pub fn parse_counters(json: &str) -> Result<BTreeMap<(Ipv4Addr, &'static str), u64>, String> {
+/// Packet counts per (VIP, verdict) of `table` from `nft -j list counters`.
+pub fn parse_counters(
+    json: &str,
+    table: &str,
+) -> Result<BTreeMap<(IpAddr, &'static str), u64>, String> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
     let items = v
         .get("nftables")
@@ -966,6 +1182,9 @@ pub fn parse_counters(json: &str) -> Result<BTreeMap<(Ipv4Addr, &'static str), u
         ) else {
             continue;
         };
+        if c.get("table").and_then(|t| t.as_str()) != Some(table) {
+            continue;
+        }
         if let Some(k) = parse_counter_name(name) {
             out.insert(k, packets);
         }
@@ -999,15 +1218,22 @@ mod tests {
 
     #[test]
     fn counter_names_round_trip() {
-        let a = Ipv4Addr::new(10, 0, 0, 100);
+        let a = IpAddr::from([10, 0, 0, 100]);
+        let a6: IpAddr = "2001:db8::a:100".parse().unwrap();
         for v in VERDICTS {
             assert_eq!(parse_counter_name(&counter_name(a, v)), Some((a, v)));
+            assert_eq!(parse_counter_name(&counter_name(a6, v)), Some((a6, v)));
         }
+        assert_eq!(
+            counter_name(a6, "accepted"),
+            "vip6_2001_db8_0_0_0_0_a_100_accepted"
+        );
         assert_eq!(parse_counter_name("vip_1_2_3_x_accepted"), None);
         assert_eq!(parse_counter_name("other"), None);
         let json = r#"{"nftables": [{"metainfo": {}}, {"counter": {"family": "ip", "name": "vip_10_0_0_100_not_owned", "table": "vipshare", "handle": 4, "packets": 7, "bytes": 0}}]}"#;
-        let c = parse_counters(json).unwrap();
+        let c = parse_counters(json, "vipshare").unwrap();
         assert_eq!(c.get(&(a, "not_owned")), Some(&7));
+        assert!(parse_counters(json, "other").unwrap().is_empty());
     }
 
     #[test]
@@ -1015,6 +1241,8 @@ mod tests {
         assert_eq!(KeyKind::Mark.element(7), "7");
         assert_eq!(KeyKind::Ipv4 { shift: 0 }.element(7), "0.0.0.7");
         assert_eq!(KeyKind::Ipv4 { shift: 8 }.element(258), "0.1.2.0");
+        assert_eq!(KeyKind::Ipv6 { shift: 0 }.element(7), "::7");
+        assert_eq!(KeyKind::Ipv6 { shift: 64 }.element(258), "0:0:0:102::");
     }
 
     #[test]
@@ -1023,7 +1251,7 @@ mod tests {
             fixed: "flush set ip t owned\n".into(),
             elements: Some(Elements {
                 table: "t".into(),
-                key: KeyKind::Mark,
+                keys: vec![(Family::V4, KeyKind::Mark)],
                 owned: vec![1, 2],
                 reset: vec![2],
                 until: Duration::from_millis(300),
