@@ -18,7 +18,7 @@ VIP=${VIP:-10.77.0.100}
 VIP6=${VIP6:-fd77::100}
 PORT=${PORT:-8080}
 CLUSTER=${CLUSTER:-demo}
-BIN=${BIN:-target/release}
+BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release}
 LAB_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 ns() { ip netns exec "$1" "${@:2}"; }
