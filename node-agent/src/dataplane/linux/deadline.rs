@@ -13,9 +13,10 @@
 //! lease; the element timeouts still bound the lease then.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::sys;
 use crate::dataplane::DataPlaneError;
 
 /// The chain holding the deadline rule.
@@ -81,36 +82,13 @@ pub struct DeadlineWriter {
 
 impl DeadlineWriter {
     pub fn open() -> Result<Self, DataPlaneError> {
-        // SAFETY: plain socket(2); the descriptor is owned right after.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(os_error("netlink socket"));
-        }
-        // SAFETY: fd is a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let what = "netlink socket for the lease deadline";
+        let fd = sys::socket(libc::AF_NETLINK, libc::SOCK_RAW, NETLINK_NETFILTER, what)?;
         let tv = libc::timeval {
             tv_sec: 1,
             tv_usec: 0,
         };
-        // SAFETY: setsockopt with a timeval of the right size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(os_error("netlink socket timeout"));
-        }
+        sys::setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv, what)?;
         Ok(DeadlineWriter { fd, seq: 0 })
     }
 

@@ -11,7 +11,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -280,21 +279,13 @@ impl OsExecutor {
             imr_address: libc::in_addr { s_addr: 0 },
             imr_ifindex: index as i32,
         };
-        // SAFETY: setsockopt with a valid ip_mreqn and its size on an open socket.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_ADD_MEMBERSHIP,
-                (&mreq as *const libc::ip_mreqn).cast(),
-                std::mem::size_of::<libc::ip_mreqn>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io_err(format!("joining {group} on {interface}"))(
-                std::io::Error::last_os_error(),
-            ));
-        }
+        super::sys::setsockopt(
+            &sock,
+            libc::IPPROTO_IP,
+            libc::IP_ADD_MEMBERSHIP,
+            &mreq,
+            &format!("joining {group} on {interface}"),
+        )?;
         self.groups.insert(key, sock);
         Ok(())
     }

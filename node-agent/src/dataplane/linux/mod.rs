@@ -174,6 +174,7 @@ pub mod exec;
 pub mod libnft;
 pub mod nd;
 pub mod plan;
+mod sys;
 pub mod watch;
 
 use std::collections::BTreeSet;

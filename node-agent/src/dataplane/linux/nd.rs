@@ -12,11 +12,12 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv6Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::sys::setsockopt;
 use crate::dataplane::{DataPlaneError, Mac};
 
 const ND_NEIGHBOR_SOLICIT: u8 = 135;
@@ -48,29 +49,6 @@ fn os_err(context: String) -> DataPlaneError {
         context,
         source: std::io::Error::last_os_error(),
     }
-}
-
-fn setsockopt<T>(
-    fd: &OwnedFd,
-    level: i32,
-    name: i32,
-    value: &T,
-    what: &str,
-) -> Result<(), DataPlaneError> {
-    // SAFETY: `value` is a live T of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (value as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(os_err(format!("neighbour discovery socket: {what}")));
-    }
-    Ok(())
 }
 
 /// The interface index of `interface`.
@@ -135,19 +113,12 @@ impl NdResponder {
     /// Opens the socket and starts the thread (in the caller's network
     /// namespace).
     pub fn start() -> Result<Self, DataPlaneError> {
-        // SAFETY: plain socket call; the fd is owned below.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_INET6,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_ICMPV6,
-            )
-        };
-        if raw < 0 {
-            return Err(os_err("raw ICMPv6 socket for neighbour discovery".into()));
-        }
-        // SAFETY: a freshly opened descriptor nobody else owns.
-        let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+        let sock = super::sys::socket(
+            libc::AF_INET6,
+            libc::SOCK_RAW,
+            libc::IPPROTO_ICMPV6,
+            "raw ICMPv6 socket for neighbour discovery",
+        )?;
         // Pass solicitations only: a set bit blocks its type.
         let mut filter = [u32::MAX; 8];
         let t = usize::from(ND_NEIGHBOR_SOLICIT);
@@ -223,19 +194,8 @@ impl NdResponder {
         if self.answers().get(&(index, addr)) == Some(&mac) {
             return Ok(());
         }
-        let group = solicited_node(addr);
-        if !self.in_group(index, group) {
-            let mreq = libc::ipv6_mreq {
-                ipv6mr_multiaddr: in6(group),
-                ipv6mr_interface: index,
-            };
-            setsockopt(
-                &self.shared.sock,
-                libc::IPPROTO_IPV6,
-                libc::IPV6_ADD_MEMBERSHIP,
-                &mreq,
-                &format!("joining {group} on {interface}"),
-            )?;
+        if !self.in_group(index, solicited_node(addr)) {
+            self.membership(libc::IPV6_ADD_MEMBERSHIP, index, addr, interface)?;
         }
         self.answers().insert((index, addr), mac);
         let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
@@ -269,21 +229,38 @@ impl NdResponder {
         if self.answers().remove(&(index, addr)).is_none() {
             return Ok(());
         }
-        let group = solicited_node(addr);
-        if !self.in_group(index, group) {
-            let mreq = libc::ipv6_mreq {
-                ipv6mr_multiaddr: in6(group),
-                ipv6mr_interface: index,
-            };
-            setsockopt(
-                &self.shared.sock,
-                libc::IPPROTO_IPV6,
-                libc::IPV6_DROP_MEMBERSHIP,
-                &mreq,
-                &format!("leaving {group} on {interface}"),
-            )?;
+        if !self.in_group(index, solicited_node(addr)) {
+            self.membership(libc::IPV6_DROP_MEMBERSHIP, index, addr, interface)?;
         }
         Ok(())
+    }
+
+    /// Joins (`IPV6_ADD_MEMBERSHIP`) or leaves the solicited-node group of
+    /// `addr` on the interface.
+    fn membership(
+        &self,
+        op: libc::c_int,
+        index: u32,
+        addr: Ipv6Addr,
+        interface: &str,
+    ) -> Result<(), DataPlaneError> {
+        let group = solicited_node(addr);
+        let mreq = libc::ipv6_mreq {
+            ipv6mr_multiaddr: in6(group),
+            ipv6mr_interface: index,
+        };
+        let verb = if op == libc::IPV6_ADD_MEMBERSHIP {
+            "joining"
+        } else {
+            "leaving"
+        };
+        setsockopt(
+            &self.shared.sock,
+            libc::IPPROTO_IPV6,
+            op,
+            &mreq,
+            &format!("{verb} {group} on {interface}"),
+        )
     }
 }
 

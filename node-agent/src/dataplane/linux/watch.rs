@@ -6,7 +6,7 @@
 //! committed by another process is a foreign edit. The agent answers with a
 //! full rebuild (safe at any time, see [`super`]).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
 
 use crate::dataplane::DataPlaneError;
@@ -50,19 +50,12 @@ fn os_err(what: &str) -> DataPlaneError {
 
 impl Watcher {
     pub fn open(table: &str) -> Result<Self, DataPlaneError> {
-        // SAFETY: plain socket call; the fd is owned below.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
-            )
-        };
-        if raw < 0 {
-            return Err(os_err("netlink socket for nftables notifications"));
-        }
-        // SAFETY: a freshly opened descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = super::sys::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW,
+            NETLINK_NETFILTER,
+            "netlink socket for nftables notifications",
+        )?;
         // SAFETY: a zeroed sockaddr_nl with the family set is valid.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
