@@ -22,6 +22,9 @@ BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release}
 LAB_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 ns() { ip netns exec "$1" "${@:2}"; }
+# Daemons start with `ip netns exec ... &`, not through `ns`: a backgrounded
+# function runs in a subshell, so $! would be the subshell and a kill would
+# leave the daemon running (a "crashed" host's agent kept its tables).
 
 lab_log() { printf '[lab] %s\n' "$*" >&2; }
 
@@ -122,7 +125,7 @@ cert = "$LAB_DIR/pki/controller-$i.crt"
 key = "$LAB_DIR/pki/controller-$i.key"
 $peers
 EOF
-  ns "${LAB}-c$i" "$BIN/vipshare-controller" --config "$LAB_DIR/controller-$i.toml" \
+  ip netns exec "${LAB}-c$i" "$BIN/vipshare-controller" --config "$LAB_DIR/controller-$i.toml" \
     >>"$LAB_DIR/controller-$i.log" 2>&1 &
   echo $! >"$LAB_DIR/controller-$i.pid"
   disown
@@ -150,7 +153,7 @@ cert = "$LAB_DIR/pki/agent-h$i.crt"
 key = "$LAB_DIR/pki/agent-h$i.key"
 $ctl
 EOF
-  ns "${LAB}-h$i" "$BIN/vipshare-agent" --config "$LAB_DIR/agent-h$i.toml" \
+  ip netns exec "${LAB}-h$i" "$BIN/vipshare-agent" --config "$LAB_DIR/agent-h$i.toml" \
     >>"$LAB_DIR/agent-h$i.log" 2>&1 &
   echo $! >"$LAB_DIR/agent-h$i.pid"
   disown
@@ -160,7 +163,7 @@ lab_start_server() {
   local i=$1
   # The agent adds the VIPs; the server binds any address (IPv4 and IPv6) and
   # answers on the VIPs.
-  ns "${LAB}-h$i" python3 "$LAB_SRC/server.py" "h$i" :: "$PORT" \
+  ip netns exec "${LAB}-h$i" python3 "$LAB_SRC/server.py" "h$i" :: "$PORT" \
     >>"$LAB_DIR/server-h$i.log" 2>&1 &
   echo $! >"$LAB_DIR/server-h$i.pid"
   disown
