@@ -451,13 +451,14 @@ pub struct PeerInfo {
 
 /// The authenticated caller of a request served over [`serve_incoming`].
 pub fn peer<T>(req: &tonic::Request<T>) -> Option<&PeerInfo> {
-    req.extensions().get::<PeerInfo>()
+    req.extensions().get::<Arc<PeerInfo>>().map(|p| &**p)
 }
 
 /// An accepted, handshaken and identified connection.
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
-    info: PeerInfo,
+    /// Shared: tonic copies it into every request (heartbeats: 10/s per agent).
+    info: Arc<PeerInfo>,
     _open: Open,
 }
 
@@ -494,9 +495,9 @@ impl fmt::Debug for TlsConn {
 }
 
 impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = PeerInfo;
+    type ConnectInfo = Arc<PeerInfo>;
 
-    fn connect_info(&self) -> PeerInfo {
+    fn connect_info(&self) -> Arc<PeerInfo> {
         self.info.clone()
     }
 }
@@ -813,11 +814,11 @@ async fn handshake(
     Ok(TlsConn {
         inner: tls,
         _open: Open::new(identity.role.as_str()),
-        info: PeerInfo {
+        info: Arc::new(PeerInfo {
             addr,
             identity,
             serial,
-        },
+        }),
     })
 }
 
