@@ -539,7 +539,6 @@ fn set(map: &mut BTreeMap<String, u64>, member: &str, v: u64) {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

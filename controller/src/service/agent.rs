@@ -187,6 +187,9 @@ fn assignment_stream(
                 return;
             }
             let a = assignment(&view, &member);
+            // Not kept while waiting: a stream woken rarely would otherwise pin
+            // an old copy of the whole state, one per stream.
+            drop(view);
             let changed = last.as_ref().is_none_or(|l| {
                 l.owned != a.owned
                     || l.release != a.release
@@ -207,6 +210,39 @@ fn assignment_stream(
     })
 }
 
+/// The answer to one heartbeat (unary or streamed), from the applied view and
+/// this controller's promises at the moment it is answered.
+#[allow(clippy::result_large_err)]
+fn answer(
+    node: &NodeHandle,
+    leases: &crate::leases::Leases,
+    hb: &pb::HeartbeatRequest,
+) -> Result<pb::HeartbeatReply, Status> {
+    check_version(hb.protocol_version)?;
+    let v = node.view();
+    let voter = v.voters.contains(&v.id);
+    let answer = leases.heartbeat(&v.state, voter, &heartbeat_of(hb));
+    crate::metrics::heartbeat(answer.verdict.is_ok());
+    let stale_assignment = matches!(answer.verdict, Err(Refusal::StaleAssignment { .. }));
+    let (acked, reason) = match answer.verdict {
+        Ok(()) => (true, String::new()),
+        Err(r) => (false, r.to_string()),
+    };
+    Ok(pb::HeartbeatReply {
+        protocol_version: PROTOCOL_VERSION,
+        controller_id: v.id,
+        round: hb.round,
+        acked,
+        reason,
+        leader_id: v.role.leader,
+        member_epoch: answer.member_epoch,
+        lease_ms: answer.lease_ms,
+        stale_assignment,
+    })
+}
+
+type HeartbeatStream = super::TaskStream<pb::HeartbeatReply>;
+
 #[tonic::async_trait]
 impl AgentApi for AgentService {
     async fn heartbeat(
@@ -214,28 +250,50 @@ impl AgentApi for AgentService {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
         own_member(&req, &req.get_ref().member, &self.node)?;
-        let hb = req.into_inner();
-        check_version(hb.protocol_version)?;
-        let v = self.node.view();
-        let voter = v.voters.contains(&v.id);
-        let answer = self.leases.heartbeat(&v.state, voter, &heartbeat_of(&hb));
-        crate::metrics::heartbeat(answer.verdict.is_ok());
-        let stale_assignment = matches!(answer.verdict, Err(Refusal::StaleAssignment { .. }));
-        let (acked, reason) = match answer.verdict {
-            Ok(()) => (true, String::new()),
-            Err(r) => (false, r.to_string()),
-        };
-        Ok(Response::new(pb::HeartbeatReply {
-            protocol_version: PROTOCOL_VERSION,
-            controller_id: v.id,
-            round: hb.round,
-            acked,
-            reason,
-            leader_id: v.role.leader,
-            member_epoch: answer.member_epoch,
-            lease_ms: answer.lease_ms,
-            stale_assignment,
-        }))
+        answer(&self.node, &self.leases, req.get_ref()).map(Response::new)
+    }
+
+    type HeartbeatsStream = HeartbeatStream;
+
+    /// Every request is checked as a unary call would be: the member must be
+    /// the certificate's and the certificate not revoked (checked per request,
+    /// so a revocation ends a stream opened before it).
+    async fn heartbeats(
+        &self,
+        req: Request<tonic::Streaming<pb::HeartbeatRequest>>,
+    ) -> Result<Response<Self::HeartbeatsStream>, Status> {
+        let who = authorize(&req, SERVICE, &[Role::Agent], &self.node)?;
+        let serial = vipshare_proto::tls::peer(&req)
+            .map(|p| p.serial.clone())
+            .unwrap_or_default();
+        let mut incoming = req.into_inner();
+        let (node, leases) = (self.node.clone(), self.leases.clone());
+        Ok(Response::new(super::task_stream(8, move |tx| async move {
+            while let Ok(Some(hb)) = incoming.message().await {
+                let reply = if hb.member != who.name {
+                    Err(refuse(
+                        SERVICE,
+                        "impersonation",
+                        format!(
+                            "certificate {} may not act for member {:?}",
+                            who.to_uri(),
+                            hb.member
+                        ),
+                    ))
+                } else if node.view().state.revoked.contains(&serial) {
+                    crate::metrics::rpc_rejected(SERVICE, "revoked");
+                    Err(Status::unauthenticated(format!(
+                        "certificate serial {serial} was revoked"
+                    )))
+                } else {
+                    answer(&node, &leases, &hb)
+                };
+                let end = reply.is_err();
+                if tx.send(reply).await.is_err() || end {
+                    return;
+                }
+            }
+        })))
     }
 
     type WatchAssignmentsStream = AssignmentStream;

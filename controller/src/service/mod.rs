@@ -139,7 +139,9 @@ where
                     .get("grpc-message")
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
-                let peer = peer.map_or("?".into(), |p| format!("{} {}", p.addr, p.identity.to_uri()));
+                let peer = peer.map_or("?".into(), |p| {
+                    format!("{} {}", p.addr, p.identity.to_uri())
+                });
                 tracing::warn!(path = uri.path(), %peer, ?code, message, "call refused");
                 crate::metrics::rpc_rejected("grpc", "refused");
             }
