@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use vipshare_integration::Lab;
@@ -351,28 +352,43 @@ async fn run(n: usize) -> anyhow::Result<String> {
     let shared = Arc::new(Shared::default());
     let mut agents = Vec::new();
     let t = Instant::now();
-    for i in 0..n {
-        let name = format!("s{i}");
-        pki::issue(&lab.certs, Role::Agent, &name, &[], &[], 30)?;
-        let add = Op::AddMember(pb::AddMember {
-            name: name.clone(),
-            weight: 100,
-        });
-        mutate(&lab, &mut admin, add)
-            .await
-            .with_context(|| format!("member add {name}"))?;
-        let cfg = tls::client_config(&lab.files(Role::Agent, &name))?;
-        let channels = (1..=3)
-            .map(|id| tls::channel(&format!("https://{}", lab.address(id)), cfg.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let silent = Arc::new(AtomicBool::new(false));
-        tokio::spawn(agent(
-            name.clone(),
-            channels,
-            shared.clone(),
-            silent.clone(),
-        ));
-        agents.push(Agent { name, silent });
+    // Members are added 32 at a time (raft commits concurrent proposals
+    // together), each agent started once its member exists.
+    let names: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
+    for name in &names {
+        pki::issue(&lab.certs, Role::Agent, name, &[], &[], 30)?;
+    }
+    {
+        let adds = futures::stream::iter(names.iter().map(|name| {
+            let (lab, mut admin) = (&lab, admin.clone());
+            async move {
+                let add = Op::AddMember(pb::AddMember {
+                    name: name.clone(),
+                    weight: 100,
+                });
+                mutate(lab, &mut admin, add)
+                    .await
+                    .with_context(|| format!("member add {name}"))?;
+                anyhow::Ok(name.clone())
+            }
+        }))
+        .buffer_unordered(32);
+        futures::pin_mut!(adds);
+        while let Some(name) = adds.next().await {
+            let name = name?;
+            let cfg = tls::client_config(&lab.files(Role::Agent, &name))?;
+            let channels = (1..=3)
+                .map(|id| tls::channel(&format!("https://{}", lab.address(id)), cfg.clone()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let silent = Arc::new(AtomicBool::new(false));
+            tokio::spawn(agent(
+                name.clone(),
+                channels,
+                shared.clone(),
+                silent.clone(),
+            ));
+            agents.push(Agent { name, silent });
+        }
     }
     eprintln!(
         "[N={n}] {n} members added and started in {:.1?}",
