@@ -377,8 +377,15 @@ async fn run(n: usize) -> anyhow::Result<String> {
         while let Some(name) = adds.next().await {
             let name = name?;
             let cfg = tls::client_config(&lab.files(Role::Agent, &name))?;
+            // Each agent connects from an address of its own, as hosts would:
+            // the controllers admit at most 16 pending handshakes per source.
+            let i: usize = name[1..].parse()?;
+            let local = std::net::Ipv4Addr::new(127, 250, (i / 250) as u8, (i % 250 + 1) as u8);
             let channels = (1..=3)
-                .map(|id| tls::channel(&format!("https://{}", lab.address(id)), cfg.clone()))
+                .map(|id| {
+                    let uri = format!("https://{}", lab.address(id));
+                    tls::channel_from(&uri, cfg.clone(), Some(local.into()))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let silent = Arc::new(AtomicBool::new(false));
             tokio::spawn(agent(
