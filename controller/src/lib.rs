@@ -138,10 +138,13 @@ pub async fn run(cfg: ControllerConfig, shutdown: watch::Receiver<bool>) -> anyh
         leases: leases.clone(),
     })
     .max_decoding_message_size(1024 * 1024);
+    let fanout = Arc::new(service::agent::Fanout::default());
+    tokio::spawn(fanout.clone().run(handle.subscribe()));
     let agent = AgentApiServer::new(service::agent::AgentService {
         node: handle.clone(),
         leases,
         released: released_tx,
+        fanout,
     })
     .max_decoding_message_size(64 * 1024);
 

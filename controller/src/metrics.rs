@@ -189,9 +189,12 @@ pub fn record_view(v: &NodeView) {
     gauge!("vipshare_members_down")
         .set(s.members.values().filter(|m| m.down && !m.stopped).count() as f64);
     gauge!("vipshare_members_stopped").set(s.members.values().filter(|m| m.stopped).count() as f64);
+    // One pass over the map, not one per member: this runs on the raft thread
+    // for every applied batch.
+    let counts = s.owned_counts();
     for name in s.members.keys() {
-        gauge!("vipshare_buckets_owned", "member" => name.clone())
-            .set(s.owned_by(name).count() as f64);
+        let n = counts.get(name.as_str()).copied().unwrap_or(0);
+        gauge!("vipshare_buckets_owned", "member" => name.clone()).set(n as f64);
     }
 }
 

@@ -264,12 +264,10 @@ impl Promises {
         }
         let lease = self.timing.lease_ms;
         let prev = self.last_ack.get(member).copied();
-        let since = self.acked_since.entry(member.to_string()).or_insert(now);
-        if prev.is_none_or(|p| now >= p + lease) {
-            *since = now;
+        if prev.is_none_or(|p| now >= p + lease) || !self.acked_since.contains_key(member) {
+            set(&mut self.acked_since, member, now);
         }
-        let t = self.last_ack.entry(member.to_string()).or_insert(now);
-        *t = (*t).max(now);
+        upsert_max(&mut self.last_ack, member, now);
         self.promise(member, now);
         Ok(())
     }
@@ -331,8 +329,7 @@ impl Promises {
 
     fn promise(&mut self, member: &str, now: u64) {
         let until = now + self.timing.controller_promise_ms();
-        let p = self.promised.entry(member.to_string()).or_insert(until);
-        *p = (*p).max(until);
+        upsert_max(&mut self.promised, member, until);
     }
 
     /// Until when this controller promised not to help fence `member`.
@@ -523,6 +520,22 @@ impl AgentLease {
     /// Kernel timeout for the owned buckets if installed now.
     pub fn kernel_timeout_ms(&self, now: u64) -> Option<u64> {
         self.timing.kernel_timeout_ms(now, self.expiry?)
+    }
+}
+
+// Heartbeat path helpers: a member's key is allocated only the first time, not
+// on every heartbeat (members x controllers x 10 per second).
+fn upsert_max(map: &mut BTreeMap<String, u64>, member: &str, v: u64) {
+    match map.get_mut(member) {
+        Some(t) => *t = (*t).max(v),
+        None => drop(map.insert(member.to_string(), v)),
+    }
+}
+
+fn set(map: &mut BTreeMap<String, u64>, member: &str, v: u64) {
+    match map.get_mut(member) {
+        Some(t) => *t = v,
+        None => drop(map.insert(member.to_string(), v)),
     }
 }
 

@@ -213,6 +213,16 @@ impl ClusterState {
             .map(|(i, _)| i)
     }
 
+    /// How many buckets each owner holds, in one pass over the map (members
+    /// that own nothing are absent): per-member counts without N passes.
+    pub fn owned_counts(&self) -> BTreeMap<&str, usize> {
+        let mut counts = BTreeMap::new();
+        for owner in self.buckets.iter().filter_map(|b| b.owner.as_deref()) {
+            *counts.entry(owner).or_insert(0) += 1;
+        }
+        counts
+    }
+
     pub fn unowned(&self) -> usize {
         self.buckets.iter().filter(|b| b.owner.is_none()).count()
     }

@@ -10,6 +10,10 @@
 //!     VIPSHARE_PROFILE=release cargo run --release -p vipshare-integration \
 //!         --example scale_bench -- 64 256 1024
 //!
+//! Agents heartbeat over one stream per controller, as the node agent does;
+//! `--unary` makes them send one unary call per heartbeat instead (agents
+//! before the stream), for comparison.
+//!
 //! The agents share this process (and the 2 CPUs) with the controllers, so the
 //! figures are an upper bound of what a controller host would see.
 
@@ -19,6 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
+use futures::StreamExt;
+use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use vipshare_integration::Lab;
 use vipshare_proto::pki::{self, Role};
@@ -81,6 +87,24 @@ async fn agent(name: String, channels: Vec<Channel>, shared: Arc<Shared>, silent
             }
         });
     }
+    // As the real agent: one long-lived heartbeat stream per controller
+    // (`None`: unary calls, the agents before the stream).
+    let streams: Option<Vec<mpsc::Sender<(pb::HeartbeatRequest, Instant)>>> =
+        STREAMS.load(Ordering::Relaxed).then(|| {
+            channels
+                .iter()
+                .map(|ch| {
+                    let (tx, rx) = mpsc::channel(8);
+                    tokio::spawn(heartbeat_stream(
+                        AgentApiClient::new(ch.clone()),
+                        rx,
+                        shared.clone(),
+                        epoch.clone(),
+                    ));
+                    tx
+                })
+                .collect()
+        });
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut round = 0u64;
@@ -101,6 +125,23 @@ async fn agent(name: String, channels: Vec<Channel>, shared: Arc<Shared>, silent
                 let mut c = AgentApiClient::new(ch.clone());
                 tokio::spawn(async move { c.released(req).await });
             }
+        }
+        if let Some(streams) = &streams {
+            for s in streams {
+                let req = pb::HeartbeatRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    assignment_index: None,
+                    problems: Vec::new(),
+                    member: name.clone(),
+                    member_epoch: epoch.load(Ordering::Relaxed),
+                    round,
+                };
+                // Full: that stream is stuck; the round is lost for it.
+                if s.try_send((req, Instant::now())).is_err() {
+                    shared.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            continue;
         }
         for ch in &channels {
             let req = pb::HeartbeatRequest {
@@ -145,6 +186,84 @@ async fn agent(name: String, channels: Vec<Channel>, shared: Arc<Shared>, silent
                     Err(_) => drop(shared.failed.fetch_add(1, Ordering::Relaxed)),
                 }
             });
+        }
+    }
+}
+
+/// Whether agents heartbeat over streams (default) or unary calls (`--unary`).
+static STREAMS: AtomicBool = AtomicBool::new(true);
+
+/// Records one heartbeat reply (acked, refused) sent at `sent`.
+fn record(shared: &Shared, epoch: &AtomicU64, r: &pb::HeartbeatReply, sent: Instant) {
+    // As the real agent: a newer epoch in a reply is adopted.
+    epoch.fetch_max(r.member_epoch, Ordering::Relaxed);
+    if r.acked {
+        if shared.recording.load(Ordering::Relaxed) {
+            let us = sent.elapsed().as_micros().min(u32::MAX as u128) as u32;
+            if let Ok(mut v) = shared.acks.lock() {
+                v.push(us);
+            }
+        }
+    } else {
+        shared.refused.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut e) = shared.last_error.lock() {
+            *e = format!("refused: {}", r.reason);
+        }
+    }
+}
+
+/// One agent's heartbeat stream to one controller, reopened with the next
+/// round when it ends; replies come in order and are matched to send times.
+async fn heartbeat_stream(
+    mut client: AgentApiClient<Channel>,
+    mut rounds: mpsc::Receiver<(pb::HeartbeatRequest, Instant)>,
+    shared: Arc<Shared>,
+    epoch: Arc<AtomicU64>,
+) {
+    while let Some((first, sent)) = rounds.recv().await {
+        let (out, out_rx) = mpsc::channel(8);
+        let _ = out.try_send(first.clone());
+        let mut pending = std::collections::VecDeque::from([(first.round, sent)]);
+        let reqs = tokio_stream::wrappers::ReceiverStream::new(out_rx);
+        let mut replies = match client.heartbeats(reqs).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                shared.failed.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut e) = shared.last_error.lock() {
+                    *e = format!("failed: {}", s.message());
+                }
+                continue;
+            }
+        };
+        loop {
+            tokio::select! {
+                next = rounds.recv() => {
+                    let Some((req, sent)) = next else { return };
+                    // A request unanswered for 1 s: count it failed, reopen.
+                    if pending.front().is_some_and(|(_, t)| t.elapsed() > Duration::from_secs(1)) {
+                        shared.failed.fetch_add(pending.len() as u64, Ordering::Relaxed);
+                        break;
+                    }
+                    pending.push_back((req.round, sent));
+                    if out.try_send(req).is_err() {
+                        break;
+                    }
+                }
+                reply = replies.message() => match reply {
+                    Ok(Some(r)) => {
+                        while let Some((round, sent)) = pending.pop_front() {
+                            if round == r.round {
+                                record(&shared, &epoch, &r, sent);
+                                break;
+                            }
+                        }
+                    }
+                    _ => {
+                        shared.failed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                },
+            }
         }
     }
 }
@@ -233,28 +352,50 @@ async fn run(n: usize) -> anyhow::Result<String> {
     let shared = Arc::new(Shared::default());
     let mut agents = Vec::new();
     let t = Instant::now();
-    for i in 0..n {
-        let name = format!("s{i}");
-        pki::issue(&lab.certs, Role::Agent, &name, &[], &[], 30)?;
-        let add = Op::AddMember(pb::AddMember {
-            name: name.clone(),
-            weight: 100,
-        });
-        mutate(&lab, &mut admin, add)
-            .await
-            .with_context(|| format!("member add {name}"))?;
-        let cfg = tls::client_config(&lab.files(Role::Agent, &name))?;
-        let channels = (1..=3)
-            .map(|id| tls::channel(&format!("https://{}", lab.address(id)), cfg.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let silent = Arc::new(AtomicBool::new(false));
-        tokio::spawn(agent(
-            name.clone(),
-            channels,
-            shared.clone(),
-            silent.clone(),
-        ));
-        agents.push(Agent { name, silent });
+    // Members are added 32 at a time (raft commits concurrent proposals
+    // together), each agent started once its member exists.
+    let names: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
+    for name in &names {
+        pki::issue(&lab.certs, Role::Agent, name, &[], &[], 30)?;
+    }
+    {
+        let adds = futures::stream::iter(names.iter().map(|name| {
+            let (lab, mut admin) = (&lab, admin.clone());
+            async move {
+                let add = Op::AddMember(pb::AddMember {
+                    name: name.clone(),
+                    weight: 100,
+                });
+                mutate(lab, &mut admin, add)
+                    .await
+                    .with_context(|| format!("member add {name}"))?;
+                anyhow::Ok(name.clone())
+            }
+        }))
+        .buffer_unordered(32);
+        futures::pin_mut!(adds);
+        while let Some(name) = adds.next().await {
+            let name = name?;
+            let cfg = tls::client_config(&lab.files(Role::Agent, &name))?;
+            // Each agent connects from an address of its own, as hosts would:
+            // the controllers admit at most 16 pending handshakes per source.
+            let i: usize = name[1..].parse()?;
+            let local = std::net::Ipv4Addr::new(127, 250, (i / 250) as u8, (i % 250 + 1) as u8);
+            let channels = (1..=3)
+                .map(|id| {
+                    let uri = format!("https://{}", lab.address(id));
+                    tls::channel_from(&uri, cfg.clone(), Some(local.into()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let silent = Arc::new(AtomicBool::new(false));
+            tokio::spawn(agent(
+                name.clone(),
+                channels,
+                shared.clone(),
+                silent.clone(),
+            ));
+            agents.push(Agent { name, silent });
+        }
     }
     eprintln!(
         "[N={n}] {n} members added and started in {:.1?}",
@@ -370,8 +511,11 @@ async fn run(n: usize) -> anyhow::Result<String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let ns: Vec<usize> = std::env::args()
-        .skip(1)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    STREAMS.store(!args.iter().any(|a| a == "--unary"), Ordering::Relaxed);
+    let ns: Vec<usize> = args
+        .iter()
+        .filter(|a| *a != "--unary")
         .map(|a| a.parse().with_context(|| format!("N {a:?}")))
         .collect::<anyhow::Result<_>>()?;
     let ns = if ns.is_empty() {

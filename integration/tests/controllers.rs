@@ -216,3 +216,80 @@ async fn refuses_foreign_and_corrupt_data_directories() -> anyhow::Result<()> {
     assert_eq!(std::fs::read(&file)?.len(), bytes.len() / 2, "never reset");
     Ok(())
 }
+
+/// The heartbeat stream answers every request as the unary call does (old
+/// agents keep the unary call), in order, and ends on a request for another
+/// member than the certificate's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_stream_answers_like_the_unary_call() -> anyhow::Result<()> {
+    use vipshare_proto::pki::Role;
+    use vipshare_proto::tls;
+    use vipshare_proto::v1::agent_api_client::AgentApiClient;
+
+    let mut lab = Lab::new("127.0.13", 3)?;
+    lab.start_founders(3)?;
+    let leader = lab.wait_leader(ELECTION).await?;
+    let out = lab.ctl(&["cluster", "init", "--vip", "192.0.2.10", "--buckets", "16"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let index = lab
+        .mutate(Op::AddMember(pb::AddMember {
+            name: "h1".into(),
+            weight: 100,
+        }))
+        .await?;
+    let cfg = tls::client_config(&lab.files(Role::Agent, "h1"))?;
+    let mut agent = AgentApiClient::new(tls::channel(
+        &format!("https://{}", lab.address(leader)),
+        cfg,
+    )?);
+    let hb = |member: &str, round| pb::HeartbeatRequest {
+        protocol_version: PROTOCOL_VERSION,
+        member: member.into(),
+        member_epoch: 1,
+        round,
+        assignment_index: Some(index),
+        problems: vec![],
+    };
+    let unary = agent.heartbeat(hb("h1", 1)).await?.into_inner();
+    assert!(unary.acked, "{unary:?}");
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = agent
+        .heartbeats(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    for round in 2..=4 {
+        tx.send(hb("h1", round)).await?;
+        let r = replies.message().await?.expect("a reply per request");
+        assert_eq!(
+            (
+                r.round,
+                r.acked,
+                r.lease_ms,
+                r.member_epoch,
+                r.controller_id
+            ),
+            (round, true, unary.lease_ms, 1, leader),
+            "{r:?}"
+        );
+    }
+    // An epoch the controller does not hold is refused there as in a unary call.
+    let mut stale = hb("h1", 5);
+    stale.member_epoch = 7;
+    tx.send(stale.clone()).await?;
+    let r = replies.message().await?.expect("a reply");
+    let u = agent.heartbeat(stale).await?.into_inner();
+    assert_eq!((r.acked, &r.reason), (false, &u.reason), "{r:?} / {u:?}");
+    // Speaking for another member ends the stream.
+    tx.send(hb("h2", 6)).await?;
+    let e = replies
+        .message()
+        .await
+        .expect_err("impersonation ends the stream");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    Ok(())
+}

@@ -451,13 +451,14 @@ pub struct PeerInfo {
 
 /// The authenticated caller of a request served over [`serve_incoming`].
 pub fn peer<T>(req: &tonic::Request<T>) -> Option<&PeerInfo> {
-    req.extensions().get::<PeerInfo>()
+    req.extensions().get::<Arc<PeerInfo>>().map(|p| &**p)
 }
 
 /// An accepted, handshaken and identified connection.
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
-    info: PeerInfo,
+    /// Shared: tonic copies it into every request (heartbeats: 10/s per agent).
+    info: Arc<PeerInfo>,
     _open: Open,
 }
 
@@ -494,9 +495,9 @@ impl fmt::Debug for TlsConn {
 }
 
 impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = PeerInfo;
+    type ConnectInfo = Arc<PeerInfo>;
 
-    fn connect_info(&self) -> PeerInfo {
+    fn connect_info(&self) -> Arc<PeerInfo> {
         self.info.clone()
     }
 }
@@ -813,11 +814,11 @@ async fn handshake(
     Ok(TlsConn {
         inner: tls,
         _open: Open::new(identity.role.as_str()),
-        info: PeerInfo {
+        info: Arc::new(PeerInfo {
             addr,
             identity,
             serial,
-        },
+        }),
     })
 }
 
@@ -968,6 +969,8 @@ type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
 struct Connector {
     tls: ClientTls,
     target: Arc<Target>,
+    /// Source address to connect from (`None`: the system's choice).
+    local: Option<std::net::IpAddr>,
 }
 
 impl tower::Service<Uri> for Connector {
@@ -982,8 +985,23 @@ impl tower::Service<Uri> for Connector {
     fn call(&mut self, _: Uri) -> Self::Future {
         let tls = tokio_rustls::TlsConnector::from(self.tls.current());
         let target = self.target.clone();
+        let local = self.local;
         Box::pin(async move {
-            let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+            let tcp = match local {
+                None => TcpStream::connect((target.host.as_str(), target.port)).await?,
+                Some(ip) => {
+                    let remote = tokio::net::lookup_host((target.host.as_str(), target.port))
+                        .await?
+                        .next()
+                        .ok_or_else(|| io::Error::other("no address"))?;
+                    let socket = match remote {
+                        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                    };
+                    socket.bind(SocketAddr::new(ip, 0))?;
+                    socket.connect(remote).await?
+                }
+            };
             tcp.set_nodelay(true)?;
             let stream = tls.connect(target.server_name.clone(), tcp).await?;
             Ok(TokioIo::new(stream))
@@ -995,10 +1013,22 @@ impl tower::Service<Uri> for Connector {
 /// `tls` is a fixed `Arc<ClientConfig>` or a [`ClientTls`] handle whose current
 /// configuration every new connection uses.
 pub fn channel(uri: &str, tls: impl Into<ClientTls>) -> Result<Channel, TlsError> {
+    channel_from(uri, tls, None)
+}
+
+/// [`channel`] from source address `local` (a load generator standing for
+/// many hosts on one machine: each its own address, as the controllers'
+/// per-source handshake limits expect).
+pub fn channel_from(
+    uri: &str,
+    tls: impl Into<ClientTls>,
+    local: Option<std::net::IpAddr>,
+) -> Result<Channel, TlsError> {
     let (endpoint, target) = endpoint(uri)?;
     Ok(endpoint.connect_with_connector_lazy(Connector {
         tls: tls.into(),
         target: Arc::new(target),
+        local,
     }))
 }
 
@@ -1009,6 +1039,7 @@ pub async fn connect_once(uri: &str, tls: impl Into<ClientTls>) -> Result<Channe
         .connect_with_connector(Connector {
             tls: tls.into(),
             target: Arc::new(target),
+            local: None,
         })
         .await
         .map_err(|e| TlsError::Connect {

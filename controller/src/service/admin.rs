@@ -61,6 +61,7 @@ fn members_reply(v: &NodeView, leases: &crate::leases::Leases) -> pb::MembersRep
     let damping = s.settings.as_ref().map(|x| x.damping).unwrap_or_default();
     // Penalties decay on cluster time, as the planner sees them.
     let cluster_ms = leases.cluster_ms();
+    let owned = s.owned_counts();
     let members = s
         .members
         .iter()
@@ -85,7 +86,7 @@ fn members_reply(v: &NodeView, leases: &crate::leases::Leases) -> pb::MembersRep
                 }
                 .into(),
                 epoch: m.epoch,
-                buckets: s.owned_by(name).count() as u32,
+                buckets: owned.get(name.as_str()).copied().unwrap_or(0) as u32,
                 penalty: f64::from(damping.current(m.penalty, cluster_ms)),
                 returns_in_ms: if m.suppressed {
                     damping.time_to_reuse(m.penalty, cluster_ms)

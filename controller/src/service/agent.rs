@@ -4,7 +4,11 @@
 //! assignment stream sends the member's owned buckets whenever they change.
 //! (Quorum leases and fencing build on these two calls; see controller/docs/leases.md.)
 
+use std::sync::Arc;
+
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
+use vipshare_core::agent::assignment::Changed;
 use vipshare_core::agent::Assignment;
 use vipshare_core::heartbeat::Heartbeat;
 use vipshare_core::lease::Refusal;
@@ -23,6 +27,7 @@ pub struct AgentService {
     pub node: NodeHandle,
     pub leases: std::sync::Arc<crate::leases::Leases>,
     pub released: tokio::sync::mpsc::Sender<crate::ownership::Released>,
+    pub fanout: Arc<Fanout>,
 }
 
 #[allow(clippy::result_large_err)]
@@ -81,20 +86,84 @@ fn heartbeat_of(hb: &pb::HeartbeatRequest) -> Heartbeat {
 
 type AssignmentStream = super::TaskStream<pb::Assignment>;
 
-/// Sends `member`'s assignment from every applied view in which it changed.
-/// Ends the stream when the certificate (`serial`) is revoked, or when this
-/// controller is not in its own applied voter set: it acks no heartbeats then,
-/// so its assignments must not steer the agent either; the agent follows the
-/// voters it reconnects to instead.
+/// Wakes only the assignment streams whose member's assignment changed
+/// ([`Assignment::changed_members`]): one diff per applied view instead of
+/// every stream recomputing its assignment from the whole map on every entry.
+/// A change of the deny-list or the voters wakes every stream, since each
+/// checks its certificate and this controller's vote.
+#[derive(Default)]
+pub struct Fanout {
+    /// Per member, a counter bumped when its streams must look again.
+    members: std::sync::Mutex<std::collections::HashMap<String, watch::Sender<u64>>>,
+}
+
+impl Fanout {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, watch::Sender<u64>>> {
+        // Every update is one counter bump or map entry: a poisoned lock is consistent.
+        self.members.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A wake-up for `member`'s streams; take it before reading the view, so
+    /// no change applied after that read is missed.
+    fn subscribe(&self, member: &str) -> watch::Receiver<u64> {
+        let mut members = self.lock();
+        match members.get(member) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let (tx, rx) = watch::channel(0);
+                members.insert(member.to_string(), tx);
+                rx
+            }
+        }
+    }
+
+    fn wake(&self, changed: &Changed) {
+        let mut members = self.lock();
+        // Members whose streams all ended are forgotten on the way.
+        members.retain(|m, tx| {
+            if changed.concerns(m) {
+                tx.send_modify(|n| *n += 1);
+            }
+            tx.receiver_count() > 0
+        });
+    }
+
+    /// Follows the applied views until the node stops; then every stream ends.
+    pub async fn run(self: std::sync::Arc<Self>, mut views: watch::Receiver<Arc<NodeView>>) {
+        let mut prev = views.borrow_and_update().clone();
+        while views.changed().await.is_ok() {
+            let view = views.borrow_and_update().clone();
+            let changed = if prev.state.revoked != view.state.revoked || prev.id != view.id {
+                Changed::All
+            } else {
+                Assignment::changed_members(&prev.state, &prev.voters, &view.state, &view.voters)
+            };
+            self.wake(&changed);
+            prev = view;
+        }
+        self.lock().clear();
+    }
+}
+
+/// Sends `member`'s assignment whenever it changed (the [`Fanout`] says when to
+/// look). Ends the stream when the certificate (`serial`) is revoked, or when
+/// this controller is not in its own applied voter set: it acks no heartbeats
+/// then, so its assignments must not steer the agent either; the agent follows
+/// the voters it reconnects to instead.
 fn assignment_stream(
-    mut views: tokio::sync::watch::Receiver<std::sync::Arc<NodeView>>,
+    fanout: &Fanout,
+    views: watch::Receiver<Arc<NodeView>>,
     member: String,
     serial: String,
 ) -> AssignmentStream {
+    let mut wake = fanout.subscribe(&member);
     super::task_stream(4, move |tx| async move {
         let mut last: Option<pb::Assignment> = None;
         loop {
-            let view = views.borrow_and_update().clone();
+            wake.borrow_and_update();
+            let view = views.borrow().clone();
             // A stream outlives its authorisation if the certificate is revoked
             // meanwhile: end it then.
             if view.state.revoked.contains(&serial) {
@@ -118,6 +187,9 @@ fn assignment_stream(
                 return;
             }
             let a = assignment(&view, &member);
+            // Not kept while waiting: a stream woken rarely would otherwise pin
+            // an old copy of the whole state, one per stream.
+            drop(view);
             let changed = last.as_ref().is_none_or(|l| {
                 l.owned != a.owned
                     || l.release != a.release
@@ -131,12 +203,45 @@ fn assignment_stream(
                 }
                 last = Some(a);
             }
-            if views.changed().await.is_err() {
+            if wake.changed().await.is_err() {
                 return;
             }
         }
     })
 }
+
+/// The answer to one heartbeat (unary or streamed), from the applied view and
+/// this controller's promises at the moment it is answered.
+#[allow(clippy::result_large_err)]
+fn answer(
+    node: &NodeHandle,
+    leases: &crate::leases::Leases,
+    hb: &pb::HeartbeatRequest,
+) -> Result<pb::HeartbeatReply, Status> {
+    check_version(hb.protocol_version)?;
+    let v = node.view();
+    let voter = v.voters.contains(&v.id);
+    let answer = leases.heartbeat(&v.state, voter, &heartbeat_of(hb));
+    crate::metrics::heartbeat(answer.verdict.is_ok());
+    let stale_assignment = matches!(answer.verdict, Err(Refusal::StaleAssignment { .. }));
+    let (acked, reason) = match answer.verdict {
+        Ok(()) => (true, String::new()),
+        Err(r) => (false, r.to_string()),
+    };
+    Ok(pb::HeartbeatReply {
+        protocol_version: PROTOCOL_VERSION,
+        controller_id: v.id,
+        round: hb.round,
+        acked,
+        reason,
+        leader_id: v.role.leader,
+        member_epoch: answer.member_epoch,
+        lease_ms: answer.lease_ms,
+        stale_assignment,
+    })
+}
+
+type HeartbeatStream = super::TaskStream<pb::HeartbeatReply>;
 
 #[tonic::async_trait]
 impl AgentApi for AgentService {
@@ -145,28 +250,50 @@ impl AgentApi for AgentService {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
         own_member(&req, &req.get_ref().member, &self.node)?;
-        let hb = req.into_inner();
-        check_version(hb.protocol_version)?;
-        let v = self.node.view();
-        let voter = v.voters.contains(&v.id);
-        let answer = self.leases.heartbeat(&v.state, voter, &heartbeat_of(&hb));
-        crate::metrics::heartbeat(answer.verdict.is_ok());
-        let stale_assignment = matches!(answer.verdict, Err(Refusal::StaleAssignment { .. }));
-        let (acked, reason) = match answer.verdict {
-            Ok(()) => (true, String::new()),
-            Err(r) => (false, r.to_string()),
-        };
-        Ok(Response::new(pb::HeartbeatReply {
-            protocol_version: PROTOCOL_VERSION,
-            controller_id: v.id,
-            round: hb.round,
-            acked,
-            reason,
-            leader_id: v.role.leader,
-            member_epoch: answer.member_epoch,
-            lease_ms: answer.lease_ms,
-            stale_assignment,
-        }))
+        answer(&self.node, &self.leases, req.get_ref()).map(Response::new)
+    }
+
+    type HeartbeatsStream = HeartbeatStream;
+
+    /// Every request is checked as a unary call would be: the member must be
+    /// the certificate's and the certificate not revoked (checked per request,
+    /// so a revocation ends a stream opened before it).
+    async fn heartbeats(
+        &self,
+        req: Request<tonic::Streaming<pb::HeartbeatRequest>>,
+    ) -> Result<Response<Self::HeartbeatsStream>, Status> {
+        let who = authorize(&req, SERVICE, &[Role::Agent], &self.node)?;
+        let serial = vipshare_proto::tls::peer(&req)
+            .map(|p| p.serial.clone())
+            .unwrap_or_default();
+        let mut incoming = req.into_inner();
+        let (node, leases) = (self.node.clone(), self.leases.clone());
+        Ok(Response::new(super::task_stream(8, move |tx| async move {
+            while let Ok(Some(hb)) = incoming.message().await {
+                let reply = if hb.member != who.name {
+                    Err(refuse(
+                        SERVICE,
+                        "impersonation",
+                        format!(
+                            "certificate {} may not act for member {:?}",
+                            who.to_uri(),
+                            hb.member
+                        ),
+                    ))
+                } else if node.view().state.revoked.contains(&serial) {
+                    crate::metrics::rpc_rejected(SERVICE, "revoked");
+                    Err(Status::unauthenticated(format!(
+                        "certificate serial {serial} was revoked"
+                    )))
+                } else {
+                    answer(&node, &leases, &hb)
+                };
+                let end = reply.is_err();
+                if tx.send(reply).await.is_err() || end {
+                    return;
+                }
+            }
+        })))
     }
 
     type WatchAssignmentsStream = AssignmentStream;
@@ -181,7 +308,7 @@ impl AgentApi for AgentService {
             .unwrap_or_default();
         let w = req.into_inner();
         check_version(w.protocol_version)?;
-        let stream = assignment_stream(self.node.subscribe(), w.member, serial);
+        let stream = assignment_stream(&self.fanout, self.node.subscribe(), w.member, serial);
         Ok(Response::new(stream))
     }
 
@@ -228,7 +355,6 @@ impl AgentApi for AgentService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use tokio_stream::StreamExt;
     use vipshare_core::replica::RoleState;
 
@@ -251,7 +377,9 @@ mod tests {
     #[tokio::test]
     async fn the_stream_ends_when_this_controller_stops_being_a_voter() {
         let (tx, rx) = tokio::sync::watch::channel(view(vec![1, 2, 3]));
-        let mut s = assignment_stream(rx, "h1".into(), "1f".into());
+        let fanout = Arc::new(Fanout::default());
+        tokio::spawn(fanout.clone().run(rx.clone()));
+        let mut s = assignment_stream(&fanout, rx, "h1".into(), "1f".into());
         assert!(s.next().await.expect("first assignment").is_ok());
         tx.send(view(vec![2, 3, 4])).unwrap();
         let next = tokio::time::timeout(std::time::Duration::from_secs(5), s.next());
@@ -265,7 +393,7 @@ mod tests {
         assert!(s.next().await.is_none(), "the stream ended");
         // A learner (or removed controller) refuses from the start.
         let (_tx, rx) = tokio::sync::watch::channel(view(vec![2, 3]));
-        let mut s = assignment_stream(rx, "h1".into(), "1f".into());
+        let mut s = assignment_stream(&fanout, rx, "h1".into(), "1f".into());
         let e = s.next().await.expect("an error").expect_err("not a voter");
         assert_eq!(e.code(), tonic::Code::Unavailable);
     }

@@ -110,11 +110,12 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let path = req.uri().path().to_string();
+        // Kept cheap (no formatting) for the calls that are not refused.
+        let uri = req.uri().clone();
         let peer = req
             .extensions()
-            .get::<vipshare_proto::tls::PeerInfo>()
-            .map(|p| format!("{} {}", p.addr, p.identity.to_uri()));
+            .get::<std::sync::Arc<vipshare_proto::tls::PeerInfo>>()
+            .cloned();
         let fut = self.0.call(req);
         Box::pin(async move {
             let resp = fut.await?;
@@ -138,7 +139,10 @@ where
                     .get("grpc-message")
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
-                tracing::warn!(%path, peer = peer.as_deref().unwrap_or("?"), ?code, message, "call refused");
+                let peer = peer.map_or("?".into(), |p| {
+                    format!("{} {}", p.addr, p.identity.to_uri())
+                });
+                tracing::warn!(path = uri.path(), %peer, ?code, message, "call refused");
                 crate::metrics::rpc_rejected("grpc", "refused");
             }
             Ok(resp)

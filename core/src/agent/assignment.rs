@@ -28,6 +28,22 @@ pub struct Assignment {
     pub controllers: Vec<Controller>,
 }
 
+/// Whose assignments changed ([`Assignment::changed_members`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    All,
+    Members(BTreeSet<String>),
+}
+
+impl Changed {
+    pub fn concerns(&self, member: &str) -> bool {
+        match self {
+            Changed::All => true,
+            Changed::Members(m) => m.contains(member),
+        }
+    }
+}
+
 impl Assignment {
     /// What a controller streams to `member` from its applied state at
     /// `applied_index`: the grants for the member, its epoch, the timing and
@@ -73,11 +89,110 @@ impl Assignment {
             || self.controllers != old.controllers
     }
 
+    /// Whose assignment ([`Self::of`], the settings aside) can differ between
+    /// the applied `old` and `new` states, each with its voter set: the members
+    /// a bucket moved from or to (or whose grant epoch or release flag
+    /// changed), and those whose epoch changed or who came or went. A change of
+    /// settings, controllers or voters concerns everyone. One pass over the
+    /// map, so a controller can wake only the streams concerned.
+    pub fn changed_members(
+        old: &ClusterState,
+        old_voters: &[u64],
+        new: &ClusterState,
+        new_voters: &[u64],
+    ) -> Changed {
+        if old.settings != new.settings
+            || old.controllers != new.controllers
+            || old_voters != new_voters
+            || old.buckets.len() != new.buckets.len()
+        {
+            return Changed::All;
+        }
+        let mut members = BTreeSet::new();
+        for (o, n) in old.buckets.iter().zip(&new.buckets) {
+            if o.owner != n.owner || o.epoch != n.epoch || o.releasing != n.releasing {
+                members.extend(o.owner.iter().chain(&n.owner).cloned());
+            }
+        }
+        let epoch = |s: &ClusterState, m: &str| s.members.get(m).map(|m| m.epoch);
+        for m in old.members.keys().chain(new.members.keys()) {
+            if epoch(old, m) != epoch(new, m) {
+                members.insert(m.clone());
+            }
+        }
+        Changed::Members(members)
+    }
+
     pub fn voters(&self) -> BTreeSet<u64> {
         self.controllers
             .iter()
             .filter(|c| c.voter)
             .map(|c| c.id)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{Command, OwnerChange};
+
+    /// Every member whose streamed assignment differs is named, and nobody else.
+    #[test]
+    fn changed_members_names_exactly_those_whose_assignment_differs() {
+        let names = ["a", "b", "c", "d"];
+        let mut s = crate::ownership::tests::cluster(&names);
+        let changes = (0..16)
+            .map(|bucket| OwnerChange {
+                bucket,
+                owner: Some(names[bucket as usize % 3].to_string()),
+            })
+            .collect();
+        let steps = [
+            Command::SetOwners { changes },
+            Command::Release {
+                name: "a".into(),
+                buckets: vec![0],
+            },
+            Command::Transfer {
+                from: "a".into(),
+                to: Some("b".into()),
+                buckets: vec![(0, 1)],
+            },
+            Command::FenceMember {
+                name: "c".into(),
+                epoch: 1,
+                at_ms: 0,
+                marked_by: vec![],
+            },
+            Command::AddMember {
+                name: "e".into(),
+                weight: 1,
+            },
+            Command::Noop { payload: vec![] },
+        ];
+        let voters = [1, 2, 3];
+        for cmd in steps {
+            let old = s.clone();
+            s.apply(cmd.clone()).unwrap();
+            let changed = Assignment::changed_members(&old, &voters, &s, &voters);
+            assert_ne!(changed, Changed::All, "{cmd:?}");
+            for m in ["a", "b", "c", "d", "e"] {
+                let differs =
+                    Assignment::of(&s, 0, &voters, m).differs(&Assignment::of(&old, 0, &voters, m));
+                assert_eq!(changed.concerns(m), differs, "{m} after {cmd:?}");
+            }
+        }
+        assert_eq!(
+            s.buckets[0].owner.as_deref(),
+            Some("b"),
+            "the transfer applied"
+        );
+        assert!(!Assignment::changed_members(&s, &voters, &s, &voters).concerns("a"));
+        assert_eq!(
+            Assignment::changed_members(&s, &voters, &s, &[1, 2]),
+            Changed::All,
+            "a voter change concerns everyone"
+        );
     }
 }

@@ -6,7 +6,8 @@
 //!
 //! # Lease
 //! Every `heartbeat_ms` the agent starts a round (noting its monotonic time)
-//! and sends `Heartbeat` to every controller in parallel. When a majority of
+//! and sends a heartbeat to every controller in parallel, each over one
+//! long-lived `Heartbeats` stream (unary `Heartbeat` to controllers without it). When a majority of
 //! the voters acked a round, the lease runs to send time + `lease_ms`, and the
 //! owned buckets are written to the kernel with timeout = lease left minus
 //! `kernel_delay_ms`. Without renewals the kernel drops them on its own.
@@ -156,12 +157,22 @@ struct Conn {
     address: String,
     client: AgentApiClient<Channel>,
     watcher: JoinHandle<()>,
+    /// Rounds for [`beat`], which sends them over the controller's stream.
+    beats: mpsc::Sender<Beat>,
+    beater: JoinHandle<()>,
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
         self.watcher.abort();
+        self.beater.abort();
     }
+}
+
+/// One heartbeat for one controller, and how long its reply may take.
+struct Beat {
+    req: pb::HeartbeatRequest,
+    timeout: Duration,
 }
 
 /// Whose state file this agent keeps: "<cluster ID>/<member>" (the CA's
@@ -295,6 +306,9 @@ impl Runtime {
                 self.cfg.member.clone(),
                 self.tx.clone(),
             ));
+            // A few rounds of slack: a stream that stalls longer is reopened.
+            let (beats, rounds) = mpsc::channel(4);
+            let beater = tokio::spawn(beat(id, client.clone(), rounds, self.tx.clone()));
             info!(controller = id, %address, "controller added");
             self.conns.insert(
                 id,
@@ -302,6 +316,8 @@ impl Runtime {
                     address: address.clone(),
                     client,
                     watcher,
+                    beats,
+                    beater,
                 },
             );
         }
@@ -415,8 +431,6 @@ impl Runtime {
     fn heartbeat(&mut self, round: u64, epoch: u64, assignment_index: u64, to: &[u64]) {
         let timeout = Duration::from_millis(self.engine.timing().lease_ms);
         for (&id, c) in self.conns.iter().filter(|(id, _)| to.contains(id)) {
-            let mut client = c.client.clone();
-            let tx = self.tx.clone();
             let req = pb::HeartbeatRequest {
                 protocol_version: PROTOCOL_VERSION,
                 member: self.cfg.member.clone(),
@@ -425,20 +439,14 @@ impl Runtime {
                 assignment_index: Some(assignment_index),
                 problems: self.problems.clone(),
             };
-            tokio::spawn(async move {
-                let result = match tokio::time::timeout(timeout, client.heartbeat(req)).await {
-                    Ok(Ok(r)) => Ok(r.into_inner()),
-                    Ok(Err(s)) => Err(s.message().to_string()),
-                    Err(_) => Err("timed out".into()),
-                };
-                let _ = tx
-                    .send(Event::Reply {
-                        round,
-                        controller: id,
-                        result,
-                    })
-                    .await;
-            });
+            // Full: the stream is stuck; this round to that controller is lost,
+            // as a lost message would be (the beater reopens the stream).
+            if c.beats.try_send(Beat { req, timeout }).is_err() {
+                debug!(
+                    controller = id,
+                    round, "heartbeat stream busy; round not sent"
+                );
+            }
         }
     }
 
@@ -711,6 +719,121 @@ impl Runtime {
         }
         d.acked && self.engine.holds_nothing() && !self.dirty
     }
+}
+
+/// Heartbeats to one controller over one long-lived `Heartbeats` stream; each
+/// reply goes to the engine as an [`Event::Reply`] exactly as a unary reply
+/// did (the engine matches it to its round's send time, so a late reply earns
+/// a shorter lease, never a longer one). A stream with a request unanswered
+/// for longer than its timeout is reopened with the next round; a controller
+/// that does not know the stream (UNIMPLEMENTED) gets unary `Heartbeat` calls.
+async fn beat(
+    id: u64,
+    mut client: AgentApiClient<Channel>,
+    mut rounds: mpsc::Receiver<Beat>,
+    tx: mpsc::Sender<Event>,
+) {
+    let mut unary = false;
+    let mut carry: Option<Beat> = None;
+    loop {
+        let first = match carry.take() {
+            Some(b) => b,
+            None => match rounds.recv().await {
+                Some(b) => b,
+                None => return,
+            },
+        };
+        if unary {
+            unary_heartbeat(id, client.clone(), first, tx.clone());
+            continue;
+        }
+        let timeout = first.timeout;
+        let (out, out_rx) = mpsc::channel(8);
+        let _ = out.try_send(first.req);
+        let requests = tokio_stream::wrappers::ReceiverStream::new(out_rx);
+        let mut replies = match tokio::time::timeout(timeout, client.heartbeats(requests)).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
+                info!(
+                    controller = id,
+                    "controller has no heartbeat stream; unary heartbeats"
+                );
+                unary = true;
+                continue;
+            }
+            Ok(Err(s)) => {
+                debug!(controller = id, error = %s.message(), "heartbeat stream refused");
+                continue;
+            }
+            Err(_) => {
+                debug!(controller = id, "heartbeat stream timed out opening");
+                continue;
+            }
+        };
+        // Replies come in order: the oldest unanswered request's send time.
+        let mut unanswered: u32 = 1;
+        let mut waiting_since = Some(Instant::now());
+        loop {
+            tokio::select! {
+                next = rounds.recv() => {
+                    let Some(b) = next else { return };
+                    if waiting_since.is_some_and(|t| t.elapsed() > b.timeout) {
+                        debug!(controller = id, "heartbeat stream stalled; reopening");
+                        carry = Some(b);
+                        break;
+                    }
+                    if out.try_send(b.req).is_err() {
+                        break;
+                    }
+                    unanswered += 1;
+                    waiting_since.get_or_insert_with(Instant::now);
+                }
+                reply = replies.message() => match reply {
+                    Ok(Some(r)) => {
+                        unanswered = unanswered.saturating_sub(1);
+                        waiting_since = (unanswered > 0).then(Instant::now);
+                        let ev = Event::Reply { round: r.round, controller: id, result: Ok(r) };
+                        if tx.send(ev).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(s) => {
+                        if s.code() == tonic::Code::Unimplemented {
+                            unary = true;
+                        }
+                        debug!(controller = id, error = %s.message(), "heartbeat stream ended");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// One unary `Heartbeat` (controllers without the stream), its reply or
+/// failure fed to the engine.
+fn unary_heartbeat(
+    id: u64,
+    mut client: AgentApiClient<Channel>,
+    beat: Beat,
+    tx: mpsc::Sender<Event>,
+) {
+    let round = beat.req.round;
+    tokio::spawn(async move {
+        let result = match tokio::time::timeout(beat.timeout, client.heartbeat(beat.req)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(s.message().to_string()),
+            Err(_) => Err("timed out".into()),
+        };
+        let _ = tx
+            .send(Event::Reply {
+                round,
+                controller: id,
+                result,
+            })
+            .await;
+    });
 }
 
 /// Streams one controller's assignments into the event channel, reconnecting
