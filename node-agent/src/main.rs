@@ -127,6 +127,8 @@ fn main() -> ExitCode {
             vipshare_agent::metrics::install(addr)
                 .map_err(|e| anyhow::anyhow!("metrics on {addr}: {e}"))?;
         }
+        // Before the data plane touches the kernel: one agent per host.
+        let _lock = agent::state_file::StateFile::new(&cfg.state_dir).lock()?;
         let plane = plane(&cfg, &cli.config)?;
         agent::run(cfg, plane).await
     });

@@ -34,6 +34,17 @@ pub enum StateFileError {
     },
     #[error("{}: not an agent state file: {reason}", .path.display())]
     Corrupt { path: PathBuf, reason: String },
+    #[error("{}: held by another vipshare-agent ({holder}); one agent per state directory", .path.display())]
+    Locked { path: PathBuf, holder: String },
+}
+
+/// The lock that makes an agent the only one using its state directory (and
+/// so its host's kernel tables): two agents would each take the other's
+/// writes for a foreign edit and rebuild the filter over and over. Held until
+/// dropped; the kernel releases it when the process dies, even by SIGKILL.
+#[derive(Debug)]
+pub struct InstanceLock {
+    _file: File,
 }
 
 impl StateFile {
@@ -45,6 +56,42 @@ impl StateFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Takes `agent.lock` beside the state (creating the directory), or fails
+    /// naming the process that holds it.
+    pub fn lock(&self) -> Result<InstanceLock, StateFileError> {
+        use std::io::{Read, Seek};
+        use std::os::fd::AsRawFd;
+        let path = self.path.with_file_name("agent.lock");
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(self.io(dir))?;
+        }
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(self.io(&path))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(self.io(&path)(err));
+            }
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "pid unknown".to_string(),
+                pid => format!("pid {pid}"),
+            };
+            return Err(StateFileError::Locked { path, holder });
+        }
+        file.set_len(0).map_err(self.io(&path))?;
+        file.rewind().map_err(self.io(&path))?;
+        writeln!(file, "{}", std::process::id()).map_err(self.io(&path))?;
+        Ok(InstanceLock { _file: file })
     }
 
     fn io(&self, path: &Path) -> impl Fn(std::io::Error) -> StateFileError {
@@ -110,6 +157,22 @@ impl StateFile {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_second_agent_on_the_same_state_directory_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = super::StateFile::new(dir.path());
+        let held = f.lock().expect("first lock");
+        let e = f.lock().expect_err("second lock");
+        let text = e.to_string();
+        assert!(text.contains("agent.lock"), "{text}");
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
+        drop(held);
+        f.lock().expect("free again once dropped");
+    }
+
     use super::*;
 
     #[test]
