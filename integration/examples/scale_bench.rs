@@ -126,16 +126,17 @@ async fn agent(name: String, channels: Vec<Channel>, shared: Arc<Shared>, silent
                 tokio::spawn(async move { c.released(req).await });
             }
         }
+        let request = || pb::HeartbeatRequest {
+            protocol_version: PROTOCOL_VERSION,
+            assignment_index: None,
+            problems: Vec::new(),
+            member: name.clone(),
+            member_epoch: epoch.load(Ordering::Relaxed),
+            round,
+        };
         if let Some(streams) = &streams {
             for s in streams {
-                let req = pb::HeartbeatRequest {
-                    protocol_version: PROTOCOL_VERSION,
-                    assignment_index: None,
-                    problems: Vec::new(),
-                    member: name.clone(),
-                    member_epoch: epoch.load(Ordering::Relaxed),
-                    round,
-                };
+                let req = request();
                 // Full: that stream is stuck; the round is lost for it.
                 if s.try_send((req, Instant::now())).is_err() {
                     shared.failed.fetch_add(1, Ordering::Relaxed);
@@ -144,14 +145,7 @@ async fn agent(name: String, channels: Vec<Channel>, shared: Arc<Shared>, silent
             continue;
         }
         for ch in &channels {
-            let req = pb::HeartbeatRequest {
-                protocol_version: PROTOCOL_VERSION,
-                assignment_index: None,
-                problems: Vec::new(),
-                member: name.clone(),
-                member_epoch: epoch.load(Ordering::Relaxed),
-                round,
-            };
+            let req = request();
             let mut client = AgentApiClient::new(ch.clone());
             let (shared, epoch) = (shared.clone(), epoch.clone());
             tokio::spawn(async move {

@@ -177,12 +177,11 @@ impl World {
                 member_epoch,
             } => {
                 let h = &self.hosts[i];
-                // The elements count their timeout from now; the kernel's
-                // absolute deadline (the Linux data plane's `lease` chain, from
-                // the same clock reading) caps them, so a late landing
-                // stretches nothing.
-                let until = (now + h.clock.true_ms(timeout_ms))
-                    .min(submitted + h.clock.true_ms(timeout_ms));
+                // The elements would count their timeout from now, but the
+                // kernel's absolute deadline (the Linux data plane's `lease`
+                // chain, from the clock reading at `submitted`) ends acceptance
+                // first, so a late landing stretches nothing.
+                let until = submitted + h.clock.true_ms(timeout_ms);
                 // How long after another host stopped accepting a bucket this
                 // host starts: the protocol's slack at every handover.
                 if until > now {
