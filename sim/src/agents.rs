@@ -91,6 +91,9 @@ pub struct Kernel {
     pub set: BTreeMap<u32, KernelEntry>,
     /// True time the last issued operation lands; later ones never overtake it.
     pub last_land: u64,
+    /// True time the last stalled install lands (writes queued behind a stall
+    /// are still the fault's effect).
+    pub stalled_until: u64,
     /// Per bucket, when this host last stopped accepting it, and whether it was
     /// because the element timed out (rather than being withdrawn or replaced).
     pub ended: BTreeMap<u32, (u64, bool)>,

@@ -146,6 +146,7 @@ impl World {
         if stall > 0 {
             // Later operations of this writer queue behind it.
             let late = land - from;
+            h.kernel.stalled_until = land;
             self.stats.kernel_late_installs += 1;
             self.stats.kernel_max_stall_ms = self.stats.kernel_max_stall_ms.max(late - delta);
             self.trace_host(i, || {

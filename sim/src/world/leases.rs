@@ -1819,6 +1819,7 @@ impl World {
         };
         let s = r.state().clone();
         let applied = r.applied_index();
+        let last = r.last_index();
         let Some(settings) = s.settings.clone() else {
             return self.converge_deadline_check("cluster not initialised");
         };
@@ -1926,10 +1927,17 @@ impl World {
         if !caught_up {
             unsettled.push("voters not caught up".to_string());
         }
+        if last > applied {
+            // The planner's proposals of a moment ago are not applied yet.
+            unsettled.push("the leader's log has unapplied entries".to_string());
+        }
         for (i, b) in s.buckets.iter().enumerate() {
             if b.releasing {
                 unsettled.push(format!("bucket {i} releasing"));
             }
+        }
+        for h in self.hosts.iter().filter(|h| h.kernel.stalled_until > now) {
+            unsettled.push(format!("{}'s stalled kernel write still in flight", h.name));
         }
         for (name, m) in &s.members {
             if m.evicted {
@@ -1982,6 +1990,24 @@ impl World {
             for (i, (b, t)) in s.buckets.iter().zip(&target.owners).enumerate() {
                 if b.owner != *t {
                     unsettled.push(format!("bucket {i} is to move from {:?} to {t:?}", b.owner));
+                }
+            }
+        }
+        // The world's view above says where buckets will end; the leader's own
+        // view (a member added a moment ago and just heard from, one in its
+        // health grace) says whether its planner still moves one now.
+        if let Some(c) = self.ctl.get(&l) {
+            if let (Some(planner), Some(p)) = (c.planner.as_ref(), c.promises.as_ref()) {
+                let eligible = planner.eligible(&s, p, c.clock.local(now));
+                if let Ok(target) = policy::assign(&s.buckets, &eligible) {
+                    for (i, (b, t)) in s.buckets.iter().zip(&target.owners).enumerate() {
+                        if b.owner != *t {
+                            unsettled.push(format!(
+                                "the leader's planner moves bucket {i} from {:?} to {t:?}",
+                                b.owner
+                            ));
+                        }
+                    }
                 }
             }
         }
