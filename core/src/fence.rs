@@ -26,8 +26,15 @@ pub enum FenceCommand {
     MarkSelf,
     /// A majority marked: propose the fence.
     Propose(Command),
-    /// No majority; the planner tries again later.
-    GiveUp { yes: usize, need: usize },
+    /// No majority; the planner tries again later: in `retry_in_ms` when the
+    /// refusals said how long until enough of them could agree
+    /// ([`crate::ownership::Planner::fence_not_agreed`]), else after its retry
+    /// interval.
+    GiveUp {
+        yes: usize,
+        need: usize,
+        retry_in_ms: Option<u64>,
+    },
 }
 
 /// Deliberate bugs for the simulator to catch (settable with core's `faults`
@@ -59,6 +66,9 @@ pub struct FenceRound {
     /// Voters that said yes in the current phase, and those that answered.
     yes: BTreeSet<u64>,
     answered: BTreeSet<u64>,
+    /// The current phase's refusals: how long until each could agree (`None`:
+    /// it did not say, or it cannot answer).
+    waits: Vec<Option<u64>>,
     self_tried: bool,
 }
 
@@ -117,6 +127,7 @@ impl FenceRound {
             phase: Phase::Asking,
             yes: BTreeSet::new(),
             answered: BTreeSet::new(),
+            waits: Vec::new(),
             self_tried: false,
         };
         if faults.leader_marks_first {
@@ -156,6 +167,20 @@ impl FenceRound {
 
     /// `from` answered a request of the `commit` phase.
     pub fn answer(&mut self, from: u64, commit: bool, agreed: bool) -> Vec<FenceCommand> {
+        self.answer_waiting(from, commit, agreed, None)
+    }
+
+    /// [`FenceRound::answer`], with a refusal's wait: how long until `from`'s
+    /// promise runs out (`FenceReply::retry_after_ms`). A round given up for
+    /// promises that run out a few milliseconds after the leader's own is
+    /// retried then, not a whole retry interval later.
+    pub fn answer_waiting(
+        &mut self,
+        from: u64,
+        commit: bool,
+        agreed: bool,
+        wait_ms: Option<u64>,
+    ) -> Vec<FenceCommand> {
         let current = match self.phase {
             Phase::Asking => false,
             Phase::Marking | Phase::MarkingSelf => true,
@@ -166,6 +191,8 @@ impl FenceRound {
         }
         if agreed {
             self.yes.insert(from);
+        } else {
+            self.waits.push(wait_ms.filter(|&w| w > 0));
         }
         let mut out = Vec::new();
         self.progress(&mut out);
@@ -197,6 +224,7 @@ impl FenceRound {
                     self.phase = Phase::Marking;
                     self.yes.clear();
                     self.answered.clear();
+                    self.waits.clear();
                     out.push(FenceCommand::Ask {
                         to: self.others.iter().copied().collect(),
                         commit: true,
@@ -229,9 +257,19 @@ impl FenceRound {
 
     fn give_up(&mut self, out: &mut Vec<FenceCommand>) {
         self.phase = Phase::Done;
+        // Enough refusers must come round: the soonest `missing` of them, if
+        // every one of those said when (the leader's own "yes" is counted in
+        // `yes`; a leader that could not agree itself fences only on its plan).
+        let missing = self.need.saturating_sub(self.yes.len());
+        let mut known: Vec<u64> = self.waits.iter().filter_map(|w| *w).collect();
+        known.sort_unstable();
+        let retry_in_ms = (missing > 0 && self.yes.contains(&self.me))
+            .then(|| known.get(missing - 1).copied())
+            .flatten();
         out.push(FenceCommand::GiveUp {
             yes: self.yes.len(),
             need: self.need,
+            retry_in_ms,
         });
     }
 }
@@ -287,7 +325,11 @@ mod tests {
         assert_eq!(r.answer(4, true, false), vec![]);
         assert_eq!(
             r.answer(5, true, false),
-            vec![FenceCommand::GiveUp { yes: 1, need: 3 }],
+            vec![FenceCommand::GiveUp {
+                yes: 1,
+                need: 3,
+                retry_in_ms: None
+            }],
             "never marked itself"
         );
     }
@@ -298,7 +340,39 @@ mod tests {
         r.answer(2, false, true);
         assert_eq!(
             r.answer(3, false, false),
-            vec![FenceCommand::GiveUp { yes: 1, need: 2 }]
+            vec![FenceCommand::GiveUp {
+                yes: 1,
+                need: 2,
+                retry_in_ms: None
+            }]
+        );
+    }
+
+    #[test]
+    fn a_round_refused_for_promises_about_to_run_out_says_when_to_retry() {
+        let (mut r, _) = FenceRound::start(1, &[1, 2, 3, 4, 5], "h1", 4, 7, true);
+        r.answer_waiting(2, false, false, Some(30));
+        r.answer_waiting(3, false, false, Some(4));
+        r.answer_waiting(4, false, false, Some(9));
+        assert_eq!(
+            r.answer_waiting(5, false, false, None),
+            vec![FenceCommand::GiveUp {
+                yes: 1,
+                need: 3,
+                retry_in_ms: Some(9)
+            }],
+            "two more needed: the second soonest"
+        );
+        // Unreachable voters say nothing: no early retry without enough waits.
+        let (mut r, _) = FenceRound::start(1, &[1, 2, 3], "h1", 4, 7, true);
+        r.answer_waiting(2, false, false, None);
+        assert_eq!(
+            r.answer_waiting(3, false, false, None),
+            vec![FenceCommand::GiveUp {
+                yes: 1,
+                need: 2,
+                retry_in_ms: None
+            }]
         );
     }
 

@@ -129,6 +129,47 @@ impl Planner {
         self.released.insert(bucket, (member.to_string(), epoch));
     }
 
+    /// A fence round of `member` at `epoch` gave up; the refusals said enough
+    /// voters could agree in `retry_in_ms` ([`crate::fence::FenceCommand::GiveUp`]):
+    /// the fence is due again then instead of a whole `retry_ms` later (their
+    /// promises often end a few milliseconds after this leader's, whose acks
+    /// went out a little earlier).
+    pub fn fence_not_agreed(&mut self, member: &str, epoch: u64, now: u64, retry_in_ms: u64) {
+        let key = fence_key(member, epoch);
+        // `due` waits `retry_ms` from the recorded time.
+        let at = (now + retry_in_ms.max(1)).saturating_sub(self.cfg.retry_ms);
+        if let Some(t) = self.recent.get_mut(&key) {
+            *t = (*t).min(at);
+        }
+    }
+
+    /// When the next fence may become due (this controller's clock): the
+    /// earliest end of a promise to a member still up, or of a fence retry
+    /// wait, later than `now`. The runtime plans again then rather than on its
+    /// next tick, so failover does not wait up to a tick period more.
+    pub fn next_wake(&self, now: u64, state: &ClusterState, promises: &Promises) -> Option<u64> {
+        let timing = state.settings.as_ref()?.lease;
+        let wait = if self.skip_fence_wait() {
+            timing.lease_ms
+        } else {
+            timing.controller_promise_ms()
+        };
+        state
+            .members
+            .iter()
+            .filter(|(n, m)| !m.down && !self.joined.contains_key(*n))
+            .map(|(n, m)| {
+                let expiry = promises.last_ack(n) + wait;
+                let retry = self
+                    .recent
+                    .get(&fence_key(n, m.epoch))
+                    .map_or(0, |t| t + self.cfg.retry_ms);
+                expiry.max(retry)
+            })
+            .filter(|&t| t > now)
+            .min()
+    }
+
     /// Whether the same step was taken less than `retry_ms` ago; records it if not.
     fn due(&mut self, key: String, now: u64) -> bool {
         match self.recent.get(&key) {
@@ -228,7 +269,7 @@ impl Planner {
                 break;
             }
             let epoch = state.members[name].epoch;
-            if !self.due(format!("fence:{name}:{epoch}"), now) {
+            if !self.due(fence_key(name, epoch), now) {
                 continue;
             }
             budget -= 1;
@@ -419,6 +460,31 @@ impl Planner {
     }
 }
 
+fn fence_key(member: &str, epoch: u64) -> String {
+    format!("fence:{member}:{epoch}")
+}
+
+/// The leader's plan once a fence round agreed, on the state as it will be
+/// after `fence` (`Command::FenceMember`) applies: the runtime proposes
+/// `fence` and then these actions back to back, so the freed buckets' new
+/// owners commit in the same log batch as the fence instead of one planner
+/// tick and one more commit later. Still safe: log order applies the grants
+/// after the fence, and the state machine refuses a grant of a bucket that is
+/// still owned (if the fence is refused, so are they).
+pub fn after_fence(
+    promises: &Promises,
+    planner: &mut Planner,
+    now: u64,
+    state: &ClusterState,
+    fence: &Command,
+) -> Vec<Action> {
+    let mut next = state.clone();
+    if next.apply(fence.clone()).is_err() {
+        return Vec::new();
+    }
+    planner.plan(now, promises.cluster_ms(now), &next, promises)
+}
+
 /// What a controller's ownership loop reads at each tick.
 #[derive(Debug, Clone, Copy)]
 pub struct Tick<'a> {
@@ -573,6 +639,70 @@ pub(crate) mod tests {
         for b in had {
             assert_ne!(s.buckets[b as usize].owner.as_deref(), Some("c"));
         }
+    }
+
+    #[test]
+    fn the_plan_after_an_agreed_fence_grants_the_freed_buckets_in_the_same_batch() {
+        let mut s = cluster(&["a", "b", "c"]);
+        let t = LeaseTiming::default();
+        let mut pr = Promises::new(t, 0, BTreeMap::new());
+        let mut p = Planner::new(PlannerConfig::default());
+        heartbeat_all(&mut pr, &s, 0, &[]);
+        step(&mut p, &mut s, &pr, 0);
+        let had: Vec<u32> = s.owned_by("c").collect();
+        let lc = t.controller_promise_ms();
+        // The wake-up is c's promise end, not the next tick.
+        heartbeat_all(&mut pr, &s, 40, &["c"]);
+        assert_eq!(p.next_wake(40, &s, &pr), Some(lc));
+        heartbeat_all(&mut pr, &s, lc, &["c"]);
+        let acts = p.plan(lc, lc, &s, &pr);
+        let Some(Action::Fence { epoch, at_ms, .. }) = acts.first().cloned() else {
+            panic!("no fence at the promise's end: {acts:?}");
+        };
+        let fence = Command::FenceMember {
+            name: "c".into(),
+            epoch,
+            at_ms,
+            marked_by: vec![],
+        };
+        let next = after_fence(&pr, &mut p, lc, &s, &fence);
+        let Some(Action::Propose(Command::SetOwners { changes })) = next.first() else {
+            panic!("no grants after the fence: {next:?}");
+        };
+        let granted: Vec<u32> = changes.iter().map(|c| c.bucket).collect();
+        assert_eq!(granted, had);
+        // Refused before the fence applies; applied in log order after it.
+        let grants = Command::SetOwners {
+            changes: changes.clone(),
+        };
+        assert!(s.clone().apply(grants.clone()).is_err());
+        s.apply(fence).unwrap();
+        s.apply(grants).unwrap();
+        assert_eq!(s.unowned(), 0);
+        assert_eq!(s.owned_by("c").count(), 0);
+    }
+
+    #[test]
+    fn a_fence_refused_for_a_few_milliseconds_is_retried_then() {
+        let mut s = cluster(&["a", "b"]);
+        let t = LeaseTiming::default();
+        let lc = t.controller_promise_ms();
+        let mut pr = Promises::new(t, 0, BTreeMap::new());
+        let mut p = Planner::new(PlannerConfig::default());
+        heartbeat_all(&mut pr, &s, 0, &[]);
+        step(&mut p, &mut s, &pr, 0);
+        heartbeat_all(&mut pr, &s, 10, &["b"]);
+        let fences = |acts: Vec<Action>| {
+            acts.iter()
+                .filter(|a| matches!(a, Action::Fence { .. }))
+                .count()
+        };
+        assert_eq!(fences(p.plan(lc, lc, &s, &pr)), 1);
+        let epoch = s.members["b"].epoch;
+        p.fence_not_agreed("b", epoch, lc + 2, 5);
+        assert_eq!(p.next_wake(lc + 2, &s, &pr), Some(lc + 7));
+        assert_eq!(fences(p.plan(lc + 6, lc + 6, &s, &pr)), 0);
+        assert_eq!(fences(p.plan(lc + 7, lc + 7, &s, &pr)), 1);
     }
 
     #[test]

@@ -204,6 +204,9 @@ pub enum LeaseMsg {
         controller: u64,
         agreed: bool,
         commit: bool,
+        /// A refusal: how long until its promise runs out (the controller's
+        /// `FenceReply::retry_after_ms`).
+        wait_ms: Option<u64>,
     },
 }
 
@@ -239,7 +242,10 @@ impl LeaseMsg {
                 controller,
                 agreed,
                 commit,
-            } => format!("FenceReply {round} n{controller} agreed={agreed} commit={commit}"),
+                wait_ms,
+            } => format!(
+                "FenceReply {round} n{controller} agreed={agreed} commit={commit} wait={wait_ms:?}"
+            ),
         }
     }
 }

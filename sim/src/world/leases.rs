@@ -82,6 +82,13 @@ pub(super) enum LeaseEvent {
         node: u64,
         incarnation: u64,
     },
+    /// A plan out of the periodic ones, when something is due before the next
+    /// (`Planner::next_wake`, a confirmed release), as the controller's loop
+    /// wakes.
+    PlanWake {
+        node: u64,
+        incarnation: u64,
+    },
     Resync {
         node: u64,
         incarnation: u64,
@@ -127,6 +134,8 @@ pub(super) struct CtlLease {
     /// Last assignment sent on each agent's stream.
     streams: BTreeMap<usize, Assignment>,
     observed_applied: Option<u64>,
+    /// The earliest out-of-tick plan scheduled (true time).
+    wake_at: Option<u64>,
 }
 
 impl CtlLease {
@@ -326,6 +335,7 @@ impl World {
                     next_round: 1,
                     streams: BTreeMap::new(),
                     observed_applied: None,
+                    wake_at: None,
                 },
             );
         }
@@ -344,6 +354,7 @@ impl World {
         c.rounds.clear();
         c.streams.clear();
         c.observed_applied = None;
+        c.wake_at = None;
         let plan_at = now + self.rng.gen_range(1..=50);
         let resync_at = now + self.rng.gen_range(1..=1000);
         self.schedule(
@@ -643,7 +654,18 @@ impl World {
                 self.kernel_land(host, op, submitted);
                 Ok(())
             }
-            LeaseEvent::Plan { node, incarnation } => self.plan_tick(node, incarnation),
+            LeaseEvent::Plan { node, incarnation } => self.plan_tick(node, incarnation, true),
+            LeaseEvent::PlanWake { node, incarnation } => {
+                let Some(c) = self.ctl.get_mut(&node) else {
+                    return Ok(());
+                };
+                if c.wake_at != Some(self.now) {
+                    // Superseded by an earlier one.
+                    return Ok(());
+                }
+                c.wake_at = None;
+                self.plan_tick(node, incarnation, false)
+            }
             LeaseEvent::Resync { node, incarnation } => {
                 let Some(n) = self.nodes.get(&node) else {
                     return Ok(());
@@ -830,6 +852,8 @@ impl World {
                     for (b, e) in buckets {
                         p.released(&member, b, e);
                     }
+                    // The controller's loop plans at once on a confirmation.
+                    self.wake_at(id, self.now);
                 }
             }
             LeaseMsg::FenceRequest {
@@ -845,6 +869,7 @@ impl World {
                     return Ok(());
                 };
                 let local = c.clock.local(now);
+                let wait_ms = Some(p.promised_until(&member).saturating_sub(local));
                 let agreed = if commit {
                     let agreed = p.fence(local, &member, epoch);
                     if agreed {
@@ -867,6 +892,7 @@ impl World {
                         controller: id,
                         agreed,
                         commit,
+                        wait_ms: wait_ms.filter(|_| !agreed),
                     },
                 );
             }
@@ -875,11 +901,12 @@ impl World {
                 controller,
                 agreed,
                 commit,
+                wait_ms,
             } => {
                 let Some(rd) = self.ctl.get_mut(&id).and_then(|c| c.rounds.get_mut(&round)) else {
                     return Ok(());
                 };
-                let cmds = rd.fence.answer(controller, commit, agreed);
+                let cmds = rd.fence.answer_waiting(controller, commit, agreed, wait_ms);
                 self.fence_commands(id, round, cmds)?;
             }
             LeaseMsg::HeartbeatReply(_) | LeaseMsg::Assignment { .. } => {}
@@ -887,8 +914,49 @@ impl World {
         Ok(())
     }
 
-    /// The ownership loop of controller `id`, every H/2 on its clock.
-    fn plan_tick(&mut self, id: u64, incarnation: u64) -> Result<(), Failure> {
+    /// An out-of-tick plan of controller `id` at true time `at`, unless one is
+    /// already due no later.
+    fn wake_at(&mut self, id: u64, at: u64) {
+        let Some(c) = self.ctl.get_mut(&id) else {
+            return;
+        };
+        if c.wake_at.is_some_and(|w| w >= self.now && w <= at) {
+            return;
+        }
+        c.wake_at = Some(at);
+        let incarnation = self.nodes.get(&id).map_or(0, |n| n.incarnation);
+        self.schedule(
+            at,
+            Event::Lease(LeaseEvent::PlanWake {
+                node: id,
+                incarnation,
+            }),
+        );
+    }
+
+    /// Schedules controller `id`'s plan for when its planner next has
+    /// something due, if that comes before its next tick.
+    fn wake_when_due(&mut self, id: u64) {
+        let Some(r) = self.nodes.get(&id).and_then(Node::replica) else {
+            return;
+        };
+        let Some(c) = self.ctl.get(&id) else {
+            return;
+        };
+        let (Some(pl), Some(p)) = (c.planner.as_ref(), c.promises.as_ref()) else {
+            return;
+        };
+        let local = c.clock.local(self.now);
+        let Some(at) = pl.next_wake(local, r.state(), p) else {
+            return;
+        };
+        let at = self.now + c.clock.true_ms(at - local);
+        self.wake_at(id, at);
+    }
+
+    /// The ownership loop of controller `id`, every H/2 on its clock
+    /// (`periodic`), and when something is due in between.
+    fn plan_tick(&mut self, id: u64, incarnation: u64, periodic: bool) -> Result<(), Failure> {
         let Some(n) = self.nodes.get(&id) else {
             return Ok(());
         };
@@ -904,13 +972,15 @@ impl World {
         let state = r.state();
         let timing = state.settings.as_ref().map(|s| s.lease).unwrap_or_default();
         let period = c.clock.true_ms((timing.heartbeat_ms / 2).max(10));
-        self.schedule(
-            self.now + period,
-            Event::Lease(LeaseEvent::Plan {
-                node: id,
-                incarnation,
-            }),
-        );
+        if periodic {
+            self.schedule(
+                self.now + period,
+                Event::Lease(LeaseEvent::Plan {
+                    node: id,
+                    incarnation,
+                }),
+            );
+        }
         if self.is_paused(id) {
             return Ok(());
         }
@@ -948,6 +1018,16 @@ impl World {
             }
             return Ok(());
         }
+        self.carry_out(id, actions)?;
+        self.wake_when_due(id);
+        Ok(())
+    }
+
+    /// The leader `id`'s planner actions: proposals and fence rounds.
+    fn carry_out(&mut self, id: u64, actions: Vec<Action>) -> Result<(), Failure> {
+        let Some(r) = self.nodes.get(&id).and_then(Node::replica) else {
+            return Ok(());
+        };
         let mut voters = r.conf_state().voters.clone();
         voters.sort_unstable();
         for a in actions {
@@ -1081,14 +1161,42 @@ impl World {
                         });
                     }
                 }
-                FenceCommand::GiveUp { yes, need } => {
+                FenceCommand::GiveUp {
+                    yes,
+                    need,
+                    retry_in_ms,
+                } => {
                     self.trace(Some(id), || {
-                        format!("fence round {round} not agreed ({yes} of {need})")
+                        format!("fence round {round} not agreed ({yes} of {need}, retry in {retry_in_ms:?})")
                     });
+                    if let Some(retry) = retry_in_ms {
+                        if let Some(c) = self.ctl.get_mut(&id) {
+                            let local = c.clock.local(now);
+                            if let Some(p) = c.planner.as_mut() {
+                                p.fence_not_agreed(&member, epoch, local, retry);
+                            }
+                        }
+                        self.wake_when_due(id);
+                    }
                 }
                 FenceCommand::Propose(cmd) => {
                     self.trace(Some(id), || format!("fence round {round} agreed"));
+                    // As the controller: the plan for the state after the
+                    // fence, proposed right behind it.
+                    let then = match (
+                        self.nodes.get(&id).and_then(Node::replica),
+                        self.ctl.get_mut(&id),
+                    ) {
+                        (Some(r), Some(c)) => match (c.promises.as_ref(), c.planner.as_mut()) {
+                            (Some(p), Some(pl)) if r.role().role == StateRole::Leader => {
+                                ownership::after_fence(p, pl, c.clock.local(now), r.state(), &cmd)
+                            }
+                            _ => Vec::new(),
+                        },
+                        _ => Vec::new(),
+                    };
                     self.ownership_propose(id, cmd)?;
+                    self.carry_out(id, then)?;
                 }
             }
         }
