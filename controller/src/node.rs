@@ -234,7 +234,10 @@ impl<D: Durable> Node<D> {
                     return Ok(());
                 }
             }
-            let out = self.replica.handle_ready()?;
+            // A leader's appends leave before its own fsync (Raft thesis 10.2.1).
+            let transport = &mut self.transport;
+            let mut send = |m: Vec<Message>| transport.send(m);
+            let out = self.replica.handle_ready_sending(Some(&mut send))?;
             self.after_ready(out);
         }
     }

@@ -7,8 +7,11 @@
 //! keeps raft's rules:
 //!
 //! 1. a snapshot from the leader, new entries and the hard state are written and
-//!    synced to the [`Durable`] backend *before* any message leaves (so a vote or
-//!    an acknowledged entry is never forgotten by a crash);
+//!    synced to the [`Durable`] backend *before* any message that depends on
+//!    them leaves (so a vote or an acknowledged entry is never forgotten by a
+//!    crash); a leader's appends, which raft-rs lets out at once, may leave
+//!    before ([`Replica::handle_ready_sending`]: the controller does so, the
+//!    simulator sends everything after);
 //! 2. committed entries are applied in log order, exactly once per incarnation;
 //! 3. once enough entries are applied, the state is snapshotted and the log compacted.
 
@@ -380,9 +383,22 @@ impl<D: Durable> Replica<D> {
 
     /// Runs one Ready round. See the module docs for the order of operations.
     pub fn handle_ready(&mut self) -> Result<ReadyOutput, ReplicaError> {
+        self.handle_ready_sending(None)
+    }
+
+    /// [`Replica::handle_ready`], handing the messages raft allows out before
+    /// this round's writes are durable (a leader's appends: raft-rs's
+    /// `Ready::messages`, Raft thesis 10.2.1) to `early` before the fsync, so
+    /// that the followers' fsyncs overlap the leader's instead of following
+    /// it. Messages that depend on the writes (votes, append responses) still
+    /// come out in [`ReadyOutput::messages`], after them.
+    pub fn handle_ready_sending(
+        &mut self,
+        early: Option<&mut dyn FnMut(Vec<Message>)>,
+    ) -> Result<ReadyOutput, ReplicaError> {
         let mut out = ReadyOutput::default();
         if self.raw.has_ready() {
-            self.ready_round(&mut out)?;
+            self.ready_round(&mut out, early)?;
         }
         let now = role_of(&self.raw);
         if now != self.last_role {
@@ -396,9 +412,18 @@ impl<D: Durable> Replica<D> {
         Ok(out)
     }
 
-    fn ready_round(&mut self, out: &mut ReadyOutput) -> Result<(), ReplicaError> {
+    fn ready_round(
+        &mut self,
+        out: &mut ReadyOutput,
+        early: Option<&mut dyn FnMut(Vec<Message>)>,
+    ) -> Result<(), ReplicaError> {
         let mut rd = self.raw.ready();
         let mut messages = rd.take_messages();
+        if let Some(send) = early {
+            if !messages.is_empty() {
+                send(std::mem::take(&mut messages));
+            }
+        }
 
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
@@ -423,7 +448,16 @@ impl<D: Durable> Replica<D> {
         }
         self.raw.mut_store().append(rd.entries())?;
         if let Some(hs) = rd.hs() {
-            self.raw.mut_store().set_hard_state(hs)?;
+            let stored = self.raw.store().hard_state();
+            if rd.entries().is_empty() && hs.term == stored.term && hs.vote == stored.vote {
+                // Only the commit index moved (the leader hearing its
+                // followers' acks): like a LightReady's, it is re-learned if
+                // lost, so it waits for the next write instead of costing an
+                // fsync between the commit and the apply of every entry.
+                self.raw.mut_store().set_commit(hs.commit);
+            } else {
+                self.raw.mut_store().set_hard_state(hs)?;
+            }
         }
         if !(cfg!(feature = "faults") && self.faults.skip_sync) {
             self.raw.mut_store().sync()?;
