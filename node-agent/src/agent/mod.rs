@@ -34,7 +34,7 @@
 pub mod state_file;
 pub mod wire;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -770,14 +770,15 @@ async fn beat(
                 continue;
             }
         };
-        // Replies come in order: the oldest unanswered request's send time.
-        let mut unanswered: u32 = 1;
-        let mut waiting_since = Some(Instant::now());
+        // Replies come in order, so the front is the oldest unanswered
+        // request's send time: a stream whose replies trickle in, each later
+        // than the last, is reopened too (not only one that stops).
+        let mut unanswered = VecDeque::from([Instant::now()]);
         loop {
             tokio::select! {
                 next = rounds.recv() => {
                     let Some(b) = next else { return };
-                    if waiting_since.is_some_and(|t| t.elapsed() > b.timeout) {
+                    if unanswered.front().is_some_and(|t| t.elapsed() > b.timeout) {
                         debug!(controller = id, "heartbeat stream stalled; reopening");
                         carry = Some(b);
                         break;
@@ -785,13 +786,11 @@ async fn beat(
                     if out.try_send(b.req).is_err() {
                         break;
                     }
-                    unanswered += 1;
-                    waiting_since.get_or_insert_with(Instant::now);
+                    unanswered.push_back(Instant::now());
                 }
                 reply = replies.message() => match reply {
                     Ok(Some(r)) => {
-                        unanswered = unanswered.saturating_sub(1);
-                        waiting_since = (unanswered > 0).then(Instant::now);
+                        unanswered.pop_front();
                         let ev = Event::Reply { round: r.round, controller: id, result: Ok(r) };
                         if tx.send(ev).await.is_err() {
                             return;
