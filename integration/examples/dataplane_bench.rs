@@ -292,17 +292,21 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let mut gaps = move_gaps(&histories);
     let overlaps = gaps.iter().filter(|g| **g < 0.0).count();
-    let mut inside: Vec<f64> = Vec::new();
+    let (mut inside, mut writes): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
+    let field = |line: &str, key: &str| {
+        line.split(key)
+            .nth(1)
+            .and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next())
+            .and_then(|n| n.parse::<f64>().ok())
+    };
     for a in &c.agents {
         for line in a.log_text().lines() {
             if line.contains("assignment applied") {
-                if let Some(us) = line
-                    .split("took_us=")
-                    .nth(1)
-                    .and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next())
-                    .and_then(|n| n.parse::<f64>().ok())
-                {
+                if let Some(us) = field(line, "took_us=") {
                     inside.push(us / 1e3);
+                }
+                if let Some(us) = field(line, "apply_us=") {
+                    writes.push(us / 1e3);
                 }
             }
         }
@@ -312,6 +316,7 @@ async fn main() -> anyhow::Result<()> {
     summary("commit of drain -> all buckets on h2/h3", &mut moved);
     summary("commit of undrain -> rebalanced (incl. polling)", &mut back);
     summary("agent: assignment received -> kernel applied", &mut inside);
+    summary("agent: of which the apply (kernel writes)", &mut writes);
     summary("planned move: removal -> install (kernels)", &mut gaps);
     println!(
         "{:<44} {overlaps} (buckets in two kernels at once; must be 0)",

@@ -616,9 +616,11 @@ impl Runtime {
                 if let Some((at, index)) = self.assignment_pending.take() {
                     let took = at.elapsed();
                     metrics::assignment_applied(took);
+                    // took = waiting for the loop + the kernel write (apply).
                     info!(
                         index,
                         took_us = took.as_micros() as u64,
+                        apply_us = t.elapsed().as_micros() as u64,
                         "assignment applied"
                     );
                 }

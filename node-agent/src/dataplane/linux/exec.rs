@@ -1,5 +1,6 @@
 //! The executor: the only code of the Linux backend that touches the OS. It
-//! sends nftables transactions in process ([`super::libnft`], one batch per
+//! sends nftables transactions in process (renewals over netlink,
+//! [`super::lease_write`]; the rest through [`super::libnft`], one batch per
 //! step), runs `ip`, writes /proc/sys, and holds one UDP socket per joined
 //! multicast group.
 //!
@@ -18,7 +19,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vipshare_core::agent::{after_ack, AfterAck};
 
-use super::deadline::DeadlineWriter;
+use super::deadline::wall_clock_ns;
+use super::lease_write::LeaseWriter;
 use super::libnft::Nft;
 use super::nd::NdResponder;
 use super::plan::{address_holder, Family, NftBatch, Present, Step};
@@ -54,7 +56,7 @@ struct State {
 /// The real executor.
 pub struct OsExecutor {
     nft: Nft,
-    deadline: DeadlineWriter,
+    lease: LeaseWriter,
     budget: Duration,
     ip: String,
     sysctl_root: PathBuf,
@@ -87,7 +89,7 @@ impl OsExecutor {
         };
         Ok(OsExecutor {
             nft: Nft::new()?,
-            deadline: DeadlineWriter::open()?,
+            lease: LeaseWriter::open()?,
             budget: default_kernel_delay_budget(),
             ip: cfg.ip.clone(),
             sysctl_root: cfg.sysctl_root.clone(),
@@ -352,25 +354,26 @@ pub fn default_kernel_delay_budget() -> Duration {
 /// ([`vipshare_core::agent::late_write`], also run by the simulator): write the
 /// elements again at once from a fresh reading, and if that is late as well,
 /// delete the owned elements and fail with [`DataPlaneError::LateWrite`].
+/// Every batch with elements also writes the lease's absolute deadline.
 pub fn nft_timed_batch(
     nft: &mut Nft,
+    lease: &mut LeaseWriter,
     batch: &NftBatch,
     started: Instant,
     budget: Duration,
 ) -> Result<(), DataPlaneError> {
     let Some(elements) = &batch.elements else {
-        timed_send(nft, batch, started)?;
+        timed_send(nft, lease, batch, started)?;
         return Ok(());
     };
-    let flush = elements.flush();
     let again = NftBatch {
-        fixed: flush.clone(),
+        fixed: elements.flush(),
         elements: batch.elements.clone(),
     };
     let mut sending = batch;
     let mut rewrite = false;
     loop {
-        let lag = timed_send(nft, sending, started)?;
+        let lag = timed_send(nft, lease, sending, started)?;
         match after_ack(lag, budget, rewrite) {
             AfterAck::Done => return Ok(()),
             AfterAck::WriteAgain => {
@@ -390,7 +393,7 @@ pub fn nft_timed_batch(
                     ?budget,
                     "lease write late again; owned elements deleted"
                 );
-                nft.run(&flush)?;
+                lease.flush(elements)?;
                 return Err(DataPlaneError::LateWrite { lag, budget });
             }
         }
@@ -398,14 +401,32 @@ pub fn nft_timed_batch(
 }
 
 /// Renders `batch` from the clock read now and sends it; returns the time
-/// from that reading to the kernel's ack.
+/// from that reading to the kernel's ack. A renewal (the elements and nothing
+/// else) is one netlink transaction with the deadline; anything more goes
+/// through libnftables, then the deadline follows.
 fn timed_send(
     nft: &mut Nft,
+    lease: &mut LeaseWriter,
     batch: &NftBatch,
     started: Instant,
 ) -> Result<Duration, DataPlaneError> {
     let read_at = Instant::now();
-    nft.run(&batch.render(read_at.saturating_duration_since(started)))?;
+    let elapsed = read_at.saturating_duration_since(started);
+    match &batch.elements {
+        Some(e) if batch.fixed == e.flush() => {
+            let left = e.until.saturating_sub(elapsed);
+            let left = Duration::from_millis(u64::try_from(left.as_millis()).unwrap_or(u64::MAX));
+            lease.write(e, left, wall_clock_ns(started + e.until))?;
+        }
+        Some(e) => {
+            nft.run(&batch.render(elapsed))?;
+            let families: Vec<&str> = e.keys.iter().map(|(f, _)| f.nft).collect();
+            lease.deadline(&families, &e.table, wall_clock_ns(started + e.until))?;
+        }
+        None => {
+            nft.run(&batch.render(elapsed))?;
+        }
+    }
     Ok(read_at.elapsed())
 }
 
@@ -413,18 +434,7 @@ impl Executor for OsExecutor {
     fn execute(&mut self, step: &Step, started: Instant) -> Result<(), DataPlaneError> {
         match step {
             Step::Nft(batch) => {
-                nft_timed_batch(&mut self.nft, batch, started, self.budget)?;
-                match &batch.elements {
-                    Some(e) => {
-                        let families: Vec<&str> = e.keys.iter().map(|(f, _)| f.nft).collect();
-                        self.deadline.write(
-                            &families,
-                            &e.table,
-                            super::deadline::wall_clock_ns(started + e.until),
-                        )
-                    }
-                    None => Ok(()),
-                }
+                nft_timed_batch(&mut self.nft, &mut self.lease, batch, started, self.budget)
             }
             Step::Sysctl { key, value } => self.set_sysctl(key, value),
             Step::RestoreSysctls => self.restore_sysctls(),

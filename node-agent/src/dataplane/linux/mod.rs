@@ -68,8 +68,12 @@
 //! follow the bucket's owner (a UDP flow moves with its bucket; with the old
 //! owner's conntrack entry letting it through, both hosts delivered it).
 //!
-//! nftables is driven in process through libnftables ([`libnft`]): one
-//! netlink batch per step, no `nft` process on the lease path. The timeouts
+//! nftables is driven in process, no `nft` process on the lease path: a
+//! renewal (the owned elements and the deadline below) is one nf_tables
+//! netlink transaction the agent encodes itself ([`lease_write`] over
+//! [`nfnl`]: one send, one read of the acks); rebuilds, which define tables,
+//! chains and sets, go through libnftables ([`libnft`], one batch per step,
+//! each call dumping the kernel's tables first). The timeouts
 //! are rendered from the deadline immediately before the batch is sent; if
 //! the kernel's ack comes later than the kernel-delay budget (the agent was
 //! stopped or starved in between), the elements are written again at once from
@@ -83,9 +87,9 @@
 //! rewrite. So the kernel also checks the lease's end itself: every bucket
 //! check jumps to chain `lease`, whose one rule `meta time >= DEADLINE drop`
 //! compares the packet's wall-clock time in nanoseconds (kernel >= 5.4) with
-//! the deadline, written as an absolute time after each element write
-//! ([`deadline`], a netlink transaction of its own: nft's text input takes
-//! that value in whole seconds only). A late write of either extends
+//! the deadline, written as an absolute time with each element write
+//! ([`deadline`], in the same transaction: nft's text input takes that value
+//! in whole seconds only). A late write of either extends
 //! nothing; a wall-clock step back during a lease does, but only up to the
 //! element timeouts, which still apply.
 //!
@@ -171,8 +175,10 @@
 
 pub mod deadline;
 pub mod exec;
+pub mod lease_write;
 pub mod libnft;
 pub mod nd;
+pub mod nfnl;
 pub mod plan;
 mod sys;
 pub mod watch;
