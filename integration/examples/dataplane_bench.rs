@@ -299,11 +299,17 @@ async fn main() -> anyhow::Result<()> {
             .and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next())
             .and_then(|n| n.parse::<f64>().ok())
     };
+    // The slowest applies with the log lines before them: what they waited on.
+    let mut slowest: Vec<(f64, String)> = Vec::new();
     for a in &c.agents {
-        for line in a.log_text().lines() {
+        let text = a.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
             if line.contains("assignment applied") {
                 if let Some(us) = field(line, "took_us=") {
                     inside.push(us / 1e3);
+                    let context = lines[i.saturating_sub(3)..=i].join("\n    ");
+                    slowest.push((us / 1e3, context));
                 }
                 if let Some(us) = field(line, "apply_us=") {
                     writes.push(us / 1e3);
@@ -317,6 +323,10 @@ async fn main() -> anyhow::Result<()> {
     summary("commit of undrain -> rebalanced (incl. polling)", &mut back);
     summary("agent: assignment received -> kernel applied", &mut inside);
     summary("agent: of which the apply (kernel writes)", &mut writes);
+    slowest.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for (ms, context) in slowest.iter().take(2).filter(|(ms, _)| *ms > 5.0) {
+        println!("  slow apply, {ms:.1} ms:\n    {context}");
+    }
     summary("planned move: removal -> install (kernels)", &mut gaps);
     println!(
         "{:<44} {overlaps} (buckets in two kernels at once; must be 0)",
