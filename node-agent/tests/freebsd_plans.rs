@@ -32,6 +32,7 @@ fn vip(last: u8, mac_last: u8) -> VipConfig {
         prefix_len: 32,
         mac: Mac([0x01, 0x00, 0x5e, 0x56, 0x53, mac_last]),
         interface: "vtnet0".into(),
+        mode: Default::default(),
     }
 }
 
@@ -242,6 +243,7 @@ fn rejects_what_ipfw_cannot_do() {
         prefix_len: 128,
         mac: Mac([0x33, 0x33, 0, 0, 0, 0x10]),
         interface: "vtnet0".into(),
+        mode: Default::default(),
     });
     let err = plan_apply(&cfg, None, &six, t0()).unwrap_err();
     assert!(matches!(err, DataPlaneError::Unsupported(_)), "{err}");

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,10 +20,11 @@ use vipshare_core::agent::{after_ack, AfterAck};
 
 use super::deadline::DeadlineWriter;
 use super::libnft::Nft;
+use super::mrd::MrdSender;
 use super::nd::NdResponder;
-use super::plan::{address_holder, Family, NftBatch, Present, Step};
+use super::plan::{address_holder, recv_device_commands, Family, NftBatch, Present, Step};
 use super::LinuxConfig;
-use crate::dataplane::{DataPlaneError, Interface, Mac, VipConfig};
+use crate::dataplane::{DataPlaneError, Interface, Mac, SwitchMode, VipConfig};
 
 /// Runs plan steps. `started` is when the apply began: element timeouts are
 /// rendered relative to it.
@@ -60,9 +61,11 @@ pub struct OsExecutor {
     sysctl_root: PathBuf,
     state_file: Option<PathBuf>,
     state: State,
-    groups: HashMap<(String, Ipv4Addr), UdpSocket>,
+    groups: HashMap<(String, IpAddr), UdpSocket>,
     /// Started with the first IPv6 VIP.
     nd: Option<NdResponder>,
+    /// Started with the first `igmp` VIP.
+    mrd: Option<MrdSender>,
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DataPlaneError {
@@ -95,6 +98,7 @@ impl OsExecutor {
             state,
             groups: HashMap::new(),
             nd: None,
+            mrd: None,
         })
     }
 
@@ -255,38 +259,101 @@ impl OsExecutor {
         }))
     }
 
-    fn join(&mut self, interface: &str, group: Ipv4Addr) -> Result<(), DataPlaneError> {
+    /// Joins `group` on `interface` (IGMP or MLD by the group's family)
+    /// through a socket held until the group is left.
+    fn join(&mut self, interface: &str, group: IpAddr) -> Result<(), DataPlaneError> {
         let key = (interface.to_string(), group);
         if self.groups.contains_key(&key) {
             return Ok(());
         }
-        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-            .map_err(io_err("binding a socket for IGMP membership"))?;
-        let name = std::ffi::CString::new(interface).map_err(|_| {
-            DataPlaneError::InvalidDesired(format!("bad interface name {interface:?}"))
-        })?;
-        // SAFETY: a NUL-terminated string.
-        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if index == 0 {
-            return Err(io_err(format!("interface {interface}"))(
-                std::io::Error::last_os_error(),
-            ));
-        }
-        let mreq = libc::ip_mreqn {
-            imr_multiaddr: libc::in_addr {
-                s_addr: u32::from(group).to_be(),
-            },
-            imr_address: libc::in_addr { s_addr: 0 },
-            imr_ifindex: index as i32,
+        let index = super::nd::if_index(interface)?;
+        let what = format!("joining {group} on {interface}");
+        let sock = match group {
+            IpAddr::V4(g) => {
+                let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+                    .map_err(io_err("binding a socket for IGMP membership"))?;
+                let mreq = libc::ip_mreqn {
+                    imr_multiaddr: libc::in_addr {
+                        s_addr: u32::from(g).to_be(),
+                    },
+                    imr_address: libc::in_addr { s_addr: 0 },
+                    imr_ifindex: index as i32,
+                };
+                super::sys::setsockopt(
+                    &sock,
+                    libc::IPPROTO_IP,
+                    libc::IP_ADD_MEMBERSHIP,
+                    &mreq,
+                    &what,
+                )?;
+                sock
+            }
+            IpAddr::V6(g) => {
+                let sock = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))
+                    .map_err(io_err("binding a socket for MLD membership"))?;
+                let mreq = libc::ipv6_mreq {
+                    ipv6mr_multiaddr: libc::in6_addr {
+                        s6_addr: g.octets(),
+                    },
+                    ipv6mr_interface: index,
+                };
+                super::sys::setsockopt(
+                    &sock,
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_ADD_MEMBERSHIP,
+                    &mreq,
+                    &what,
+                )?;
+                sock
+            }
         };
-        super::sys::setsockopt(
-            &sock,
-            libc::IPPROTO_IP,
-            libc::IP_ADD_MEMBERSHIP,
-            &mreq,
-            &format!("joining {group} on {interface}"),
-        )?;
         self.groups.insert(key, sock);
+        Ok(())
+    }
+
+    /// Creates (or re-asserts) the receive-only device of a shared unicast
+    /// MAC by running [`recv_device_commands`]; a device of that name with
+    /// another MAC or lower interface is replaced.
+    fn add_recv_device(
+        &mut self,
+        interface: &str,
+        device: &str,
+        mac: &Mac,
+    ) -> Result<(), DataPlaneError> {
+        let sys = PathBuf::from("/sys/class/net").join(device);
+        let mut commands = recv_device_commands(interface, device, mac);
+        if sys.exists() {
+            let have = std::fs::read_to_string(sys.join("address")).unwrap_or_default();
+            let link = self
+                .ip_output(&["-o", "link", "show", "dev", device])
+                .unwrap_or_default();
+            let lower = format!("{device}@{interface}:");
+            if have.trim() == mac.to_string() && link.contains(&lower) {
+                commands.remove(0);
+            } else {
+                run(&self.ip, &["link", "del", device], None)?;
+            }
+        }
+        for c in &commands {
+            let words: Vec<&str> = c.split_whitespace().collect();
+            match words.split_first() {
+                Some((&"ip", args)) => {
+                    run(&self.ip, args, None)?;
+                }
+                Some((&"sysctl", [kv])) => {
+                    let (key, value) = kv.split_once('=').ok_or_else(|| {
+                        DataPlaneError::InvalidDesired(format!("bad sysctl line {c:?}"))
+                    })?;
+                    // Not remembered: the values go with the device.
+                    self.write_sysctl(key, value)?;
+                }
+                _ => {
+                    return Err(DataPlaneError::InvalidDesired(format!(
+                        "unknown receive device command {c:?}"
+                    )))
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -445,6 +512,30 @@ impl Executor for OsExecutor {
                 Ok(())
             }
             Step::JoinGroup { interface, group } => self.join(interface, *group),
+            Step::AdvertiseRouter { interface, to } => {
+                let mrd = match &mut self.mrd {
+                    Some(m) => m,
+                    None => self.mrd.insert(MrdSender::start()?),
+                };
+                mrd.advertise(interface, *to)
+            }
+            Step::StopAdvertising { interface, to } => {
+                if let Some(m) = &self.mrd {
+                    m.stop(interface, *to);
+                }
+                Ok(())
+            }
+            Step::AddRecvDevice {
+                interface,
+                device,
+                mac,
+            } => self.add_recv_device(interface, device, mac),
+            Step::DelRecvDevice { device } => {
+                if PathBuf::from("/sys/class/net").join(device).exists() {
+                    run(&self.ip, &["link", "del", device], None)?;
+                }
+                Ok(())
+            }
             Step::LeaveGroup { interface, group } => {
                 // Closing the socket leaves the group.
                 self.groups.remove(&(interface.clone(), *group));
@@ -524,11 +615,21 @@ impl Executor for OsExecutor {
         self.state
             .vips
             .iter()
-            .map(|(interface, addr, prefix_len, mac)| VipConfig {
-                addr: *addr,
-                prefix_len: *prefix_len,
-                mac: mac.parse().unwrap_or(Mac([1, 0, 0, 0, 0, 0])),
-                interface: interface.clone(),
+            .map(|(interface, addr, prefix_len, mac)| {
+                let mac = mac.parse().unwrap_or(Mac([1, 0, 0, 0, 0, 0]));
+                VipConfig {
+                    addr: *addr,
+                    prefix_len: *prefix_len,
+                    mac,
+                    interface: interface.clone(),
+                    // For the teardown: a unicast MAC had its receive device
+                    // (igmp's joins and adverts die with the process).
+                    mode: if mac.is_multicast() {
+                        SwitchMode::Multicast
+                    } else {
+                        SwitchMode::Unicast
+                    },
+                }
             })
             .collect()
     }

@@ -172,6 +172,7 @@
 pub mod deadline;
 pub mod exec;
 pub mod libnft;
+pub mod mrd;
 pub mod nd;
 pub mod plan;
 mod sys;
@@ -416,7 +417,11 @@ impl<E: Executor> DataPlane for LinuxDataPlane<E> {
     }
 
     fn withdraw(&mut self) -> Result<(), DataPlaneError> {
-        let plan = plan_withdraw(&self.cfg, self.installed.as_ref());
+        let present = match &self.installed {
+            Some(_) => Present::default(),
+            None => self.exec.present(&self.cfg.table)?,
+        };
+        let plan = plan_withdraw(&self.cfg, self.installed.as_ref(), &present);
         self.run(&plan, Instant::now())?;
         self.installed = plan.next;
         Ok(())
