@@ -221,9 +221,9 @@ pub struct Interface {
 /// backends and the tests share one judgement. `holder` names the interface
 /// that must hold a VIP's address (a backend may keep it elsewhere than on
 /// the interface that carries its traffic).
-pub fn assess<'a>(
-    vips: &'a [VipConfig],
-    holder: impl Fn(&'a VipConfig) -> &'a str,
+pub fn assess(
+    vips: &[VipConfig],
+    holder: impl Fn(&VipConfig) -> String,
     interfaces: &std::collections::BTreeMap<String, Interface>,
     filter_present: bool,
     last_apply_ok: bool,
@@ -240,7 +240,7 @@ pub fn assess<'a>(
                     p.insert(Problem::InterfaceDown);
                 }
                 let held = interfaces
-                    .get(holder(vip))
+                    .get(&holder(vip))
                     .is_some_and(|h| h.addrs.contains(&vip.addr));
                 if !held {
                     p.insert(Problem::VipMissing);
@@ -407,9 +407,15 @@ mod tests {
             addrs: [vips[0].addr].into(),
         };
         let ifs = |i: Interface| std::collections::BTreeMap::from([("vtnet0".to_string(), i)]);
-        assert!(assess(&vips, |v| &v.interface, &ifs(up.clone()), true, true).is_empty());
+        assert!(assess(&vips, |v| v.interface.clone(), &ifs(up.clone()), true, true).is_empty());
         assert_eq!(
-            assess(&vips, |v| &v.interface, &Default::default(), true, true),
+            assess(
+                &vips,
+                |v| v.interface.clone(),
+                &Default::default(),
+                true,
+                true
+            ),
             [Problem::InterfaceMissing, Problem::VipMissing].into()
         );
         let down = Interface {
@@ -417,13 +423,13 @@ mod tests {
             ..up.clone()
         };
         assert_eq!(
-            assess(&vips, |v| &v.interface, &ifs(down), true, true),
+            assess(&vips, |v| v.interface.clone(), &ifs(down), true, true),
             [Problem::InterfaceDown].into()
         );
         assert_eq!(
             assess(
                 &vips,
-                |v| &v.interface,
+                |v| v.interface.clone(),
                 &ifs(Interface::default()),
                 false,
                 false

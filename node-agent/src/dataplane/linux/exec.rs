@@ -199,7 +199,8 @@ impl OsExecutor {
     fn add_address(&mut self, vip: &VipConfig) -> Result<(), DataPlaneError> {
         let addr = vip.addr;
         let family = Family::of(addr);
-        let (interface, prefix_len, flags) = address_holder(vip);
+        let (holder, prefix_len, flags) = address_holder(vip);
+        let interface = holder.as_str();
         let have = self.addresses(interface, family)?;
         self.state.vips.insert((
             vip.interface.clone(),
@@ -213,12 +214,18 @@ impl OsExecutor {
         }
         // An IPv6 VIP lives on loopback, where source selection never
         // prefers it over the outgoing interface's own address.
-        if family == Family::V4 && !have.iter().any(|(a, _)| *a != addr) {
+        let own = if interface == vip.interface {
+            have.clone()
+        } else {
+            self.addresses(&vip.interface, family)?
+        };
+        if family == Family::V4 && !own.iter().any(|(a, _)| *a != addr) {
             return Err(DataPlaneError::Command {
                 command: format!("ip addr add {addr}/{prefix_len} dev {interface}"),
                 detail: format!(
-                    "{interface} has no IPv4 address of its own; the VIP must come after it \
-                     (secondary), or the host would use the VIP as its source address"
+                    "{} has no IPv4 address of its own; the VIP must come after it \
+                     (secondary), or the host would use the VIP as its source address",
+                    vip.interface
                 ),
             });
         }
@@ -231,7 +238,8 @@ impl OsExecutor {
 
     fn del_address(&mut self, vip: &VipConfig) -> Result<(), DataPlaneError> {
         let family = Family::of(vip.addr);
-        let (interface, prefix_len, _) = address_holder(vip);
+        let (holder, prefix_len, _) = address_holder(vip);
+        let interface = holder.as_str();
         // Missing interface or address: nothing to remove.
         let present = self
             .addresses(interface, family)
@@ -313,7 +321,9 @@ impl OsExecutor {
 
     /// Creates (or re-asserts) the receive-only device of a shared unicast
     /// MAC by running [`recv_device_commands`]; a device of that name with
-    /// another MAC or lower interface is replaced.
+    /// another MAC or lower interface is replaced. Every rebuild re-asserts
+    /// it, so a device already as wanted (read from /sys) costs no `ip`
+    /// process: a rebuild holds up the lease renewals.
     fn add_recv_device(
         &mut self,
         interface: &str,
@@ -323,13 +333,21 @@ impl OsExecutor {
         let sys = PathBuf::from("/sys/class/net").join(device);
         let mut commands = recv_device_commands(interface, device, mac);
         if sys.exists() {
-            let have = std::fs::read_to_string(sys.join("address")).unwrap_or_default();
-            let link = self
-                .ip_output(&["-o", "link", "show", "dev", device])
-                .unwrap_or_default();
-            let lower = format!("{device}@{interface}:");
-            if have.trim() == mac.to_string() && link.contains(&lower) {
+            let read = |f: &str| std::fs::read_to_string(sys.join(f)).unwrap_or_default();
+            let same = read("address").trim() == mac.to_string()
+                && sys.join(format!("lower_{interface}")).exists();
+            if same {
                 commands.remove(0);
+                let flags = u32::from_str_radix(read("flags").trim().trim_start_matches("0x"), 16)
+                    .unwrap_or(0);
+                let (up, noarp, multicast) = (
+                    libc::IFF_UP as u32,
+                    libc::IFF_NOARP as u32,
+                    libc::IFF_MULTICAST as u32,
+                );
+                if flags & (up | noarp | multicast) == up | noarp {
+                    commands.retain(|c| c.starts_with("sysctl "));
+                }
             } else {
                 run(&self.ip, &["link", "del", device], None)?;
             }

@@ -118,10 +118,13 @@ pub enum Step {
     /// `multicast off`, IPv6 on (ipv6_rcv drops packets of a device without
     /// it) but with no address generated (no link-local, so no DAD, router
     /// solicitation or MLD), and an nftables egress chain dropping whatever
-    /// would leave anyway. Loose reverse-path filtering: replies leave by
-    /// `interface`, not by the device. The VIP stays where it is (IPv4 on
-    /// `interface`, IPv6 on `lo`): the bucket filter matches the destination
-    /// address whatever the input device, so it applies unchanged.
+    /// would leave anyway. An IPv4 VIP sits on the device as a /32 (see
+    /// [`address_holder`] for why), with loose reverse-path filtering:
+    /// replies leave by `interface`, not by the device. An IPv6 VIP stays on
+    /// `lo`. The bucket filter matches the destination address whatever the
+    /// input device, so it applies unchanged; ARP for an IPv4 VIP is still
+    /// answered on `interface` (any local address, `arp_ignore` 0) and
+    /// rewritten to the shared MAC like the multicast one.
     AddRecvDevice {
         interface: String,
         device: String,
@@ -390,10 +393,19 @@ impl fmt::Display for Step {
 /// flags). IPv6 VIPs go on loopback as /128 (the prefix would add a route via
 /// `lo`), so that the kernel neither answers neighbour solicitations for them
 /// on the interface nor solicits from them; see [`super`].
-pub fn address_holder(v: &VipConfig) -> (&str, u8, &'static str) {
-    match v.addr {
-        IpAddr::V4(_) => (v.interface.as_str(), v.prefix_len, ""),
-        IpAddr::V6(_) => (LOOPBACK, 128, "nodad"),
+///
+/// An IPv4 VIP in [`SwitchMode::Unicast`] goes on its receive-only device, as
+/// a /32 (a prefix would route replies out of the device): its packets arrive
+/// there, and the reverse-path check of a device without any address fails
+/// whenever `rp_filter` is on, loose or strict (`__fib_validate_source`: no
+/// address, `last_resort`, drop). With the VIP on it the loose check the
+/// device is given passes (the client is reachable, through the interface).
+/// Replies still leave by the interface, which has the route to the client.
+pub fn address_holder(v: &VipConfig) -> (String, u8, &'static str) {
+    match (v.addr, v.mode) {
+        (IpAddr::V4(_), SwitchMode::Unicast) => (recv_device(v.mac), 32, ""),
+        (IpAddr::V4(_), _) => (v.interface.clone(), v.prefix_len, ""),
+        (IpAddr::V6(_), _) => (LOOPBACK.to_string(), 128, "nodad"),
     }
 }
 
