@@ -148,6 +148,8 @@ fn capture(c: &Cluster, macs: &[Mac], file: &std::path::Path) -> Child {
         }
         line.clear();
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("tcpdump did not start: {line}");
 }
 
