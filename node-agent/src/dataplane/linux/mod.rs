@@ -57,6 +57,28 @@
 //!   the interface, so the kernel neither answers for it there nor solicits
 //!   from it (it uses the interface's own address).
 //!
+//! # Switch modes (per VIP, [`crate::dataplane::SwitchMode`])
+//! What above is the default, `multicast`. The two others change how frames
+//! reach every host, not the bucket filter (it matches the destination
+//! address, whatever the input device):
+//! - `igmp`: the host also joins the group mapped from the MAC (IGMP 239/8,
+//!   or MLD `ff05::`+low 32 bits, whatever `igmp_join` says) and [`mrd`]
+//!   sends RFC 4286 Multicast Router Advertisements on the interface. A
+//!   Linux bridge snooping with an active querier forwards a multicast frame
+//!   with a unicast IP destination only to multicast router ports, which the
+//!   advertisement makes of the hosts' ports; the join alone does nothing
+//!   there (deploy/NETWORK.md has the measurements).
+//! - `unicast`: ARP/ND answer a shared, locally administered unicast MAC. A
+//!   frame to it arriving on the interface is `PACKET_OTHERHOST` and dropped
+//!   in `ip_rcv` before netfilter (nft cannot set `pkttype host` for it), so
+//!   a macvlan carrying the MAC receives it ([`plan::Step::AddRecvDevice`]).
+//!   The macvlan must never send (a switch would learn the MAC and stop
+//!   flooding it): `arp off`, `multicast off`, no IPv6 link-local, and an
+//!   egress chain with policy drop. IPv6 stays enabled on it (`ipv6_rcv`
+//!   drops packets of a device with IPv6 disabled); the IPv4 VIP moves onto
+//!   it as a /32, because the reverse-path check of a device without any
+//!   address fails with `rp_filter` 1 or 2 ([`plan::address_holder`]).
+//!
 //! # Buckets and the lease
 //! Rules and layout are in [`plan`]. The owned buckets are elements of one
 //! set, each with `timeout` = the lease left (already net of the kernel
