@@ -356,6 +356,45 @@ async fn switch_modes_on_a_snooping_bridge() {
             "no frame to {mac} captured: the capture did not work"
         );
     }
+    // Removing the unicast VIPs removes their receive devices (after the
+    // rebuild that dropped their egress chains); the igmp VIPs stay served.
+    for v in unicast {
+        ctl_ok(&c, &["vip", "remove", &v.to_string()]);
+    }
+    let devices: Vec<String> = shared
+        .iter()
+        .map(|m| format!("vsu{}", m.to_string().replace(':', "")))
+        .collect();
+    let start = Instant::now();
+    loop {
+        let left: Vec<String> = c
+            .net
+            .hosts
+            .iter()
+            .flat_map(|h| {
+                let links = h.ip(&["-o", "link", "show"]).unwrap_or_default();
+                devices
+                    .iter()
+                    .filter(|d| links.contains(d.as_str()))
+                    .map(|d| format!("{} {d}", h.name))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "receive devices left after vip remove: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "receive devices gone {:?} after vip remove",
+        start.elapsed()
+    );
+    wait_served(&c, &igmp, Duration::from_secs(30)).await;
+
     let fdb = c
         .net
         .switch

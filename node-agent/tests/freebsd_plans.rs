@@ -248,6 +248,12 @@ fn rejects_what_ipfw_cannot_do() {
     let err = plan_apply(&cfg, None, &six, t0()).unwrap_err();
     assert!(matches!(err, DataPlaneError::Unsupported(_)), "{err}");
     assert!(err.to_string().contains("2001:db8::10"), "{err}");
+    // Nor switch modes other than multicast, likewise.
+    let mut igmp = desired(0..8);
+    igmp.vips[0].mode = vipshare_agent::dataplane::SwitchMode::Igmp;
+    let err = plan_apply(&cfg, None, &igmp, t0()).unwrap_err();
+    assert!(matches!(err, DataPlaneError::Unsupported(_)), "{err}");
+    assert!(err.to_string().contains("switch mode igmp"), "{err}");
 }
 
 #[test]

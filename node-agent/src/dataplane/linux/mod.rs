@@ -228,7 +228,8 @@ pub struct LinuxConfig {
     pub state_dir: Option<PathBuf>,
     /// `ip maddr add MAC dev IF` for NICs that filter multicast.
     pub static_maddr: bool,
-    /// Join the 239/8 group of the MAC (IGMP snooping switches).
+    /// Join the 239/8 group of the MAC of `multicast` IPv4 VIPs (IGMP
+    /// snooping switches); `igmp` VIPs join theirs regardless.
     pub igmp_join: bool,
     /// Rewrite ARP sent from user space too (netdev egress chain).
     pub arp_egress: bool,
