@@ -205,7 +205,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::dataplane::{
-    assess, ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnforcement, Problem, VipConfig,
+    assess, ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnforcement, Problem, SwitchMode,
+    VipConfig,
 };
 pub use exec::{Executor, OsExecutor, RecordingExecutor};
 pub use plan::{
@@ -349,13 +350,27 @@ impl<E: Executor> LinuxDataPlane<E> {
             }
             _ => false,
         };
-        Some(assess(
+        let mut problems = assess(
             &vips,
             |v| plan::address_holder(v).0,
             &interfaces,
             filter_present,
             ok,
-        ))
+        );
+        // A `unicast` VIP arrives only through its receive device (an IPv6
+        // one's address is on `lo`, so the check above does not see it).
+        for v in vips.iter().filter(|v| v.mode == SwitchMode::Unicast) {
+            match interfaces.get(&plan::recv_device(v.mac)) {
+                None => {
+                    problems.insert(Problem::InterfaceMissing);
+                }
+                Some(i) if !i.up => {
+                    problems.insert(Problem::InterfaceDown);
+                }
+                Some(_) => {}
+            }
+        }
+        Some(problems)
     }
 
     fn run(&mut self, plan: &Plan, started: Instant) -> Result<(), DataPlaneError> {
