@@ -407,3 +407,142 @@ async fn switch_modes_on_a_snooping_bridge() {
         );
     }
 }
+
+/// The data plane alone in one host namespace (no controllers): a unicast
+/// VIP pair's receive devices as planned, re-asserted by a restarted agent
+/// without change, reported healthy, and removed by the teardown of an agent
+/// that knows them only from its state file.
+mod direct {
+    use super::*;
+    use vipshare_agent::dataplane::linux::{LinuxConfig, LinuxDataPlane, OsExecutor};
+    use vipshare_agent::dataplane::{
+        Affinity, BucketFn, DataPlane, Desired, SwitchMode, VipConfig,
+    };
+    use vipshare_integration::netns::{NetLab, Netns};
+
+    type Plane = LinuxDataPlane<OsExecutor>;
+
+    fn plane(ns: &Netns, state: &std::path::Path) -> Plane {
+        let cfg = LinuxConfig {
+            state_dir: Some(state.to_path_buf()),
+            ..LinuxConfig::default()
+        };
+        ns.run(move || LinuxDataPlane::os(cfg).unwrap())
+    }
+
+    fn desired(net: &NetLab) -> Desired {
+        let v4 = Ipv4Addr::new(10, net.k, 0, 102);
+        let vip = |addr: IpAddr, mode: SwitchMode| VipConfig {
+            addr,
+            prefix_len: if addr.is_ipv4() { 32 } else { 128 },
+            mac: Mac::default_for(addr, mode),
+            interface: "eth0".into(),
+            mode,
+        };
+        Desired {
+            vips: vec![
+                vip(v4.into(), SwitchMode::Unicast),
+                vip(v6_twin(v4).into(), SwitchMode::Unicast),
+                vip(Ipv4Addr::new(10, net.k, 0, 101).into(), SwitchMode::Igmp),
+            ],
+            bucket_count: 4,
+            bucket_fn: BucketFn::Jhash,
+            affinity: Affinity::Address,
+            seed: 7,
+            owned: (0..4).collect(),
+            lease_until: Instant::now() + Duration::from_secs(60),
+        }
+    }
+
+    /// Applies `d` (or tears down) inside the namespace; returns the plane
+    /// and its health after.
+    fn apply(ns: &Netns, plane: Plane, d: Option<Desired>) -> (Plane, String) {
+        ns.run(move || {
+            let mut p = plane;
+            match d {
+                Some(d) => {
+                    p.apply(&d).unwrap();
+                }
+                None => p.teardown().unwrap(),
+            }
+            let h = format!("{:?}", p.health());
+            (p, h)
+        })
+    }
+
+    #[test]
+    fn receive_devices_are_reasserted_and_torn_down() {
+        let net = NetLab::new(1, 1).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let h1 = &net.hosts[0];
+        let d = desired(&net);
+        let devices: Vec<String> = d.vips[..2]
+            .iter()
+            .map(|v| format!("vsu{}", v.mac.to_string().replace(':', "")))
+            .collect();
+        let check = |when: &str| {
+            for dev in &devices {
+                let link = h1.ip(&["-o", "link", "show", "dev", dev]).unwrap();
+                assert!(
+                    link.contains("NOARP") && link.contains(",UP") && !link.contains("MULTICAST"),
+                    "{when}: {link}"
+                );
+                let v6 = h1.ip(&["-6", "-o", "addr", "show", "dev", dev]).unwrap();
+                assert!(v6.trim().is_empty(), "{when}: no IPv6 address: {v6}");
+                let chain = h1
+                    .exec(
+                        "nft",
+                        &[
+                            "list",
+                            "chain",
+                            "netdev",
+                            "vipshare",
+                            &format!("egress_{dev}"),
+                        ],
+                    )
+                    .unwrap();
+                assert!(chain.contains("policy drop"), "{when}: {chain}");
+            }
+            let a4 = h1
+                .ip(&["-4", "-o", "addr", "show", "dev", &devices[0]])
+                .unwrap();
+            assert!(
+                a4.contains(&format!("{}/32", d.vips[0].addr)),
+                "{when}: {a4}"
+            );
+        };
+        let p = plane(h1, tmp.path());
+        let (p, health) = apply(h1, p, Some(d.clone()));
+        check("first apply");
+        assert_eq!(health, "Some({})", "healthy");
+        let index = |dev: &str| h1.ip(&["-o", "link", "show", "dev", dev]).unwrap();
+        let before: Vec<String> = devices.iter().map(|d| index(d)).collect();
+        drop(p);
+        // A restarted agent rebuilds over what is there.
+        let p = plane(h1, tmp.path());
+        let (p, health) = apply(h1, p, Some(d.clone()));
+        check("after a restart");
+        assert_eq!(health, "Some({})", "healthy after a restart");
+        for (dev, b) in devices.iter().zip(&before) {
+            let after = index(dev);
+            assert_eq!(
+                b.split(':').next(),
+                after.split(':').next(),
+                "the restart kept {dev} (same index): {b} / {after}"
+            );
+        }
+        drop(p);
+        // An agent that applied nothing tears down from its state file.
+        let p = plane(h1, tmp.path());
+        let (_p, _) = apply(h1, p, None);
+        let links = h1.ip(&["-o", "link", "show"]).unwrap();
+        for dev in &devices {
+            assert!(!links.contains(dev.as_str()), "{dev} left: {links}");
+        }
+        let all = h1.ip(&["-o", "addr", "show"]).unwrap();
+        assert!(!all.contains(&d.vips[0].addr.to_string()), "{all}");
+        assert!(h1
+            .exec("nft", &["list", "table", "netdev", "vipshare"])
+            .is_err());
+    }
+}

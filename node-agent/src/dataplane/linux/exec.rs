@@ -319,33 +319,48 @@ impl OsExecutor {
         Ok(())
     }
 
+    /// `ip -o link show dev DEVICE` split into (lower interface, flags,
+    /// MAC); `None` when there is no such device. Through `ip`, not /sys:
+    /// /sys shows the network namespace it was mounted in, not the caller's.
+    fn link(&self, device: &str) -> Option<(String, Vec<String>, String)> {
+        let out = self
+            .ip_output(&["-o", "link", "show", "dev", device])
+            .ok()?;
+        // "7: vsu..@eth0: <BROADCAST,NOARP,UP,LOWER_UP> mtu .. link/ether 02:.. brd .."
+        let mut w = out.split_whitespace();
+        let name = w.nth(1)?.trim_end_matches(':');
+        let lower = name.split_once('@').map_or("", |(_, l)| l).to_string();
+        let flags = w
+            .next()?
+            .trim_matches(|c| c == '<' || c == '>')
+            .split(',')
+            .map(str::to_string)
+            .collect();
+        let mac = w
+            .skip_while(|x| *x != "link/ether")
+            .nth(1)
+            .unwrap_or("")
+            .to_string();
+        Some((lower, flags, mac))
+    }
+
     /// Creates (or re-asserts) the receive-only device of a shared unicast
     /// MAC by running [`recv_device_commands`]; a device of that name with
     /// another MAC or lower interface is replaced. Every rebuild re-asserts
-    /// it, so a device already as wanted (read from /sys) costs no `ip`
-    /// process: a rebuild holds up the lease renewals.
+    /// it, so a device already as wanted costs one `ip` process to look at
+    /// it and the sysctl writes: a rebuild holds up the lease renewals.
     fn add_recv_device(
         &mut self,
         interface: &str,
         device: &str,
         mac: &Mac,
     ) -> Result<(), DataPlaneError> {
-        let sys = PathBuf::from("/sys/class/net").join(device);
         let mut commands = recv_device_commands(interface, device, mac);
-        if sys.exists() {
-            let read = |f: &str| std::fs::read_to_string(sys.join(f)).unwrap_or_default();
-            let same = read("address").trim() == mac.to_string()
-                && sys.join(format!("lower_{interface}")).exists();
-            if same {
+        if let Some((lower, flags, have)) = self.link(device) {
+            if lower == interface && have == mac.to_string() {
                 commands.remove(0);
-                let flags = u32::from_str_radix(read("flags").trim().trim_start_matches("0x"), 16)
-                    .unwrap_or(0);
-                let (up, noarp, multicast) = (
-                    libc::IFF_UP as u32,
-                    libc::IFF_NOARP as u32,
-                    libc::IFF_MULTICAST as u32,
-                );
-                if flags & (up | noarp | multicast) == up | noarp {
+                let has = |f: &str| flags.iter().any(|x| x == f);
+                if has("UP") && has("NOARP") && !has("MULTICAST") {
                     commands.retain(|c| c.starts_with("sysctl "));
                 }
             } else {
@@ -549,7 +564,7 @@ impl Executor for OsExecutor {
                 mac,
             } => self.add_recv_device(interface, device, mac),
             Step::DelRecvDevice { device } => {
-                if PathBuf::from("/sys/class/net").join(device).exists() {
+                if self.link(device).is_some() {
                     run(&self.ip, &["link", "del", device], None)?;
                 }
                 Ok(())
