@@ -459,12 +459,14 @@ mod direct {
     fn apply(ns: &Netns, plane: Plane, d: Option<Desired>) -> (Plane, String) {
         ns.run(move || {
             let mut p = plane;
+            let start = Instant::now();
             match d {
                 Some(d) => {
                     p.apply(&d).unwrap();
                 }
                 None => p.teardown().unwrap(),
             }
+            eprintln!("apply or teardown took {:?}", start.elapsed());
             let h = format!("{:?}", p.health());
             (p, h)
         })
