@@ -114,7 +114,7 @@ pub enum Step {
     /// `interface` carrying the shared unicast `mac`, so the NIC passes frames
     /// to that MAC up as `PACKET_HOST` (as frames for another host they are
     /// dropped before netfilter). It must never send a frame (a switch would
-    /// learn the MAC and stop flooding it): no address, `arp off`,
+    /// learn the MAC and stop flooding it): no address but an IPv4 VIP, `arp off`,
     /// `multicast off`, IPv6 on (ipv6_rcv drops packets of a device without
     /// it) but with no address generated (no link-local, so no DAD, router
     /// solicitation or MLD), and an nftables egress chain dropping whatever
