@@ -128,7 +128,9 @@ impl Plane {
     fn keep_servable(&self, s: Settings) -> Settings {
         match self {
             Plane::Linux(_) => s,
-            Plane::FreeBsd(_) => s.without_ipv6("IPv6 VIPs are not served on FreeBSD yet"),
+            Plane::FreeBsd(_) => s
+                .without_ipv6("IPv6 VIPs are not served on FreeBSD yet")
+                .only_multicast_mode("FreeBSD"),
         }
     }
 
@@ -557,10 +559,11 @@ impl Runtime {
             vips: s
                 .vips
                 .iter()
-                .map(|&(addr, prefix_len, mac)| VipConfig {
+                .map(|&(addr, prefix_len, mac, mode)| VipConfig {
                     addr,
                     prefix_len,
                     mac,
+                    mode,
                     interface: self.cfg.interface.clone(),
                 })
                 .collect(),

@@ -57,6 +57,28 @@
 //!   the interface, so the kernel neither answers for it there nor solicits
 //!   from it (it uses the interface's own address).
 //!
+//! # Switch modes (per VIP, [`crate::dataplane::SwitchMode`])
+//! What above is the default, `multicast`. The two others change how frames
+//! reach every host, not the bucket filter (it matches the destination
+//! address, whatever the input device):
+//! - `igmp`: the host also joins the group mapped from the MAC (IGMP 239/8,
+//!   or MLD `ff05::`+low 32 bits, whatever `igmp_join` says) and [`mrd`]
+//!   sends RFC 4286 Multicast Router Advertisements on the interface. A
+//!   Linux bridge snooping with an active querier forwards a multicast frame
+//!   with a unicast IP destination only to multicast router ports, which the
+//!   advertisement makes of the hosts' ports; the join alone does nothing
+//!   there (deploy/NETWORK.md has the measurements).
+//! - `unicast`: ARP/ND answer a shared, locally administered unicast MAC. A
+//!   frame to it arriving on the interface is `PACKET_OTHERHOST` and dropped
+//!   in `ip_rcv` before netfilter (nft cannot set `pkttype host` for it), so
+//!   a macvlan carrying the MAC receives it ([`plan::Step::AddRecvDevice`]).
+//!   The macvlan must never send (a switch would learn the MAC and stop
+//!   flooding it): `arp off`, `multicast off`, no IPv6 link-local, and an
+//!   egress chain with policy drop. IPv6 stays enabled on it (`ipv6_rcv`
+//!   drops packets of a device with IPv6 disabled); the IPv4 VIP moves onto
+//!   it as a /32, because the reverse-path check of a device without any
+//!   address fails with `rp_filter` 1 or 2 ([`plan::address_holder`]).
+//!
 //! # Buckets and the lease
 //! Rules and layout are in [`plan`]. The owned buckets are elements of one
 //! set, each with `timeout` = the lease left (already net of the kernel
@@ -177,6 +199,7 @@ pub mod deadline;
 pub mod exec;
 pub mod lease_write;
 pub mod libnft;
+pub mod mrd;
 pub mod nd;
 pub mod nfnl;
 pub mod plan;
@@ -188,7 +211,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::dataplane::{
-    assess, ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnforcement, Problem, VipConfig,
+    assess, ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnforcement, Problem, SwitchMode,
+    VipConfig,
 };
 pub use exec::{Executor, OsExecutor, RecordingExecutor};
 pub use plan::{
@@ -211,7 +235,8 @@ pub struct LinuxConfig {
     pub state_dir: Option<PathBuf>,
     /// `ip maddr add MAC dev IF` for NICs that filter multicast.
     pub static_maddr: bool,
-    /// Join the 239/8 group of the MAC (IGMP snooping switches).
+    /// Join the 239/8 group of the MAC of `multicast` IPv4 VIPs (IGMP
+    /// snooping switches); `igmp` VIPs join theirs regardless.
     pub igmp_join: bool,
     /// Rewrite ARP sent from user space too (netdev egress chain).
     pub arp_egress: bool,
@@ -331,13 +356,27 @@ impl<E: Executor> LinuxDataPlane<E> {
             }
             _ => false,
         };
-        Some(assess(
+        let mut problems = assess(
             &vips,
             |v| plan::address_holder(v).0,
             &interfaces,
             filter_present,
             ok,
-        ))
+        );
+        // A `unicast` VIP arrives only through its receive device (an IPv6
+        // one's address is on `lo`, so the check above does not see it).
+        for v in vips.iter().filter(|v| v.mode == SwitchMode::Unicast) {
+            match interfaces.get(&plan::recv_device(v.mac)) {
+                None => {
+                    problems.insert(Problem::InterfaceMissing);
+                }
+                Some(i) if !i.up => {
+                    problems.insert(Problem::InterfaceDown);
+                }
+                Some(_) => {}
+            }
+        }
+        Some(problems)
     }
 
     fn run(&mut self, plan: &Plan, started: Instant) -> Result<(), DataPlaneError> {
@@ -422,7 +461,11 @@ impl<E: Executor> DataPlane for LinuxDataPlane<E> {
     }
 
     fn withdraw(&mut self) -> Result<(), DataPlaneError> {
-        let plan = plan_withdraw(&self.cfg, self.installed.as_ref());
+        let present = match &self.installed {
+            Some(_) => Present::default(),
+            None => self.exec.present(&self.cfg.table)?,
+        };
+        let plan = plan_withdraw(&self.cfg, self.installed.as_ref(), &present);
         self.run(&plan, Instant::now())?;
         self.installed = plan.next;
         Ok(())
