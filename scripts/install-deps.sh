@@ -11,6 +11,8 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import yaml' >/dev/null 2>&1 || need+=(python3-yaml)
 command -v keepalived >/dev/null 2>&1 || need+=(keepalived)
 command -v stress-ng >/dev/null 2>&1 || need+=(stress-ng)
+# integration/tests/switch_modes.rs: no frame from a shared unicast MAC.
+command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "install-deps: missing ${need[*]}; run as root (or sudo $0) or install them yourself" >&2

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::json;
+use vipshare_core::net::SwitchMode;
 use vipshare_proto::v1::{self as pb, mutate_request::Op};
 use vipshare_proto::PROTOCOL_VERSION;
 
@@ -175,9 +176,22 @@ enum VipCmd {
         /// Prefix length configured with it (default: a host address, /32 or /128).
         #[arg(long, default_value_t = 0)]
         prefix: u32,
-        /// Multicast MAC answered in ARP; derived from the address when omitted.
+        /// MAC answered in ARP/ND (multicast; in mode unicast a locally
+        /// administered unicast MAC); derived from the address when omitted.
         #[arg(long, default_value = "")]
         mac: String,
+        /// How switches deliver the VIP to every host: multicast (flooded
+        /// multicast MAC), igmp (also group joins and multicast router
+        /// advertisements, for IGMP/MLD-snooping switches) or unicast (a
+        /// shared unicast MAC never used as a source, flooded as unknown
+        /// unicast). See deploy/NETWORK.md.
+        #[arg(long, default_value_t = SwitchMode::Multicast)]
+        mode: SwitchMode,
+    },
+    /// List the VIPs with their prefix, MAC and switch mode.
+    List {
+        #[command(flatten)]
+        read: ReadFlags,
     },
     /// Remove a virtual IP address.
     Remove {
@@ -234,11 +248,12 @@ fn lease_timing(heartbeat_ms: Option<u64>, lease_ms: Option<u64>) -> pb::LeaseTi
     }
 }
 
-fn vip(address: String, prefix: u32, mac: String) -> pb::Vip {
+fn vip(address: String, prefix: u32, mac: String, mode: SwitchMode) -> pb::Vip {
     pb::Vip {
         address,
         prefix_len: prefix,
         mac,
+        mode: mode.to_string(),
     }
 }
 
@@ -269,6 +284,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Status { read, wait } => {
             let a = admin(&cli.conn, read.local)?;
             return status::status(&a, read.json, wait.map(Duration::from_secs)).await;
+        }
+        Cmd::Vip(VipCmd::List { read }) => {
+            status::vips(&admin(&cli.conn, read.local)?, read.json).await?;
+            return Ok(0);
         }
         Cmd::Members { read } => {
             status::members(&admin(&cli.conn, read.local)?, read.json).await?;
@@ -313,7 +332,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             lease_ms,
         }) => Op::InitCluster(pb::InitCluster {
             settings: Some(pb::ClusterSettings {
-                vips: vips.into_iter().map(|v| vip(v, 0, String::new())).collect(),
+                vips: vips
+                    .into_iter()
+                    .map(|v| vip(v, 0, String::new(), SwitchMode::Multicast))
+                    .collect(),
                 bucket_count: buckets,
                 bucket_function: bucket_fn,
                 affinity,
@@ -326,8 +348,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             address,
             prefix,
             mac,
+            mode,
         }) => Op::AddVip(pb::AddVip {
-            vip: Some(vip(address, prefix, mac)),
+            vip: Some(vip(address, prefix, mac, mode)),
         }),
         Cmd::Vip(VipCmd::Remove { address }) => Op::RemoveVip(pb::RemoveVip { address }),
         Cmd::Member(MemberCmd::Add { name, weight }) => {

@@ -154,7 +154,7 @@ fn print_json(local: bool, snap: &Snapshot, h: Health) -> anyhow::Result<()> {
         "unowned_buckets": main.unowned_buckets,
         "revoked": main.revoked_serials,
         "settings": main.settings.as_ref().map(|s| json!({
-            "vips": s.vips.iter().map(|v| json!({"address": v.address, "prefix_len": v.prefix_len, "mac": v.mac})).collect::<Vec<_>>(),
+            "vips": s.vips.iter().map(|v| json!({"address": v.address, "prefix_len": v.prefix_len, "mac": v.mac, "mode": mode_name(&v.mode)})).collect::<Vec<_>>(),
             "bucket_count": s.bucket_count, "bucket_function": s.bucket_function,
             "affinity": s.affinity, "seed": s.seed})),
         "controllers": controllers,
@@ -180,7 +180,11 @@ fn print_text(local: bool, snap: &Snapshot, h: Health) {
         h.reason()
     );
     if let Some(s) = &main.settings {
-        let vips: Vec<_> = s.vips.iter().map(|v| v.address.as_str()).collect();
+        let vips: Vec<_> = s
+            .vips
+            .iter()
+            .map(|v| format!("{} ({})", v.address, mode_name(&v.mode)))
+            .collect();
         println!(
             "VIPs {}  buckets {} ({}, {}, seed {:#x})  members {}  unowned {}",
             vips.join(","),
@@ -217,6 +221,47 @@ fn print_text(local: bool, snap: &Snapshot, h: Health) {
         println!();
         print_members(&snap.members);
     }
+}
+
+/// A VIP's switch mode as the controller sent it; "" from controllers older
+/// than switch modes, which serve every VIP as `multicast`.
+fn mode_name(mode: &str) -> &str {
+    if mode.is_empty() {
+        "multicast"
+    } else {
+        mode
+    }
+}
+
+/// `vipsharectl vip list`: each VIP with its prefix, MAC and switch mode.
+pub async fn vips(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
+    let main = admin.status().await?;
+    let vips = main.settings.map(|s| s.vips).unwrap_or_default();
+    if as_json {
+        let rows: Vec<_> = vips
+            .iter()
+            .map(|v| json!({"address": v.address, "prefix_len": v.prefix_len, "mac": v.mac, "mode": mode_name(&v.mode)}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"local": admin.local, "vips": rows}))?
+        );
+        return Ok(());
+    }
+    if admin.local {
+        println!("LOCAL VIEW (not a quorum read: may be stale)");
+    }
+    println!("{:<40} {:>6}  {:<17}  MODE", "VIP", "PREFIX", "MAC");
+    for v in &vips {
+        println!(
+            "{:<40} {:>6}  {:<17}  {}",
+            v.address,
+            v.prefix_len,
+            v.mac,
+            mode_name(&v.mode)
+        );
+    }
+    Ok(())
 }
 
 pub async fn members(admin: &Admin, as_json: bool) -> anyhow::Result<()> {

@@ -334,6 +334,7 @@ async fn run(n: usize) -> anyhow::Result<String> {
                     address: "192.0.2.10".into(),
                     prefix_len: 0,
                     mac: String::new(),
+                    mode: String::new(),
                 }],
                 bucket_count: BUCKETS,
                 bucket_function: "jhash".into(),

@@ -1552,6 +1552,7 @@ impl NetnsProvider {
                     address: vip.clone(),
                     prefix_len: 0,
                     mac: String::new(),
+                    mode: String::new(),
                 }],
                 bucket_count: o.buckets,
                 bucket_function: "jhash".into(),

@@ -810,12 +810,14 @@ mod direct {
                     prefix_len: 32,
                     mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x00, net.k]),
                     interface: "eth0".into(),
+                    mode: Default::default(),
                 },
                 VipConfig {
                     addr: net.vip6().into(),
                     prefix_len: 64,
                     mac: Mac([0x33, 0x33, 0x7f, 0x00, 0x00, net.k]),
                     interface: "eth0".into(),
+                    mode: Default::default(),
                 },
             ],
             bucket_count: 4,
@@ -945,5 +947,65 @@ mod direct {
             !tmp.path().join("h1/linux-vipshare.json").exists(),
             "state file left behind"
         );
+    }
+
+    /// The elements of the `owned` sets of both families as nft lists them,
+    /// without timeouts.
+    fn listed_elements(ns: &Netns) -> Vec<String> {
+        ["ip", "ip6"]
+            .iter()
+            .map(|f| {
+                let out = ns
+                    .exec("nft", &["list", "set", f, "vipshare", "owned"])
+                    .unwrap();
+                let start = out.find("elements = {").map_or(out.len(), |i| i + 12);
+                let end = out[start..].find('}').map_or(out.len(), |i| start + i);
+                let mut e: Vec<String> = out[start..end]
+                    .split(',')
+                    .map(|x| x.split_whitespace().next().unwrap_or("").to_string())
+                    .filter(|x| !x.is_empty())
+                    .collect();
+                e.sort();
+                format!("{f}: {}", e.join(" "))
+            })
+            .collect()
+    }
+
+    /// A renewal goes to the kernel over netlink, a rebuild through
+    /// libnftables: both must write the same elements, for every key type
+    /// (`mark` for jhash, addresses for lowbits).
+    #[test]
+    fn a_renewal_over_netlink_writes_the_elements_nft_writes() {
+        let net = NetLab::new(1, 1).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let h1 = &net.hosts[0];
+        for bucket_fn in [BucketFn::Jhash, BucketFn::Lowbits] {
+            let mut p = plane(h1, &tmp.path().join(format!("{bucket_fn:?}")));
+            let long = Duration::from_secs(60);
+            let with_fn = |owned: Vec<u32>| Desired {
+                bucket_fn,
+                ..desired(&net, owned, long)
+            };
+            // First apply: a rebuild, elements written by libnftables.
+            let d = with_fn(vec![1, 3]);
+            let r;
+            (p, r) = with(h1, p, move |p| p.apply(&d));
+            r.unwrap();
+            let by_nft = listed_elements(h1);
+            assert!(
+                by_nft.iter().all(|l| l.split(' ').count() == 3),
+                "{bucket_fn:?}: two elements per family: {by_nft:?}"
+            );
+            // Renewals: netlink only.
+            for owned in [vec![0, 2], vec![1, 3]] {
+                let d = with_fn(owned);
+                let r;
+                (p, r) = with(h1, p, move |p| p.apply(&d));
+                assert!(!r.unwrap().changed, "{bucket_fn:?}: a renewal rebuilt");
+            }
+            assert_eq!(listed_elements(h1), by_nft, "{bucket_fn:?}");
+            let (_, r) = with(h1, p, |p| p.withdraw());
+            r.unwrap();
+        }
     }
 }

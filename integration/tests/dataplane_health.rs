@@ -25,6 +25,7 @@ fn health_names_what_keeps_the_host_from_serving() {
             prefix_len: 32,
             mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x04, 0x01]),
             interface: interface.into(),
+            mode: Default::default(),
         }],
         bucket_count: 8,
         bucket_fn: BucketFn::Jhash,

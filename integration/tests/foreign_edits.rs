@@ -34,6 +34,7 @@ fn foreign_edits_are_reported_and_repaired() {
             prefix_len: 32,
             mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x03, net.k]),
             interface: "eth0".into(),
+            mode: Default::default(),
         }],
         bucket_count: 16,
         bucket_fn: BucketFn::Jhash,

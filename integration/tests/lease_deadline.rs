@@ -46,6 +46,7 @@ fn desired(net: &NetLab, until: Instant) -> Desired {
             prefix_len: 32,
             mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x02, net.k]),
             interface: "eth0".into(),
+            mode: Default::default(),
         }],
         bucket_count: 8,
         bucket_fn: BucketFn::Jhash,

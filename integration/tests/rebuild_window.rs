@@ -326,6 +326,7 @@ fn full_rebuilds_never_answer_a_foreign_bucket() {
             prefix_len: 32,
             mac: Mac([0x01, 0x00, 0x5e, 0x7f, 0x01, 0x10]),
             interface: "eth0".into(),
+            mode: Default::default(),
         }],
         bucket_count: BUCKETS,
         bucket_fn: BucketFn::Jhash,

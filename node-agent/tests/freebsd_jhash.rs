@@ -204,6 +204,7 @@ fn linux_and_freebsd_plans_accept_the_same_sources() {
                 prefix_len: 32,
                 mac: Mac([0x01, 0x00, 0x5e, 0x56, 0x53, 0x01]),
                 interface: "eth0".into(),
+                mode: Default::default(),
             }],
             bucket_count: 256,
             bucket_fn: BucketFn::Jhash,

@@ -32,6 +32,7 @@ fn vip(last: u8, mac_last: u8) -> VipConfig {
         prefix_len: 32,
         mac: Mac([0x01, 0x00, 0x5e, 0x56, 0x53, mac_last]),
         interface: "vtnet0".into(),
+        mode: Default::default(),
     }
 }
 
@@ -242,10 +243,17 @@ fn rejects_what_ipfw_cannot_do() {
         prefix_len: 128,
         mac: Mac([0x33, 0x33, 0, 0, 0, 0x10]),
         interface: "vtnet0".into(),
+        mode: Default::default(),
     });
     let err = plan_apply(&cfg, None, &six, t0()).unwrap_err();
     assert!(matches!(err, DataPlaneError::Unsupported(_)), "{err}");
     assert!(err.to_string().contains("2001:db8::10"), "{err}");
+    // Nor switch modes other than multicast, likewise.
+    let mut igmp = desired(0..8);
+    igmp.vips[0].mode = vipshare_agent::dataplane::SwitchMode::Igmp;
+    let err = plan_apply(&cfg, None, &igmp, t0()).unwrap_err();
+    assert!(matches!(err, DataPlaneError::Unsupported(_)), "{err}");
+    assert!(err.to_string().contains("switch mode igmp"), "{err}");
 }
 
 #[test]

@@ -21,7 +21,7 @@ use vipshare_agent::dataplane::linux::{
     RecordingExecutor, Step,
 };
 use vipshare_agent::dataplane::{
-    Affinity, BucketFn, DataPlane, Desired, LeaseEnforcement, Mac, VipConfig,
+    Affinity, BucketFn, DataPlane, Desired, LeaseEnforcement, Mac, SwitchMode, VipConfig,
 };
 
 fn vip(last: u8) -> VipConfig {
@@ -30,6 +30,7 @@ fn vip(last: u8) -> VipConfig {
         prefix_len: 32,
         mac: Mac([0x01, 0x00, 0x5e, 0x00, 0x02, last]),
         interface: "eth0".into(),
+        mode: Default::default(),
     }
 }
 
@@ -156,6 +157,7 @@ fn vip6(last: u16) -> VipConfig {
         prefix_len: 64,
         mac: Mac([0x33, 0x33, 0, 0, 0, last as u8]),
         interface: "eth0".into(),
+        mode: Default::default(),
     }
 }
 
@@ -193,9 +195,25 @@ fn withdraw_and_teardown() {
     let first = plan_fresh(&cfg, &desired([1], 400), &BTreeSet::from([1, 9])).unwrap();
     let mut out = String::from("## apply with bucket 1 reset-on-invalid\n");
     out.push_str(&first.render());
-    let w = plan_withdraw(&cfg, first.next.as_ref());
+    let w = plan_withdraw(&cfg, first.next.as_ref(), &Present::default());
     out.push_str("## withdraw\n");
     out.push_str(&w.render());
+    // Nothing installed (before the first apply): the sets an earlier run
+    // left, of both families, and nothing that is not there.
+    let mut mixed = desired([1], 400);
+    mixed.vips.push(vip6(0x10));
+    let both = plan_fresh(&cfg, &mixed, &BTreeSet::new()).unwrap();
+    let present = objects_of(both.next.as_ref().unwrap(), cfg.arp_egress).unwrap();
+    let w0 = plan_withdraw(&cfg, None, &present);
+    out.push_str(
+        "## withdraw with nothing installed, an earlier run's ip and ip6 tables present\n",
+    );
+    out.push_str(&w0.render());
+    assert!(w0.next.is_none());
+    let none = plan_withdraw(&cfg, None, &Present::default());
+    out.push_str("## withdraw with nothing installed, no table present\n");
+    out.push_str(&none.render());
+    assert!(none.steps.is_empty());
     assert!(w.next.as_ref().unwrap().owned.is_empty());
     let t = plan_teardown(&cfg, w.next.as_ref(), &[vip(12)]);
     out.push_str("## teardown (192.0.2.12 remembered from an earlier run)\n");
@@ -307,4 +325,77 @@ fn invalid_desired_states_are_refused() {
         ..cfg
     };
     assert!(LinuxDataPlane::new(bad, RecordingExecutor::default()).is_err());
+}
+
+fn with_mode(mut v: VipConfig, mode: SwitchMode) -> VipConfig {
+    v.mode = mode;
+    if mode == SwitchMode::Unicast {
+        v.mac = Mac::unicast_for_vip(v.addr);
+    }
+    v
+}
+
+/// Switch modes: `igmp` adds the joins of the groups mapped from the MACs
+/// (IGMP and MLD) and a multicast router advertiser per interface and family;
+/// `unicast` adds a receive-only device per shared MAC before the rebuild
+/// (whose egress chain drops whatever would leave it), answers ARP and ND
+/// with the shared MAC and neither adds multicast MACs nor joins groups;
+/// back to `multicast` undoes both.
+#[test]
+fn switch_modes() {
+    let both = |mode: SwitchMode| {
+        let mut d = desired([2, 5], 400);
+        d.vips = vec![with_mode(vip(10), mode), with_mode(vip6(0x10), mode)];
+        d
+    };
+    let out = scenario(&[
+        ("multicast (IPv4 and IPv6)", both(SwitchMode::Multicast)),
+        ("igmp", both(SwitchMode::Igmp)),
+        ("unicast", both(SwitchMode::Unicast)),
+        ("multicast again", both(SwitchMode::Multicast)),
+    ]);
+    let mut out = out;
+    let t = plan_teardown(&cfg(), None, &both(SwitchMode::Unicast).vips);
+    out.push_str("## teardown of unicast VIPs remembered from an earlier run\n");
+    out.push_str(&t.render());
+    golden("switch_modes", &out);
+
+    // Order: the device before the rebuild naming it in an egress chain, its
+    // deletion after the rebuild that dropped the chain.
+    let cfg = cfg();
+    let uni = plan_fresh(&cfg, &both(SwitchMode::Unicast), &BTreeSet::new()).unwrap();
+    let at = |p: &vipshare_agent::dataplane::linux::Plan, f: &dyn Fn(&Step) -> bool| {
+        p.steps.iter().position(f).unwrap()
+    };
+    assert!(
+        at(&uni, &|s| matches!(s, Step::AddRecvDevice { .. }))
+            < at(&uni, &|s| matches!(s, Step::Nft(_)))
+    );
+    let back = plan_apply(
+        &cfg,
+        uni.next.as_ref(),
+        &both(SwitchMode::Multicast),
+        &BTreeSet::new(),
+        &objects_of(uni.next.as_ref().unwrap(), true).unwrap(),
+        t0(),
+    )
+    .unwrap();
+    assert!(
+        at(&back, &|s| matches!(s, Step::Nft(_)))
+            < at(&back, &|s| matches!(s, Step::DelRecvDevice { .. }))
+    );
+    // A unicast MAC where a multicast one is needed, and the reverse, are
+    // refused naming the VIP.
+    let mut bad = both(SwitchMode::Unicast);
+    bad.vips[0].mac = Mac::for_vip(bad.vips[0].addr);
+    let e = plan_fresh(&cfg, &bad, &BTreeSet::new())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("192.0.2.10") && e.contains("unicast"), "{e}");
+    let mut bad = both(SwitchMode::Igmp);
+    bad.vips[1].mac = Mac::unicast_for_vip(bad.vips[1].addr);
+    let e = plan_fresh(&cfg, &bad, &BTreeSet::new())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("2001:db8::10") && e.contains("igmp"), "{e}");
 }

@@ -171,5 +171,6 @@ fn vip(i: u32) -> Vip {
         address: std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, last)),
         prefix_len: 24,
         mac: Mac([0x01, 0x00, 0x5e, 0, 0, last]),
+        mode: Default::default(),
     }
 }

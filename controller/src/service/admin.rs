@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use vipshare_core::command::Command;
 use vipshare_core::damping::Damping;
 use vipshare_core::lease::LeaseTiming;
-use vipshare_core::net::Mac;
+use vipshare_core::net::{Mac, SwitchMode};
 use vipshare_core::replica::ControllerChange;
 use vipshare_core::state::{MemberState, Settings, Vip};
 use vipshare_proto::pki::Role;
@@ -506,22 +506,28 @@ fn vip_from_pb(v: pb::Vip) -> Result<Vip, Status> {
             "prefix length {prefix_len} too long for {addr}"
         )));
     }
+    // "" is what clients from before switch modes send.
+    let mode = if v.mode.is_empty() {
+        SwitchMode::Multicast
+    } else {
+        v.mode
+            .parse::<SwitchMode>()
+            .map_err(|e| Status::invalid_argument(format!("VIP {addr}: {e}")))?
+    };
     let mac = if v.mac.is_empty() {
-        Mac::for_vip(addr)
+        Mac::default_for(addr, mode)
     } else {
         v.mac
             .parse::<Mac>()
             .map_err(|e| Status::invalid_argument(e.to_string()))?
     };
-    if !mac.is_multicast() {
-        return Err(Status::invalid_argument(format!(
-            "MAC {mac} must be a multicast MAC like 01:00:5e:7f:00:0a"
-        )));
-    }
+    mode.check_mac(addr, mac)
+        .map_err(|e| Status::invalid_argument(format!("VIP {addr}: {e}")))?;
     Ok(Vip {
         address: addr,
         prefix_len: prefix_len as u8,
         mac,
+        mode,
     })
 }
 
@@ -582,6 +588,7 @@ pub fn settings_to_pb(s: &Settings) -> pb::ClusterSettings {
                 address: v.address.to_string(),
                 prefix_len: u32::from(v.prefix_len),
                 mac: v.mac.to_string(),
+                mode: v.mode.to_string(),
             })
             .collect(),
         bucket_count: s.bucket_count,
@@ -626,6 +633,7 @@ mod tests {
                 address: a.into(),
                 prefix_len: 0,
                 mac: mac.into(),
+                mode: String::new(),
             })
         };
         assert_eq!(
@@ -674,6 +682,50 @@ mod tests {
             .unwrap_err()
             .message()
             .contains("multicast"));
+    }
+
+    #[test]
+    fn switch_modes_default_to_multicast_and_check_the_mac() {
+        let v = |a: &str, mac: &str, mode: &str| {
+            vip_from_pb(pb::Vip {
+                address: a.into(),
+                prefix_len: 0,
+                mac: mac.into(),
+                mode: mode.into(),
+            })
+        };
+        let old = v("192.0.2.10", "", "").unwrap();
+        assert_eq!(old.mode, SwitchMode::Multicast, "\"\" from older clients");
+        let u = v("192.0.2.10", "", "unicast").unwrap();
+        assert_eq!(
+            (u.mode, u.mac.to_string()),
+            (SwitchMode::Unicast, "02:00:5e:00:02:0a".into())
+        );
+        let g = v("2001:db8::a:b", "", "igmp").unwrap();
+        assert_eq!(
+            (g.mode, g.mac.to_string()),
+            (SwitchMode::Igmp, "33:33:00:0a:00:0b".into())
+        );
+        // Round trip through the wire form.
+        let mut settings = settings_from_pb(pb::ClusterSettings::default()).unwrap();
+        settings.vips = vec![u.clone()];
+        let s = settings_to_pb(&settings);
+        assert_eq!(s.vips[0].mode, "unicast");
+        assert_eq!(vip_from_pb(s.vips[0].clone()).unwrap(), u);
+        let e = v("192.0.2.10", "", "flood").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message().contains("192.0.2.10")
+                && e.message().contains("\"flood\" is not a switch mode"),
+            "{e:?}"
+        );
+        let e = v("192.0.2.10", "01:00:5e:00:02:0a", "unicast").unwrap_err();
+        assert!(
+            e.message().contains("locally administered unicast"),
+            "{e:?}"
+        );
+        let e = v("192.0.2.10", "00:11:22:33:44:55", "unicast").unwrap_err();
+        assert!(e.message().contains("00:11:22:33:44:55"), "{e:?}");
     }
 
     #[test]

@@ -34,7 +34,7 @@
 pub mod state_file;
 pub mod wire;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -128,7 +128,9 @@ impl Plane {
     fn keep_servable(&self, s: Settings) -> Settings {
         match self {
             Plane::Linux(_) => s,
-            Plane::FreeBsd(_) => s.without_ipv6("IPv6 VIPs are not served on FreeBSD yet"),
+            Plane::FreeBsd(_) => s
+                .without_ipv6("IPv6 VIPs are not served on FreeBSD yet")
+                .only_multicast_mode("FreeBSD"),
         }
     }
 
@@ -557,10 +559,11 @@ impl Runtime {
             vips: s
                 .vips
                 .iter()
-                .map(|&(addr, prefix_len, mac)| VipConfig {
+                .map(|&(addr, prefix_len, mac, mode)| VipConfig {
                     addr,
                     prefix_len,
                     mac,
+                    mode,
                     interface: self.cfg.interface.clone(),
                 })
                 .collect(),
@@ -616,9 +619,11 @@ impl Runtime {
                 if let Some((at, index)) = self.assignment_pending.take() {
                     let took = at.elapsed();
                     metrics::assignment_applied(took);
+                    // took = waiting for the loop + the kernel write (apply).
                     info!(
                         index,
                         took_us = took.as_micros() as u64,
+                        apply_us = t.elapsed().as_micros() as u64,
                         "assignment applied"
                     );
                 }
@@ -770,14 +775,15 @@ async fn beat(
                 continue;
             }
         };
-        // Replies come in order: the oldest unanswered request's send time.
-        let mut unanswered: u32 = 1;
-        let mut waiting_since = Some(Instant::now());
+        // Replies come in order, so the front is the oldest unanswered
+        // request's send time: a stream whose replies trickle in, each later
+        // than the last, is reopened too (not only one that stops).
+        let mut unanswered = VecDeque::from([Instant::now()]);
         loop {
             tokio::select! {
                 next = rounds.recv() => {
                     let Some(b) = next else { return };
-                    if waiting_since.is_some_and(|t| t.elapsed() > b.timeout) {
+                    if unanswered.front().is_some_and(|t| t.elapsed() > b.timeout) {
                         debug!(controller = id, "heartbeat stream stalled; reopening");
                         carry = Some(b);
                         break;
@@ -785,13 +791,11 @@ async fn beat(
                     if out.try_send(b.req).is_err() {
                         break;
                     }
-                    unanswered += 1;
-                    waiting_since.get_or_insert_with(Instant::now);
+                    unanswered.push_back(Instant::now());
                 }
                 reply = replies.message() => match reply {
                     Ok(Some(r)) => {
-                        unanswered = unanswered.saturating_sub(1);
-                        waiting_since = (unanswered > 0).then(Instant::now);
+                        unanswered.pop_front();
                         let ev = Event::Reply { round: r.round, controller: id, result: Ok(r) };
                         if tx.send(ev).await.is_err() {
                             return;

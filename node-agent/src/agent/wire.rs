@@ -8,14 +8,14 @@ use std::net::IpAddr;
 use vipshare_core::agent::{Assignment, Controller, Reply};
 use vipshare_core::bucket::{self, Affinity, BucketFn};
 use vipshare_core::lease::LeaseTiming;
-use vipshare_core::net::Mac;
+use vipshare_core::net::{Mac, SwitchMode};
 use vipshare_proto::v1 as pb;
 
 /// Cluster settings as the data plane needs them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    /// (address, prefix length, MAC)
-    pub vips: Vec<(IpAddr, u8, Mac)>,
+    /// (address, prefix length, MAC, switch mode)
+    pub vips: Vec<(IpAddr, u8, Mac, SwitchMode)>,
     /// VIPs this agent cannot serve, each with the reason: the others are
     /// served (one VIP never freezes the rest); reported, not applied.
     pub unserved: Vec<String>,
@@ -29,11 +29,28 @@ pub struct Settings {
 impl Settings {
     /// The IPv6 VIPs moved to `unserved` with `reason` (a backend that cannot
     /// serve them still serves the rest).
-    pub fn without_ipv6(mut self, reason: &str) -> Settings {
-        let (v6, v4): (Vec<_>, Vec<_>) = self.vips.into_iter().partition(|v| v.0.is_ipv6());
-        self.vips = v4;
+    pub fn without_ipv6(self, reason: &str) -> Settings {
+        self.without(|v| v.0.is_ipv6(), |_| reason.to_string())
+    }
+
+    /// The VIPs of another switch mode than `multicast` moved to `unserved`
+    /// (a backend that cannot apply the modes still serves the rest).
+    pub fn only_multicast_mode(self, backend: &str) -> Settings {
+        self.without(
+            |v| v.3 != SwitchMode::Multicast,
+            |v| format!("switch mode {} is not served on {backend} yet", v.3),
+        )
+    }
+
+    fn without(
+        mut self,
+        drop: impl Fn(&(IpAddr, u8, Mac, SwitchMode)) -> bool,
+        reason: impl Fn(&(IpAddr, u8, Mac, SwitchMode)) -> String,
+    ) -> Settings {
+        let (out, keep): (Vec<_>, Vec<_>) = self.vips.into_iter().partition(|v| drop(v));
+        self.vips = keep;
         self.unserved
-            .extend(v6.into_iter().map(|v| format!("VIP {}: {reason}", v.0)));
+            .extend(out.iter().map(|v| format!("VIP {}: {}", v.0, reason(v))));
         self
     }
 }
@@ -95,13 +112,27 @@ pub fn validate(
                         "VIP {addr}: prefix length {prefix} is not in 1..={max}"
                     ));
                 }
+                // "" from controllers older than switch modes; a mode this
+                // agent does not know (a newer controller's) leaves that VIP
+                // unserved, reported, and the others served.
+                let mode = if v.mode.is_empty() {
+                    SwitchMode::Multicast
+                } else {
+                    match v.mode.parse::<SwitchMode>() {
+                        Ok(m) => m,
+                        Err(e) => {
+                            unserved.push(format!("VIP {addr}: {e}"));
+                            continue;
+                        }
+                    }
+                };
                 let mac = v
                     .mac
                     .parse::<Mac>()
-                    .ok()
-                    .filter(Mac::is_multicast)
-                    .ok_or_else(|| format!("VIP {addr}: {:?} is not a multicast MAC", v.mac))?;
-                vips.push((addr, prefix as u8, mac));
+                    .map_err(|e| format!("VIP {addr}: {e}"))?;
+                mode.check_mac(addr, mac)
+                    .map_err(|e| format!("VIP {addr}: {e}"))?;
+                vips.push((addr, prefix as u8, mac, mode));
             }
             Some(Settings {
                 vips,
@@ -168,6 +199,7 @@ mod tests {
                 address: "192.0.2.10".into(),
                 prefix_len: 32,
                 mac: "01:00:5e:00:02:0a".into(),
+                mode: String::new(),
             }],
             bucket_count: 16,
             bucket_function: "jhash".into(),
@@ -243,12 +275,63 @@ mod tests {
             address: "2001:db8::10".into(),
             prefix_len: 0,
             mac: "33:33:00:00:00:10".into(),
+            mode: String::new(),
         });
         let (s, _) = validate("h1", &a).unwrap();
         let s = s.unwrap().without_ipv6("not here");
         assert_eq!(s.vips.len(), 1);
         assert!(s.vips[0].0.is_ipv4());
         assert_eq!(s.unserved, ["VIP 2001:db8::10: not here"]);
+    }
+
+    #[test]
+    fn switch_modes_are_read_checked_and_unknown_ones_left_unserved() {
+        let mut a = assignment(13, 1, &[]);
+        let vips = &mut a.settings.as_mut().unwrap().vips;
+        vips.push(pb::Vip {
+            address: "192.0.2.11".into(),
+            prefix_len: 0,
+            mac: "02:00:5e:00:02:0b".into(),
+            mode: "unicast".into(),
+        });
+        vips.push(pb::Vip {
+            address: "2001:db8::10".into(),
+            prefix_len: 0,
+            mac: "33:33:00:00:00:10".into(),
+            mode: "igmp".into(),
+        });
+        vips.push(pb::Vip {
+            address: "192.0.2.12".into(),
+            prefix_len: 0,
+            mac: "01:00:5e:00:02:0c".into(),
+            mode: "carrier-pigeon".into(),
+        });
+        let (s, _) = validate("h1", &a).unwrap();
+        let s = s.unwrap();
+        let modes: Vec<SwitchMode> = s.vips.iter().map(|v| v.3).collect();
+        assert_eq!(
+            modes,
+            [SwitchMode::Multicast, SwitchMode::Unicast, SwitchMode::Igmp]
+        );
+        assert_eq!(s.unserved.len(), 1);
+        assert!(
+            s.unserved[0].contains("192.0.2.12") && s.unserved[0].contains("carrier-pigeon"),
+            "{:?}",
+            s.unserved
+        );
+        let f = s.only_multicast_mode("FreeBSD");
+        assert_eq!(f.vips.len(), 1);
+        assert!(f.unserved.contains(
+            &"VIP 192.0.2.11: switch mode unicast is not served on FreeBSD yet".to_string()
+        ));
+        assert!(f.unserved.contains(
+            &"VIP 2001:db8::10: switch mode igmp is not served on FreeBSD yet".to_string()
+        ));
+        // A multicast MAC in mode unicast is refused, naming the VIP and why.
+        let vips = &mut a.settings.as_mut().unwrap().vips;
+        vips[1].mac = "01:00:5e:00:02:0b".into();
+        let e = validate("h1", &a).unwrap_err();
+        assert!(e.contains("192.0.2.11") && e.contains("unicast"), "{e}");
     }
 
     #[test]
@@ -260,6 +343,7 @@ mod tests {
             address: "2001:db8::10".into(),
             prefix_len: 0,
             mac: "33:33:00:00:00:10".into(),
+            mode: String::new(),
         });
         let (s, _) = validate("h1", &a).unwrap();
         let prefixes: Vec<u8> = s.unwrap().vips.iter().map(|v| v.1).collect();

@@ -32,7 +32,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 pub use vipshare_core::bucket::{Affinity, BucketFn};
-pub use vipshare_core::net::Mac;
+pub use vipshare_core::net::{Mac, SwitchMode};
 
 pub mod freebsd;
 pub mod linux;
@@ -50,6 +50,8 @@ pub struct VipConfig {
     pub mac: Mac,
     /// Interface carrying the VIP (e.g. `vtnet0`, `eth0`).
     pub interface: String,
+    /// How the switches deliver the VIP's frames to every host.
+    pub mode: SwitchMode,
 }
 
 /// Everything the data plane must make true. Built by the agent from the
@@ -114,10 +116,16 @@ impl Desired {
                     vip.addr, vip.interface
                 )));
             }
-            if !vip.mac.is_multicast() {
+            vip.mode
+                .check_mac(vip.addr, vip.mac)
+                .map_err(|e| DataPlaneError::InvalidDesired(format!("VIP {}: {e}", vip.addr)))?;
+            // One receive device per shared unicast MAC, on one interface.
+            if let Some(other) = self.vips.iter().find(|o| {
+                vip.mode == SwitchMode::Unicast && o.mac == vip.mac && o.interface != vip.interface
+            }) {
                 return Err(DataPlaneError::InvalidDesired(format!(
-                    "VIP {}: MAC {} is not a multicast MAC",
-                    vip.addr, vip.mac
+                    "VIP {}: unicast MAC {} is also used by VIP {} on another interface ({})",
+                    vip.addr, vip.mac, other.addr, other.interface
                 )));
             }
             if !seen.insert(vip.addr) {
@@ -213,9 +221,9 @@ pub struct Interface {
 /// backends and the tests share one judgement. `holder` names the interface
 /// that must hold a VIP's address (a backend may keep it elsewhere than on
 /// the interface that carries its traffic).
-pub fn assess<'a>(
-    vips: &'a [VipConfig],
-    holder: impl Fn(&'a VipConfig) -> &'a str,
+pub fn assess(
+    vips: &[VipConfig],
+    holder: impl Fn(&VipConfig) -> String,
     interfaces: &std::collections::BTreeMap<String, Interface>,
     filter_present: bool,
     last_apply_ok: bool,
@@ -232,7 +240,7 @@ pub fn assess<'a>(
                     p.insert(Problem::InterfaceDown);
                 }
                 let held = interfaces
-                    .get(holder(vip))
+                    .get(&holder(vip))
                     .is_some_and(|h| h.addrs.contains(&vip.addr));
                 if !held {
                     p.insert(Problem::VipMissing);
@@ -351,6 +359,7 @@ mod tests {
                 prefix_len: 32,
                 mac: Mac([0x01, 0x00, 0x5e, 0x0a, 0x0b, 0x0c]),
                 interface: "vtnet0".into(),
+                mode: SwitchMode::Multicast,
             }],
             bucket_count: 256,
             bucket_fn: BucketFn::Lowbits,
@@ -398,9 +407,15 @@ mod tests {
             addrs: [vips[0].addr].into(),
         };
         let ifs = |i: Interface| std::collections::BTreeMap::from([("vtnet0".to_string(), i)]);
-        assert!(assess(&vips, |v| &v.interface, &ifs(up.clone()), true, true).is_empty());
+        assert!(assess(&vips, |v| v.interface.clone(), &ifs(up.clone()), true, true).is_empty());
         assert_eq!(
-            assess(&vips, |v| &v.interface, &Default::default(), true, true),
+            assess(
+                &vips,
+                |v| v.interface.clone(),
+                &Default::default(),
+                true,
+                true
+            ),
             [Problem::InterfaceMissing, Problem::VipMissing].into()
         );
         let down = Interface {
@@ -408,13 +423,13 @@ mod tests {
             ..up.clone()
         };
         assert_eq!(
-            assess(&vips, |v| &v.interface, &ifs(down), true, true),
+            assess(&vips, |v| v.interface.clone(), &ifs(down), true, true),
             [Problem::InterfaceDown].into()
         );
         assert_eq!(
             assess(
                 &vips,
-                |v| &v.interface,
+                |v| v.interface.clone(),
                 &ifs(Interface::default()),
                 false,
                 false

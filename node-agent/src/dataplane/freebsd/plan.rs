@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use super::masks::{compress, Cube};
 use super::{FreeBsdConfig, IpfwBuckets, SharedAddress};
-use crate::dataplane::{Affinity, BucketFn, DataPlaneError, Desired, VipConfig};
+use crate::dataplane::{Affinity, BucketFn, DataPlaneError, Desired, SwitchMode, VipConfig};
 
 /// Offset of the owned-bucket rules from `rule_base`.
 pub const OWNED_OFFSET: u32 = 100;
@@ -609,6 +609,14 @@ pub fn plan_apply(
             return Err(DataPlaneError::Unsupported(format!(
                 "VIP {}: IPv6 VIPs are not planned for FreeBSD yet",
                 vip.addr
+            )));
+        }
+        // No router advertiser or receive-only device here yet (the agent
+        // reports such VIPs unserved and never hands them over).
+        if vip.mode != SwitchMode::Multicast {
+            return Err(DataPlaneError::Unsupported(format!(
+                "VIP {}: switch mode {} is not planned for FreeBSD yet",
+                vip.addr, vip.mode
             )));
         }
         if vip.mac.igmp_group().is_none() {

@@ -1,5 +1,6 @@
 //! The executor: the only code of the Linux backend that touches the OS. It
-//! sends nftables transactions in process ([`super::libnft`], one batch per
+//! sends nftables transactions in process (renewals over netlink,
+//! [`super::lease_write`]; the rest through [`super::libnft`], one batch per
 //! step), runs `ip`, writes /proc/sys, and holds one UDP socket per joined
 //! multicast group.
 //!
@@ -10,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,12 +19,14 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vipshare_core::agent::{after_ack, AfterAck};
 
-use super::deadline::DeadlineWriter;
+use super::deadline::wall_clock_ns;
+use super::lease_write::LeaseWriter;
 use super::libnft::Nft;
+use super::mrd::MrdSender;
 use super::nd::NdResponder;
-use super::plan::{address_holder, Family, NftBatch, Present, Step};
+use super::plan::{address_holder, recv_device_commands, Family, NftBatch, Present, Step};
 use super::LinuxConfig;
-use crate::dataplane::{DataPlaneError, Interface, Mac, VipConfig};
+use crate::dataplane::{DataPlaneError, Interface, Mac, SwitchMode, VipConfig};
 
 /// Runs plan steps. `started` is when the apply began: element timeouts are
 /// rendered relative to it.
@@ -54,15 +57,17 @@ struct State {
 /// The real executor.
 pub struct OsExecutor {
     nft: Nft,
-    deadline: DeadlineWriter,
+    lease: LeaseWriter,
     budget: Duration,
     ip: String,
     sysctl_root: PathBuf,
     state_file: Option<PathBuf>,
     state: State,
-    groups: HashMap<(String, Ipv4Addr), UdpSocket>,
+    groups: HashMap<(String, IpAddr), UdpSocket>,
     /// Started with the first IPv6 VIP.
     nd: Option<NdResponder>,
+    /// Started with the first `igmp` VIP.
+    mrd: Option<MrdSender>,
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DataPlaneError {
@@ -87,7 +92,7 @@ impl OsExecutor {
         };
         Ok(OsExecutor {
             nft: Nft::new()?,
-            deadline: DeadlineWriter::open()?,
+            lease: LeaseWriter::open()?,
             budget: default_kernel_delay_budget(),
             ip: cfg.ip.clone(),
             sysctl_root: cfg.sysctl_root.clone(),
@@ -95,6 +100,7 @@ impl OsExecutor {
             state,
             groups: HashMap::new(),
             nd: None,
+            mrd: None,
         })
     }
 
@@ -195,7 +201,8 @@ impl OsExecutor {
     fn add_address(&mut self, vip: &VipConfig) -> Result<(), DataPlaneError> {
         let addr = vip.addr;
         let family = Family::of(addr);
-        let (interface, prefix_len, flags) = address_holder(vip);
+        let (holder, prefix_len, flags) = address_holder(vip);
+        let interface = holder.as_str();
         let have = self.addresses(interface, family)?;
         self.state.vips.insert((
             vip.interface.clone(),
@@ -209,12 +216,18 @@ impl OsExecutor {
         }
         // An IPv6 VIP lives on loopback, where source selection never
         // prefers it over the outgoing interface's own address.
-        if family == Family::V4 && !have.iter().any(|(a, _)| *a != addr) {
+        let own = if interface == vip.interface {
+            have.clone()
+        } else {
+            self.addresses(&vip.interface, family)?
+        };
+        if family == Family::V4 && !own.iter().any(|(a, _)| *a != addr) {
             return Err(DataPlaneError::Command {
                 command: format!("ip addr add {addr}/{prefix_len} dev {interface}"),
                 detail: format!(
-                    "{interface} has no IPv4 address of its own; the VIP must come after it \
-                     (secondary), or the host would use the VIP as its source address"
+                    "{} has no IPv4 address of its own; the VIP must come after it \
+                     (secondary), or the host would use the VIP as its source address",
+                    vip.interface
                 ),
             });
         }
@@ -227,7 +240,8 @@ impl OsExecutor {
 
     fn del_address(&mut self, vip: &VipConfig) -> Result<(), DataPlaneError> {
         let family = Family::of(vip.addr);
-        let (interface, prefix_len, _) = address_holder(vip);
+        let (holder, prefix_len, _) = address_holder(vip);
+        let interface = holder.as_str();
         // Missing interface or address: nothing to remove.
         let present = self
             .addresses(interface, family)
@@ -255,38 +269,126 @@ impl OsExecutor {
         }))
     }
 
-    fn join(&mut self, interface: &str, group: Ipv4Addr) -> Result<(), DataPlaneError> {
+    /// Joins `group` on `interface` (IGMP or MLD by the group's family)
+    /// through a socket held until the group is left.
+    fn join(&mut self, interface: &str, group: IpAddr) -> Result<(), DataPlaneError> {
         let key = (interface.to_string(), group);
         if self.groups.contains_key(&key) {
             return Ok(());
         }
-        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-            .map_err(io_err("binding a socket for IGMP membership"))?;
-        let name = std::ffi::CString::new(interface).map_err(|_| {
-            DataPlaneError::InvalidDesired(format!("bad interface name {interface:?}"))
-        })?;
-        // SAFETY: a NUL-terminated string.
-        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if index == 0 {
-            return Err(io_err(format!("interface {interface}"))(
-                std::io::Error::last_os_error(),
-            ));
-        }
-        let mreq = libc::ip_mreqn {
-            imr_multiaddr: libc::in_addr {
-                s_addr: u32::from(group).to_be(),
-            },
-            imr_address: libc::in_addr { s_addr: 0 },
-            imr_ifindex: index as i32,
+        let index = super::nd::if_index(interface)?;
+        let what = format!("joining {group} on {interface}");
+        let sock = match group {
+            IpAddr::V4(g) => {
+                let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+                    .map_err(io_err("binding a socket for IGMP membership"))?;
+                let mreq = libc::ip_mreqn {
+                    imr_multiaddr: libc::in_addr {
+                        s_addr: u32::from(g).to_be(),
+                    },
+                    imr_address: libc::in_addr { s_addr: 0 },
+                    imr_ifindex: index as i32,
+                };
+                super::sys::setsockopt(
+                    &sock,
+                    libc::IPPROTO_IP,
+                    libc::IP_ADD_MEMBERSHIP,
+                    &mreq,
+                    &what,
+                )?;
+                sock
+            }
+            IpAddr::V6(g) => {
+                let sock = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))
+                    .map_err(io_err("binding a socket for MLD membership"))?;
+                let mreq = libc::ipv6_mreq {
+                    ipv6mr_multiaddr: libc::in6_addr {
+                        s6_addr: g.octets(),
+                    },
+                    ipv6mr_interface: index,
+                };
+                super::sys::setsockopt(
+                    &sock,
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_ADD_MEMBERSHIP,
+                    &mreq,
+                    &what,
+                )?;
+                sock
+            }
         };
-        super::sys::setsockopt(
-            &sock,
-            libc::IPPROTO_IP,
-            libc::IP_ADD_MEMBERSHIP,
-            &mreq,
-            &format!("joining {group} on {interface}"),
-        )?;
         self.groups.insert(key, sock);
+        Ok(())
+    }
+
+    /// `ip -o link show dev DEVICE` split into (lower interface, flags,
+    /// MAC); `None` when there is no such device. Through `ip`, not /sys:
+    /// /sys shows the network namespace it was mounted in, not the caller's.
+    fn link(&self, device: &str) -> Option<(String, Vec<String>, String)> {
+        let out = self
+            .ip_output(&["-o", "link", "show", "dev", device])
+            .ok()?;
+        // "7: vsu..@eth0: <BROADCAST,NOARP,UP,LOWER_UP> mtu .. link/ether 02:.. brd .."
+        let mut w = out.split_whitespace();
+        let name = w.nth(1)?.trim_end_matches(':');
+        let lower = name.split_once('@').map_or("", |(_, l)| l).to_string();
+        let flags = w
+            .next()?
+            .trim_matches(|c| c == '<' || c == '>')
+            .split(',')
+            .map(str::to_string)
+            .collect();
+        let mac = w
+            .skip_while(|x| *x != "link/ether")
+            .nth(1)
+            .unwrap_or("")
+            .to_string();
+        Some((lower, flags, mac))
+    }
+
+    /// Creates (or re-asserts) the receive-only device of a shared unicast
+    /// MAC by running [`recv_device_commands`]; a device of that name with
+    /// another MAC or lower interface is replaced. Every rebuild re-asserts
+    /// it, so a device already as wanted costs one `ip` process to look at
+    /// it and the sysctl writes: a rebuild holds up the lease renewals.
+    fn add_recv_device(
+        &mut self,
+        interface: &str,
+        device: &str,
+        mac: &Mac,
+    ) -> Result<(), DataPlaneError> {
+        let mut commands = recv_device_commands(interface, device, mac);
+        if let Some((lower, flags, have)) = self.link(device) {
+            if lower == interface && have == mac.to_string() {
+                commands.remove(0);
+                let has = |f: &str| flags.iter().any(|x| x == f);
+                if has("UP") && has("NOARP") && !has("MULTICAST") {
+                    commands.retain(|c| c.starts_with("sysctl "));
+                }
+            } else {
+                run(&self.ip, &["link", "del", device], None)?;
+            }
+        }
+        for c in &commands {
+            let words: Vec<&str> = c.split_whitespace().collect();
+            match words.split_first() {
+                Some((&"ip", args)) => {
+                    run(&self.ip, args, None)?;
+                }
+                Some((&"sysctl", [kv])) => {
+                    let (key, value) = kv.split_once('=').ok_or_else(|| {
+                        DataPlaneError::InvalidDesired(format!("bad sysctl line {c:?}"))
+                    })?;
+                    // Not remembered: the values go with the device.
+                    self.write_sysctl(key, value)?;
+                }
+                _ => {
+                    return Err(DataPlaneError::InvalidDesired(format!(
+                        "unknown receive device command {c:?}"
+                    )))
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -352,25 +454,26 @@ pub fn default_kernel_delay_budget() -> Duration {
 /// ([`vipshare_core::agent::late_write`], also run by the simulator): write the
 /// elements again at once from a fresh reading, and if that is late as well,
 /// delete the owned elements and fail with [`DataPlaneError::LateWrite`].
+/// Every batch with elements also writes the lease's absolute deadline.
 pub fn nft_timed_batch(
     nft: &mut Nft,
+    lease: &mut LeaseWriter,
     batch: &NftBatch,
     started: Instant,
     budget: Duration,
 ) -> Result<(), DataPlaneError> {
     let Some(elements) = &batch.elements else {
-        timed_send(nft, batch, started)?;
+        timed_send(nft, lease, batch, started)?;
         return Ok(());
     };
-    let flush = elements.flush();
     let again = NftBatch {
-        fixed: flush.clone(),
+        fixed: elements.flush(),
         elements: batch.elements.clone(),
     };
     let mut sending = batch;
     let mut rewrite = false;
     loop {
-        let lag = timed_send(nft, sending, started)?;
+        let lag = timed_send(nft, lease, sending, started)?;
         match after_ack(lag, budget, rewrite) {
             AfterAck::Done => return Ok(()),
             AfterAck::WriteAgain => {
@@ -390,7 +493,7 @@ pub fn nft_timed_batch(
                     ?budget,
                     "lease write late again; owned elements deleted"
                 );
-                nft.run(&flush)?;
+                lease.flush(elements)?;
                 return Err(DataPlaneError::LateWrite { lag, budget });
             }
         }
@@ -398,14 +501,32 @@ pub fn nft_timed_batch(
 }
 
 /// Renders `batch` from the clock read now and sends it; returns the time
-/// from that reading to the kernel's ack.
+/// from that reading to the kernel's ack. A renewal (the elements and nothing
+/// else) is one netlink transaction with the deadline; anything more goes
+/// through libnftables, then the deadline follows.
 fn timed_send(
     nft: &mut Nft,
+    lease: &mut LeaseWriter,
     batch: &NftBatch,
     started: Instant,
 ) -> Result<Duration, DataPlaneError> {
     let read_at = Instant::now();
-    nft.run(&batch.render(read_at.saturating_duration_since(started)))?;
+    let elapsed = read_at.saturating_duration_since(started);
+    match &batch.elements {
+        Some(e) if batch.fixed == e.flush() => {
+            let left = e.until.saturating_sub(elapsed);
+            let left = Duration::from_millis(u64::try_from(left.as_millis()).unwrap_or(u64::MAX));
+            lease.write(e, left, wall_clock_ns(started + e.until))?;
+        }
+        Some(e) => {
+            nft.run(&batch.render(elapsed))?;
+            let families: Vec<&str> = e.keys.iter().map(|(f, _)| f.nft).collect();
+            lease.deadline(&families, &e.table, wall_clock_ns(started + e.until))?;
+        }
+        None => {
+            nft.run(&batch.render(elapsed))?;
+        }
+    }
     Ok(read_at.elapsed())
 }
 
@@ -413,18 +534,7 @@ impl Executor for OsExecutor {
     fn execute(&mut self, step: &Step, started: Instant) -> Result<(), DataPlaneError> {
         match step {
             Step::Nft(batch) => {
-                nft_timed_batch(&mut self.nft, batch, started, self.budget)?;
-                match &batch.elements {
-                    Some(e) => {
-                        let families: Vec<&str> = e.keys.iter().map(|(f, _)| f.nft).collect();
-                        self.deadline.write(
-                            &families,
-                            &e.table,
-                            super::deadline::wall_clock_ns(started + e.until),
-                        )
-                    }
-                    None => Ok(()),
-                }
+                nft_timed_batch(&mut self.nft, &mut self.lease, batch, started, self.budget)
             }
             Step::Sysctl { key, value } => self.set_sysctl(key, value),
             Step::RestoreSysctls => self.restore_sysctls(),
@@ -445,6 +555,30 @@ impl Executor for OsExecutor {
                 Ok(())
             }
             Step::JoinGroup { interface, group } => self.join(interface, *group),
+            Step::AdvertiseRouter { interface, to } => {
+                let mrd = match &mut self.mrd {
+                    Some(m) => m,
+                    None => self.mrd.insert(MrdSender::start()?),
+                };
+                mrd.advertise(interface, *to)
+            }
+            Step::StopAdvertising { interface, to } => {
+                if let Some(m) = &self.mrd {
+                    m.stop(interface, *to);
+                }
+                Ok(())
+            }
+            Step::AddRecvDevice {
+                interface,
+                device,
+                mac,
+            } => self.add_recv_device(interface, device, mac),
+            Step::DelRecvDevice { device } => {
+                if self.link(device).is_some() {
+                    run(&self.ip, &["link", "del", device], None)?;
+                }
+                Ok(())
+            }
             Step::LeaveGroup { interface, group } => {
                 // Closing the socket leaves the group.
                 self.groups.remove(&(interface.clone(), *group));
@@ -524,11 +658,21 @@ impl Executor for OsExecutor {
         self.state
             .vips
             .iter()
-            .map(|(interface, addr, prefix_len, mac)| VipConfig {
-                addr: *addr,
-                prefix_len: *prefix_len,
-                mac: mac.parse().unwrap_or(Mac([1, 0, 0, 0, 0, 0])),
-                interface: interface.clone(),
+            .map(|(interface, addr, prefix_len, mac)| {
+                let mac = mac.parse().unwrap_or(Mac([1, 0, 0, 0, 0, 0]));
+                VipConfig {
+                    addr: *addr,
+                    prefix_len: *prefix_len,
+                    mac,
+                    interface: interface.clone(),
+                    // For the teardown: a unicast MAC had its receive device
+                    // (igmp's joins and adverts die with the process).
+                    mode: if mac.is_multicast() {
+                        SwitchMode::Multicast
+                    } else {
+                        SwitchMode::Unicast
+                    },
+                }
             })
             .collect()
     }

@@ -57,6 +57,28 @@
 //!   the interface, so the kernel neither answers for it there nor solicits
 //!   from it (it uses the interface's own address).
 //!
+//! # Switch modes (per VIP, [`crate::dataplane::SwitchMode`])
+//! What above is the default, `multicast`. The two others change how frames
+//! reach every host, not the bucket filter (it matches the destination
+//! address, whatever the input device):
+//! - `igmp`: the host also joins the group mapped from the MAC (IGMP 239/8,
+//!   or MLD `ff05::`+low 32 bits, whatever `igmp_join` says) and [`mrd`]
+//!   sends RFC 4286 Multicast Router Advertisements on the interface. A
+//!   Linux bridge snooping with an active querier forwards a multicast frame
+//!   with a unicast IP destination only to multicast router ports, which the
+//!   advertisement makes of the hosts' ports; the join alone does nothing
+//!   there (deploy/NETWORK.md has the measurements).
+//! - `unicast`: ARP/ND answer a shared, locally administered unicast MAC. A
+//!   frame to it arriving on the interface is `PACKET_OTHERHOST` and dropped
+//!   in `ip_rcv` before netfilter (nft cannot set `pkttype host` for it), so
+//!   a macvlan carrying the MAC receives it ([`plan::Step::AddRecvDevice`]).
+//!   The macvlan must never send (a switch would learn the MAC and stop
+//!   flooding it): `arp off`, `multicast off`, no IPv6 link-local, and an
+//!   egress chain with policy drop. IPv6 stays enabled on it (`ipv6_rcv`
+//!   drops packets of a device with IPv6 disabled); the IPv4 VIP moves onto
+//!   it as a /32, because the reverse-path check of a device without any
+//!   address fails with `rp_filter` 1 or 2 ([`plan::address_holder`]).
+//!
 //! # Buckets and the lease
 //! Rules and layout are in [`plan`]. The owned buckets are elements of one
 //! set, each with `timeout` = the lease left (already net of the kernel
@@ -68,8 +90,12 @@
 //! follow the bucket's owner (a UDP flow moves with its bucket; with the old
 //! owner's conntrack entry letting it through, both hosts delivered it).
 //!
-//! nftables is driven in process through libnftables ([`libnft`]): one
-//! netlink batch per step, no `nft` process on the lease path. The timeouts
+//! nftables is driven in process, no `nft` process on the lease path: a
+//! renewal (the owned elements and the deadline below) is one nf_tables
+//! netlink transaction the agent encodes itself ([`lease_write`] over
+//! [`nfnl`]: one send, one read of the acks); rebuilds, which define tables,
+//! chains and sets, go through libnftables ([`libnft`], one batch per step,
+//! each call dumping the kernel's tables first). The timeouts
 //! are rendered from the deadline immediately before the batch is sent; if
 //! the kernel's ack comes later than the kernel-delay budget (the agent was
 //! stopped or starved in between), the elements are written again at once from
@@ -83,9 +109,9 @@
 //! rewrite. So the kernel also checks the lease's end itself: every bucket
 //! check jumps to chain `lease`, whose one rule `meta time >= DEADLINE drop`
 //! compares the packet's wall-clock time in nanoseconds (kernel >= 5.4) with
-//! the deadline, written as an absolute time after each element write
-//! ([`deadline`], a netlink transaction of its own: nft's text input takes
-//! that value in whole seconds only). A late write of either extends
+//! the deadline, written as an absolute time with each element write
+//! ([`deadline`], in the same transaction: nft's text input takes that value
+//! in whole seconds only). A late write of either extends
 //! nothing; a wall-clock step back during a lease does, but only up to the
 //! element timeouts, which still apply.
 //!
@@ -171,8 +197,11 @@
 
 pub mod deadline;
 pub mod exec;
+pub mod lease_write;
 pub mod libnft;
+pub mod mrd;
 pub mod nd;
+pub mod nfnl;
 pub mod plan;
 mod sys;
 pub mod watch;
@@ -182,7 +211,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::dataplane::{
-    assess, ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnforcement, Problem, VipConfig,
+    assess, ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnforcement, Problem, SwitchMode,
+    VipConfig,
 };
 pub use exec::{Executor, OsExecutor, RecordingExecutor};
 pub use plan::{
@@ -205,7 +235,8 @@ pub struct LinuxConfig {
     pub state_dir: Option<PathBuf>,
     /// `ip maddr add MAC dev IF` for NICs that filter multicast.
     pub static_maddr: bool,
-    /// Join the 239/8 group of the MAC (IGMP snooping switches).
+    /// Join the 239/8 group of the MAC of `multicast` IPv4 VIPs (IGMP
+    /// snooping switches); `igmp` VIPs join theirs regardless.
     pub igmp_join: bool,
     /// Rewrite ARP sent from user space too (netdev egress chain).
     pub arp_egress: bool,
@@ -325,13 +356,27 @@ impl<E: Executor> LinuxDataPlane<E> {
             }
             _ => false,
         };
-        Some(assess(
+        let mut problems = assess(
             &vips,
             |v| plan::address_holder(v).0,
             &interfaces,
             filter_present,
             ok,
-        ))
+        );
+        // A `unicast` VIP arrives only through its receive device (an IPv6
+        // one's address is on `lo`, so the check above does not see it).
+        for v in vips.iter().filter(|v| v.mode == SwitchMode::Unicast) {
+            match interfaces.get(&plan::recv_device(v.mac)) {
+                None => {
+                    problems.insert(Problem::InterfaceMissing);
+                }
+                Some(i) if !i.up => {
+                    problems.insert(Problem::InterfaceDown);
+                }
+                Some(_) => {}
+            }
+        }
+        Some(problems)
     }
 
     fn run(&mut self, plan: &Plan, started: Instant) -> Result<(), DataPlaneError> {
@@ -416,7 +461,11 @@ impl<E: Executor> DataPlane for LinuxDataPlane<E> {
     }
 
     fn withdraw(&mut self) -> Result<(), DataPlaneError> {
-        let plan = plan_withdraw(&self.cfg, self.installed.as_ref());
+        let present = match &self.installed {
+            Some(_) => Present::default(),
+            None => self.exec.present(&self.cfg.table)?,
+        };
+        let plan = plan_withdraw(&self.cfg, self.installed.as_ref(), &present);
         self.run(&plan, Instant::now())?;
         self.installed = plan.next;
         Ok(())

@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use vipshare_core::bucket::{nft_hash_expr, IpFamily};
 
 use super::LinuxConfig;
-use crate::dataplane::{Affinity, BucketFn, DataPlaneError, Desired, Mac, VipConfig};
+use crate::dataplane::{Affinity, BucketFn, DataPlaneError, Desired, Mac, SwitchMode, VipConfig};
 
 /// The verdicts counted per VIP, in the order of the counter names.
 pub const VERDICTS: [&str; 4] = ["accepted", "not_owned", "invalid", "reset"];
@@ -84,15 +84,54 @@ pub enum Step {
         interface: String,
         mac: Mac,
     },
-    /// IGMP membership of the 239/8 group that maps to the MAC (a socket held
-    /// by the executor), for IGMP-snooping switches.
+    /// Membership of the group that maps to the MAC (a socket held by the
+    /// executor), for switches snooping by MAC: IGMP of the 239/8 group for
+    /// IPv4, MLD of the `ff05::` group for IPv6 (see [`Mac::mld_group`]).
     JoinGroup {
         interface: String,
-        group: Ipv4Addr,
+        group: IpAddr,
     },
     LeaveGroup {
         interface: String,
-        group: Ipv4Addr,
+        group: IpAddr,
+    },
+    /// Send RFC 4286 Multicast Router Advertisements on `interface` to the
+    /// all-snoopers group `to` (224.0.0.106: IGMP type 0x30; ff02::6a: ICMPv6
+    /// type 151 behind a router-alert hop-by-hop option), three at start and
+    /// then every [`MRD_INTERVAL`] (the executor's sender thread): a switch
+    /// snooping by IP destination then makes the port a multicast router
+    /// port and forwards there the VIP's frames, whose unicast IP
+    /// destination matches no group ([`SwitchMode::Igmp`]).
+    AdvertiseRouter {
+        interface: String,
+        to: IpAddr,
+    },
+    StopAdvertising {
+        interface: String,
+        to: IpAddr,
+    },
+    /// The receive-only device of [`SwitchMode::Unicast`]: a macvlan on
+    /// `interface` carrying the shared unicast `mac`, so the NIC passes frames
+    /// to that MAC up as `PACKET_HOST` (as frames for another host they are
+    /// dropped before netfilter). It must never send a frame (a switch would
+    /// learn the MAC and stop flooding it): no address but an IPv4 VIP, `arp off`,
+    /// `multicast off`, IPv6 on (ipv6_rcv drops packets of a device without
+    /// it) but with no address generated (no link-local, so no DAD, router
+    /// solicitation or MLD), and an nftables egress chain dropping whatever
+    /// would leave anyway. An IPv4 VIP sits on the device as a /32 (see
+    /// [`address_holder`] for why), with loose reverse-path filtering:
+    /// replies leave by `interface`, not by the device. An IPv6 VIP stays on
+    /// `lo`. The bucket filter matches the destination address whatever the
+    /// input device, so it applies unchanged; ARP for an IPv4 VIP is still
+    /// answered on `interface` (any local address, `arp_ignore` 0) and
+    /// rewritten to the shared MAC like the multicast one.
+    AddRecvDevice {
+        interface: String,
+        device: String,
+        mac: Mac,
+    },
+    DelRecvDevice {
+        device: String,
     },
     /// Answer neighbour solicitations for the IPv6 `addr` on `interface` with
     /// `mac` (the executor's responder, which joins the solicited-node group
@@ -311,10 +350,35 @@ impl fmt::Display for Step {
             Step::DelMaddr { interface, mac } => {
                 write!(f, "ip maddr del {mac} dev {interface}")
             }
-            Step::JoinGroup { interface, group } => write!(f, "igmp join {group} on {interface}"),
-            Step::LeaveGroup { interface, group } => {
-                write!(f, "igmp leave {group} on {interface}")
+            Step::JoinGroup { interface, group } => {
+                write!(f, "{} join {group} on {interface}", group_protocol(*group))
             }
+            Step::LeaveGroup { interface, group } => {
+                write!(f, "{} leave {group} on {interface}", group_protocol(*group))
+            }
+            Step::AdvertiseRouter { interface, to } => write!(
+                f,
+                "mrd advertise to {to} on {interface} every {}s",
+                MRD_INTERVAL.as_secs()
+            ),
+            Step::StopAdvertising { interface, to } => {
+                write!(f, "mrd stop {to} on {interface}")
+            }
+            Step::AddRecvDevice {
+                interface,
+                device,
+                mac,
+            } => {
+                for (i, line) in recv_device_commands(interface, device, mac)
+                    .iter()
+                    .enumerate()
+                {
+                    let sep = if i == 0 { "" } else { "\n    " };
+                    write!(f, "{sep}{line}")?;
+                }
+                Ok(())
+            }
+            Step::DelRecvDevice { device } => write!(f, "ip link del {device}"),
             Step::AnswerNd {
                 interface,
                 addr,
@@ -329,15 +393,64 @@ impl fmt::Display for Step {
 /// flags). IPv6 VIPs go on loopback as /128 (the prefix would add a route via
 /// `lo`), so that the kernel neither answers neighbour solicitations for them
 /// on the interface nor solicits from them; see [`super`].
-pub fn address_holder(v: &VipConfig) -> (&str, u8, &'static str) {
-    match v.addr {
-        IpAddr::V4(_) => (v.interface.as_str(), v.prefix_len, ""),
-        IpAddr::V6(_) => (LOOPBACK, 128, "nodad"),
+///
+/// An IPv4 VIP in [`SwitchMode::Unicast`] goes on its receive-only device, as
+/// a /32 (a prefix would route replies out of the device): its packets arrive
+/// there, and the reverse-path check of a device without any address fails
+/// whenever `rp_filter` is on, loose or strict (`__fib_validate_source`: no
+/// address, `last_resort`, drop). With the VIP on it the loose check the
+/// device is given passes (the client is reachable, through the interface).
+/// Replies still leave by the interface, which has the route to the client.
+pub fn address_holder(v: &VipConfig) -> (String, u8, &'static str) {
+    match (v.addr, v.mode) {
+        (IpAddr::V4(_), SwitchMode::Unicast) => (recv_device(v.mac), 32, ""),
+        (IpAddr::V4(_), _) => (v.interface.clone(), v.prefix_len, ""),
+        (IpAddr::V6(_), _) => (LOOPBACK.to_string(), 128, "nodad"),
     }
 }
 
 /// The loopback interface, which holds the IPv6 VIPs.
 pub const LOOPBACK: &str = "lo";
+
+/// Period of Multicast Router Advertisements (RFC 4286's default
+/// MaxAdvertisementInterval). A Linux bridge keeps a port a router port for
+/// its `multicast_querier_interval` (255 s by default) after the last one.
+pub const MRD_INTERVAL: Duration = Duration::from_secs(20);
+
+/// The RFC 4286 all-snoopers groups.
+pub const ALL_SNOOPERS_V4: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 106);
+pub const ALL_SNOOPERS_V6: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x6a);
+
+fn group_protocol(group: IpAddr) -> &'static str {
+    if group.is_ipv4() {
+        "igmp"
+    } else {
+        "mld"
+    }
+}
+
+/// Name of the receive-only device of a shared unicast MAC: `vsu` and the
+/// MAC's twelve hex digits (15 characters, the longest name Linux takes), so
+/// one MAC always names the same device, across agent restarts too.
+pub fn recv_device(mac: Mac) -> String {
+    let hex: String = mac.0.iter().map(|b| format!("{b:02x}")).collect();
+    format!("vsu{hex}")
+}
+
+/// What [`Step::AddRecvDevice`] runs, in order (the executor runs exactly
+/// these; the sysctl lines are written under /proc/sys). `mode private`:
+/// frames reach it only from outside, never from a sibling macvlan.
+pub fn recv_device_commands(interface: &str, device: &str, mac: &Mac) -> Vec<String> {
+    vec![
+        format!("ip link add {device} link {interface} address {mac} type macvlan mode private"),
+        format!("ip link set {device} addrgenmode none arp off multicast off"),
+        format!("sysctl net.ipv4.conf.{device}.rp_filter=2"),
+        format!("sysctl net.ipv6.conf.{device}.accept_ra=0"),
+        format!("sysctl net.ipv6.conf.{device}.autoconf=0"),
+        format!("sysctl net.ipv6.conf.{device}.dad_transmits=0"),
+        format!("ip link set {device} up"),
+    ]
+}
 
 /// Name of a VIP's chain and the prefix of its counters: `vip_192_0_2_10`,
 /// `vip6_2001_db8_0_0_0_0_0_10` (the eight groups in hex).
@@ -646,6 +759,18 @@ impl Tables {
                     t.rules.push(("netdev", name.clone(), arp_rewrite(vip)));
                 }
             }
+            // Whatever would leave a receive-only device is dropped: a frame
+            // sourced from the shared unicast MAC would teach the switches
+            // where it is, and they would stop flooding it to the others.
+            for (_, device, _) in recv_devices(base) {
+                t.base_chains.push(BaseChain {
+                    family: "netdev",
+                    name: format!("egress_{device}"),
+                    spec: format!(
+                        "type filter hook egress device \"{device}\" priority filter; policy drop;"
+                    ),
+                });
+            }
         }
         Ok(t)
     }
@@ -874,27 +999,73 @@ fn addr_steps(base: &Base, add: bool) -> Vec<Step> {
     steps
 }
 
-/// (interface, MAC) pairs the VIPs need to receive, deduplicated.
+/// (interface, multicast MAC) pairs the VIPs need to receive, deduplicated.
 fn macs(base: &Base) -> BTreeSet<(String, Mac)> {
     base.vips
         .iter()
+        .filter(|v| v.mac.is_multicast())
         .map(|v| (v.interface.clone(), v.mac))
         .collect()
 }
 
-fn groups(base: &Base) -> BTreeSet<(String, Ipv4Addr)> {
+/// The group mapped from each VIP's MAC: every `igmp` VIP's, and with
+/// `igmp_join` also every `multicast` IPv4 VIP's (what the agent did before
+/// switch modes).
+fn groups(base: &Base, igmp_join: bool) -> BTreeSet<(String, IpAddr)> {
     base.vips
         .iter()
-        .filter_map(|v| v.mac.igmp_group().map(|g| (v.interface.clone(), g)))
+        .filter_map(|v| {
+            let group = match (v.mode, v.addr) {
+                (SwitchMode::Igmp, IpAddr::V4(_)) => v.mac.igmp_group().map(IpAddr::V4),
+                (SwitchMode::Igmp, IpAddr::V6(_)) => v.mac.mld_group().map(IpAddr::V6),
+                (SwitchMode::Multicast, IpAddr::V4(_)) if igmp_join => {
+                    v.mac.igmp_group().map(IpAddr::V4)
+                }
+                _ => None,
+            };
+            group.map(|g| (v.interface.clone(), g))
+        })
         .collect()
 }
 
+/// (interface, all-snoopers group) pairs to advertise a multicast router on:
+/// one per interface and family with an `igmp` VIP.
+fn adverts(base: &Base) -> BTreeSet<(String, IpAddr)> {
+    base.vips
+        .iter()
+        .filter(|v| v.mode == SwitchMode::Igmp)
+        .map(|v| {
+            let to = match v.addr {
+                IpAddr::V4(_) => IpAddr::V4(ALL_SNOOPERS_V4),
+                IpAddr::V6(_) => IpAddr::V6(ALL_SNOOPERS_V6),
+            };
+            (v.interface.clone(), to)
+        })
+        .collect()
+}
+
+/// (interface, device, MAC) of the receive-only devices the `unicast` VIPs
+/// need, one per shared MAC.
+fn recv_devices(base: &Base) -> BTreeSet<(String, String, Mac)> {
+    base.vips
+        .iter()
+        .filter(|v| v.mode == SwitchMode::Unicast)
+        .map(|v| (v.interface.clone(), recv_device(v.mac), v.mac))
+        .collect()
+}
+
+/// The VIPs of `a` whose address or answer `b` does not keep. A change of
+/// switch mode alone keeps the address (removing it would cut the VIP's
+/// established flows for nothing); a changed MAC re-answers.
 fn vip_minus(a: &Base, b: Option<&Base>) -> Base {
+    let same = |v: &VipConfig, o: &VipConfig| {
+        (v.addr, v.prefix_len, &v.interface, v.mac) == (o.addr, o.prefix_len, &o.interface, o.mac)
+    };
     Base {
         vips: a
             .vips
             .iter()
-            .filter(|v| !b.is_some_and(|b| b.vips.contains(v)))
+            .filter(|v| !b.is_some_and(|b| b.vips.iter().any(|o| same(v, o))))
             .cloned()
             .collect(),
         ..a.clone()
@@ -982,11 +1153,18 @@ pub fn plan_apply(
     // Whatever goes away first: VIPs before their filter.
     if let Some(old) = old {
         steps.extend(addr_steps(&vip_minus(old, Some(&base)), false));
-        let keep_groups = groups(&base);
-        for (interface, group) in groups(old).difference(&keep_groups) {
+        let keep_groups = groups(&base, cfg.igmp_join);
+        for (interface, group) in groups(old, cfg.igmp_join).difference(&keep_groups) {
             steps.push(Step::LeaveGroup {
                 interface: interface.clone(),
                 group: *group,
+            });
+        }
+        let keep_adverts = adverts(&base);
+        for (interface, to) in adverts(old).difference(&keep_adverts) {
+            steps.push(Step::StopAdvertising {
+                interface: interface.clone(),
+                to: *to,
             });
         }
         if cfg.static_maddr {
@@ -1002,10 +1180,30 @@ pub fn plan_apply(
     for (key, value) in sysctls(&base) {
         steps.push(Step::Sysctl { key, value });
     }
+    // Receive devices before the rebuild, whose egress chains name them; the
+    // ones no longer wanted after it, which deleted their chains. A device
+    // only adds a way in for packets the filter judges by address.
+    let devices = recv_devices(&base);
+    for (interface, device, mac) in &devices {
+        steps.push(Step::AddRecvDevice {
+            interface: interface.clone(),
+            device: device.clone(),
+            mac: *mac,
+        });
+    }
     steps.push(Step::Nft(NftBatch {
         fixed: rebuild(table, &base, cfg.arp_egress, present)?,
         elements: elems,
     }));
+    if let Some(old) = old {
+        for (_, device, _) in recv_devices(old).difference(&devices) {
+            if !devices.iter().any(|(_, d, _)| d == device) {
+                steps.push(Step::DelRecvDevice {
+                    device: device.clone(),
+                });
+            }
+        }
+    }
     steps.push(Step::Sysctl {
         key: TCP_LOOSE.0.into(),
         value: TCP_LOOSE.1.into(),
@@ -1018,10 +1216,11 @@ pub fn plan_apply(
             steps.push(Step::AddMaddr { interface, mac });
         }
     }
-    if cfg.igmp_join {
-        for (interface, group) in groups(&base) {
-            steps.push(Step::JoinGroup { interface, group });
-        }
+    for (interface, group) in groups(&base, cfg.igmp_join) {
+        steps.push(Step::JoinGroup { interface, group });
+    }
+    for (interface, to) in adverts(&base) {
+        steps.push(Step::AdvertiseRouter { interface, to });
     }
     Ok(Plan {
         steps,
@@ -1049,10 +1248,31 @@ pub fn plan_filter_repair(
 }
 
 /// Plans a withdraw: no new flows from now on; VIPs, rules and established flows
-/// stay.
-pub fn plan_withdraw(cfg: &LinuxConfig, installed: Option<&Installed>) -> Plan {
+/// stay. With nothing installed (an agent withdrawing before its first apply,
+/// over tables an earlier run left), the sets flushed are those `present`
+/// lists, of every family: flushing a set that does not exist would fail the
+/// whole transaction, and an IPv6 set left out would keep accepting.
+pub fn plan_withdraw(cfg: &LinuxConfig, installed: Option<&Installed>, present: &Present) -> Plan {
     let table = &cfg.table;
-    let families = installed.map_or(vec![Family::V4], |i| i.base.families());
+    let families = match installed {
+        Some(i) => i.base.families(),
+        None => Family::ALL
+            .into_iter()
+            .filter(|f| {
+                ["owned", "dead"]
+                    .iter()
+                    .all(|s| present.sets.contains(&(f.nft.to_string(), s.to_string())))
+            })
+            .collect(),
+    };
+    if families.is_empty() {
+        return Plan {
+            steps: vec![],
+            next: None,
+            changed: false,
+            stop_after: None,
+        };
+    }
     Plan {
         steps: vec![Step::Nft(NftBatch {
             fixed: flush_sets(table, &families),
@@ -1089,8 +1309,11 @@ pub fn plan_teardown(
         seed: 0,
     };
     let mut steps = addr_steps(&base, false);
-    for (interface, group) in groups(&base) {
+    for (interface, group) in groups(&base, true) {
         steps.push(Step::LeaveGroup { interface, group });
+    }
+    for (interface, to) in adverts(&base) {
+        steps.push(Step::StopAdvertising { interface, to });
     }
     if cfg.static_maddr {
         for (interface, mac) in macs(&base) {
@@ -1106,6 +1329,9 @@ pub fn plan_teardown(
         fixed,
         elements: None,
     }));
+    for (_, device, _) in recv_devices(&base) {
+        steps.push(Step::DelRecvDevice { device });
+    }
     steps.push(Step::RestoreSysctls);
     Plan {
         steps,
