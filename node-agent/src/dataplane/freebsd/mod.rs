@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 
 use crate::dataplane::{ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnforcement};
 pub use exec::{Executor, OsExecutor};
-pub use plan::{plan_apply, plan_withdraw, Installed, Plan, Step};
+pub use plan::{plan_apply, plan_withdraw, Family, Installed, Plan, Step};
 
 /// How the FreeBSD backend matches owned buckets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +107,7 @@ pub struct FreeBsdConfig {
     pub ipfw: String,
     pub ifconfig: String,
     pub arp: String,
+    pub ndp: String,
     pub sysctl: String,
 }
 
@@ -126,6 +127,7 @@ impl Default for FreeBsdConfig {
             ipfw: "/sbin/ipfw".into(),
             ifconfig: "/sbin/ifconfig".into(),
             arp: "/usr/sbin/arp".into(),
+            ndp: "/usr/sbin/ndp".into(),
             sysctl: "/sbin/sysctl".into(),
         }
     }
