@@ -1,9 +1,10 @@
 //! FreeBSD data plane: the VIP as a CARP-INIT alias, a published multicast
-//! ARP entry, IGMP membership, and either ipfw's srcjhash option with
-//! kernel-enforced leases (a kernel with kernel-patches/0003) or ipfw mask
-//! rules over low-bits buckets with a watchdog process for the lease.
+//! ARP entry (IPv6: an ndp proxy entry), IGMP (MLD) membership, and either
+//! ipfw's srcjhash option with kernel-enforced leases (a kernel with
+//! kernel-patches/0003) or ipfw mask rules over low-bits buckets with a
+//! watchdog process for the lease. One cluster may hold IPv4 and IPv6 VIPs.
 //!
-//! # Per VIP
+//! # Per IPv4 VIP
 //! On a kernel with kernel-patches/0001 ([`SharedAddress::Flag`], probed by
 //! `sysctl net.inet.ip.shared_addr`): the VIP is added with the shared-address
 //! flag ([`shared_addr`]), which gives what the CARP-INIT recipe below gives
@@ -21,6 +22,35 @@
 //! - a kernel with kernel-patches/0002 and `net.inet.tcp.accept_l2mcast=2`, or
 //!   TCP drops every SYN that arrived in a multicast frame.
 //!
+//! # Per IPv6 VIP
+//! 0001's flag is IPv4-only, so IPv6 VIPs always take the CARP-INIT recipe
+//! (and `net.inet.carp.allow=0` is set on flag kernels too once one exists):
+//! - `ifconfig IF inet6 no_dad`: every cluster host answers neighbour
+//!   solicitations for the VIP, so DAD would mark it duplicated. The flag
+//!   (`ND6_IFF_NO_DAD`) is per interface: later addresses on IF skip DAD too,
+//!   and it stays set after the VIP goes.
+//! - `ifconfig IF inet6 VIP/128 alias vhid N`: local (delivered by ip6_input),
+//!   and the kernel joins its solicited-node group on IF. With CARP in INIT,
+//!   `nd6_ns_input()` asks only `carp_iamatch6()` (which finds no MASTER
+//!   address) and falls through to the proxy entry below.
+//! - `ndp -s VIP MAC proxy`: an `LLE_PUB` entry; `nd6_proxy_fill_sdl()` answers
+//!   solicitations with its link-layer address, the cluster's 33:33 MAC (no
+//!   multicast check on that path). The base set lets ICMPv6 neighbour
+//!   solicitations to the VIP through on every host (unicast reachability
+//!   probes), as the Linux rules do.
+//! - membership of the `ff05::` group that maps to the MAC ([`Mac::mld_group`](
+//!   crate::dataplane::Mac::mld_group)), a socket held by the executor.
+//!
+//! Limits, none verified on FreeBSD (read from sys/netinet6 and usr.sbin/ndp
+//! texts only): TCP over IPv6 needs a kernel change that does not exist yet:
+//! kernel-patches/0002 lets IPv4 SYNs in link-layer multicast frames through
+//! (`tcp_l2mcast_syn_ok()` sees no IPv4 header for IPv6 and refuses), so
+//! tcp_input() drops every IPv6 SYN to the VIP and only UDP and ICMPv6 work.
+//! Whether the kernel keeps an `LLE_IFADDR` entry for a CARP address (then
+//! `ndp -s ... proxy` would fail or replace it) and whether ndp(8) finds IF
+//! for a local address was not checked. `ndp -s` needs IF to have a link-local
+//! address (the answer's source).
+//!
 //! # Buckets
 //! [`IpfwBuckets`] picks how, by default by probing the kernel on the first
 //! apply (`sysctl net.inet.ip.fw.srcjhash_enable` exists):
@@ -30,6 +60,14 @@
 //!   ([`LeaseEnforcement::KernelTimeout`]), no watchdog.
 //! - masks: [`BucketFn::Lowbits`](crate::dataplane::BucketFn) (ipfw matches
 //!   `addr:mask`, [`masks`]) and the watchdog below.
+//!
+//! Both apply to IPv6 sources: 0003's match hashes the 16-byte source (the
+//! /64 for network24) like `jhash ip6 saddr`, and the masks become IPv6
+//! `addr/mask` pairs over the low 32 bits (network24: the /64's low 32 bits),
+//! which sbin/ipfw/ipv6.c accepts non-contiguous. ipfw address lists hold one
+//! family, so every rule naming VIPs exists per family ([`plan::Family`]). As
+//! core's bucket module says, jhash over IPv6 keys agrees with Linux only on
+//! little-endian hosts.
 //!
 //! The rule layout is described in [`plan`].
 //!

@@ -4,12 +4,19 @@
 //! # Kernel layout (rule numbers relative to `rule_base`, R)
 //! ```text
 //! set base    R+0    skipto R+1000 tcp from any to VIPS in established
+//!             R+10   the same for the IPv6 VIPS6
+//!             R+11   skipto R+1000 ipv6-icmp from any to VIPS6 in icmp6types 135
 //! set owned   R+100+i skipto R+1000 ip from V_i:M_i to VIPS in   (masks: one per mask)
+//!                    ... ip from V_i/M_i to VIPS6 in            (and per IPv6 mask)
 //!             R+100  skipto R+1000 ip from any to VIPS in srcjhash MAP buckets B
-//!                    seed S affinity A                           (srcjhash kernels)
+//!                    seed S affinity A                           (srcjhash kernels;
+//!                                                                 again for VIPS6)
 //! set base    R+900  deny ip from any to VIPS in
+//!             R+910  deny ip from any to VIPS6 in
 //!             R+1000 and up: the administrator's own rules
 //! ```
+//! Rules for a family without VIPs are left out (ipfw address lists hold
+//! one family; see [`Family`]).
 //! With the srcjhash option (kernel-patches/0003) the owned rules depend only
 //! on the VIPs and the bucket function; which buckets are owned, and until
 //! when, is one write of the lease map ([`Step::SetLease`]) per apply: the
