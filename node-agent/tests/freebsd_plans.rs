@@ -605,3 +605,15 @@ fn ipv6_rules_name_one_family_each() {
         1
     );
 }
+
+#[test]
+fn mask_rules_of_both_families_share_the_rule_budget() {
+    // 683 single-bucket cubes: fits for one family, not for two.
+    let mut d = desired((0..2048).filter(|b| b % 3 == 0));
+    d.bucket_count = 2048;
+    assert!(plan_apply(&cfg(), None, &d, t0()).is_ok());
+    let err = plan_apply(&cfg(), None, &dual(d), t0())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("both address families"), "{err}");
+}
