@@ -53,7 +53,6 @@ fn cfg() -> FreeBsdConfig {
         ipfw: "ipfw".into(),
         ifconfig: "ifconfig".into(),
         arp: "arp".into(),
-        ndp: "ndp".into(),
         sysctl: "sysctl".into(),
         ..FreeBsdConfig::default()
     }
@@ -592,7 +591,20 @@ fn ipv6_rules_name_one_family_each() {
     }
     assert!(text.contains("mld join ff05::10 on vtnet0"), "{text}");
     assert!(
-        text.contains("ndp -s 2001:db8::10 33:33:00:00:00:10 proxy"),
+        text.contains("mld join ff02::1:ff00:10 on vtnet0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("netlink RTM_NEWNEIGH vtnet0 2001:db8::10 lladdr 33:33:00:00:00:10 proxy"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ifconfig lo0 inet6 2001:db8::10/128 alias"),
+        "{text}"
+    );
+    // No CARP for IPv6: the VIP is on lo0, not on vtnet0.
+    assert!(
+        !text.contains("inet6 2001:db8::10/128 alias vhid"),
         "{text}"
     );
     // The IPv6 VIP is no shared (IPv4) address even on a flag kernel.

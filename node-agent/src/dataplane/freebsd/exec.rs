@@ -156,6 +156,19 @@ impl<W: WatchdogLink> Executor for OsExecutor<W> {
                 addr,
                 prefix_len,
             } => super::shared_addr::add_shared_address(interface, *addr, *prefix_len),
+            Step::ProxyNd {
+                interface,
+                addr,
+                mac,
+            } => {
+                let index = interface_index(interface)?;
+                let done = super::proxy_nd::set_proxy_entry(interface, index, *addr, *mac);
+                // Deleting what is not there (any more) is fine.
+                if mac.is_none() {
+                    return Ok(());
+                }
+                done
+            }
             Step::SetLease {
                 sysctl,
                 map,

@@ -1,5 +1,6 @@
 //! FreeBSD data plane: the VIP as a CARP-INIT alias, a published multicast
-//! ARP entry (IPv6: an ndp proxy entry), IGMP (MLD) membership, and either
+//! ARP entry (IPv6: the VIP on lo0 and a proxy neighbour entry), IGMP (MLD)
+//! membership, and either
 //! ipfw's srcjhash option with kernel-enforced leases (a kernel with
 //! kernel-patches/0003) or ipfw mask rules over low-bits buckets with a
 //! watchdog process for the lease. One cluster may hold IPv4 and IPv6 VIPs.
@@ -23,33 +24,33 @@
 //!   TCP drops every SYN that arrived in a multicast frame.
 //!
 //! # Per IPv6 VIP
-//! 0001's flag is IPv4-only, so IPv6 VIPs always take the CARP-INIT recipe
-//! (and `net.inet.carp.allow=0` is set on flag kernels too once one exists):
-//! - `ifconfig IF inet6 no_dad`: every cluster host answers neighbour
-//!   solicitations for the VIP, so DAD would mark it duplicated. The flag
-//!   (`ND6_IFF_NO_DAD`) is per interface: later addresses on IF skip DAD too,
-//!   and it stays set after the VIP goes.
-//! - `ifconfig IF inet6 VIP/128 alias vhid N`: local (delivered by ip6_input),
-//!   and the kernel joins its solicited-node group on IF. With CARP in INIT,
-//!   `nd6_ns_input()` asks only `carp_iamatch6()` (which finds no MASTER
-//!   address) and falls through to the proxy entry below.
-//! - `ndp -s VIP MAC proxy`: an `LLE_PUB` entry; `nd6_proxy_fill_sdl()` answers
-//!   solicitations with its link-layer address, the cluster's 33:33 MAC (no
-//!   multicast check on that path). The base set lets ICMPv6 neighbour
-//!   solicitations to the VIP through on every host (unicast reachability
-//!   probes), as the Linux rules do.
-//! - membership of the `ff05::` group that maps to the MAC ([`Mac::mld_group`](
-//!   crate::dataplane::Mac::mld_group)), a socket held by the executor.
+//! As on Linux, and on either kernel (0001's flag is IPv4-only; no CARP):
+//! - `ifconfig lo0 inet6 VIP/128 alias`: local (ip6_input accepts packets to
+//!   any address in the address hash, whatever interface they arrive on),
+//!   no DAD (`in6if_do_dad()` skips loopback), so never marked duplicated when
+//!   the other hosts answer for it, and never defended.
+//! - a proxy neighbour entry for the VIP with the cluster's 33:33 MAC in the
+//!   lltable of IF ([`proxy_nd`]: netlink `RTM_NEWNEIGH` with `NTF_PROXY`,
+//!   what `ndp -s VIP MAC proxy` sends; ndp(8) itself would pick lo0 from the
+//!   route). `nd6_ns_input()` finds no address of IF for the target and
+//!   answers from this `LLE_PUB` entry (`nd6_proxy_fill_sdl()`), with its
+//!   link-layer address and no override flag; no multicast check on that path.
+//!   The VIP cannot sit on IF itself: every address there gets an
+//!   `LLE_IFADDR` entry (`nd6_add_ifa_lle()`, CARP addresses included), which
+//!   `RTM_NEWNEIGH` refuses to replace (EPERM).
+//! - MLD membership on IF (sockets held by the executor) of the `ff05::` group
+//!   that maps to the MAC ([`Mac::mld_group`](crate::dataplane::Mac::mld_group))
+//!   and of the VIP's solicited-node group, which the kernel joins on lo0 only.
+//! - the base set lets ICMPv6 neighbour solicitations to the VIP through on
+//!   every host (unicast reachability probes), as the Linux rules do.
 //!
-//! Limits, none verified on FreeBSD (read from sys/netinet6 and usr.sbin/ndp
-//! texts only): TCP over IPv6 needs a kernel change that does not exist yet:
-//! kernel-patches/0002 lets IPv4 SYNs in link-layer multicast frames through
-//! (`tcp_l2mcast_syn_ok()` sees no IPv4 header for IPv6 and refuses), so
-//! tcp_input() drops every IPv6 SYN to the VIP and only UDP and ICMPv6 work.
-//! Whether the kernel keeps an `LLE_IFADDR` entry for a CARP address (then
-//! `ndp -s ... proxy` would fail or replace it) and whether ndp(8) finds IF
-//! for a local address was not checked. `ndp -s` needs IF to have a link-local
-//! address (the answer's source).
+//! Needs: a link-local address on IF (the answer's source), netlink (FreeBSD
+//! 13.2 or later). Limits: TCP over IPv6 needs a kernel change that does not
+//! exist yet: kernel-patches/0002 lets IPv4 SYNs in link-layer multicast frames
+//! through (`tcp_l2mcast_syn_ok()` has no IPv4 header for IPv6 and refuses),
+//! so tcp_input() drops every IPv6 SYN to the VIP and only UDP and ICMPv6
+//! work. None of this ran on FreeBSD: it is read from the sys/netinet6,
+//! sys/netlink, usr.sbin/ndp and sbin/ipfw texts of freebsd/freebsd-src.
 //!
 //! # Buckets
 //! [`IpfwBuckets`] picks how, by default by probing the kernel on the first
@@ -85,6 +86,7 @@
 pub mod exec;
 pub mod masks;
 pub mod plan;
+pub mod proxy_nd;
 pub mod shared_addr;
 pub mod watchdog;
 
@@ -145,7 +147,8 @@ pub struct FreeBsdConfig {
     pub ipfw: String,
     pub ifconfig: String,
     pub arp: String,
-    pub ndp: String,
+    /// Interface holding IPv6 VIPs (the loopback).
+    pub loopback: String,
     pub sysctl: String,
 }
 
@@ -165,7 +168,7 @@ impl Default for FreeBsdConfig {
             ipfw: "/sbin/ipfw".into(),
             ifconfig: "/sbin/ifconfig".into(),
             arp: "/usr/sbin/arp".into(),
-            ndp: "/usr/sbin/ndp".into(),
+            loopback: "lo0".into(),
             sysctl: "/sbin/sysctl".into(),
         }
     }

@@ -83,6 +83,14 @@ pub enum Step {
         addr: Ipv4Addr,
         prefix_len: u8,
     },
+    /// Add (`mac` given) or delete the proxy neighbour entry of the IPv6
+    /// `addr` on `interface` ([`super::proxy_nd`]): neighbour solicitations
+    /// arriving there are answered with `mac`. A failed delete is ignored.
+    ProxyNd {
+        interface: String,
+        addr: Ipv6Addr,
+        mac: Option<Mac>,
+    },
     /// Write srcjhash lease map `map`: `buckets` owned until `stop_after` from
     /// the start of this apply (an absolute kernel-uptime deadline, so a late
     /// write does not extend it), every other bucket not owned.
@@ -188,6 +196,19 @@ impl fmt::Display for Step {
                 f,
                 "ioctl SIOCAIFADDR {interface} inet {addr}/{prefix_len} shared"
             ),
+            Step::ProxyNd {
+                interface,
+                addr,
+                mac: Some(mac),
+            } => write!(
+                f,
+                "netlink RTM_NEWNEIGH {interface} {addr} lladdr {mac} proxy"
+            ),
+            Step::ProxyNd {
+                interface,
+                addr,
+                mac: None,
+            } => write!(f, "netlink? RTM_DELNEIGH {interface} {addr}"),
             Step::SetLease {
                 sysctl,
                 map,
@@ -266,14 +287,6 @@ impl Family {
         }
     }
 
-    /// The address family word of ifconfig(8).
-    pub fn inet(self) -> &'static str {
-        match self {
-            Family::V4 => "inet",
-            Family::V6 => "inet6",
-        }
-    }
-
     /// Offset of this family's base rules from `rule_base` (and from
     /// `DENY_OFFSET`), so both families' rules keep distinct numbers.
     pub fn base_offset(self) -> u32 {
@@ -332,6 +345,21 @@ impl Family {
             Family::V4 => mac.igmp_group().map(IpAddr::V4),
             Family::V6 => mac.mld_group().map(IpAddr::V6),
         }
+    }
+
+    /// Every group `vip`'s host must receive on its interface: the MAC's, and
+    /// for IPv6 the VIP's solicited-node group, which the kernel joins on lo0
+    /// only (where the VIP is held), while solicitations arrive on the
+    /// interface.
+    pub fn groups(self, vip: &VipConfig) -> Vec<IpAddr> {
+        let mut groups: Vec<IpAddr> = self.mac_group(vip.mac).into_iter().collect();
+        if let IpAddr::V6(addr) = vip.addr {
+            let low = u128::from(addr) & 0xff_ffff;
+            groups.push(IpAddr::V6(Ipv6Addr::from(
+                0xff02_0000_0000_0000_0000_0001_ff00_0000_u128 | low,
+            )));
+        }
+        groups
     }
 
     /// The MACs [`Family::mac_group`] accepts, for error messages.
@@ -600,14 +628,14 @@ fn owned_swap(cfg: &FreeBsdConfig, vips: &[VipConfig], matches: &[OwnedMatch]) -
 }
 
 /// Steps that configure `vip`: the address kept out of conflict defence, its
-/// link-layer answer published with the cluster MAC, and the MAC's group
+/// link-layer answer published with the cluster MAC, and the groups it needs
 /// joined.
 fn add_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
     let family = Family::of(vip.addr);
     let addr = vip.addr.to_string();
     let mac = vip.mac.to_string();
-    let mut steps = match (vip.addr, family) {
-        (IpAddr::V4(v4), _) if cfg.address == SharedAddress::Flag => vec![
+    let mut steps = match vip.addr {
+        IpAddr::V4(v4) if cfg.address == SharedAddress::Flag => vec![
             Step::AddSharedAddress {
                 interface: vip.interface.clone(),
                 addr: v4,
@@ -615,35 +643,32 @@ fn add_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
             },
             Step::run([cfg.arp.as_str(), "-S", &addr, &mac, "pub"]),
         ],
-        (_, Family::V4) => {
+        IpAddr::V4(_) => {
             let mut steps = carp_init_vip(cfg, vip);
             steps.push(Step::run([cfg.arp.as_str(), "-S", &addr, &mac, "pub"]));
             steps
         }
-        // 0001's flag is IPv4-only: IPv6 VIPs always take the CARP-INIT
-        // recipe, so a flag kernel needs CARP held in INIT as well.
-        (_, Family::V6) => {
-            let mut steps = Vec::new();
-            if cfg.address == SharedAddress::Flag {
-                steps.push(Step::run([cfg.sysctl.as_str(), "net.inet.carp.allow=0"]));
-            }
-            // Every cluster host answers DAD for the VIP (proxy entry), so DAD
-            // would mark it duplicated. ND6_IFF_NO_DAD is per interface: the
-            // interface's other new addresses skip DAD too.
-            steps.push(Step::run([
+        // As Linux: the VIP on the loopback interface as a /128, which is
+        // local (ip6_input accepts it from any interface), gets no DAD
+        // (in6if_do_dad() skips loopback) and no entry in IF's lltable (an
+        // address on IF gets an LLE_IFADDR entry, which RTM_NEWNEIGH refuses
+        // to replace with the proxy entry).
+        IpAddr::V6(v6) => vec![
+            Step::run([
                 cfg.ifconfig.as_str(),
-                &vip.interface,
+                &cfg.loopback,
                 "inet6",
-                "no_dad",
-            ]));
-            steps.extend(carp_init_vip(cfg, vip));
-            // Answered by nd6_ns_input() from this entry (LLE_PUB), as
-            // carp_iamatch6() finds no MASTER address.
-            steps.push(Step::run([cfg.ndp.as_str(), "-s", &addr, &mac, "proxy"]));
-            steps
-        }
+                &format!("{addr}/128"),
+                "alias",
+            ]),
+            Step::ProxyNd {
+                interface: vip.interface.clone(),
+                addr: v6,
+                mac: Some(vip.mac),
+            },
+        ],
     };
-    if let Some(group) = family.mac_group(vip.mac) {
+    for group in family.groups(vip) {
         steps.push(Step::JoinGroup {
             group,
             via: vip.addr,
@@ -657,8 +682,7 @@ fn carp_init_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
     let vhid = cfg.carp_vhid.to_string();
     vec![
         // Creates the vhid if needed; CARP stays in INIT (net.inet.carp.allow=0),
-        // which keeps the address out of conflict defence and gratuitous
-        // ARP/unsolicited NA.
+        // which keeps the address out of conflict defence and gratuitous ARP.
         Step::run([
             cfg.ifconfig.as_str(),
             &vip.interface,
@@ -670,7 +694,7 @@ fn carp_init_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
         Step::run([
             cfg.ifconfig.as_str(),
             &vip.interface,
-            Family::of(vip.addr).inet(),
+            "inet",
             &format!("{}/{}", vip.addr, vip.prefix_len),
             "alias",
             "vhid",
@@ -681,26 +705,42 @@ fn carp_init_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
 
 fn remove_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
     let family = Family::of(vip.addr);
-    let mut steps = Vec::new();
-    if let Some(group) = family.mac_group(vip.mac) {
-        steps.push(Step::LeaveGroup {
+    let addr = vip.addr.to_string();
+    let mut steps: Vec<Step> = family
+        .groups(vip)
+        .into_iter()
+        .map(|group| Step::LeaveGroup {
             group,
             via: vip.addr,
             interface: vip.interface.clone(),
-        });
+        })
+        .collect();
+    match vip.addr {
+        IpAddr::V4(_) => {
+            steps.push(Step::run_may_fail([cfg.arp.as_str(), "-d", &addr]));
+            steps.push(Step::run([
+                cfg.ifconfig.as_str(),
+                &vip.interface,
+                "inet",
+                &addr,
+                "-alias",
+            ]));
+        }
+        IpAddr::V6(v6) => {
+            steps.push(Step::ProxyNd {
+                interface: vip.interface.clone(),
+                addr: v6,
+                mac: None,
+            });
+            steps.push(Step::run([
+                cfg.ifconfig.as_str(),
+                &cfg.loopback,
+                "inet6",
+                &addr,
+                "-alias",
+            ]));
+        }
     }
-    let unpublish = match family {
-        Family::V4 => [cfg.arp.as_str(), "-d", &vip.addr.to_string()].map(String::from),
-        Family::V6 => [cfg.ndp.as_str(), "-d", &vip.addr.to_string()].map(String::from),
-    };
-    steps.push(Step::run_may_fail(unpublish));
-    steps.push(Step::run([
-        cfg.ifconfig.as_str(),
-        &vip.interface,
-        family.inet(),
-        &vip.addr.to_string(),
-        "-alias",
-    ]));
     steps
 }
 
