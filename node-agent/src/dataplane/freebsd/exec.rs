@@ -161,8 +161,9 @@ impl<W: WatchdogLink> Executor for OsExecutor<W> {
                 addr,
                 mac,
             } => {
-                let index = interface_index(interface)?;
-                let done = super::proxy_nd::set_proxy_entry(interface, index, *addr, *mac);
+                let done = interface_index(interface).and_then(|index| {
+                    super::proxy_nd::set_proxy_entry(interface, index, *addr, *mac)
+                });
                 // Deleting what is not there (any more) is fine.
                 if mac.is_none() {
                     return Ok(());

@@ -1,9 +1,9 @@
 //! FreeBSD data plane: the VIP as a CARP-INIT alias, a published multicast
 //! ARP entry (IPv6: the VIP on lo0 and a proxy neighbour entry), IGMP (MLD)
-//! membership, and either
-//! ipfw's srcjhash option with kernel-enforced leases (a kernel with
-//! kernel-patches/0003) or ipfw mask rules over low-bits buckets with a
-//! watchdog process for the lease. One cluster may hold IPv4 and IPv6 VIPs.
+//! membership, and either ipfw's srcjhash option with kernel-enforced leases
+//! (a kernel with kernel-patches/0003) or ipfw mask rules over low-bits
+//! buckets with a watchdog process for the lease. One cluster may hold IPv4
+//! and IPv6 VIPs.
 //!
 //! # Per IPv4 VIP
 //! On a kernel with kernel-patches/0001 ([`SharedAddress::Flag`], probed by
