@@ -6,7 +6,7 @@
 //! freebsd_plans`, then read the diff.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ fn t0() -> Instant {
 use vipshare_agent::dataplane::freebsd::exec::{Executor, RecordingExecutor};
 use vipshare_agent::dataplane::freebsd::plan::{masks, plan_apply, plan_withdraw};
 use vipshare_agent::dataplane::freebsd::{
-    FreeBsdConfig, FreeBsdDataPlane, Installed, IpfwBuckets, SharedAddress, Step,
+    Family, FreeBsdConfig, FreeBsdDataPlane, Installed, IpfwBuckets, SharedAddress, Step,
 };
 use vipshare_agent::dataplane::{
     Affinity, BucketFn, DataPlane, DataPlaneError, Desired, LeaseEnforcement, Mac, VipConfig,
@@ -187,7 +187,7 @@ fn matches_agree_with_core_bucket_model() {
         d.affinity = affinity;
         d.bucket_count = count;
         d.owned = owned;
-        let m = masks(&d).unwrap();
+        let m = masks(&d, Family::V4).unwrap();
         let mut x: u32 = 0x1234_5678;
         for _ in 0..20_000 {
             x ^= x << 13;
@@ -196,7 +196,7 @@ fn matches_agree_with_core_bucket_model() {
             let addr = Ipv4Addr::from(x);
             let bucket =
                 bucket_of(BucketFn::Lowbits, affinity, count, 0, addr.into(), None).unwrap();
-            let hit = m.iter().any(|&(v, mask)| x & mask == v);
+            let hit = m.iter().any(|&(v, mask)| u128::from(x) & mask == v);
             assert_eq!(hit, d.owned.contains(&bucket), "{addr} bucket {bucket}");
         }
     }
@@ -235,20 +235,20 @@ fn rejects_what_ipfw_cannot_do() {
         ..cfg.clone()
     };
     assert!(plan_apply(&bad_sets, None, &desired(0..8), t0()).is_err());
-    // No IPv6 plans yet: refused by name (the agent reports such VIPs
-    // unserved and never hands them to this backend).
+    // An IPv6 VIP needs a 33:33 MAC (its MLD group opens the NIC's filter).
     let mut six = desired(0..8);
     six.vips.push(VipConfig {
         addr: "2001:db8::10".parse().unwrap(),
         prefix_len: 128,
-        mac: Mac([0x33, 0x33, 0, 0, 0, 0x10]),
+        mac: Mac([0x01, 0x00, 0x5e, 0, 0, 0x10]),
         interface: "vtnet0".into(),
         mode: Default::default(),
     });
     let err = plan_apply(&cfg, None, &six, t0()).unwrap_err();
     assert!(matches!(err, DataPlaneError::Unsupported(_)), "{err}");
     assert!(err.to_string().contains("2001:db8::10"), "{err}");
-    // Nor switch modes other than multicast, likewise.
+    assert!(err.to_string().contains("33:33"), "{err}");
+    // Switch modes other than multicast are refused by name.
     let mut igmp = desired(0..8);
     igmp.vips[0].mode = vipshare_agent::dataplane::SwitchMode::Igmp;
     let err = plan_apply(&cfg, None, &igmp, t0()).unwrap_err();
@@ -433,4 +433,199 @@ fn lease_map_writes_are_compact_and_absolute() {
     // 32768-byte limit.
     let worst = lease_assignment(15, u64::MAX / 8, &(0..4096).step_by(2).collect());
     assert!(worst.len() < 32768, "{}", worst.len());
+}
+
+// ---------------------------------------------------------------------------
+// IPv6 VIPs, next to IPv4 ones in one cluster.
+
+fn vip6(last: u16) -> VipConfig {
+    let addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last);
+    VipConfig {
+        addr: addr.into(),
+        prefix_len: 128,
+        mac: vipshare_agent::dataplane::Mac::for_vip(addr.into()),
+        interface: "vtnet0".into(),
+        mode: Default::default(),
+    }
+}
+
+/// `base` with the IPv6 VIP 2001:db8::10 beside its IPv4 one.
+fn dual(base: Desired) -> Desired {
+    let mut d = base;
+    d.vips.push(vip6(0x10));
+    d
+}
+
+/// Start, renew, reassign, lease loss, withdraw and VIP removal with a v4+v6
+/// pair, on `cfg`.
+fn dual_scenario(cfg: &FreeBsdConfig, make: fn(Vec<u32>) -> Desired) -> String {
+    let mut nearly_gone = dual(make((0..64).collect()));
+    nearly_gone.lease_until = t0() + Duration::from_millis(40); // below the 50 ms margin
+    let mut out = render_with(
+        cfg,
+        &[
+            (
+                "start: v4+v6 pair, own 64..128",
+                dual(make((64..128).collect())),
+            ),
+            ("renew: same buckets", dual(make((64..128).collect()))),
+            (
+                "reassign: every 4th bucket",
+                dual(make((0..256).step_by(4).collect())),
+            ),
+            ("lease nearly gone: accept nothing", nearly_gone),
+            ("own again: 0..64", dual(make((0..64).collect()))),
+        ],
+    );
+    let p = plan_apply(cfg, None, &dual(make((0..64).collect())), t0()).unwrap();
+    out.push_str("# withdraw (from a fresh start owning 0..64)\n");
+    let w = plan_withdraw(cfg, Some(&p.next));
+    out.push_str(&w.render());
+    let back = plan_apply(cfg, Some(&w.next), &dual(make((0..64).collect())), t0()).unwrap();
+    out.push_str("\n# apply after withdraw\n");
+    out.push_str(&back.render());
+    let v4_only = plan_apply(cfg, Some(&back.next), &make((0..64).collect()), t0()).unwrap();
+    out.push_str("\n# remove the IPv6 VIP\n");
+    out.push_str(&v4_only.render());
+    let mut v6_only = dual(make((0..64).collect()));
+    v6_only.vips.remove(0);
+    let p = plan_apply(cfg, Some(&v4_only.next), &v6_only, t0()).unwrap();
+    out.push_str("\n# swap: the IPv6 VIP back, the IPv4 VIP removed\n");
+    out.push_str(&p.render());
+    out
+}
+
+#[test]
+fn golden_ipv6_vips() {
+    let mut out = String::from("## stock kernel: CARP-INIT, lowbits masks, watchdog\n\n");
+    out.push_str(&dual_scenario(&cfg(), desired));
+    let mut net = dual(desired((0..256).step_by(2)));
+    net.affinity = Affinity::Network24;
+    out.push_str("\n# network24 affinity (IPv6: the /64's low 32 bits), even buckets\n");
+    out.push_str(&plan_apply(&cfg(), None, &net, t0()).unwrap().render());
+    out.push_str("\n## kernel-patches 0001-0004: flag (IPv4 only), srcjhash, kernel leases\n\n");
+    out.push_str(&dual_scenario(&srcjhash_cfg(), jhash));
+    golden("freebsd_ipv6", &out);
+}
+
+/// The IPv6 mask rules accept exactly the sources whose bucket (core's
+/// Lowbits over the low 32 bits, or over `addr >> 64` for network24) is
+/// owned; so do the IPv4 ones of the same assignment.
+#[test]
+fn ipv6_masks_agree_with_core_bucket_model() {
+    for (affinity, count, owned) in [
+        (
+            Affinity::Address,
+            256u32,
+            (0..256).filter(|b| b % 3 == 1).collect::<BTreeSet<u32>>(),
+        ),
+        (Affinity::Address, 1024, (100..700).collect()),
+        (Affinity::Network24, 256, (0..256).step_by(5).collect()),
+        (Affinity::Network24, 4096, (1024..3072).collect()),
+    ] {
+        let mut d = dual(desired([]));
+        d.affinity = affinity;
+        d.bucket_count = count;
+        d.owned = owned;
+        let m6 = masks(&d, Family::V6).unwrap();
+        let m4 = masks(&d, Family::V4).unwrap();
+        // Every rule is over bits core's bucket reads, nothing above or below.
+        let shift = if affinity == Affinity::Network24 {
+            64
+        } else {
+            0
+        };
+        for &(v, mask) in &m6 {
+            assert_eq!(v & !mask, 0);
+            assert_eq!(mask & !(u128::from(count - 1) << shift), 0, "{mask:x}");
+        }
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..500 {
+            let bits = (u128::from(next()) << 64) | u128::from(next());
+            // Global unicast, never IPv4-mapped (core treats those as IPv4).
+            let bits = (bits & !(0xffff_u128 << 112)) | (0x2001_u128 << 112);
+            let addr = Ipv6Addr::from(bits);
+            let bucket = bucket_of(
+                BucketFn::Lowbits,
+                affinity,
+                count,
+                0,
+                IpAddr::V6(addr),
+                None,
+            )
+            .unwrap();
+            let hit = m6.iter().any(|&(v, mask)| bits & mask == v);
+            assert_eq!(hit, d.owned.contains(&bucket), "{addr} bucket {bucket}");
+            // The IPv4 source with the same key bits lands in the same bucket.
+            let key = (bits >> shift) as u32;
+            let v4 = match affinity {
+                Affinity::Network24 => Ipv4Addr::from(key << 8),
+                _ => Ipv4Addr::from(key),
+            };
+            let hit4 = m4
+                .iter()
+                .any(|&(v, mask)| u128::from(u32::from(v4)) & mask == v);
+            assert_eq!(hit4, hit, "{v4} vs {addr}");
+        }
+    }
+}
+
+#[test]
+fn ipv6_rules_name_one_family_each() {
+    let p = plan_apply(&cfg(), None, &dual(desired(64..128)), t0()).unwrap();
+    let text = p.render();
+    for line in text.lines().filter(|l| l.contains(" to ")) {
+        let to = line.split(" to ").nth(1).unwrap_or_default();
+        let list = to.split_whitespace().next().unwrap_or_default();
+        let v6 = list.split(',').filter(|a| a.contains(':')).count();
+        assert!(
+            v6 == 0 || v6 == list.split(',').count(),
+            "mixed list: {line}"
+        );
+    }
+    assert!(text.contains("mld join ff05::10 on vtnet0"), "{text}");
+    assert!(
+        text.contains("mld join ff02::1:ff00:10 on vtnet0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("netlink RTM_NEWNEIGH vtnet0 2001:db8::10 lladdr 33:33:00:00:00:10 proxy"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ifconfig lo0 inet6 2001:db8::10/128 alias"),
+        "{text}"
+    );
+    // No CARP for IPv6: the VIP is on lo0, not on vtnet0.
+    assert!(
+        !text.contains("inet6 2001:db8::10/128 alias vhid"),
+        "{text}"
+    );
+    // The IPv6 VIP is no shared (IPv4) address even on a flag kernel.
+    let p = plan_apply(&srcjhash_cfg(), None, &dual(jhash(0..8)), t0()).unwrap();
+    assert_eq!(
+        p.steps
+            .iter()
+            .filter(|s| matches!(s, Step::AddSharedAddress { .. }))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn mask_rules_of_both_families_share_the_rule_budget() {
+    // 683 single-bucket cubes: fits for one family, not for two.
+    let mut d = desired((0..2048).filter(|b| b % 3 == 0));
+    d.bucket_count = 2048;
+    assert!(plan_apply(&cfg(), None, &d, t0()).is_ok());
+    let err = plan_apply(&cfg(), None, &dual(d), t0())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("both address families"), "{err}");
 }

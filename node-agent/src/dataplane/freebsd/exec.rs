@@ -1,7 +1,8 @@
 //! The executor: the only code of the FreeBSD backend that touches the OS.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, UdpSocket};
+use std::ffi::CString;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::process::Command;
 use std::time::Instant;
 
@@ -39,12 +40,28 @@ fn uptime_ns() -> Result<u64, DataPlaneError> {
     Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
+/// The index of `interface` (MLD joins name the interface by index).
+fn interface_index(interface: &str) -> Result<u32, DataPlaneError> {
+    let name = CString::new(interface).map_err(|_| {
+        DataPlaneError::InvalidDesired(format!("interface name {interface:?} contains NUL"))
+    })?;
+    // SAFETY: name is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(DataPlaneError::Io {
+            context: format!("looking up interface {interface}"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(index)
+}
+
 /// Runs commands with `std::process::Command`, holds one UDP socket per joined
 /// multicast group (membership lasts while the socket is open: if the agent
 /// dies, the host leaves the group, and switches stop sending it the VIP's
 /// frames), and forwards watchdog steps to a [`WatchdogLink`].
 pub struct OsExecutor<W: WatchdogLink> {
-    groups: HashMap<(Ipv4Addr, Ipv4Addr, String), UdpSocket>,
+    groups: HashMap<(IpAddr, IpAddr, String), UdpSocket>,
     watchdog: W,
 }
 
@@ -97,10 +114,27 @@ impl<W: WatchdogLink> Executor for OsExecutor<W> {
                     return Ok(());
                 }
                 let io = |context: String| move |source| DataPlaneError::Io { context, source };
-                let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-                    .map_err(io("binding a socket for IGMP membership".into()))?;
-                sock.join_multicast_v4(group, via)
-                    .map_err(io(format!("joining {group} via {via} on {interface}")))?;
+                let context = format!("joining {group} on {interface}");
+                let sock = match (group, via) {
+                    (IpAddr::V4(g), IpAddr::V4(v)) => {
+                        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+                            .map_err(io("binding a socket for IGMP membership".into()))?;
+                        sock.join_multicast_v4(g, v).map_err(io(context))?;
+                        sock
+                    }
+                    (IpAddr::V6(g), _) => {
+                        let index = interface_index(interface)?;
+                        let sock = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))
+                            .map_err(io("binding a socket for MLD membership".into()))?;
+                        sock.join_multicast_v6(g, index).map_err(io(context))?;
+                        sock
+                    }
+                    (IpAddr::V4(_), IpAddr::V6(_)) => {
+                        return Err(DataPlaneError::InvalidDesired(format!(
+                            "IPv4 group {group} joined via the IPv6 address {via}"
+                        )))
+                    }
+                };
                 self.groups.insert(key, sock);
                 Ok(())
             }
@@ -122,6 +156,20 @@ impl<W: WatchdogLink> Executor for OsExecutor<W> {
                 addr,
                 prefix_len,
             } => super::shared_addr::add_shared_address(interface, *addr, *prefix_len),
+            Step::ProxyNd {
+                interface,
+                addr,
+                mac,
+            } => {
+                let done = interface_index(interface).and_then(|index| {
+                    super::proxy_nd::set_proxy_entry(interface, index, *addr, *mac)
+                });
+                // Deleting what is not there (any more) is fine.
+                if mac.is_none() {
+                    return Ok(());
+                }
+                done
+            }
             Step::SetLease {
                 sysctl,
                 map,

@@ -1,9 +1,11 @@
 //! FreeBSD data plane: the VIP as a CARP-INIT alias, a published multicast
-//! ARP entry, IGMP membership, and either ipfw's srcjhash option with
-//! kernel-enforced leases (a kernel with kernel-patches/0003) or ipfw mask
-//! rules over low-bits buckets with a watchdog process for the lease.
+//! ARP entry (IPv6: the VIP on lo0 and a proxy neighbour entry), IGMP (MLD)
+//! membership, and either ipfw's srcjhash option with kernel-enforced leases
+//! (a kernel with kernel-patches/0003) or ipfw mask rules over low-bits
+//! buckets with a watchdog process for the lease. One cluster may hold IPv4
+//! and IPv6 VIPs.
 //!
-//! # Per VIP
+//! # Per IPv4 VIP
 //! On a kernel with kernel-patches/0001 ([`SharedAddress::Flag`], probed by
 //! `sysctl net.inet.ip.shared_addr`): the VIP is added with the shared-address
 //! flag ([`shared_addr`]), which gives what the CARP-INIT recipe below gives
@@ -21,6 +23,35 @@
 //! - a kernel with kernel-patches/0002 and `net.inet.tcp.accept_l2mcast=2`, or
 //!   TCP drops every SYN that arrived in a multicast frame.
 //!
+//! # Per IPv6 VIP
+//! As on Linux, and on either kernel (0001's flag is IPv4-only; no CARP):
+//! - `ifconfig lo0 inet6 VIP/128 alias`: local (ip6_input accepts packets to
+//!   any address in the address hash, whatever interface they arrive on),
+//!   no DAD (`in6if_do_dad()` skips loopback), so never marked duplicated when
+//!   the other hosts answer for it, and never defended.
+//! - a proxy neighbour entry for the VIP with the cluster's 33:33 MAC in the
+//!   lltable of IF ([`proxy_nd`]: netlink `RTM_NEWNEIGH` with `NTF_PROXY`,
+//!   what `ndp -s VIP MAC proxy` sends; ndp(8) itself would pick lo0 from the
+//!   route). `nd6_ns_input()` finds no address of IF for the target and
+//!   answers from this `LLE_PUB` entry (`nd6_proxy_fill_sdl()`), with its
+//!   link-layer address and no override flag; no multicast check on that path.
+//!   The VIP cannot sit on IF itself: every address there gets an
+//!   `LLE_IFADDR` entry (`nd6_add_ifa_lle()`, CARP addresses included), which
+//!   `RTM_NEWNEIGH` refuses to replace (EPERM).
+//! - MLD membership on IF (sockets held by the executor) of the `ff05::` group
+//!   that maps to the MAC ([`Mac::mld_group`](crate::dataplane::Mac::mld_group))
+//!   and of the VIP's solicited-node group, which the kernel joins on lo0 only.
+//! - the base set lets ICMPv6 neighbour solicitations to the VIP through on
+//!   every host (unicast reachability probes), as the Linux rules do.
+//!
+//! Needs: a link-local address on IF (the answer's source), netlink (FreeBSD
+//! 13.2 or later). Limits: TCP over IPv6 needs a kernel change that does not
+//! exist yet: kernel-patches/0002 lets IPv4 SYNs in link-layer multicast frames
+//! through (`tcp_l2mcast_syn_ok()` has no IPv4 header for IPv6 and refuses),
+//! so tcp_input() drops every IPv6 SYN to the VIP and only UDP and ICMPv6
+//! work. None of this ran on FreeBSD: it is read from the sys/netinet6,
+//! sys/netlink, usr.sbin/ndp and sbin/ipfw texts of freebsd/freebsd-src.
+//!
 //! # Buckets
 //! [`IpfwBuckets`] picks how, by default by probing the kernel on the first
 //! apply (`sysctl net.inet.ip.fw.srcjhash_enable` exists):
@@ -30,6 +61,14 @@
 //!   ([`LeaseEnforcement::KernelTimeout`]), no watchdog.
 //! - masks: [`BucketFn::Lowbits`](crate::dataplane::BucketFn) (ipfw matches
 //!   `addr:mask`, [`masks`]) and the watchdog below.
+//!
+//! Both apply to IPv6 sources: 0003's match hashes the 16-byte source (the
+//! /64 for network24) like `jhash ip6 saddr`, and the masks become IPv6
+//! `addr/mask` pairs over the low 32 bits (network24: the /64's low 32 bits),
+//! which sbin/ipfw/ipv6.c accepts non-contiguous. ipfw address lists hold one
+//! family, so every rule naming VIPs exists per family ([`plan::Family`]). As
+//! core's bucket module says, jhash over IPv6 keys agrees with Linux only on
+//! little-endian hosts.
 //!
 //! The rule layout is described in [`plan`].
 //!
@@ -47,6 +86,7 @@
 pub mod exec;
 pub mod masks;
 pub mod plan;
+pub mod proxy_nd;
 pub mod shared_addr;
 pub mod watchdog;
 
@@ -54,7 +94,7 @@ use std::time::{Duration, Instant};
 
 use crate::dataplane::{ApplyReport, DataPlane, DataPlaneError, Desired, LeaseEnforcement};
 pub use exec::{Executor, OsExecutor};
-pub use plan::{plan_apply, plan_withdraw, Installed, Plan, Step};
+pub use plan::{plan_apply, plan_withdraw, Family, Installed, Plan, Step};
 
 /// How the FreeBSD backend matches owned buckets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +147,8 @@ pub struct FreeBsdConfig {
     pub ipfw: String,
     pub ifconfig: String,
     pub arp: String,
+    /// Interface holding IPv6 VIPs (the loopback).
+    pub loopback: String,
     pub sysctl: String,
 }
 
@@ -126,6 +168,7 @@ impl Default for FreeBsdConfig {
             ipfw: "/sbin/ipfw".into(),
             ifconfig: "/sbin/ifconfig".into(),
             arp: "/usr/sbin/arp".into(),
+            loopback: "lo0".into(),
             sysctl: "/sbin/sysctl".into(),
         }
     }

@@ -4,12 +4,19 @@
 //! # Kernel layout (rule numbers relative to `rule_base`, R)
 //! ```text
 //! set base    R+0    skipto R+1000 tcp from any to VIPS in established
+//!             R+10   the same for the IPv6 VIPS6
+//!             R+11   skipto R+1000 ipv6-icmp from any to VIPS6 in icmp6types 135
 //! set owned   R+100+i skipto R+1000 ip from V_i:M_i to VIPS in   (masks: one per mask)
+//!                    ... ip from V_i/M_i to VIPS6 in            (and per IPv6 mask)
 //!             R+100  skipto R+1000 ip from any to VIPS in srcjhash MAP buckets B
-//!                    seed S affinity A                           (srcjhash kernels)
+//!                    seed S affinity A                           (srcjhash kernels;
+//!                                                                 again for VIPS6)
 //! set base    R+900  deny ip from any to VIPS in
+//!             R+910  deny ip from any to VIPS6 in
 //!             R+1000 and up: the administrator's own rules
 //! ```
+//! Rules for a family without VIPs are left out (ipfw address lists hold
+//! one family; see [`Family`]).
 //! With the srcjhash option (kernel-patches/0003) the owned rules depend only
 //! on the VIPs and the bucket function; which buckets are owned, and until
 //! when, is one write of the lease map ([`Step::SetLease`]) per apply: the
@@ -29,12 +36,12 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use super::masks::{compress, Cube};
 use super::{FreeBsdConfig, IpfwBuckets, SharedAddress};
-use crate::dataplane::{Affinity, BucketFn, DataPlaneError, Desired, SwitchMode, VipConfig};
+use crate::dataplane::{Affinity, BucketFn, DataPlaneError, Desired, Mac, SwitchMode, VipConfig};
 
 /// Offset of the owned-bucket rules from `rule_base`.
 pub const OWNED_OFFSET: u32 = 100;
@@ -50,16 +57,18 @@ pub const MAX_OWNED_RULES: usize = (DENY_OFFSET - OWNED_OFFSET) as usize;
 pub enum Step {
     /// Run a command; unless `may_fail`, a non-zero exit fails the plan.
     Run { argv: Vec<String>, may_fail: bool },
-    /// Join `group` on the interface holding `via` (keeps a socket open).
+    /// Join `group` on `interface` (keeps a socket open): IGMP on the
+    /// interface holding the IPv4 `via`, MLD on `interface` by index (`via`
+    /// is then the IPv6 VIP and only names the membership).
     JoinGroup {
-        group: Ipv4Addr,
-        via: Ipv4Addr,
+        group: IpAddr,
+        via: IpAddr,
         interface: String,
     },
     /// Leave `group` (closes that socket).
     LeaveGroup {
-        group: Ipv4Addr,
-        via: Ipv4Addr,
+        group: IpAddr,
+        via: IpAddr,
         interface: String,
     },
     /// Tell the watchdog to withdraw the owned rules `stop_after` from the
@@ -73,6 +82,14 @@ pub enum Step {
         interface: String,
         addr: Ipv4Addr,
         prefix_len: u8,
+    },
+    /// Add (`mac` given) or delete the proxy neighbour entry of the IPv6
+    /// `addr` on `interface` ([`super::proxy_nd`]): neighbour solicitations
+    /// arriving there are answered with `mac`. A failed delete is ignored.
+    ProxyNd {
+        interface: String,
+        addr: Ipv6Addr,
+        mac: Option<Mac>,
     },
     /// Write srcjhash lease map `map`: `buckets` owned until `stop_after` from
     /// the start of this apply (an absolute kernel-uptime deadline, so a late
@@ -155,12 +172,18 @@ impl fmt::Display for Step {
                 group,
                 via,
                 interface,
-            } => write!(f, "igmp join {group} via {via} on {interface}"),
+            } => match group {
+                IpAddr::V4(_) => write!(f, "igmp join {group} via {via} on {interface}"),
+                IpAddr::V6(_) => write!(f, "mld join {group} on {interface}"),
+            },
             Step::LeaveGroup {
                 group,
                 via,
                 interface,
-            } => write!(f, "igmp leave {group} via {via} on {interface}"),
+            } => match group {
+                IpAddr::V4(_) => write!(f, "igmp leave {group} via {via} on {interface}"),
+                IpAddr::V6(_) => write!(f, "mld leave {group} on {interface}"),
+            },
             Step::ArmWatchdog { stop_after } => {
                 write!(f, "watchdog arm {}ms", stop_after.as_millis())
             }
@@ -173,6 +196,19 @@ impl fmt::Display for Step {
                 f,
                 "ioctl SIOCAIFADDR {interface} inet {addr}/{prefix_len} shared"
             ),
+            Step::ProxyNd {
+                interface,
+                addr,
+                mac: Some(mac),
+            } => write!(
+                f,
+                "netlink RTM_NEWNEIGH {interface} {addr} lladdr {mac} proxy"
+            ),
+            Step::ProxyNd {
+                interface,
+                addr,
+                mac: None,
+            } => write!(f, "netlink? RTM_DELNEIGH {interface} {addr}"),
             Step::SetLease {
                 sysctl,
                 map,
@@ -232,9 +268,122 @@ impl Plan {
     }
 }
 
+/// What differs between IPv4 and IPv6 VIPs, in one place. An ipfw address
+/// list holds one family only (ipfw(8) parses the list by its first
+/// address), so every rule naming VIPs exists once per family present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn of(addr: IpAddr) -> Family {
+        match addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// Offset of this family's base rules from `rule_base` (and from
+    /// `DENY_OFFSET`), so both families' rules keep distinct numbers.
+    pub fn base_offset(self) -> u32 {
+        match self {
+            Family::V4 => 0,
+            Family::V6 => 10,
+        }
+    }
+
+    /// Base-set rules (protocol, options) that skip the bucket check. IPv6:
+    /// neighbour solicitations sent to the VIP itself (unicast, for
+    /// reachability) go to the stack on every host, which answers from the
+    /// proxy entry; else only the owner of the client's bucket would.
+    pub fn always_accept(self) -> &'static [(&'static str, &'static [&'static str])] {
+        match self {
+            Family::V4 => &[],
+            Family::V6 => &[("ipv6-icmp", &["icmp6types", "135"])],
+        }
+    }
+
+    /// Where core's low-bits key sits in the address: the number of bits
+    /// below it (`BucketFn::Lowbits`: IPv4 `addr` or `addr >> 8`, IPv6 the low
+    /// 32 bits or `addr >> 64`).
+    pub fn lowbits_shift(self, affinity: Affinity) -> Result<u32, DataPlaneError> {
+        match (self, affinity) {
+            (_, Affinity::Address) => Ok(0),
+            (Family::V4, Affinity::Network24) => Ok(8),
+            (Family::V6, Affinity::Network24) => Ok(64),
+            (_, Affinity::AddressPort) => Err(DataPlaneError::Unsupported(
+                "address_port affinity cannot be expressed with ipfw masks".into(),
+            )),
+        }
+    }
+
+    /// ipfw's source match for `(value, mask)` over the whole address:
+    /// `a.b.c.d:m.m.m.m`, or `x::y/m::m` (an IPv6 mask written as an address
+    /// may be non-contiguous: sbin/ipfw/ipv6.c stores it as an addr/mask pair).
+    pub fn src_match(self, (value, mask): (u128, u128)) -> String {
+        if mask == 0 {
+            return "any".to_string();
+        }
+        match self {
+            Family::V4 => format!(
+                "{}:{}",
+                Ipv4Addr::from(value as u32),
+                Ipv4Addr::from(mask as u32)
+            ),
+            Family::V6 => format!("{}/{}", Ipv6Addr::from(value), Ipv6Addr::from(mask)),
+        }
+    }
+
+    /// The multicast group whose Ethernet mapping is `mac`: joining it opens
+    /// the NIC's filter (and snooping switches) to the VIP's frames.
+    pub fn mac_group(self, mac: Mac) -> Option<IpAddr> {
+        match self {
+            Family::V4 => mac.igmp_group().map(IpAddr::V4),
+            Family::V6 => mac.mld_group().map(IpAddr::V6),
+        }
+    }
+
+    /// Every group `vip`'s host must receive on its interface: the MAC's, and
+    /// for IPv6 the VIP's solicited-node group, which the kernel joins on lo0
+    /// only (where the VIP is held), while solicitations arrive on the
+    /// interface.
+    pub fn groups(self, vip: &VipConfig) -> Vec<IpAddr> {
+        let mut groups: Vec<IpAddr> = self.mac_group(vip.mac).into_iter().collect();
+        if let IpAddr::V6(addr) = vip.addr {
+            let low = u128::from(addr) & 0xff_ffff;
+            groups.push(IpAddr::V6(Ipv6Addr::from(
+                0xff02_0000_0000_0000_0000_0001_ff00_0000_u128 | low,
+            )));
+        }
+        groups
+    }
+
+    /// The MACs [`Family::mac_group`] accepts, for error messages.
+    fn mac_range(self) -> &'static str {
+        match self {
+            Family::V4 => "01:00:5e:00:00:00-01:00:5e:7f:ff:ff",
+            Family::V6 => "33:33:00:00:00:00-33:33:ff:ff:ff:ff",
+        }
+    }
+}
+
+/// The families of `vips`, in [`Family::ALL`] order.
+fn families(vips: &[VipConfig]) -> Vec<Family> {
+    Family::ALL
+        .into_iter()
+        .filter(|f| vips.iter().any(|v| Family::of(v.addr) == *f))
+        .collect()
+}
+
 /// One owned rule's match: protocol, source, and the options after `in`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnedMatch {
+    /// Which family's VIPs the rule names.
+    pub family: Family,
     pub proto: &'static str,
     pub src: String,
     pub options: Vec<String>,
@@ -242,9 +391,11 @@ pub struct OwnedMatch {
     pub to_deny: bool,
 }
 
-/// The srcjhash rule options for `desired`'s bucket function (kernel-patches/0003).
-fn srcjhash_matches(cfg: &FreeBsdConfig, desired: &Desired) -> Vec<OwnedMatch> {
+/// The srcjhash rule options for `desired`'s bucket function (kernel-patches/0003,
+/// whose match hashes the 16-byte IPv6 source like `jhash ip6 saddr`).
+fn srcjhash_matches(cfg: &FreeBsdConfig, desired: &Desired, family: Family) -> Vec<OwnedMatch> {
     let rule = |proto, affinity: Affinity| OwnedMatch {
+        family,
         proto,
         src: "any".into(),
         options: vec![
@@ -266,6 +417,7 @@ fn srcjhash_matches(cfg: &FreeBsdConfig, desired: &Desired) -> Vec<OwnedMatch> {
             rule("tcp", Affinity::AddressPort),
             rule("udp", Affinity::AddressPort),
             OwnedMatch {
+                family,
                 proto: "{ tcp or udp }",
                 src: "any".into(),
                 options: Vec::new(),
@@ -277,38 +429,54 @@ fn srcjhash_matches(cfg: &FreeBsdConfig, desired: &Desired) -> Vec<OwnedMatch> {
     }
 }
 
-/// The owned rules' matches: on a srcjhash kernel one rule computing the
-/// bucket (the lease map says which are owned); otherwise `addr:mask` matches
-/// that accept exactly the owned low-bits buckets.
+/// The owned rules' matches for each family of `desired`'s VIPs: on a
+/// srcjhash kernel one rule computing the bucket (the lease map says which
+/// are owned); otherwise address/mask matches that accept exactly the owned
+/// low-bits buckets. Without VIPs, only checks that the rules could be made.
 pub fn owned_matches(
     cfg: &FreeBsdConfig,
     desired: &Desired,
 ) -> Result<Vec<OwnedMatch>, DataPlaneError> {
-    if cfg.buckets == IpfwBuckets::Srcjhash {
-        if desired.bucket_fn != BucketFn::Jhash {
-            return Err(DataPlaneError::Unsupported(
-                "this kernel has ipfw's srcjhash option, which computes jhash buckets; \
-                 configure the jhash bucket function (or set the FreeBSD backend to masks)"
-                    .into(),
-            ));
-        }
-        return Ok(srcjhash_matches(cfg, desired));
-    }
-    masks(desired).map(|m| {
-        m.into_iter()
-            .map(|vm| OwnedMatch {
+    let present = families(&desired.vips);
+    let checked = if present.is_empty() {
+        vec![Family::V4]
+    } else {
+        present.clone()
+    };
+    let mut out = Vec::new();
+    for family in checked {
+        if cfg.buckets == IpfwBuckets::Srcjhash {
+            if desired.bucket_fn != BucketFn::Jhash {
+                return Err(DataPlaneError::Unsupported(
+                    "this kernel has ipfw's srcjhash option, which computes jhash buckets; \
+                     configure the jhash bucket function (or set the FreeBSD backend to masks)"
+                        .into(),
+                ));
+            }
+            out.extend(srcjhash_matches(cfg, desired, family));
+        } else {
+            out.extend(masks(desired, family)?.into_iter().map(|vm| OwnedMatch {
+                family,
                 proto: "ip",
-                src: src_match(vm),
+                src: family.src_match(vm),
                 options: Vec::new(),
                 to_deny: false,
-            })
-            .collect()
-    })
+            }));
+        }
+    }
+    if out.len() > MAX_OWNED_RULES {
+        return Err(DataPlaneError::Unsupported(format!(
+            "the owned buckets need {} ipfw rules over both address families, more than \
+             the {MAX_OWNED_RULES} vipshare reserves; assign buckets in aligned blocks",
+            out.len()
+        )));
+    }
+    Ok(if present.is_empty() { Vec::new() } else { out })
 }
 
-/// The `(value, mask)` source matches (over the 32-bit address) that accept
-/// exactly the owned low-bits buckets.
-pub fn masks(desired: &Desired) -> Result<Vec<(u32, u32)>, DataPlaneError> {
+/// The `(value, mask)` source matches over the whole `family` address (IPv4
+/// in the low 32 bits) that accept exactly the owned low-bits buckets.
+pub fn masks(desired: &Desired, family: Family) -> Result<Vec<(u128, u128)>, DataPlaneError> {
     if desired.bucket_fn == BucketFn::Jhash {
         return Err(DataPlaneError::Unsupported(
             "stock ipfw cannot compute jhash buckets: use the lowbits bucket function, or a \
@@ -316,15 +484,7 @@ pub fn masks(desired: &Desired) -> Result<Vec<(u32, u32)>, DataPlaneError> {
                 .into(),
         ));
     }
-    let shift = match desired.affinity {
-        Affinity::Address => 0,
-        Affinity::Network24 => 8,
-        Affinity::AddressPort => {
-            return Err(DataPlaneError::Unsupported(
-                "address_port affinity cannot be expressed with ipfw masks".into(),
-            ))
-        }
-    };
+    let shift = family.lowbits_shift(desired.affinity)?;
     let cubes: Vec<Cube> = compress(&desired.owned, desired.bucket_count);
     if cubes.len() > MAX_OWNED_RULES {
         return Err(DataPlaneError::Unsupported(format!(
@@ -335,7 +495,7 @@ pub fn masks(desired: &Desired) -> Result<Vec<(u32, u32)>, DataPlaneError> {
     }
     Ok(cubes
         .into_iter()
-        .map(|c| (c.value << shift, c.mask << shift))
+        .map(|c| (u128::from(c.value) << shift, u128::from(c.mask) << shift))
         .collect())
 }
 
@@ -345,66 +505,70 @@ fn ipfw(cfg: &FreeBsdConfig, args: &[String]) -> Vec<String> {
     v
 }
 
-fn vip_list(vips: &[VipConfig]) -> String {
-    let parts: Vec<String> = vips.iter().map(|v| v.addr.to_string()).collect();
+/// The comma-separated addresses of `family`'s VIPs.
+fn vip_list(vips: &[VipConfig], family: Family) -> String {
+    let parts: Vec<String> = vips
+        .iter()
+        .filter(|v| Family::of(v.addr) == family)
+        .map(|v| v.addr.to_string())
+        .collect();
     parts.join(",")
 }
 
-fn src_match((value, mask): (u32, u32)) -> String {
-    if mask == 0 {
-        "any".to_string()
-    } else {
-        format!("{}:{}", Ipv4Addr::from(value), Ipv4Addr::from(mask))
-    }
+/// `ipfw -q add N set S <action...> <matched...>`.
+fn add_rule(
+    cfg: &FreeBsdConfig,
+    number: u32,
+    set: &str,
+    action: &[&str],
+    matched: &[String],
+) -> Step {
+    let mut args: Vec<String> = vec!["add".into(), number.to_string(), "set".into(), set.into()];
+    args.extend(action.iter().map(|a| a.to_string()));
+    args.extend(matched.iter().cloned());
+    Step::run(ipfw(cfg, &args))
+}
+
+/// `<proto> from <src> to <to> in <options...>`.
+fn inbound(proto: &str, src: &str, to: &str, options: &[&str]) -> Vec<String> {
+    let mut words: Vec<String> = [proto, "from", src, "to", to, "in"]
+        .map(String::from)
+        .to_vec();
+    words.extend(options.iter().map(|o| o.to_string()));
+    words
 }
 
 /// Steps that replace the base set with rules for `vips`.
 fn base_swap(cfg: &FreeBsdConfig, vips: &[VipConfig]) -> Vec<Step> {
     let r = cfg.rule_base;
     let stage = cfg.base_staging_set.to_string();
+    let end = (r + END_OFFSET).to_string();
+    let skip: &[&str] = &["skipto", &end];
     let mut steps = vec![Step::run_may_fail(ipfw(
         cfg,
         &["delete".into(), "set".into(), stage.clone()],
     ))];
-    if !vips.is_empty() {
-        let to = vip_list(vips);
-        let end = (r + END_OFFSET).to_string();
-        steps.push(Step::run(ipfw(
+    for family in families(vips) {
+        let to = vip_list(vips, family);
+        let first = r + family.base_offset();
+        let established = inbound("tcp", "any", &to, &["established"]);
+        steps.push(add_rule(cfg, first, &stage, skip, &established));
+        for (i, (proto, options)) in family.always_accept().iter().enumerate() {
+            let n = first + 1 + i as u32;
+            let matched = inbound(proto, "any", &to, options);
+            steps.push(add_rule(cfg, n, &stage, skip, &matched));
+        }
+    }
+    for family in families(vips) {
+        let to = vip_list(vips, family);
+        let n = r + DENY_OFFSET + family.base_offset();
+        steps.push(add_rule(
             cfg,
-            &[
-                "add",
-                &r.to_string(),
-                "set",
-                &stage,
-                "skipto",
-                &end,
-                "tcp",
-                "from",
-                "any",
-                "to",
-                &to,
-                "in",
-                "established",
-            ]
-            .map(String::from),
-        )));
-        steps.push(Step::run(ipfw(
-            cfg,
-            &[
-                "add",
-                &(r + DENY_OFFSET).to_string(),
-                "set",
-                &stage,
-                "deny",
-                "ip",
-                "from",
-                "any",
-                "to",
-                &to,
-                "in",
-            ]
-            .map(String::from),
-        )));
+            n,
+            &stage,
+            &["deny"],
+            &inbound("ip", "any", &to, &[]),
+        ));
     }
     steps.push(Step::run(ipfw(
         cfg,
@@ -430,30 +594,18 @@ fn owned_swap(cfg: &FreeBsdConfig, vips: &[VipConfig], matches: &[OwnedMatch]) -
         cfg,
         &["delete".into(), "set".into(), stage.clone()],
     ))];
-    if !vips.is_empty() {
-        let to = vip_list(vips);
-        let end = (r + END_OFFSET).to_string();
-        let deny = (r + DENY_OFFSET).to_string();
-        for (i, m) in matches.iter().enumerate() {
-            let mut args = [
-                "add",
-                &(r + OWNED_OFFSET + i as u32).to_string(),
-                "set",
-                &stage,
-                "skipto",
-                if m.to_deny { &deny } else { &end },
-                m.proto,
-                "from",
-                &m.src,
-                "to",
-                &to,
-                "in",
-            ]
-            .map(String::from)
-            .to_vec();
-            args.extend(m.options.iter().cloned());
-            steps.push(Step::run(ipfw(cfg, &args)));
+    let end = (r + END_OFFSET).to_string();
+    let deny = (r + DENY_OFFSET).to_string();
+    for (i, m) in matches.iter().enumerate() {
+        let to = vip_list(vips, m.family);
+        if to.is_empty() {
+            continue;
         }
+        let target = if m.to_deny { &deny } else { &end };
+        let n = r + OWNED_OFFSET + i as u32;
+        let options: Vec<&str> = m.options.iter().map(String::as_str).collect();
+        let matched = inbound(m.proto, &m.src, &to, &options);
+        steps.push(add_rule(cfg, n, &stage, &["skipto", target], &matched));
     }
     steps.push(Step::run(ipfw(
         cfg,
@@ -475,41 +627,58 @@ fn owned_swap(cfg: &FreeBsdConfig, vips: &[VipConfig], matches: &[OwnedMatch]) -
     steps
 }
 
+/// Steps that configure `vip`: the address kept out of conflict defence, its
+/// link-layer answer published with the cluster MAC, and the groups it needs
+/// joined.
 fn add_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
-    // IPv6 VIPs are refused by `plan_apply` before this.
-    let IpAddr::V4(addr) = vip.addr else {
-        return Vec::new();
-    };
-    let publish = Step::run([
-        cfg.arp.as_str(),
-        "-S",
-        &vip.addr.to_string(),
-        &vip.mac.to_string(),
-        "pub",
-    ]);
-    let mut steps = if cfg.address == SharedAddress::Flag {
-        vec![
+    let family = Family::of(vip.addr);
+    let addr = vip.addr.to_string();
+    let mac = vip.mac.to_string();
+    let mut steps = match vip.addr {
+        IpAddr::V4(v4) if cfg.address == SharedAddress::Flag => vec![
             Step::AddSharedAddress {
                 interface: vip.interface.clone(),
-                addr,
+                addr: v4,
                 prefix_len: vip.prefix_len,
             },
-            publish,
-        ]
-    } else {
-        carp_init_vip(cfg, vip, publish)
+            Step::run([cfg.arp.as_str(), "-S", &addr, &mac, "pub"]),
+        ],
+        IpAddr::V4(_) => {
+            let mut steps = carp_init_vip(cfg, vip);
+            steps.push(Step::run([cfg.arp.as_str(), "-S", &addr, &mac, "pub"]));
+            steps
+        }
+        // As Linux: the VIP on the loopback interface as a /128, which is
+        // local (ip6_input accepts it from any interface), gets no DAD
+        // (in6if_do_dad() skips loopback) and no entry in IF's lltable (an
+        // address on IF gets an LLE_IFADDR entry, which RTM_NEWNEIGH refuses
+        // to replace with the proxy entry).
+        IpAddr::V6(v6) => vec![
+            Step::run([
+                cfg.ifconfig.as_str(),
+                &cfg.loopback,
+                "inet6",
+                &format!("{addr}/128"),
+                "alias",
+            ]),
+            Step::ProxyNd {
+                interface: vip.interface.clone(),
+                addr: v6,
+                mac: Some(vip.mac),
+            },
+        ],
     };
-    if let Some(group) = vip.mac.igmp_group() {
+    for group in family.groups(vip) {
         steps.push(Step::JoinGroup {
             group,
-            via: addr,
+            via: vip.addr,
             interface: vip.interface.clone(),
         });
     }
     steps
 }
 
-fn carp_init_vip(cfg: &FreeBsdConfig, vip: &VipConfig, publish: Step) -> Vec<Step> {
+fn carp_init_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
     let vhid = cfg.carp_vhid.to_string();
     vec![
         // Creates the vhid if needed; CARP stays in INIT (net.inet.carp.allow=0),
@@ -531,31 +700,47 @@ fn carp_init_vip(cfg: &FreeBsdConfig, vip: &VipConfig, publish: Step) -> Vec<Ste
             "vhid",
             &vhid,
         ]),
-        publish,
     ]
 }
 
 fn remove_vip(cfg: &FreeBsdConfig, vip: &VipConfig) -> Vec<Step> {
-    let mut steps = Vec::new();
-    if let (Some(group), IpAddr::V4(via)) = (vip.mac.igmp_group(), vip.addr) {
-        steps.push(Step::LeaveGroup {
+    let family = Family::of(vip.addr);
+    let addr = vip.addr.to_string();
+    let mut steps: Vec<Step> = family
+        .groups(vip)
+        .into_iter()
+        .map(|group| Step::LeaveGroup {
             group,
-            via,
+            via: vip.addr,
             interface: vip.interface.clone(),
-        });
+        })
+        .collect();
+    match vip.addr {
+        IpAddr::V4(_) => {
+            steps.push(Step::run_may_fail([cfg.arp.as_str(), "-d", &addr]));
+            steps.push(Step::run([
+                cfg.ifconfig.as_str(),
+                &vip.interface,
+                "inet",
+                &addr,
+                "-alias",
+            ]));
+        }
+        IpAddr::V6(v6) => {
+            steps.push(Step::ProxyNd {
+                interface: vip.interface.clone(),
+                addr: v6,
+                mac: None,
+            });
+            steps.push(Step::run([
+                cfg.ifconfig.as_str(),
+                &cfg.loopback,
+                "inet6",
+                &addr,
+                "-alias",
+            ]));
+        }
     }
-    steps.push(Step::run_may_fail([
-        cfg.arp.as_str(),
-        "-d",
-        &vip.addr.to_string(),
-    ]));
-    steps.push(Step::run([
-        cfg.ifconfig.as_str(),
-        &vip.interface,
-        "inet",
-        &vip.addr.to_string(),
-        "-alias",
-    ]));
     steps
 }
 
@@ -605,12 +790,6 @@ pub fn plan_apply(
     desired.validate()?;
     cfg.validate()?;
     for vip in &desired.vips {
-        if vip.addr.is_ipv6() {
-            return Err(DataPlaneError::Unsupported(format!(
-                "VIP {}: IPv6 VIPs are not planned for FreeBSD yet",
-                vip.addr
-            )));
-        }
         // No router advertiser or receive-only device here yet (the agent
         // reports such VIPs unserved and never hands them over).
         if vip.mode != SwitchMode::Multicast {
@@ -619,11 +798,15 @@ pub fn plan_apply(
                 vip.addr, vip.mode
             )));
         }
-        if vip.mac.igmp_group().is_none() {
+        let family = Family::of(vip.addr);
+        if family.mac_group(vip.mac).is_none() {
             return Err(DataPlaneError::Unsupported(format!(
-                "VIP {}: MAC {} has no IPv4 multicast group mapping to it, so FreeBSD \
-                 cannot be told to receive it; use a MAC in 01:00:5e:00:00:00-01:00:5e:7f:ff:ff",
-                vip.addr, vip.mac
+                "VIP {}: MAC {} has no {} multicast group mapping to it, so FreeBSD \
+                 cannot be told to receive it; use a MAC in {}",
+                vip.addr,
+                vip.mac,
+                if family == Family::V4 { "IPv4" } else { "IPv6" },
+                family.mac_range()
             )));
         }
     }
