@@ -6,8 +6,8 @@
 #    from Linux nftables (tests/jhash_test.c);
 #  - 0003's lease-map code, extracted from the patch, against stubbed kernel
 #    interfaces (tests/srcjhash_kernel_test.c);
-#  - 0002's tcp_l2mcast_syn_ok() with 0001's in_shared.h, extracted from the
-#    patches, against stubs (tests/tcp_l2mcast_test.c).
+#  - 0002's tcp_l2mcast_syn_ok() (IPv4 and IPv6) with 0001's in_shared.h,
+#    extracted from the patches, against stubs (tests/tcp_l2mcast_test.c).
 #
 # usage: check-c.sh [OUTPUT_BINARY]   (default: a temporary file)
 set -eu
@@ -64,9 +64,17 @@ if [ -n "$p1" ] && [ -n "$p2" ]; then
 	     on && /^diff --git/ { exit }
 	     on && /^@@/ { next }
 	     on { sub(/^\+/, ""); print }' "$p1" >"$scratch/in_shared.h"
-	awk '/^\+tcp_l2mcast_syn_ok\(/ { on = 1; print "static bool" }
+	# From the comment above the helpers to the end of tcp_l2mcast_syn_ok(),
+	# the IPv4 and IPv6 helpers (and their #ifdef INET/INET6) included.
+	awk '/^\+ \* Shared cluster addresses:/ { on = 1; print "/*" }
 	     on { line = $0; sub(/^\+/, "", line); print line }
-	     on && /^\+}$/ { exit }' "$p2" >"$scratch/tcp_l2mcast_glue.c"
+	     on && /^\+tcp_l2mcast_syn_ok\(/ { last = 1 }
+	     on && last && /^\+}$/ { exit }' "$p2" >"$scratch/tcp_l2mcast_glue.c"
+	if ! grep -q '^tcp_l2mcast_syn_ok6(' "$scratch/tcp_l2mcast_glue.c" ||
+	    ! grep -q '^tcp_l2mcast_syn_ok(' "$scratch/tcp_l2mcast_glue.c"; then
+		echo "FAILED: tcp_l2mcast_syn_ok() and its helpers not found in $(basename "$p2")" >&2
+		exit 1
+	fi
 	"$cc" -std=c11 -D_DEFAULT_SOURCE -O2 -Wall -Wextra -Werror \
 	    -fno-strict-aliasing -I"$scratch" \
 	    -o "$scratch/tcp_l2mcast_test" "$here/tests/tcp_l2mcast_test.c"

@@ -45,11 +45,14 @@
 //!   every host (unicast reachability probes), as the Linux rules do.
 //!
 //! Needs: a link-local address on IF (the answer's source), netlink (FreeBSD
-//! 13.2 or later). Limits: TCP over IPv6 needs a kernel change that does not
-//! exist yet: kernel-patches/0002 lets IPv4 SYNs in link-layer multicast frames
-//! through (`tcp_l2mcast_syn_ok()` has no IPv4 header for IPv6 and refuses),
-//! so tcp_input() drops every IPv6 SYN to the VIP and only UDP and ICMPv6
-//! work. None of this ran on FreeBSD: it is read from the sys/netinet6,
+//! 13.2 or later). TCP over IPv6 needs kernel-patches/0002 as IPv4 does:
+//! `tcp_l2mcast_syn_ok6()` accepts a SYN in a link-layer multicast frame for an
+//! address held on a loopback interface with `net.inet.tcp.accept_l2mcast` 1
+//! or 2 (2 also for addresses of the receiving interface), so both settings
+//! the agent uses cover the VIP on lo0; without the patch tcp_input() drops
+//! every IPv6 SYN to the VIP and only UDP and ICMPv6 work (the patch is
+//! checked in user space only, see kernel-patches/README.md). None of this
+//! ran on FreeBSD: it is read from the sys/netinet6,
 //! sys/netlink, usr.sbin/ndp and sbin/ipfw texts of freebsd/freebsd-src.
 //!
 //! # Buckets
