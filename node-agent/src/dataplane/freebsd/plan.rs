@@ -753,8 +753,9 @@ fn initialize(cfg: &FreeBsdConfig) -> Vec<Step> {
         } else {
             Step::run([cfg.sysctl.as_str(), "net.inet.carp.allow=0"])
         },
-        // 1: SYNs in multicast frames to shared (flag) addresses; the CARP-INIT
-        // recipe needs a kernel with 0002 too and uses 2 (any local address).
+        // 1: SYNs in multicast frames to shared (flag) IPv4 addresses and IPv6
+        // addresses on lo0 (the IPv6 VIPs); the CARP-INIT recipe needs a
+        // kernel with 0002 too and uses 2 (any local address).
         Step::run([
             cfg.sysctl.as_str(),
             if cfg.address == SharedAddress::Flag {
