@@ -293,6 +293,9 @@ async fn main() -> anyhow::Result<()> {
     let mut gaps = move_gaps(&histories);
     let overlaps = gaps.iter().filter(|g| **g < 0.0).count();
     let (mut inside, mut writes): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
+    // Applies onto a filter already built (renewals, moves), apart from the
+    // rebuilds (an agent's start, a repair), which go through libnftables.
+    let (mut changes, mut rebuilds): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
     let field = |line: &str, key: &str| {
         line.split(key)
             .nth(1)
@@ -308,6 +311,8 @@ async fn main() -> anyhow::Result<()> {
             if line.contains("assignment applied") {
                 if let Some(us) = field(line, "took_us=") {
                     inside.push(us / 1e3);
+                    let rebuilt = i > 0 && lines[i - 1].contains("kernel rebuilt");
+                    if rebuilt { &mut rebuilds } else { &mut changes }.push(us / 1e3);
                     let context = lines[i.saturating_sub(3)..=i].join("\n    ");
                     slowest.push((us / 1e3, context));
                 }
@@ -323,6 +328,8 @@ async fn main() -> anyhow::Result<()> {
     summary("commit of undrain -> rebalanced (incl. polling)", &mut back);
     summary("agent: assignment received -> kernel applied", &mut inside);
     summary("agent: of which the apply (kernel writes)", &mut writes);
+    summary("agent: received -> applied, no rebuild", &mut changes);
+    summary("agent: received -> applied, rebuilds", &mut rebuilds);
     slowest.sort_by(|a, b| b.0.total_cmp(&a.0));
     for (ms, context) in slowest.iter().take(2).filter(|(ms, _)| *ms > 5.0) {
         println!("  slow apply, {ms:.1} ms:\n    {context}");
