@@ -110,7 +110,7 @@ fn ctl_ok(c: &Cluster, args: &[&str]) {
 }
 
 // Issue 11's goal, not yet held on a busy machine: at load average 7-8 it
-// passed 7 of 7 runs (0-2 probes lost per move), with stress-ng
+// passed 4 of 4 runs (0-2 probes lost per move), with stress-ng
 // oversubscribing the CPUs twice 2 of 3 (one run lost 5 per move: a 50 ms
 // gap, of which two fsyncs of ~8 ms on this disk, the leader's commit and the
 // new owner's floor raise, are fixed costs). Run it by hand:
