@@ -34,7 +34,9 @@
 //! - **Invariants** ([`invariants`]): checked after every step; see that module.
 //! - **Durability**: a crashed node's disk is checked against what the node told
 //!   others before it crashed (its term, its vote, the entries it acknowledged).
-//! - **Agents and leases** ([`agents`], `world/leases.rs`; on by default,
+//! - **Agents and leases** ([`agents`], `world/leases.rs` with its parts in
+//!   `world/leases/`: `controllers.rs`, `hosts.rs`, `agent_faults.rs`,
+//!   `checkers.rs`; on by default,
 //!   `SimConfig::agents`): 3 to 8 node agents run the shipping agent engine
 //!   ([`vipshare_core::agent::Engine`]) against every controller, with a state
 //!   file that survives kills; controllers answer with the shipping
