@@ -181,6 +181,36 @@ fn a_release_is_persisted_before_it_is_withdrawn_and_confirmed() {
 }
 
 #[test]
+fn a_granted_bucket_is_installed_before_its_raised_floor_is_written() {
+    // Only release floors must be durable before what depends on them; the
+    // floor a grant raises protects nothing a release floor does not, so its
+    // fsync waits behind the install (one fsync less in a planned move's gap).
+    let mut e = engine();
+    give(&mut e, 0, assignment(10, 1, &[(1, 4)], &[]));
+    let r = round(&mut e, 0);
+    e.step(1, reply(1, r, true, 1));
+    e.step(1, reply(2, r, true, 1));
+    let cmds = give(&mut e, 50, assignment(11, 1, &[(1, 4), (2, 6)], &[]));
+    assert_eq!(installs(&cmds), vec![(vec![(1, 4), (2, 6)], 400)]);
+    assert!(
+        matches!(cmds.last(), Some(Command::Persist(s)) if s.floors[&2] == 6),
+        "{cmds:?}"
+    );
+    // A step that also raises a release floor writes everything first.
+    let cmds = give(&mut e, 60, assignment(12, 1, &[(2, 6), (3, 2)], &[(1, 4)]));
+    assert!(
+        matches!(&cmds[0], Command::Persist(s) if s.floors[&1] == 5 && s.floors[&3] == 2),
+        "{cmds:?}"
+    );
+    assert_eq!(
+        cmds.iter()
+            .filter(|c| matches!(c, Command::Persist(_)))
+            .count(),
+        1
+    );
+}
+
+#[test]
 fn a_restarted_agent_never_installs_what_it_released_before() {
     let mut e = engine();
     give(&mut e, 0, assignment(10, 1, &[(1, 4)], &[]));

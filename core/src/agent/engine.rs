@@ -92,6 +92,9 @@ pub struct Engine {
     lease: AgentLease,
     state: AgentState,
     state_changed: bool,
+    /// Floors raised only for buckets granted: written after the commands of
+    /// this step (nothing depends on them being durable first).
+    state_raised: bool,
     controllers: Vec<Controller>,
     /// The newest assignment accepted (highest applied index at `epoch`).
     assignment: Option<Assignment>,
@@ -131,6 +134,7 @@ impl Engine {
             lease: AgentLease::new(timing, state.voters.clone()),
             state,
             state_changed: false,
+            state_raised: false,
             controllers: seeds,
             assignment: None,
             installed: Vec::new(),
@@ -238,8 +242,11 @@ impl Engine {
             }
         }
         let mut out = std::mem::take(&mut self.out);
+        let raised = std::mem::take(&mut self.state_raised);
         if std::mem::take(&mut self.state_changed) && !self.fault(|f| f.skip_persist) {
             out.insert(0, Command::Persist(self.state.clone()));
+        } else if raised && !self.fault(|f| f.skip_persist) {
+            out.push(Command::Persist(self.state.clone()));
         }
         out
     }
@@ -432,7 +439,7 @@ impl Engine {
             });
         }
         for (&b, &e) in &asg.owned {
-            self.state_changed |= self.state.raise(b, e);
+            self.state_raised |= self.state.raise(b, e);
         }
         let mut withdraw = Vec::new();
         for (&b, &e) in &asg.release {
