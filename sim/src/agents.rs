@@ -91,8 +91,9 @@ pub struct Kernel {
     pub set: BTreeMap<u32, KernelEntry>,
     /// True time the last issued operation lands; later ones never overtake it.
     pub last_land: u64,
-    /// True time the last stalled install lands (writes queued behind a stall
-    /// are still the fault's effect).
+    /// True time until which a stalled install still has effects: its landing,
+    /// and after a late ack the rewrite's landing plus a heartbeat and a kernel
+    /// delay (writes queued behind a stall are still the fault's effect).
     pub stalled_until: u64,
     /// Per bucket, when this host last stopped accepting it, and whether it was
     /// because the element timed out (rather than being withdrawn or replaced).

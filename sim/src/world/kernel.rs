@@ -73,6 +73,14 @@ impl World {
             let last = rewrite;
             let d = self.kernel_delay(true);
             (read_at, acked, _) = self.kernel_schedule(i, next, acked, d);
+            // The fault lasts until the rewrite landed and the next renewal
+            // after it could (a heartbeat and a kernel delay later): the host
+            // may lapse meanwhile, which the settle check must not call quiet.
+            let t = self.lease.timing;
+            let k = &mut self.hosts[i].kernel;
+            k.stalled_until = k
+                .stalled_until
+                .max(acked + t.heartbeat_ms + t.kernel_delay_ms);
             if last {
                 return;
             }
