@@ -75,6 +75,8 @@ pub enum KernelOp {
         buckets: Vec<(u32, u64)>,
         timeout_ms: u64,
         member_epoch: u64,
+        /// Agent-clock time the heartbeat round that earned the lease was sent.
+        earned: u64,
     },
     /// Remove one bucket now (planned release); the agent confirms it once the
     /// kernel applied it.
@@ -95,6 +97,9 @@ pub struct Kernel {
     /// and after a late ack the rewrite's landing plus a heartbeat and a kernel
     /// delay (writes queued behind a stall are still the fault's effect).
     pub stalled_until: u64,
+    /// Agent-clock time the heartbeat round behind the last landed install
+    /// was sent.
+    pub earned: u64,
     /// Per bucket, when this host last stopped accepting it, and whether it was
     /// because the element timed out (rather than being withdrawn or replaced).
     pub ended: BTreeMap<u32, (u64, bool)>,

@@ -43,6 +43,7 @@ impl World {
             buckets,
             timeout_ms,
             member_epoch,
+            earned,
         } = sent
         else {
             return;
@@ -60,11 +61,13 @@ impl World {
                     timeout_ms: timeout_ms
                         .saturating_sub(clock.local(acked) - clock.local(read_at)),
                     member_epoch,
+                    earned,
                 },
                 AfterAck::DeleteOwned => KernelOp::Install {
                     buckets: Vec::new(),
                     timeout_ms: 0,
                     member_epoch,
+                    earned,
                 },
             };
             self.trace_host(i, || {
@@ -184,6 +187,7 @@ impl World {
                 buckets,
                 timeout_ms,
                 member_epoch,
+                earned,
             } => {
                 let h = &self.hosts[i];
                 // The elements would count their timeout from now, but the
@@ -219,6 +223,7 @@ impl World {
                 let h = &mut self.hosts[i];
                 h.kernel.expire(now);
                 h.kernel.install(now, &buckets, until, member_epoch);
+                h.kernel.earned = earned;
                 self.stats.kernel_installs += 1;
                 if self.tracing() {
                     let list: Vec<u32> = buckets.iter().map(|g| g.0).collect();

@@ -272,6 +272,23 @@ impl World {
         for h in self.hosts.iter().filter(|h| h.kernel.stalled_until > now) {
             unsettled.push(format!("{}'s stalled kernel write still in flight", h.name));
         }
+        // A lease earned before the faults ended may run out before the next
+        // renewal lands (a host cut off until the end of the faults, a late
+        // ack of an old round): the faults' effect, not a lapse of the
+        // settled cluster.
+        let healed = self.lease.healed_at;
+        for h in &self.hosts {
+            let owns = s
+                .buckets
+                .iter()
+                .any(|b| b.owner.as_deref() == Some(&h.name));
+            if owns && h.kernel.earned < h.clock.local(healed) {
+                unsettled.push(format!(
+                    "{}'s kernel holds a lease earned before the faults ended",
+                    h.name
+                ));
+            }
+        }
         for (name, m) in &s.members {
             if m.evicted {
                 unsettled.push(format!("{name} evicted"));

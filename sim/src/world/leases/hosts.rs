@@ -169,14 +169,22 @@ impl World {
                     buckets,
                     timeout_ms,
                     member_epoch,
-                } => self.kernel_submit(
-                    i,
-                    KernelOp::Install {
-                        buckets,
-                        timeout_ms,
-                        member_epoch,
-                    },
-                ),
+                } => {
+                    // Sent at the expiry less the lease (`AgentLease::set_timing`).
+                    let earned = self.hosts[i].agent.as_ref().map_or(0, |a| {
+                        let expiry = a.lease_expiry().unwrap_or(0);
+                        expiry.saturating_sub(a.timing().lease_ms)
+                    });
+                    self.kernel_submit(
+                        i,
+                        KernelOp::Install {
+                            buckets,
+                            timeout_ms,
+                            member_epoch,
+                            earned,
+                        },
+                    )
+                }
                 AgentCommand::Withdraw { bucket, epoch } => {
                     self.trace_host(i, || format!("withdraws bucket {bucket}@{epoch} (release)"));
                     self.kernel_submit(
