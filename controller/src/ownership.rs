@@ -1,7 +1,7 @@
 //! Runs the ownership loop (`vipshare_core::ownership::tick`, the same as the
 //! simulator's) every half heartbeat interval, and sooner when something is
 //! due: a promise running out (`Planner::next_wake`), a release confirmed, a
-//! fence round ending. While this controller is the leader that plans, runs
+//! fence round ending, an entry applied. While this controller is the leader that plans, runs
 //! fence rounds ([`vipshare_core::fence::FenceRound`]) against every voter,
 //! and proposes the resulting commands; an agreed fence is proposed together
 //! with the plan for the state after it (`ownership::after_fence`), in one log
@@ -64,6 +64,7 @@ impl Ownership {
         let (fenced_tx, mut fenced_rx) = mpsc::unbounded_channel::<Fenced>();
         // When the planner next has something due (this controller's clock).
         let mut wake: Option<u64> = None;
+        let mut views = self.node.subscribe();
         loop {
             let timing = self
                 .node
@@ -81,6 +82,10 @@ impl Ownership {
             }
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
+                // Something applied (a drain, a hand-over, a new term): plan
+                // now, not at the next tick, so a planned move's next step
+                // waits for one commit only.
+                Ok(()) = views.changed() => {}
                 Some(f) = fenced_rx.recv() => {
                     let view = self.node.view();
                     let leader = view.role.role == StateRole::Leader;
@@ -117,6 +122,7 @@ impl Ownership {
                     let mut next = Some(r);
                     while let Some(r) = next {
                         if let Some(p) = planner.as_mut() {
+                            tracing::debug!(member = %r.member, bucket = r.bucket, epoch = r.epoch, "release confirmed");
                             p.released(&r.member, r.bucket, r.epoch);
                         }
                         next = self.released.try_recv().ok();
@@ -197,6 +203,7 @@ impl Ownership {
                 let leases = leases.clone();
                 async move {
                     let kind = command_kind(&cmd);
+                    let started = std::time::Instant::now();
                     let moved = moved_buckets(&cmd);
                     let fenced = match &cmd {
                         Command::FenceMember { name, epoch, .. } => {
@@ -209,7 +216,10 @@ impl Ownership {
                             tracing::warn!(%member, epoch, silent_ms = silent_for, "member fenced: lease ended, buckets freed");
                             crate::metrics::fenced(silent_for);
                         }
-                        (Ok(_), None) => crate::metrics::ownership_step(kind, moved),
+                        (Ok(index), None) => {
+                            tracing::debug!(kind, moved, index, took_us = started.elapsed().as_micros() as u64, "ownership step applied");
+                            crate::metrics::ownership_step(kind, moved)
+                        }
                         (Err(e), Some((member, ..))) => {
                             tracing::info!(%member, error = %e, "fence proposal failed")
                         }

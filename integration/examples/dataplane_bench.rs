@@ -290,6 +290,16 @@ async fn main() -> anyhow::Result<()> {
         .into_iter()
         .map(|r| r.join().expect("recorder"))
         .collect();
+    if let Some(dir) = std::env::var_os("VIPSHARE_BENCH_LOGS") {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir)?;
+        for (i, a) in c.agents.iter().enumerate() {
+            std::fs::write(dir.join(format!("agent-h{}.log", i + 1)), a.log_text())?;
+        }
+        for (id, p) in &c.lab.controllers {
+            std::fs::write(dir.join(format!("controller-{id}.log")), p.log_text())?;
+        }
+    }
     let mut gaps = move_gaps(&histories);
     let overlaps = gaps.iter().filter(|g| **g < 0.0).count();
     let (mut inside, mut writes): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());

@@ -232,7 +232,10 @@ impl Lab {
         let mut cmd = Command::new(exe);
         cmd.arg("--config")
             .arg(&c.config)
-            .env("RUST_LOG", "info,raft=info")
+            .env(
+                "RUST_LOG",
+                std::env::var("VIPSHARE_LAB_CONTROLLER_LOG").unwrap_or("info,raft=info".into()),
+            )
             // Plain text, so tests can grep `key=value` fields.
             .env("NO_COLOR", "1")
             .stdout(log.try_clone()?)

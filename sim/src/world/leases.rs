@@ -482,6 +482,9 @@ impl World {
             }
         }
         self.push_assignments(id, None, false);
+        // The controller's loop runs at once when its applied state moved
+        // (`Ownership::run` wakes on the node's view).
+        self.wake_at(id, self.now);
         Ok(())
     }
 
