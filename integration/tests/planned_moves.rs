@@ -100,6 +100,28 @@ impl Drop for Probes {
     }
 }
 
+/// Waits for the map of `names` to be converged and balanced (equal weights:
+/// shares differ by at most one bucket), so that no rebalancing is still under
+/// way when the probes' losses are counted against the moves between maps.
+async fn settled(c: &Cluster, names: &[&str]) -> Vec<String> {
+    let names = members(names);
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let map = c.wait_converged(&names, left).await.expect("converged");
+        let counts: Vec<usize> = names
+            .iter()
+            .map(|n| map.iter().filter(|o| *o == n).count())
+            .collect();
+        let (lo, hi) = (counts.iter().min(), counts.iter().max());
+        if hi.zip(lo).is_some_and(|(h, l)| h - l <= 1) {
+            return map;
+        }
+        assert!(Instant::now() < end, "never balanced: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn ctl_ok(c: &Cluster, args: &[&str]) {
     let out = c.lab.ctl(args).expect("vipsharectl");
     assert!(
@@ -109,21 +131,13 @@ fn ctl_ok(c: &Cluster, args: &[&str]) {
     );
 }
 
-// Issue 11's goal, not yet shown to hold on a busy machine in a debug build:
-// at load average 7-8 it passed 4 of 4 runs (0-2 probes lost per move), with
-// stress-ng oversubscribing the CPUs twice 2 of 3 (one run lost 5 per move, a
-// 50 ms gap; the leader's commit fsync, ~8 ms on this disk, is a fixed cost);
-// release builds oversubscribed passed 8 of 8. Run it by hand:
-// `cargo test -p vipshare-integration --test planned_moves -- --ignored --nocapture`.
-#[ignore = "planned-move gap goal (2 probes per move) not yet held under oversubscription"]
+// Measured (the controller planning when a release applies, the hand-over
+// throttled per grant): debug binaries with stress-ng oversubscribing the CPUs
+// twice, 5 of 5 runs, at most 1 probe lost per move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_and_return_lose_probes_only_on_moved_buckets_and_only_for_the_gap() {
     let c = Cluster::start(3, SOURCES, BUCKETS).await.expect("lab");
-    let all = members(&["h1", "h2", "h3"]);
-    let before = c
-        .wait_converged(&all, Duration::from_secs(30))
-        .await
-        .expect("initial convergence");
+    let before = settled(&c, &["h1", "h2", "h3"]).await;
     // One source per bucket, h1's buckets (which the drain moves) first.
     let mut per_bucket: BTreeMap<u32, Ipv4Addr> = BTreeMap::new();
     for src in c.net.sources().expect("sources") {
@@ -133,22 +147,18 @@ async fn drain_and_return_lose_probes_only_on_moved_buckets_and_only_for_the_gap
         .into_iter()
         .partition(|(b, _)| before[*b as usize] == "h1");
     sources.truncate(PROBED / 2);
-    sources.extend(others.into_iter().take(PROBED - sources.len()));
+    // The others from the top: h1 returning takes its share from the low
+    // numbers, and some buckets must stay put to compare with.
+    sources.extend(others.into_iter().rev().take(PROBED - sources.len()));
     let bucket_of: BTreeMap<Ipv4Addr, u32> = sources.iter().map(|&(b, s)| (s, b)).collect();
 
     let probes = Probes::start(&c, sources.iter().map(|&(_, s)| s).collect());
     let warm = Instant::now();
 
     ctl_ok(&c, &["drain", "h1"]);
-    let drained = c
-        .wait_converged(&members(&["h2", "h3"]), Duration::from_secs(30))
-        .await
-        .expect("drain converged");
+    let drained = settled(&c, &["h2", "h3"]).await;
     ctl_ok(&c, &["undrain", "h1"]);
-    let back = c
-        .wait_converged(&all, Duration::from_secs(30))
-        .await
-        .expect("return converged");
+    let back = settled(&c, &["h1", "h2", "h3"]).await;
     // Probes sent up to now have had their answers by the time it finishes.
     let samples = probes.finish();
 
