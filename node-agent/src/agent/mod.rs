@@ -512,11 +512,17 @@ impl Runtime {
                             metrics::vips_unserved(s.unserved.len());
                         }
                     }
-                    self.settings = settings;
-                    if self.assignment_pending.is_none() {
+                    // The kernel changes with the settings or with what the
+                    // engine asked just now (`carry_out` marked it dirty); an
+                    // assignment that changes neither (a hand-over of buckets
+                    // this host released) costs no kernel write.
+                    if settings != self.settings {
+                        self.settings = settings;
+                        self.dirty = true;
+                    }
+                    if self.dirty && self.assignment_pending.is_none() {
                         self.assignment_pending = Some((Instant::now(), index));
                     }
-                    self.dirty = true;
                 }
             },
             Event::Drained(r) => {

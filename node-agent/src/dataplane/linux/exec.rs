@@ -462,7 +462,8 @@ pub fn nft_timed_batch(
     started: Instant,
     budget: Duration,
 ) -> Result<(), DataPlaneError> {
-    let Some(elements) = &batch.elements else {
+    // Nothing to accept: a late write extends nothing.
+    let Some(elements) = batch.elements.as_ref().filter(|e| !e.owned.is_empty()) else {
         timed_send(nft, lease, batch, started)?;
         return Ok(());
     };

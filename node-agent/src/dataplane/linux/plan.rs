@@ -946,6 +946,14 @@ fn rebuild(
     Ok(s)
 }
 
+/// Per filter family, how its sets key a bucket.
+fn keys(base: &Base) -> Result<Vec<(Family, KeyKind)>, DataPlaneError> {
+    base.families()
+        .into_iter()
+        .map(|f| Ok((f, key(base, f)?.kind)))
+        .collect()
+}
+
 fn elements(
     table: &str,
     base: &Base,
@@ -956,14 +964,9 @@ fn elements(
     if owned.is_empty() || until.is_zero() {
         return Ok(None);
     }
-    let keys = base
-        .families()
-        .into_iter()
-        .map(|f| Ok((f, key(base, f)?.kind)))
-        .collect::<Result<_, DataPlaneError>>()?;
     Ok(Some(Elements {
         table: table.to_string(),
-        keys,
+        keys: keys(base)?,
         owned: owned.iter().copied().collect(),
         reset: reset.intersection(owned).copied().collect(),
         until,
@@ -1138,11 +1141,23 @@ pub fn plan_apply(
     };
     let old = installed.map(|i| &i.base);
     if old == Some(&base) {
-        // Renewal (or a change of owned buckets only): one small transaction.
+        // Renewal (or a change of owned buckets only): one small transaction,
+        // also when nothing is owned any more (a drain's last release): the
+        // sets emptied and the deadline now, over netlink like any renewal.
+        let elements = match elems {
+            Some(e) => e,
+            None => Elements {
+                table: table.to_string(),
+                keys: keys(&base)?,
+                owned: Vec::new(),
+                reset: Vec::new(),
+                until: Duration::ZERO,
+            },
+        };
         return Ok(Plan {
             steps: vec![Step::Nft(NftBatch {
                 fixed: flush_sets(table, &base.families()),
-                elements: elems,
+                elements: Some(elements),
             })],
             next: Some(next),
             changed: false,
