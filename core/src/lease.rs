@@ -441,11 +441,16 @@ impl AgentLease {
     /// A shorter lease clips the one already earned: it was earned at send time
     /// `expiry - lease_ms`, and the controllers now promise only the new length.
     pub fn set_timing(&mut self, timing: LeaseTiming) {
-        if let Some(e) = self.expiry {
-            let sent = e.saturating_sub(self.timing.lease_ms);
+        if let (Some(e), Some(sent)) = (self.expiry, self.earned_at()) {
             self.expiry = Some(e.min(sent + timing.lease_ms));
         }
         self.timing = timing;
+    }
+
+    /// When the round that earned the lease was sent: its expiry less the
+    /// lease (an ack's shorter promise only makes this earlier).
+    pub fn earned_at(&self) -> Option<u64> {
+        self.expiry.map(|e| e.saturating_sub(self.timing.lease_ms))
     }
 
     /// The controllers whose acks count (the current raft voters).

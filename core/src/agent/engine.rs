@@ -195,6 +195,11 @@ impl Engine {
         self.lease.expiry()
     }
 
+    /// When the heartbeat round that earned the lease was sent (agent clock).
+    pub fn lease_earned_at(&self) -> Option<u64> {
+        self.lease.earned_at()
+    }
+
     /// Kernel timeout to write now (lease left minus the kernel delay).
     pub fn kernel_timeout_ms(&self, now: u64) -> Option<u64> {
         self.lease.kernel_timeout_ms(now)

@@ -277,12 +277,13 @@ impl World {
         // ack of an old round): the faults' effect, not a lapse of the
         // settled cluster.
         let healed = self.lease.healed_at;
+        let owners: BTreeSet<&str> = s
+            .buckets
+            .iter()
+            .filter_map(|b| b.owner.as_deref())
+            .collect();
         for h in &self.hosts {
-            let owns = s
-                .buckets
-                .iter()
-                .any(|b| b.owner.as_deref() == Some(&h.name));
-            if owns && h.kernel.earned < h.clock.local(healed) {
+            if owners.contains(h.name.as_str()) && h.kernel.earned < h.clock.local(healed) {
                 unsettled.push(format!(
                     "{}'s kernel holds a lease earned before the faults ended",
                     h.name

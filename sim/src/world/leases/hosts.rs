@@ -170,11 +170,11 @@ impl World {
                     timeout_ms,
                     member_epoch,
                 } => {
-                    // Sent at the expiry less the lease (`AgentLease::set_timing`).
-                    let earned = self.hosts[i].agent.as_ref().map_or(0, |a| {
-                        let expiry = a.lease_expiry().unwrap_or(0);
-                        expiry.saturating_sub(a.timing().lease_ms)
-                    });
+                    let earned = self.hosts[i]
+                        .agent
+                        .as_ref()
+                        .and_then(|a| a.lease_earned_at())
+                        .unwrap_or(0);
                     self.kernel_submit(
                         i,
                         KernelOp::Install {
