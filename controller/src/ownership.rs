@@ -1,11 +1,11 @@
 //! Runs the ownership loop (`vipshare_core::ownership::tick`, the same as the
 //! simulator's) every half heartbeat interval, and sooner when something is
 //! due: a promise running out (`Planner::next_wake`), a release confirmed, a
-//! fence round ending, an entry applied. While this controller is the leader that plans, runs
-//! fence rounds ([`vipshare_core::fence::FenceRound`]) against every voter,
-//! and proposes the resulting commands; an agreed fence is proposed together
-//! with the plan for the state after it (`ownership::after_fence`), in one log
-//! batch. Nothing here decides; it only carries out what the planner and the
+//! fence round ending, an entry applied. While this controller is the leader
+//! that plans, runs fence rounds ([`vipshare_core::fence::FenceRound`])
+//! against every voter, and proposes the resulting commands; an agreed fence
+//! is proposed together with the plan for the state after it
+//! (`ownership::after_fence`), in one log batch. Nothing here decides; it only carries out what the planner and the
 //! fence round chose.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -122,7 +122,12 @@ impl Ownership {
                     let mut next = Some(r);
                     while let Some(r) = next {
                         if let Some(p) = planner.as_mut() {
-                            tracing::debug!(member = %r.member, bucket = r.bucket, epoch = r.epoch, "release confirmed");
+                            tracing::debug!(
+                                member = %r.member,
+                                bucket = r.bucket,
+                                epoch = r.epoch,
+                                "release confirmed"
+                            );
                             p.released(&r.member, r.bucket, r.epoch);
                         }
                         next = self.released.try_recv().ok();
@@ -217,7 +222,8 @@ impl Ownership {
                             crate::metrics::fenced(silent_for);
                         }
                         (Ok(index), None) => {
-                            tracing::debug!(kind, moved, index, took_us = started.elapsed().as_micros() as u64, "ownership step applied");
+                            let took_us = started.elapsed().as_micros() as u64;
+                            tracing::debug!(kind, moved, index, took_us, "ownership step applied");
                             crate::metrics::ownership_step(kind, moved)
                         }
                         (Err(e), Some((member, ..))) => {

@@ -99,7 +99,7 @@ fn summary(name: &str, v: &mut [f64]) {
 }
 
 /// Every change of one host's owned set, read by polling the kernel in
-/// process (libnftables, about 1 ms apart) from a thread in its namespace:
+/// process (libnftables, every [`POLL`]) from a thread in its namespace:
 /// (first poll that saw the set, last poll that still saw it, the set). A
 /// change happened somewhere between two polls, and a busy machine can delay a
 /// poll by many milliseconds, so both ends are kept.
@@ -340,21 +340,19 @@ async fn main() -> anyhow::Result<()> {
         .into_iter()
         .map(|r| r.join().expect("recorder"))
         .collect();
+    // Each agent's log, read once: the acks' times and the applies' figures.
+    let agent_logs: Vec<String> = c.agents.iter().map(|a| a.log_text()).collect();
     if let Some(dir) = std::env::var_os("VIPSHARE_BENCH_LOGS") {
         let dir = std::path::PathBuf::from(dir);
         std::fs::create_dir_all(&dir)?;
-        for (i, a) in c.agents.iter().enumerate() {
-            std::fs::write(dir.join(format!("agent-h{}.log", i + 1)), a.log_text())?;
+        for (i, text) in agent_logs.iter().enumerate() {
+            std::fs::write(dir.join(format!("agent-h{}.log", i + 1)), text)?;
         }
         for (id, p) in &c.lab.controllers {
             std::fs::write(dir.join(format!("controller-{id}.log")), p.log_text())?;
         }
     }
-    let logged: Vec<SetHistory> = c
-        .agents
-        .iter()
-        .map(|a| logged_sets(&a.log_text()))
-        .collect();
+    let logged: Vec<SetHistory> = agent_logs.iter().map(|t| logged_sets(t)).collect();
     // From each mutation's commit to the acks of the kernel writes it led to.
     let since = |from: &Instant, done: &dyn Fn(&[BTreeSet<u32>]) -> bool| {
         first_when(&logged, *from, done).map(|t| t.duration_since(*from).as_secs_f64() * 1e3)
@@ -387,8 +385,7 @@ async fn main() -> anyhow::Result<()> {
     };
     // The slowest applies with the log lines before them: what they waited on.
     let mut slowest: Vec<(f64, String)> = Vec::new();
-    for a in &c.agents {
-        let text = a.log_text();
+    for text in &agent_logs {
         let lines: Vec<&str> = text.lines().collect();
         for (i, line) in lines.iter().enumerate() {
             if line.contains("assignment applied") {
